@@ -1,0 +1,96 @@
+"""Adapter folders: PEFT's format plus loram's metadata.
+
+    adapter_config.json          PEFT LoraConfig (stock PEFT reads it)
+    adapter_model.safetensors    lora_A / lora_B tensors, keys like
+                                 base_model.model.model.layers.{i}.mlp.down_proj.lora_A.weight
+    loram_plan.json              the plan of the pruned base it was trained on (or recovered from)
+    loram_adapter.json           {"stage": "pruned" | "recovered", "plan_id", "base_fingerprint",
+                                  "base_name", "fill", ...}
+
+A *pruned* adapter (written by `loram train` on a pruned model) fits only the pruned model; a
+*recovered* one (written by `loram recover`) fits the original model and loads with stock PEFT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import LoramError
+from .io import read_json, write_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_META = "loram_adapter.json"
+STAGE_PRUNED, STAGE_RECOVERED = "pruned", "recovered"
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise LoramError(f"adapter folder {p} does not exist: check the path")
+    if not (p / ADAPTER_CONFIG).exists():
+        raise LoramError(f"{p} is not a PEFT adapter folder (no {ADAPTER_CONFIG}): pass the folder written by `loram train`")
+    if not (p / ADAPTER_WEIGHTS).exists():
+        if (p / "adapter_model.bin").exists():
+            raise LoramError(f"{p} holds a pickle adapter (adapter_model.bin), which loram never loads: re-save it with "
+                             "PEFT's save_pretrained(safe_serialization=True)")
+        raise LoramError(f"{p} has no {ADAPTER_WEIGHTS}: the adapter folder is incomplete")
+    return p
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = check_adapter_dir(path) / ADAPTER_WEIGHTS
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise LoramError(f"{p} is truncated or corrupt ({str(e).splitlines()[0]}): re-create it") from None
+
+
+def read_meta(path: str | Path) -> dict | None:
+    p = Path(path) / ADAPTER_META
+    return read_json(p) if p.exists() else None
+
+
+def write_adapter(out: Path, tensors: dict, config: dict, meta: dict, plan=None) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    write_json(out / ADAPTER_CONFIG, config)
+    write_json(out / ADAPTER_META, meta)
+    if plan is not None:
+        plan.save(out)
+
+
+def attach(model, adapter_dir: str | Path, is_trainable: bool = False):
+    """PeftModel over ``model`` with the adapter loaded, refusing any missing/unexpected/mismatched key.
+
+    PEFT itself only warns on unexpected keys and, with ignore_mismatched_sizes, drops tensors:
+    loram never lets an adapter load partially.
+    """
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    adapter_dir = check_adapter_dir(adapter_dir)
+    cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    cfg.inference_mode = not is_trainable
+    sd = read_tensors(adapter_dir)
+    pm = get_peft_model(model, cfg)
+    own = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
+    wrong = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in sd]
+    if wrong or unexpected or missing:
+        what = wrong[:2] or unexpected[:2] or missing[:2]
+        raise LoramError(f"adapter {adapter_dir} does not fit this model ({len(wrong)} mismatched, {len(unexpected)} unexpected, "
+                         f"{len(missing)} missing keys, e.g. {what[0]}): use the adapter made for this model "
+                         "(a pruned adapter needs `loram recover` before it fits the original)")
+    res = set_peft_model_state_dict(pm, sd)
+    assert not res.unexpected_keys, res.unexpected_keys
+    if not is_trainable:
+        pm.eval()
+    return pm

@@ -1,0 +1,21 @@
+"""loram merge BASE ADAPTER -o OUT"""
+
+from __future__ import annotations
+
+from .common import add_out
+
+
+def add(sub) -> None:
+    p = sub.add_parser("merge", help="merge a recovered adapter into the original model (standard HF folder)")
+    p.add_argument("base", help="the original model (or a pruned folder for a pruned adapter)")
+    p.add_argument("adapter", help="recovered adapter folder")
+    add_out(p, "merged model folder")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..merge import merge
+
+    out = merge(a.base, a.adapter, a.out, overwrite=a.overwrite)
+    print(f"merged model written to {out}")
+    return 0

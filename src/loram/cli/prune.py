@@ -1,0 +1,33 @@
+"""loram prune MODEL -o OUT --method taylor --ratio 0.5"""
+
+from __future__ import annotations
+
+from .common import add_out, ratio, table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model (structured) and write a pruned model folder + plan")
+    p.add_argument("model", help="HF model folder, .gguf file, hub id, or the built-in alias 'smollm2'")
+    add_out(p, "pruned model folder")
+    p.add_argument("--method", default="taylor", help="random | magnitude | taylor (default)")
+    p.add_argument("--ratio", type=ratio, default=0.5, help="fraction of MLP channels removed per pruned layer (0<R<1)")
+    p.add_argument("--attn-ratio", type=ratio, default=None, help="fraction of KV groups removed (default: --ratio; 0 keeps attention)")
+    p.add_argument("--layers", default=None, help="START:END layers to prune (default: skip first 4 and last 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-data", default=None, help="taylor: .txt or .jsonl {text} file (default: built-in text)")
+    p.add_argument("--calib-samples", type=int, default=8, help="taylor: number of calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=128, help="taylor: tokens per calibration sequence")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..prune import prune
+
+    r = prune(a.model, a.out, method=a.method, ratio=a.ratio, attn_ratio=a.attn_ratio, layers=a.layers, seed=a.seed,
+              calib_data=a.calib_data, calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, overwrite=a.overwrite)
+    s, e = r.plan.layers
+    table([("method", r.plan.method), ("layers", f"{s}:{e}"), ("MLP / KV-group ratio", f"{r.plan.mlp_ratio} / {r.plan.attn_ratio}"),
+           ("parameters original", f"{r.params_original:,}"), ("parameters pruned", f"{r.params_pruned:,}"),
+           ("parameter reduction", f"{r.param_reduction:.2f}x"), ("time", f"{r.seconds:.1f} s"),
+           ("peak RSS", f"{r.peak_rss_gb:.2f} GB"), ("written", r.out)], title="loram prune")
+    return 0

@@ -1,0 +1,24 @@
+"""loram recover ADAPTER --base BASE -o OUT [--fill zero|normal]"""
+
+from __future__ import annotations
+
+from .common import add_out
+
+
+def add(sub) -> None:
+    p = sub.add_parser("recover", help="scatter a pruned-model adapter to the original shapes (standard PEFT adapter)")
+    p.add_argument("adapter", help="adapter folder written by `loram train` on a pruned model")
+    p.add_argument("--base", required=True, help="the original model the plan was made from (checked by fingerprint)")
+    add_out(p, "recovered adapter folder")
+    p.add_argument("--fill", default="zero", choices=["zero", "normal"],
+                   help="pruned columns of lora_A (o/down): zero (exact) or N(0,1/r) noise (the paper's normA)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --fill normal")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..recover import recover
+
+    out = recover(a.adapter, a.base, a.out, fill=a.fill, seed=a.seed, overwrite=a.overwrite)
+    print(f"recovered adapter for {a.base} written to {out} (loads with stock PeftModel.from_pretrained)")
+    return 0

@@ -1,0 +1,187 @@
+"""Training data: reading rows, formatting them with the chat template, masking prompt tokens.
+
+Row formats (detected per row):
+
+    alpaca    {"instruction", "input"?, "output" | "response"}   -> user: instruction\\n\\ninput, assistant: output
+    chat      {"messages": [{"role", "content"}, ...]}             -> every assistant turn is a response
+    text      {"text"}                                              -> plain language modelling
+
+Labels: -100 on prompt tokens (system/user turns, template scaffolding), the token ids on
+response tokens (including the closing end-of-turn token, so the model learns to stop).
+``train_on_inputs=True`` labels everything. Models without a chat template get the Alpaca
+prompt format ("### Instruction: ... ### Response: ...") instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LoramError
+
+IGNORE = -100
+FALLBACK_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+FALLBACK_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def read_rows(source: str) -> list[dict]:
+    """Rows from a local .json / .jsonl / .parquet file, or a hub dataset id ("name" or "name:split")."""
+    p = Path(source)
+    if p.exists():
+        if p.is_dir():
+            raise LoramError(f"dataset {p} is a folder: pass a .json, .jsonl or .parquet file")
+        try:
+            if p.suffix == ".jsonl":
+                rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            elif p.suffix == ".json":
+                rows = json.loads(p.read_text())
+                if isinstance(rows, dict):  # {"data": [...]} or {"train": [...]}
+                    lists = [v for v in rows.values() if isinstance(v, list)]
+                    rows = lists[0] if len(lists) == 1 else [rows]
+            elif p.suffix == ".parquet":
+                import datasets
+
+                rows = list(datasets.load_dataset("parquet", data_files=str(p), split="train"))
+            else:
+                raise LoramError(f"dataset {p} has an unknown extension: use .json, .jsonl or .parquet")
+        except json.JSONDecodeError as e:
+            raise LoramError(f"dataset {p} is not valid JSON ({e}): fix the file") from None
+    else:
+        if source.startswith((".", "/")) or source.endswith((".json", ".jsonl", ".parquet")):
+            raise LoramError(f"dataset file {source} does not exist: check the path")
+        import datasets
+
+        name, _, split = source.partition(":")
+        try:
+            rows = list(datasets.load_dataset(name, split=split or "train"))
+        except Exception as e:  # noqa: BLE001 - hub errors come in many types
+            raise LoramError(f"cannot load dataset {source!r} ({str(e).splitlines()[0]}): pass a local file or a valid hub id") from None
+    if not isinstance(rows, list) or not rows:
+        raise LoramError(f"dataset {source} is empty: give it at least one row")
+    return rows
+
+
+def row_kind(row) -> str:
+    if not isinstance(row, dict):
+        raise LoramError(f"dataset row {str(row)[:60]!r} is not an object: rows must be JSON objects")
+    if "messages" in row:
+        return "chat"
+    if "instruction" in row and ("output" in row or "response" in row):
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    raise LoramError(f"dataset row with fields {sorted(row)[:6]} has none of the known formats: give "
+                     "instruction+output (or response), messages, or text")
+
+
+def to_messages(row) -> list[dict]:
+    kind = row_kind(row)
+    if kind == "chat":
+        return row["messages"]
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row.get("output", row.get("response"))}]
+
+
+def _ids(tok, x) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    return list(x)
+
+
+def _template(tok, msgs, gen_prompt: bool) -> list[int]:
+    return _ids(tok, tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt))
+
+
+def encode(tok, row, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one row."""
+    kind = row_kind(row)
+    if kind == "text":
+        ids = _ids(tok, tok(row["text"], add_special_tokens=True)) + [tok.eos_token_id]
+        return ids, list(ids)
+    msgs = to_messages(row)
+    if getattr(tok, "chat_template", None):
+        ids = _template(tok, msgs, gen_prompt=False)
+        labels = [IGNORE] * len(ids)
+        for j, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(_template(tok, msgs[:j], gen_prompt=True))
+            end = len(_template(tok, msgs[: j + 1], gen_prompt=False))
+            labels[start:end] = ids[start:end]
+    else:  # no chat template: Alpaca prompt format, single turn
+        if kind != "alpaca":
+            raise LoramError("this tokenizer has no chat template, so `messages` rows cannot be formatted: "
+                             "use instruction/output rows or a tokenizer with a chat template")
+        tmpl = FALLBACK_PROMPT_INPUT if row.get("input") else FALLBACK_PROMPT
+        prompt = _ids(tok, tok(tmpl.format(**{"input": "", **row}), add_special_tokens=True))
+        resp = _ids(tok, tok(msgs[1]["content"], add_special_tokens=False)) + [tok.eos_token_id]
+        ids, labels = prompt + resp, [IGNORE] * len(prompt) + resp
+    if train_on_inputs:
+        labels = list(ids)
+    return ids, labels
+
+
+@dataclass
+class Encoded:
+    examples: list[tuple[list[int], list[int]]]
+    dropped: int
+
+
+def encode_all(tok, rows: list[dict], seq_len: int, train_on_inputs: bool = False, name: str = "dataset") -> Encoded:
+    out, dropped = [], 0
+    for row in rows:
+        ids, labels = encode(tok, row, train_on_inputs)
+        if len(ids) > seq_len:
+            dropped += 1
+            continue
+        if all(x == IGNORE for x in labels):
+            continue
+        out.append((ids, labels))
+    if not out:
+        raise LoramError(f"{name}: all {len(rows)} rows are longer than --seq-len {seq_len} (or have no response tokens), "
+                         f"{dropped} dropped: raise --seq-len or shorten the rows")
+    return Encoded(out, dropped)
+
+
+def pack(examples, seq_len: int):
+    """Concatenate examples into full seq_len rows (labels kept; fewer pad tokens, faster)."""
+    packed, cur_i, cur_l = [], [], []
+    for ids, labels in examples:
+        if len(cur_i) + len(ids) > seq_len and cur_i:
+            packed.append((cur_i, cur_l))
+            cur_i, cur_l = [], []
+        cur_i, cur_l = cur_i + ids, cur_l + labels
+    if cur_i:
+        packed.append((cur_i, cur_l))
+    return packed
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        ids, labels = self.examples[i]
+        return {"input_ids": ids, "labels": labels}
+
+
+def collate(pad_id: int):
+    def fn(batch):
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return fn

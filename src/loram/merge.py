@@ -1,0 +1,82 @@
+"""`loram merge` and `loram generate`: put a recovered adapter on the original model.
+
+    W = W0 + (alpha / r) * B_full A_full     (PEFT's merge_and_unload)
+
+Our loader checks the adapter's recorded base fingerprint against the base it is given, so an
+adapter never lands on the wrong model, and never loads partially (see adapter.attach).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .adapter import STAGE_PRUNED, attach, check_adapter_dir, read_meta
+from .errors import LoramError
+from .io import atomic_dir, check_output, load_model, load_tokenizer
+from .plan import has_plan
+
+
+def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True):
+    """(model, tokenizer) for an original model or a pruned folder, with an adapter attached if given."""
+    from .fingerprint import describe_difference, fingerprint_model, same_model
+    from .pruned import load_pruned
+
+    pruned = Path(str(base)).is_dir() and has_plan(base)
+    model = load_pruned(base, dtype=dtype) if pruned else load_model(base, dtype=dtype)
+    tok = load_tokenizer(base)
+    if adapter is None:
+        return model, tok
+    check_adapter_dir(adapter)
+    meta = read_meta(adapter)
+    if meta and meta.get("stage") == STAGE_PRUNED and not pruned:
+        raise LoramError(f"{adapter} was trained on a pruned model and does not fit the original: run "
+                         f"`loram recover {adapter} --base {base} -o RECOVERED` first (or pass the pruned model folder)")
+    if meta and check_base and not pruned and meta.get("base_fingerprint"):
+        from .prune import base_fingerprint
+
+        got = base_fingerprint(base, model)
+        want = meta["base_fingerprint"]
+        if not same_model(want, got):
+            raise LoramError(f"adapter {adapter} was recovered for another base model ({describe_difference(want, got)}): "
+                             f"pass the original it was made for ({meta.get('base_name')})")
+    if meta and pruned and meta.get("plan_id") and meta.get("stage") == STAGE_PRUNED:
+        if meta["plan_id"] != model.loram_plan.id:
+            raise LoramError(f"adapter {adapter} was trained on another prune plan ({meta['plan_id']}) than {base} "
+                             f"({model.loram_plan.id}): pass the pruned model it was trained on")
+    del fingerprint_model
+    return attach(model, adapter), tok
+
+
+def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False, dtype=torch.float32) -> Path:
+    """Write a standard merged HF model folder: the original with the adapter folded into its weights."""
+    check_output(out, overwrite)
+    pm, tok = load_with_adapter(base, adapter, dtype=dtype)
+    merged = pm.merge_and_unload()
+    with atomic_dir(out, overwrite) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        if has_plan(base):  # a merged pruned model is still a pruned model folder
+            import shutil
+
+            from .plan import PLAN_FILE
+
+            shutil.copy(Path(base) / PLAN_FILE, Path(tmp) / PLAN_FILE)
+    return Path(out)
+
+
+def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 64,
+             chat: bool = True, temperature: float = 0.0) -> str:
+    model, tok = load_with_adapter(model_name, adapter)
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    if temperature > 0:
+        kw["temperature"] = temperature
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

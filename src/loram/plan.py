@@ -1,0 +1,199 @@
+"""The prune plan: the single record that links prune -> train -> recover.
+
+On disk it is ``loram_plan.json`` (human-readable JSON, never a pickle):
+
+    {
+      "format": "loram-plan", "version": 1,
+      "kind": "structured",                 # or "sparse" (same shapes, exact zeros)
+      "method": "taylor", "mlp_ratio": 0.5, "attn_ratio": 0.5, "layers": [4, 28], "seed": 0,
+      "calibration": {"source": "builtin", "samples": 8, "seq_len": 128, "sha256": "..."},
+      "base": {"name": "...", "config": {...full config.json...}, "fingerprint": {...}},
+      "pruned": {"4": {"mlp_keep": [0, 3, ...], "kv_keep": [0, 2]}, ...}
+    }
+
+Index arithmetic (d = head_dim, G = query heads per KV head). Keeping KV group g keeps
+
+    k_proj, v_proj rows          g*d     ... (g+1)*d - 1
+    q_proj rows, o_proj columns  g*G*d   ... (g+1)*G*d - 1      (its G query heads)
+
+and keeping MLP channel c keeps gate/up row c and down column c. Rounding follows the paper's
+code so its published sizes reproduce: keep n - ceil(n*r) channels and n - floor(n*r) groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import LoramError
+from .families import COL_PRUNED, Geometry
+
+PLAN_FILE = "loram_plan.json"
+PLAN_FORMAT = "loram-plan"
+PLAN_VERSION = 1
+
+
+def kept_mlp_channels(n: int, ratio: float) -> int:
+    return n - math.ceil(n * ratio)
+
+
+def kept_kv_groups(n: int, ratio: float) -> int:
+    return max(1, n - math.floor(n * ratio))
+
+
+def default_layers(n_layers: int) -> tuple[int, int]:
+    """Skip the first 4 and last 2 layers (LLM-Pruner / paper convention), clamped for tiny models."""
+    start, end = min(4, n_layers // 4), max(n_layers - 2, 0)
+    if end <= start:
+        start, end = 0, n_layers
+    return start, end
+
+
+def parse_layers(spec: str | None, n_layers: int) -> tuple[int, int]:
+    if spec is None:
+        return default_layers(n_layers)
+    try:
+        a, b = spec.split(":")
+        start = int(a) if a else 0
+        end = int(b) if b else n_layers
+    except ValueError:
+        raise LoramError(f"--layers {spec!r} is not START:END (a Python range, e.g. 4:28)") from None
+    if start < 0 or end > n_layers or start >= end:
+        raise LoramError(f"--layers {spec} is outside the model's {n_layers} layers: use a range within 0:{n_layers}")
+    return start, end
+
+
+@dataclass
+class LayerPlan:
+    mlp_keep: list[int] | None = None  # None: MLP of this layer kept whole
+    kv_keep: list[int] | None = None  # None: attention of this layer kept whole
+
+
+@dataclass
+class PrunePlan:
+    kind: str
+    method: str
+    layers: tuple[int, int]
+    base: dict  # {"name", "config", "fingerprint"}
+    pruned: dict[int, LayerPlan] = field(default_factory=dict)
+    mlp_ratio: float = 0.0
+    attn_ratio: float = 0.0
+    seed: int = 0
+    calibration: dict | None = None
+    sparse: dict | None = None  # non-structured variants: per-module pattern and sparsity
+    extra: dict = field(default_factory=dict)
+
+    # ---- index arithmetic -------------------------------------------------------------
+    def kept_index(self, layer: int, role: str, g: Geometry) -> torch.Tensor | None:
+        """Kept rows (q/k/v/gate/up) or columns (o/down) of ``role`` in ``layer``; None if whole."""
+        lp = self.pruned.get(layer)
+        if lp is None or self.kind != "structured":
+            return None
+        if role in ("gate", "up", "down"):
+            return None if lp.mlp_keep is None else torch.tensor(lp.mlp_keep, dtype=torch.long)
+        if lp.kv_keep is None:
+            return None
+        groups = torch.tensor(lp.kv_keep, dtype=torch.long)
+        width = g.head_dim if role in ("k", "v") else g.group * g.head_dim
+        return (groups[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+    def pruned_dim(self, layer: int, role: str, g: Geometry) -> tuple[int, int]:
+        """(out_features, in_features) of ``role`` in ``layer`` after pruning."""
+        full = {"q": (g.n_heads * g.head_dim, g.hidden), "k": (g.n_kv_heads * g.head_dim, g.hidden),
+                "v": (g.n_kv_heads * g.head_dim, g.hidden), "o": (g.hidden, g.n_heads * g.head_dim),
+                "gate": (g.intermediate, g.hidden), "up": (g.intermediate, g.hidden),
+                "down": (g.hidden, g.intermediate)}[role]
+        idx = self.kept_index(layer, role, g)
+        if idx is None:
+            return full
+        return (full[0], len(idx)) if role in COL_PRUNED else (len(idx), full[1])
+
+    def validate(self, g: Geometry) -> None:
+        start, end = self.layers
+        if not (0 <= start < end <= g.n_layers):
+            raise LoramError(f"plan layers {start}:{end} do not fit the model's {g.n_layers} layers: wrong base model?")
+        for i, lp in self.pruned.items():
+            if not start <= i < end:
+                raise LoramError(f"plan prunes layer {i} outside its range {start}:{end}: the plan file is corrupt")
+            for name, keep, n in (("mlp_keep", lp.mlp_keep, g.intermediate), ("kv_keep", lp.kv_keep, g.n_kv_heads)):
+                if keep is None:
+                    continue
+                if not keep or any(not 0 <= k < n for k in keep) or len(set(keep)) != len(keep) or keep != sorted(keep):
+                    raise LoramError(f"plan layer {i} {name} is not a sorted set of indices in [0, {n}): the plan file is corrupt")
+
+    def base_config(self):
+        """The original model's config (a transformers PretrainedConfig), rebuilt from the plan."""
+        from transformers import AutoConfig
+
+        d = {k: v for k, v in self.base.get("config", {}).items() if k != "transformers_version"}
+        mt = d.pop("model_type", None)
+        if mt is None:
+            raise LoramError("the plan has no base config: re-create it with `loram prune`")
+        return AutoConfig.for_model(mt, **d)
+
+    # ---- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "kind": self.kind, "method": self.method,
+             "mlp_ratio": self.mlp_ratio, "attn_ratio": self.attn_ratio, "layers": list(self.layers),
+             "seed": self.seed, "calibration": self.calibration, "base": self.base,
+             "pruned": {str(i): {k: v for k, v in vars(lp).items() if v is not None} for i, lp in sorted(self.pruned.items())}}
+        if self.sparse is not None:
+            d["sparse"] = self.sparse
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrunePlan":
+        if d.get("format") != PLAN_FORMAT:
+            raise LoramError("not a loram prune plan (missing \"format\": \"loram-plan\"): pass the plan written by `loram prune`")
+        if d.get("version", 0) > PLAN_VERSION:
+            raise LoramError(f"plan version {d['version']} is newer than this loram understands ({PLAN_VERSION}): upgrade loram")
+        pruned = {int(i): LayerPlan(**v) for i, v in d.get("pruned", {}).items()}
+        return cls(kind=d["kind"], method=d["method"], layers=tuple(d["layers"]), base=d["base"], pruned=pruned,
+                   mlp_ratio=d.get("mlp_ratio", 0.0), attn_ratio=d.get("attn_ratio", 0.0), seed=d.get("seed", 0),
+                   calibration=d.get("calibration"), sparse=d.get("sparse"), extra=d.get("extra", {}))
+
+    def to_json(self) -> str:
+        # one index list per line: diff-able and readable, still valid JSON
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
+        return _compact_int_lists(text)
+
+    @property
+    def id(self) -> str:
+        """Content hash: an adapter records which plan it was trained on."""
+        d = self.to_dict()
+        d.pop("extra", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, folder: str | Path) -> Path:
+        p = Path(folder) / PLAN_FILE
+        p.write_text(self.to_json())
+        return p
+
+    @classmethod
+    def load(cls, folder_or_file: str | Path) -> "PrunePlan":
+        p = Path(folder_or_file)
+        if p.is_dir():
+            p = p / PLAN_FILE
+        if not p.exists():
+            raise LoramError(f"no {PLAN_FILE} in {p.parent}: this is not a loram pruned model or adapter (run `loram prune` first)")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoramError(f"{p} is not a valid prune plan ({e}): re-create it with `loram prune`") from None
+
+
+def _compact_int_lists(text: str) -> str:
+    import re
+
+    return re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+
+
+def has_plan(folder: str | Path) -> bool:
+    return (Path(folder) / PLAN_FILE).exists()

@@ -1,0 +1,92 @@
+"""`loram prune`: make the small base model and the plan that records what was removed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LoramError
+from ..families import geometry
+from ..io import atomic_dir, check_output, load_model, load_tokenizer, resolve_model, safetensors_files
+from ..plan import PrunePlan, parse_layers
+from ..pruned import apply_plan, count_params, save_pruned
+from .structured import METHODS as STRUCTURED_METHODS
+from .structured import calibration_batches, importance, select
+
+
+@dataclass
+class PruneReport:
+    out: str
+    plan: PrunePlan
+    params_original: int
+    params_pruned: int
+    seconds: float
+    peak_rss_gb: float
+
+    @property
+    def param_reduction(self) -> float:
+        return self.params_original / self.params_pruned
+
+
+def base_fingerprint(name: str | Path, model=None) -> dict:
+    """Fingerprint of an original model: from its safetensors files when it is a local folder
+    (no load needed, fast for 70B), else from the loaded tensors (GGUF, hub)."""
+    from ..fingerprint import fingerprint_model, fingerprint_safetensors
+    from ..io import load_config
+
+    path, gguf = resolve_model(name)
+    if gguf is None and Path(path).is_dir():
+        return fingerprint_safetensors(safetensors_files(path), load_config(name).to_dict())
+    if model is None:
+        model = load_model(name)
+    return fingerprint_model(model)
+
+
+def check_ratio(name: str, r: float, allow_zero: bool) -> None:
+    lo_ok = r >= 0 if allow_zero else r > 0
+    if not (lo_ok and r < 1):
+        rng = "0 <= R < 1 (0 keeps it whole)" if allow_zero else "0 < R < 1"
+        raise LoramError(f"{name} {r} is out of range: use {rng}, e.g. 0.5 to remove half")
+
+
+def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float = 0.5, attn_ratio: float | None = None,
+          layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
+          calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32) -> PruneReport:
+    """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``."""
+    from ..memory import PeakRSS
+
+    if method not in STRUCTURED_METHODS:
+        raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(STRUCTURED_METHODS)}")
+    attn_ratio = ratio if attn_ratio is None else attn_ratio
+    check_ratio("--ratio", ratio, allow_zero=False)
+    check_ratio("--attn-ratio", attn_ratio, allow_zero=True)
+    check_output(out, overwrite)
+    t0 = time.time()
+    peak = PeakRSS()
+    model = load_model(model_name, dtype=dtype)
+    tok = load_tokenizer(model_name)
+    g = geometry(model.config)
+    start, end = parse_layers(layers, g.n_layers)
+    rng = range(start, end)
+    fp = base_fingerprint(model_name, model)
+    calib, scores = None, None
+    if method == "taylor":
+        batches, calib = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
+        scores = importance(model, "taylor", rng, batches)
+    elif method == "magnitude":
+        scores = importance(model, "magnitude", rng)
+    n_orig = count_params(model)
+    plan = PrunePlan(
+        kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
+        calibration=calib, base={"name": str(model_name), "config": model.config.to_dict(), "fingerprint": fp},
+        pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
+    )
+    apply_plan(model, plan)
+    n_pruned = count_params(model)
+    plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
+    with atomic_dir(out, overwrite) as tmp:
+        save_pruned(model, tok, plan, tmp)
+    return PruneReport(str(out), plan, n_orig, n_pruned, time.time() - t0, peak.gb())

@@ -1,0 +1,140 @@
+"""Structured pruning: score MLP channels and KV groups, keep the most important.
+
+Importance of a unit u (an MLP channel c, or a KV group g), summed over its weights:
+
+    random     a seeded random permutation (LoRAM-Rand)
+    magnitude  sum |W|                                       (no gradients)
+    taylor     sum |W * dL/dW|  over N calibration sequences (LoRAM-Stru, LLM-Pruner param_first)
+
+    channel c : gate row c + up row c + down column c
+    group g   : k,v rows of head g + q rows / o columns of its G query heads (+ q/k/v biases)
+
+Taylor memory: one fp32 copy of the model plus gradients of the scored layers only (embeddings,
+norms and lm_head frozen), calibration sequences streamed one at a time, graphs freed after each
+backward: peak = weights + scored-layer grads + one sequence's activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..errors import LoramError
+from ..families import ATTN_ROLES, MLP_ROLES, Geometry, decoder_layers, geometry, layer_module
+from ..plan import LayerPlan, kept_kv_groups, kept_mlp_channels
+
+METHODS = ("random", "magnitude", "taylor")
+BUILTIN_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+
+
+def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> tuple[list[torch.Tensor], dict]:
+    """N token sequences of length <= seq_len from a text / JSONL(text) file or the built-in text."""
+    import json
+
+    path = Path(source) if source else BUILTIN_CALIBRATION
+    if not path.exists():
+        raise LoramError(f"calibration file {path} does not exist: pass --calib-data FILE (.txt or .jsonl with a 'text' field)")
+    raw = path.read_text()
+    if path.suffix in (".jsonl", ".json"):
+        rows = [json.loads(x) for x in raw.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(raw)
+        texts = [r["text"] for r in rows if isinstance(r, dict) and r.get("text")]
+        if not texts:
+            raise LoramError(f"calibration file {path} has no rows with a 'text' field: use plain text or {{\"text\": ...}} rows")
+        raw = "\n\n".join(texts)
+    ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < 2:
+        raise LoramError(f"calibration file {path} is empty: give it some text")
+    # consecutive windows, wrapping around the text when it is shorter than n * seq_len
+    seqs = [ids[(i * seq_len) % max(1, ids.numel() - seq_len + 1):][:seq_len] for i in range(n)]
+    desc = {"source": "builtin" if source is None else str(source), "samples": n, "seq_len": seq_len,
+            "sha256": hashlib.sha256(raw.encode()).hexdigest()[:16]}
+    return [s.unsqueeze(0) for s in seqs], desc
+
+
+def _rows(lin, per) -> torch.Tensor:
+    """Score of each output row (its weights, plus its bias where there is one: Qwen2 q/k/v)."""
+    s = per(lin.weight).sum(1)
+    return s + per(lin.bias) if lin.bias is not None else s
+
+
+def _cols(lin, per) -> torch.Tensor:
+    return per(lin.weight).sum(0)
+
+
+def _channel_scores(model, layer: int, per) -> torch.Tensor:
+    gate, up, down = (layer_module(model, layer, r) for r in MLP_ROLES)
+    return _rows(gate, per) + _rows(up, per) + _cols(down, per)
+
+
+def _group_scores(model, layer: int, g: Geometry, per) -> torch.Tensor:
+    q, k, v, o = (layer_module(model, layer, r) for r in ATTN_ROLES)
+    per_group = lambda t: t.view(g.n_kv_heads, -1).sum(1)  # noqa: E731  rows of one group are contiguous
+    return per_group(_rows(q, per)) + per_group(_rows(k, per)) + per_group(_rows(v, per)) + per_group(_cols(o, per))
+
+
+def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = decoder_layers(model)
+    for i in layers:
+        for p in blocks[i].parameters():
+            if p.dim() >= 1:
+                p.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    dev = next(model.parameters()).device
+    for ids in batches:  # stream: one sequence's graph at a time
+        ids = ids.to(dev)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        if not torch.isfinite(out.loss):
+            raise LoramError("calibration loss is not finite: check the model weights or --calib-data")
+        out.loss.backward()
+        del out
+
+
+def importance(model, method: str, layers: range, batches=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (channel scores [F], group scores [K])} for magnitude / taylor."""
+    g = geometry(model.config)
+    if method == "taylor":
+        _taylor_grads(model, layers, batches)
+        def per(p):
+            return (p.detach() * p.grad).abs().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+    else:
+        def per(p):
+            return p.detach().abs().float()
+    scores = {}
+    with torch.no_grad():
+        for i in layers:
+            scores[i] = (_channel_scores(model, i, per), _group_scores(model, i, g, per))
+    if method == "taylor":
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return scores
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    # stable: ties keep the lower index, so plans are reproducible
+    order = torch.argsort(scores.double(), descending=True, stable=True)[:k]
+    return sorted(order.tolist())
+
+
+def select(g: Geometry, method: str, layers: range, mlp_ratio: float, attn_ratio: float, seed: int,
+           scores: dict | None = None) -> dict[int, LayerPlan]:
+    n_ch, n_grp = kept_mlp_channels(g.intermediate, mlp_ratio), kept_kv_groups(g.n_kv_heads, attn_ratio)
+    if n_ch < 1:
+        raise LoramError(f"--ratio {mlp_ratio} would remove all {g.intermediate} MLP channels: use a smaller ratio")
+    gen = torch.Generator().manual_seed(seed)
+    plans = {}
+    for i in layers:
+        if method == "random":
+            ch = sorted(torch.randperm(g.intermediate, generator=gen)[:n_ch].tolist())
+            grp = sorted(torch.randperm(g.n_kv_heads, generator=gen)[:n_grp].tolist())
+        else:
+            ch, grp = _top(scores[i][0], n_ch), _top(scores[i][1], n_grp)
+        plans[i] = LayerPlan(
+            mlp_keep=ch if mlp_ratio > 0 and n_ch < g.intermediate else None,
+            kv_keep=grp if attn_ratio > 0 and n_grp < g.n_kv_heads else None,
+        )
+    return plans

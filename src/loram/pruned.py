@@ -1,0 +1,229 @@
+"""The pruned model: shrinking modules by a plan, saving, and loading in one call.
+
+A pruned model folder is a normal HF folder plus the plan:
+
+    config.json                  the *original* config (stock code would refuse the smaller tensors
+                                 with a size-mismatch error, never load them silently)
+    model*.safetensors           the pruned tensors (smaller q/k/v/o/gate/up/down in pruned layers)
+    tokenizer*, generation_config.json
+    loram_plan.json              what was removed (see plan.py)
+
+``load_pruned`` builds the model on the meta device (no memory), shrinks the modules the plan
+names, then assigns the tensors from the safetensors files: the full-size model never exists.
+transformers >= 5 has ``per_layer_config`` on configs, but the Llama/Mistral/Qwen2 modeling code
+raises AmbiguousGlobalPerLayerAttributeError when widths vary by layer (checked on 5.24), so the
+plan, not the config, carries the widths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LoramError
+from .families import COL_PRUNED, ROLES, decoder_layers, geometry, layer_module, MODULE_OF_ROLE
+from .plan import PrunePlan
+
+QUANTIZED_MARK = "loram_quantized"
+
+
+def _shrunk_linear(lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+    w = lin.weight.data
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    b = lin.bias
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    new.weight = nn.Parameter(w.contiguous(), requires_grad=lin.weight.requires_grad)
+    if b is not None:
+        bd = b.data if rows is None else b.data.index_select(0, rows.to(b.device))
+        new.bias = nn.Parameter(bd.contiguous(), requires_grad=b.requires_grad)
+    return new
+
+
+def apply_plan(model, plan: PrunePlan) -> nn.Module:
+    """Shrink the structured-pruned modules of ``model`` in place (works on real and meta tensors)."""
+    if plan.kind != "structured":
+        return model
+    g = geometry(model.config)
+    plan.validate(g)
+    layers = decoder_layers(model)
+    for i in plan.pruned:
+        for role in ROLES:
+            idx = plan.kept_index(i, role, g)
+            if idx is None:
+                continue
+            lin = layer_module(model, i, role)
+            new = _shrunk_linear(lin, None if role in COL_PRUNED else idx, idx if role in COL_PRUNED else None)
+            parent, proj = MODULE_OF_ROLE[role].split(".")
+            setattr(getattr(layers[i], parent), proj, new)
+    return model
+
+
+def zero_pruned(model, plan: PrunePlan) -> nn.Module:
+    """The original model with every pruned row/column (and bias) set to zero, shapes unchanged.
+
+    Exactness reference: with pruned v rows zero the dropped heads output zero, and with pruned
+    gate/up rows zero silu(0)*0 = 0, so this model computes what the pruned one computes.
+    """
+    g = geometry(model.config)
+    for i in plan.pruned:
+        for role in ROLES:
+            idx = plan.kept_index(i, role, g)
+            if idx is None:
+                continue
+            lin = layer_module(model, i, role)
+            dim = 1 if role in COL_PRUNED else 0
+            mask = torch.ones(lin.weight.shape[dim], dtype=torch.bool)
+            mask[idx] = False
+            with torch.no_grad():
+                lin.weight.index_fill_(dim, mask.nonzero().squeeze(1), 0.0)
+                if lin.bias is not None and dim == 0:
+                    lin.bias.index_fill_(0, mask.nonzero().squeeze(1), 0.0)
+    return model
+
+
+def count_params(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        # bitsandbytes Params4bit stores 2 weights per byte; count logical weights
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n += int(torch.Size(shape).numel()) if shape is not None else p.numel()
+    return n
+
+
+def skeleton(config, plan: PrunePlan | None, dtype=torch.float32):
+    """The pruned architecture on the meta device: no memory is allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if plan is not None:
+        apply_plan(model, plan)
+    return model
+
+
+def materialize_buffers(model, device="cpu") -> None:
+    """Non-persistent buffers (rotary inv_freq) are computed at init; recompute them off meta."""
+    inner = model.model
+    rot = getattr(inner, "rotary_emb", None)
+    if rot is not None and any(b.is_meta for b in rot.buffers()):
+        with torch.device(device):
+            inner.rotary_emb = type(rot)(config=model.config)
+
+
+def _read_state_dict(folder: Path, dtype) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    from .io import safetensors_files
+
+    sd = {}
+    for f in safetensors_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    t = h.get_tensor(k)
+                    sd[k] = t.to(dtype) if t.is_floating_point() else t
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LoramError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}): re-create or re-download it") from None
+    return sd
+
+
+def load_state_into(model, sd: dict, where: str) -> None:
+    """Assign tensors into a meta skeleton; every key must match in name and shape."""
+    own = model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [k for k in own if k not in sd and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "") + \
+                 (f" wrong shape {wrong[:3]}" if wrong else "")
+        raise LoramError(f"config/plan and weights in {where} disagree ({detail.strip()}): the folder is inconsistent, re-create it")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+
+
+def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.Module:
+    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LoramError("--quantize nf4 needs bitsandbytes: pip install 'loram[nf4]' (or pip install bitsandbytes)") from None
+    layers = decoder_layers(model)
+    for block in layers:
+        for parent_name in ("self_attn", "mlp"):
+            parent = getattr(block, parent_name)
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, nn.Linear) or name in skip:
+                    continue
+                dev = lin.weight.device
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu", torch.float32).contiguous(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+                if lin.bias is not None:
+                    q.bias = nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
+                q = q.to(dev if dev.type != "meta" else "cpu")  # .to() performs the quantisation
+                if not getattr(q.weight, "bnb_quantized", False):
+                    q.weight = q.weight._quantize(q.weight.device) if hasattr(q.weight, "_quantize") else q.weight
+                setattr(parent, name, q)
+    setattr(model, QUANTIZED_MARK, "nf4")
+    return model
+
+
+def _resolve_device(device_map) -> str:
+    if device_map in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, str):
+        return device_map
+    raise LoramError("device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N' for pruned models")
+
+
+def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu"):
+    """Load a pruned model folder written by `loram prune` (or `loram align`) in one call.
+
+    quantize: None or "nf4" (bitsandbytes NF4 + double quant on the decoder linears, QLoRAM).
+    Returns a stock transformers model (LlamaForCausalLM, ...) with smaller modules.
+    """
+    from transformers import AutoConfig
+
+    from .io import read_json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LoramError(f"pruned model folder {path} does not exist: check the path (create it with `loram prune`)")
+    if not (path / "config.json").exists():
+        raise LoramError(f"{path} is not a model folder (no config.json): pass a folder written by `loram prune`")
+    read_json(path / "config.json")
+    plan = PrunePlan.load(path)
+    config = AutoConfig.from_pretrained(str(path))
+    geometry(config)
+    model = skeleton(config, plan, dtype=dtype)
+    load_state_into(model, _read_state_dict(path, dtype), str(path))
+    device = _resolve_device(device_map)
+    materialize_buffers(model, "cpu")
+    if quantize == "nf4":
+        quantize_nf4(model, compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+    elif quantize is not None:
+        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
+    model.to(device)
+    model.eval()
+    model.loram_plan = plan
+    return model
+
+
+def save_pruned(model, tokenizer, plan: PrunePlan, out: str | Path) -> None:
+    """Write a pruned model folder (call inside io.atomic_dir)."""
+    out = Path(out)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    plan.save(out)

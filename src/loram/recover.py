@@ -1,0 +1,157 @@
+"""`loram recover`: scatter a pruned adapter back to the original model's shapes.
+
+For a pruned layer with kept index set K (rows of q/k/v/gate/up, columns of o/down):
+
+    row-pruned W [out, in]:   dW = B A,  B_full[K, :] = B,  B_full[~K, :] = 0,  A_full = A
+    col-pruned W [out, in]:   dW = B A,  A_full[:, K] = A,  A_full[:, ~K] = 0   (or N(0, 1/r): --fill normal)
+                                         B_full = B
+
+so dW_full = scatter(dW) exactly: the trained update lands on the kept coordinates and nothing
+else changes. The --fill normal option (the official `normA`) puts noise in the pruned columns of
+A; it only adds B A_noise x for inputs x on pruned channels, which the pruned model never had.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .adapter import (ADAPTER_CONFIG, ADAPTER_META, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors,
+                      write_adapter)
+from .errors import LoramError
+from .families import COL_PRUNED, ROLE_OF_PROJ, Geometry, geometry
+from .io import atomic_dir, check_output, read_json
+from .plan import PrunePlan
+
+LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.[\w-]+)?\.(weight|bias)$")
+FILLS = ("zero", "normal")
+
+
+def _parse(key: str):
+    m = LORA_KEY.search(key)
+    if not m or m.group(2) not in ROLE_OF_PROJ:
+        return None
+    return int(m.group(1)), ROLE_OF_PROJ[m.group(2)], m.group(3), m.group(4)
+
+
+def _full_dim(role: str, g: Geometry) -> int:
+    """Full size of the pruned dimension of ``role``."""
+    return {"q": g.n_heads * g.head_dim, "o": g.n_heads * g.head_dim, "k": g.n_kv_heads * g.head_dim,
+            "v": g.n_kv_heads * g.head_dim, "gate": g.intermediate, "up": g.intermediate, "down": g.intermediate}[role]
+
+
+def _pruned_axis(role: str, ab: str, kind: str) -> int | None:
+    """Which axis of this lora tensor lives in the pruned space, or None."""
+    if role in COL_PRUNED:
+        return 1 if (ab == "A" and kind == "weight") else None
+    return 0 if ab == "B" else None
+
+
+def recover_tensors(pruned: dict[str, torch.Tensor], plan: PrunePlan, config, fill: str = "zero",
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Pure function: pruned-adapter tensors -> full-shape tensors for the original model."""
+    if fill not in FILLS:
+        raise LoramError(f"--fill {fill!r} is unknown: use zero or normal")
+    g = geometry(config)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, t in pruned.items():
+        p = _parse(key)
+        if p is None:
+            out[key] = t.clone()  # lm_head, embeddings, modules_to_save: never pruned
+            continue
+        layer, role, ab, kind = p
+        axis = _pruned_axis(role, ab, kind)
+        idx = plan.kept_index(layer, role, g)
+        if axis is None or idx is None:
+            out[key] = t.clone()
+            continue
+        full = _full_dim(role, g)
+        if t.shape[axis] != len(idx):
+            hint = ("a plain (unpruned) LoRA adapter: it already fits the original, use it directly"
+                    if t.shape[axis] == full else "trained on another plan or model")
+            raise LoramError(f"adapter tensor {key} has {t.shape[axis]} entries on its pruned axis but the plan keeps "
+                             f"{len(idx)} of {full}: this adapter is {hint}")
+        shape = list(t.shape)
+        shape[axis] = full
+        if fill == "normal" and role in COL_PRUNED:
+            r = t.shape[0]
+            dst = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(r ** -0.5).to(t.dtype)
+        else:
+            dst = torch.zeros(shape, dtype=t.dtype)
+        out[key] = dst.index_copy_(axis, idx, t)
+    return out
+
+
+def prune_tensors(full: dict[str, torch.Tensor], plan: PrunePlan, config) -> dict[str, torch.Tensor]:
+    """Inverse of recover_tensors: select the kept coordinates (recover then prune is the identity)."""
+    g = geometry(config)
+    out = {}
+    for key, t in full.items():
+        p = _parse(key)
+        idx = None if p is None else plan.kept_index(p[0], p[1], g)
+        axis = None if p is None else _pruned_axis(p[1], p[2], p[3])
+        out[key] = t.clone() if idx is None or axis is None else t.index_select(axis, idx)
+    return out
+
+
+def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora_cfg: dict) -> None:
+    """The adapter's rank and non-pruned dims must match the plan's model."""
+    g = geometry(config)
+    rank = lora_cfg.get("r")
+    for key, t in tensors.items():
+        p = _parse(key)
+        if p is None or p[3] != "weight":
+            continue
+        layer, role, ab, _ = p
+        out_f, in_f = plan.pruned_dim(layer, role, g)
+        if layer >= g.n_layers:
+            raise LoramError(f"adapter targets layer {layer} but the plan's model has {g.n_layers} layers: wrong adapter")
+        r_axis, other_axis, other = (0, 1, in_f) if ab == "A" else (1, 0, out_f)
+        if rank is not None and t.shape[r_axis] != rank and not lora_cfg.get("rank_pattern"):
+            raise LoramError(f"adapter tensor {key} has rank {t.shape[r_axis]} but adapter_config says r={rank}: the adapter is inconsistent")
+        if t.shape[other_axis] != other and _pruned_axis(role, ab, "weight") is None:
+            raise LoramError(f"adapter tensor {key} has shape {tuple(t.shape)}, which does not fit the plan's model "
+                             f"({role} is {out_f}x{in_f} in layer {layer}): this adapter was made for another model")
+
+
+def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = "zero", seed: int = 0,
+            overwrite: bool = False, check_base: bool = True) -> Path:
+    """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder."""
+    from .prune import base_fingerprint
+    from .fingerprint import describe_difference, same_model
+
+    adapter = Path(adapter)
+    tensors = read_tensors(adapter)
+    meta = read_meta(adapter)
+    if meta is None:
+        raise LoramError(f"{adapter} has no {ADAPTER_META}: it is a plain LoRA adapter, not one trained on a loram pruned "
+                         "model; it already fits its base, use it directly (or train with `loram train` on a pruned model)")
+    if meta.get("stage") == STAGE_RECOVERED:
+        raise LoramError(f"{adapter} is already recovered for the original model: use it directly with `loram merge`")
+    plan = PrunePlan.load(adapter)
+    if meta.get("plan_id") != plan.id:
+        raise LoramError(f"{adapter} was trained on plan {meta.get('plan_id')} but carries plan {plan.id}: "
+                         "the folder was mixed up, re-train or restore its loram_plan.json")
+    check_output(out, overwrite)
+    lora_cfg = read_json(adapter / ADAPTER_CONFIG)
+    config = plan.base_config()
+    check_shapes(tensors, plan, config, lora_cfg)
+    fp = plan.base["fingerprint"]
+    if check_base:
+        got = base_fingerprint(base)
+        if not same_model(fp, got):
+            raise LoramError(f"base {base} is not the model this adapter's plan was made from ({describe_difference(fp, got)}): "
+                             f"pass the original model ({plan.base.get('name')})")
+    if plan.kind == "structured":
+        full = recover_tensors(tensors, plan, config, fill=fill, seed=seed)
+    else:  # sparse plans keep shapes: recovery is the identity on the tensors
+        full = {k: v.clone() for k, v in tensors.items()}
+    lora_cfg = dict(lora_cfg, base_model_name_or_path=str(base))
+    new_meta = dict(meta, stage=STAGE_RECOVERED, fill=fill, base_name=str(base), base_fingerprint=fp,
+                    recovered_from=str(adapter))
+    with atomic_dir(out, overwrite) as tmp:
+        write_adapter(tmp, full, lora_cfg, new_meta, plan)
+    return Path(out)

@@ -1,0 +1,73 @@
+"""Tiny randomly initialised models of every supported family, built from configs in code.
+
+Used by the tests and by `loram demo --smoke`: seconds per model, no downloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# name -> (model_type, config overrides). Widths are small but keep the real structure:
+# GQA groups > 1, several KV heads to prune, biases where the family has them.
+TINY = {
+    "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa": ("llama", dict(num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True)),
+    "llama-bias": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "mistral": ("mistral", dict(num_attention_heads=8, num_key_value_heads=4, sliding_window=None)),
+    "qwen2": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+}
+BASE = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=6, vocab_size=256, max_position_embeddings=256,
+            rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(name: str = "llama-gqa", **overrides):
+    from transformers import AutoConfig
+
+    mt, extra = TINY[name]
+    kw = {**BASE, **extra, **overrides}
+    if "head_dim" not in kw:
+        kw["head_dim"] = 8
+    return AutoConfig.for_model(mt, **kw)
+
+
+def tiny_model(name: str = "llama-gqa", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name, **overrides), dtype=torch.float32)
+    # random biases are zero-initialised by default; make them non-zero so tests see them
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 256):
+    """A byte-level tokenizer (256 ids) with a chat template, built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(3)}
+    for b in range(3, vocab_size):
+        vocab[bytes([b]).decode("latin-1")] = b
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<0>", bos_token="<1>", eos_token="<2>", unk_token="<0>")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return tok
+
+
+def save_tiny(folder: str | Path, name: str = "llama-gqa", seed: int = 0, **overrides) -> Path:
+    """Write a tiny model + tokenizer as an HF folder (safetensors) and return its path."""
+    folder = Path(folder)
+    model = tiny_model(name, seed, **overrides)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(str(folder))
+    return folder
