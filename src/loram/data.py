@@ -4,17 +4,23 @@ Row formats (detected per row):
 
     alpaca    {"instruction", "input"?, "output" | "response"}   -> user: instruction\\n\\ninput, assistant: output
     chat      {"messages": [{"role", "content"}, ...]}             -> every assistant turn is a response
+              {"conversations": [{"from", "value"}, ...]}          ShareGPT (human/gpt/system), same
     text      {"text"}                                              -> plain language modelling
 
 Labels: -100 on prompt tokens (system/user turns, template scaffolding), the token ids on
 response tokens (including the closing end-of-turn token, so the model learns to stop).
 ``train_on_inputs=True`` labels everything. Models without a chat template get the Alpaca
 prompt format ("### Instruction: ... ### Response: ...") instead.
+
+Raw corpora (`loram align`): .txt (one document per non-empty line) or rows with "text"; each
+document is tokenized, closed with EOS, concatenated and cut into blocks of exactly seq_len
+tokens (the tail shorter than a block is dropped), every token labelled.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +29,40 @@ import torch
 from .errors import LoramError
 
 IGNORE = -100
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 FALLBACK_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 FALLBACK_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
+SLICE = re.compile(r"^(.+)\[(-?\d*):(-?\d*)\]$")
+
+
+def split_slice(source: str) -> tuple[str, slice | None]:
+    """"file.json[100:200]" -> ("file.json", slice(100, 200)): a held-out split without a new file."""
+    m = SLICE.match(source)
+    if m is None or Path(source).exists():
+        return source, None
+    a, b = (int(x) if x else None for x in m.group(2, 3))
+    return m.group(1), slice(a, b)
+
+
 def read_rows(source: str) -> list[dict]:
-    """Rows from a local .json / .jsonl / .parquet file, or a hub dataset id ("name" or "name:split")."""
+    """Rows from a local .json / .jsonl / .parquet file, or a hub dataset id ("name" or "name:split"),
+    optionally sliced: "FILE[start:end]" keeps those rows (Python slice semantics)."""
+    source, part = split_slice(source)
+    if part is not None and not Path(source).exists() and not source.endswith((".json", ".jsonl", ".parquet")):
+        # hub id: let `datasets` cut the split (only that part is converted to rows)
+        name, _, split = source.partition(":")
+        return _read_rows(f"{name}:{split or 'train'}[{part.start or ''}:{part.stop or ''}]")
+    rows = _read_rows(source)
+    if part is not None:
+        rows = rows[part]
+        if not rows:
+            raise LoramError(f"dataset {source}[{part.start or ''}:{part.stop or ''}] selects no rows: check the slice")
+    return rows
+
+
+def _read_rows(source: str) -> list[dict]:
     p = Path(source)
     if p.exists():
         if p.is_dir():
@@ -55,8 +89,9 @@ def read_rows(source: str) -> list[dict]:
         import datasets
 
         name, _, split = source.partition(":")
+        name, _, config = name.partition("@")  # "owner/name@config:split"
         try:
-            rows = list(datasets.load_dataset(name, split=split or "train"))
+            rows = list(datasets.load_dataset(name, config or None, split=split or "train"))
         except Exception as e:  # noqa: BLE001 - hub errors come in many types
             raise LoramError(f"cannot load dataset {source!r} ({str(e).splitlines()[0]}): pass a local file or a valid hub id") from None
     if not isinstance(rows, list) or not rows:
@@ -67,11 +102,23 @@ def read_rows(source: str) -> list[dict]:
 def row_kind(row) -> str:
     if not isinstance(row, dict):
         raise LoramError(f"dataset row {str(row)[:60]!r} is not an object: rows must be JSON objects")
+    if "conversations" in row and "messages" not in row:  # ShareGPT (OpenHermes): from/value
+        row["messages"] = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
+                           for m in row["conversations"]] if isinstance(row["conversations"], list) else None
     if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+            raise LoramError("dataset row has `messages` that is not a non-empty list of {role, content} strings: fix the row")
         return "chat"
     if "instruction" in row and ("output" in row or "response" in row):
+        resp = row["output"] if isinstance(row.get("output"), str) else row.get("response")
+        if not isinstance(row["instruction"], str) or not isinstance(resp, str) or not isinstance(row.get("input", ""), (str, type(None))):
+            raise LoramError(f"dataset row {str(row)[:60]!r} has a non-text instruction/input/output: give strings")
         return "alpaca"
     if "text" in row:
+        if not isinstance(row["text"], str):
+            raise LoramError(f"dataset row {str(row)[:60]!r} has a non-string `text`: give a string")
         return "text"
     raise LoramError(f"dataset row with fields {sorted(row)[:6]} has none of the known formats: give "
                      "instruction+output (or response), messages, or text")
@@ -82,7 +129,8 @@ def to_messages(row) -> list[dict]:
     if kind == "chat":
         return row["messages"]
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": row.get("output", row.get("response"))}]
+    resp = row["output"] if isinstance(row.get("output"), str) else row.get("response")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": resp}]
 
 
 def _ids(tok, x) -> list[int]:
@@ -131,19 +179,54 @@ class Encoded:
 
 
 def encode_all(tok, rows: list[dict], seq_len: int, train_on_inputs: bool = False, name: str = "dataset") -> Encoded:
-    out, dropped = [], 0
+    out, dropped, empty = [], 0, 0
     for row in rows:
         ids, labels = encode(tok, row, train_on_inputs)
         if len(ids) > seq_len:
             dropped += 1
             continue
         if all(x == IGNORE for x in labels):
+            empty += 1
             continue
         out.append((ids, labels))
     if not out:
-        raise LoramError(f"{name}: all {len(rows)} rows are longer than --seq-len {seq_len} (or have no response tokens), "
-                         f"{dropped} dropped: raise --seq-len or shorten the rows")
+        if dropped:
+            raise LoramError(f"{name}: all {len(rows)} rows are dropped, {dropped} longer than --seq-len {seq_len}"
+                             f"{f' and {empty} with an empty response' if empty else ''}: raise --seq-len or shorten the rows")
+        raise LoramError(f"{name}: none of its {len(rows)} rows has response tokens to learn: give non-empty outputs")
     return Encoded(out, dropped)
+
+
+def read_texts(source: str) -> list[str]:
+    """Documents of a raw corpus: a .txt file (one per non-empty line) or rows with a "text" field."""
+    path, part = split_slice(source)
+    p = Path(path)
+    if p.suffix == ".txt":
+        if not p.is_file():
+            raise LoramError(f"corpus file {path} does not exist: check the path")
+        docs = [line.strip() for line in p.read_text(errors="replace").splitlines() if line.strip()]
+        docs = docs[part] if part is not None else docs
+        if not docs:
+            raise LoramError(f"corpus {source} is empty: give it at least one line of text")
+        return docs
+    rows = read_rows(source)
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("text"), str)]
+    if bad:
+        raise LoramError(f"corpus {source}: row {bad[0]} has no \"text\" string ({len(bad)} such rows): "
+                         "give {\"text\": ...} rows or a .txt file")
+    return [r["text"] for r in rows if r["text"].strip()]
+
+
+def chunk_tokens(tok, docs: list[str], seq_len: int, name: str = "corpus") -> list[tuple[list[int], list[int]]]:
+    """Blocks of exactly seq_len tokens from the concatenated documents (EOS between them)."""
+    stream: list[int] = []
+    for d in docs:
+        stream += _ids(tok, tok(d, add_special_tokens=False)) + [tok.eos_token_id]
+    n = len(stream) // seq_len
+    if n == 0:
+        raise LoramError(f"{name} has {len(stream)} tokens, fewer than one block of --seq-len {seq_len}: "
+                         "give more text or a smaller --seq-len")
+    return [(stream[i * seq_len:(i + 1) * seq_len], stream[i * seq_len:(i + 1) * seq_len]) for i in range(n)]
 
 
 def pack(examples, seq_len: int):

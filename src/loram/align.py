@@ -1,0 +1,135 @@
+"""`loram align`: continual pre-training of a pruned model on raw text (the paper's alignment).
+
+Pruning removes channels the rest of the network was trained with; a short next-token
+pre-training run on general text (the paper: FineWeb 0.5 + OpenWebMath 0.25 + 0.25) lets the
+kept weights compensate. It is done once, by whoever publishes the pruned model; LoRA users
+then train on the aligned model and recover into the *original* base as usual (the plan is
+unchanged, so the adapter's plan id still matches).
+
+    trained   every decoder-layer weight (attention, MLP, norms) and the final norm
+    frozen    embed_tokens and lm_head (as the paper's code; --train-embeddings / --train-lm-head)
+    budget    --steps, or --tokens T: steps = ceil(T / (seq_len * micro_batch * grad_accum * ranks))
+    sparse    (plan kind "sparse") M = (W != 0) for every decoder linear of the plan's layer range,
+              taken at start; after every optimizer step W <- W * M, so pruned zeros stay exactly 0
+
+Output: a pruned model folder (same plan, ``extra["aligned"]`` records data, steps, tokens, lr),
+loadable by ``loram.load_pruned``. Uses the same Trainer setup as `loram train` (train.fit):
+checkpoints, exact --resume, torchrun/accelerate, non-finite-loss and Ctrl-C handling.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LoramError
+from .io import atomic_dir, check_output, load_tokenizer, write_json
+from .train import RunConfig, TrainReport, finish, fit, mix, param_counts
+
+
+@dataclass
+class AlignConfig(RunConfig):
+    lr: float = 2e-5
+    tokens: int | None = None  # token budget (overrides steps)
+    train_embeddings: bool = False
+    train_lm_head: bool = False
+
+
+def steps_for_tokens(tokens: int, cfg: RunConfig, world: int) -> int:
+    per_step = cfg.seq_len * cfg.micro_batch * cfg.grad_accum * world
+    return max(1, math.ceil(tokens / per_step))
+
+
+def set_trainable(model, train_embeddings: bool, train_lm_head: bool) -> None:
+    """Everything trainable except the input embeddings and the output head (unless asked)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight  # one tensor: trained if either flag asks
+    emb.weight.requires_grad_(train_embeddings or (tied and train_lm_head))
+    if head is not None and not tied:
+        head.weight.requires_grad_(train_lm_head)
+
+
+def sparse_masks(model, plan) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(weight, weight != 0) of every nn.Linear in the decoder layers of the plan's range."""
+    from .families import decoder_layers
+
+    layers = decoder_layers(model)
+    start, end = plan.layers
+    out = []
+    for i in range(start, end):
+        for m in layers[i].modules():
+            if isinstance(m, nn.Linear):
+                out.append((m.weight, m.weight.detach() != 0))
+    return out
+
+
+def _mask_callback(masks):
+    from transformers import TrainerCallback
+
+    class KeepZeros(TrainerCallback):
+        """Re-apply the sparsity masks after every optimizer step (AdamW moves zeros otherwise)."""
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            with torch.no_grad():
+                for w, m in masks:
+                    w.mul_(m)
+
+    return KeepZeros()
+
+
+def corpus_blocks(tok, cfg: AlignConfig) -> list:
+    from .data import chunk_tokens, read_texts
+
+    sources = [chunk_tokens(tok, read_texts(src), cfg.seq_len, name=f"corpus {src}") for src in cfg.data]
+    return mix(sources, cfg.data_weights, cfg.seed)
+
+
+def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = False, overwrite: bool = False,
+          checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
+    """Continual pre-training of a pruned model folder; writes an aligned pruned model folder."""
+    from .data import ListDataset, chunk_tokens, collate, read_texts
+    from .plan import has_plan
+    from .pruned import load_pruned, save_pruned
+
+    if not Path(pruned).is_dir() or not has_plan(pruned):
+        raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
+    check_output(out, overwrite)
+    torch.manual_seed(cfg.seed)
+    model = load_pruned(pruned, dtype=torch.float32, device_map="auto")
+    plan, tok = model.loram_plan, load_tokenizer(pruned)
+    blocks = corpus_blocks(tok, cfg)
+    if cfg.tokens:
+        cfg.steps, cfg.epochs = steps_for_tokens(cfg.tokens, cfg, int(os.environ.get("WORLD_SIZE", "1"))), None
+    evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
+    model.train()
+    model.config.use_cache = False
+    set_trainable(model, cfg.train_embeddings, cfg.train_lm_head)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    masks = sparse_masks(model, plan) if plan.kind == "sparse" else []
+    cbs = ([_mask_callback(masks)] if masks else []) + list(callbacks or [])
+    trainable, frozen = param_counts(model)
+    r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, Path(checkpoint_dir or f"{out}-checkpoints"), resume,
+            overwrite, evals, tok.pad_token_id, cbs)
+    report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
+                         trainable, frozen, r.losses, 0, r.eval_ppl, r.eval_history, r.resumed_from)
+    if r.trainer.args.process_index == 0:
+        plan.extra = dict(plan.extra, aligned={
+            "from": str(pruned), "data": list(cfg.data), "weights": cfg.data_weights, "steps": r.steps,
+            "tokens_per_step": cfg.seq_len * cfg.micro_batch * cfg.grad_accum * r.trainer.args.world_size,
+            "lr": cfg.lr, "seq_len": cfg.seq_len, "seed": cfg.seed, "final_loss": r.losses[-1]["loss"] if r.losses else None,
+            "frozen": [n for n, on in (("embed_tokens", cfg.train_embeddings), ("lm_head", cfg.train_lm_head)) if not on],
+            "sparse_masks": len(masks)})
+        model.eval()
+        with atomic_dir(out, overwrite) as tmp:
+            save_pruned(model, tok, plan, tmp)
+            write_json(Path(tmp) / "align_report.json", asdict(report))
+    finish(r.trainer)
+    return report

@@ -1,0 +1,54 @@
+"""loram demo [--smoke] [--with-baseline] [--out runs/demo]"""
+
+from __future__ import annotations
+
+
+def add(sub) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo on SmolLM2-135M-Instruct: prune -> LoRA -> recover -> evaluate")
+    p.add_argument("--out", "-o", default="runs/demo", help="output folder (default runs/demo; a previous demo there is replaced)")
+    p.add_argument("--model", default="smollm2", help="base model (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, a few steps: checks the pipeline in seconds")
+    p.add_argument("--with-baseline", action="store_true", help="also train plain LoRA on the original (about +4 min)")
+    p.add_argument("--steps", type=int, default=None, help="LoRA steps (default 120)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--ratio", type=float, default=None, help="pruning ratio (default 0.5)")
+    p.add_argument("--eval-split", default="test", choices=["dev", "test"], help="dev: for choosing settings")
+    p.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then includes the rest)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not a previous demo folder")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    import json
+    from dataclasses import asdict
+
+    from ..demo import DemoConfig, run_demo
+
+    kw = {k: v for k, v in dict(steps=a.steps, lr=a.lr, ratio=a.ratio).items() if v is not None}
+    kw.update(out=a.out, with_baseline=a.with_baseline, eval_split=a.eval_split, overwrite=a.overwrite)
+    if a.no_isolate:
+        kw["isolate"] = False
+    cfg = DemoConfig.smoke_config(**kw) if a.smoke else DemoConfig(model=a.model, **kw)
+    res = run_demo(cfg)
+    if a.json:
+        print(json.dumps({"rows": [asdict(r) for r in res.rows], "timings": res.timings, "files": res.files}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"loram demo: {cfg.model}, reverse 3-5 words, exact match / perplexity on the {cfg.eval_split} split")
+    for c in ("model", "exact match", "perplexity", "train peak RSS", "train tok/s", "params trained on", "params served"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    dash = lambda x, s: "—" if x is None else s.format(x)  # noqa: E731
+    for r in res.rows:
+        t.add_row(r.name, f"{r.exact_match:.1%}", f"{r.ppl:.3f}", dash(r.train_peak_gb, "{:.2f} GB"),
+                  dash(r.train_tokens_per_s, "{:.0f}"), dash(r.train_params and r.train_params / 1e6, "{:.1f} M"),
+                  dash(r.served_params and r.served_params / 1e6, "{:.1f} M"))
+    import sys
+
+    c = Console(width=None if sys.stdout.isatty() else 160)  # piped: keep one row per line
+    c.print(t)
+    c.print(f"total {res.timings['total']:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in res.timings.items() if k != 'total')})")
+    c.print(f"written to {cfg.out}: results.md, demo.json, " + ", ".join(res.files))
+    return 0

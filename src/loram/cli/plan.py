@@ -1,0 +1,107 @@
+"""loram plan MODEL --ratio 0.85 --layers 4:78 --quantize nf4 --seq-len 512 --gpu-gb 20 [--json]"""
+
+from __future__ import annotations
+
+import json
+
+from .common import ratio
+
+
+def add(sub) -> None:
+    p = sub.add_parser("plan", help="parameters, storage and training memory of LoRA/QLoRA/LoRAM/QLoRAM from a config alone")
+    p.add_argument("model", help="preset name (e.g. Llama-3.1-70B), config.json, model or pruned folder, hub id (config only)")
+    p.add_argument("--method", default="structured",
+                   help="structured (= taylor) | random | taylor | magnitude (structured) | sparsegpt | wanda (sparse)")
+    p.add_argument("--ratio", type=ratio, default=None, help="pruning ratio (default 0.5, or the smallest that fits --gpu-gb)")
+    p.add_argument("--attn-ratio", type=ratio, default=None, help="KV-group ratio (default: --ratio)")
+    p.add_argument("--layers", default=None, help="START:END layers to prune (default as `loram prune`)")
+    p.add_argument("--sparsity", default="unstructured", help="sparse methods: unstructured | N:M (e.g. 2:4)")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="search the ratio for QLoRAM instead of LoRAM")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (its masks cost activation memory)")
+    p.add_argument("--targets", nargs="+", default=None, help="LoRA targets among q k v o gate up down lm_head (default: all seven)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: bf16/NF4 weights + autocast (default)")
+    p.add_argument("--overhead-gb", type=float, default=None, help="framework overhead term (default: the CPU calibration)")
+    p.add_argument("--gpu-gb", type=float, default=None, help="memory budget: say what fits; without --ratio find the smallest ratio")
+    p.add_argument("--json", action="store_true", help="print JSON for programs instead of tables")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..errors import LoramError
+    from ..planner import SPARSE, PruneSpec, TrainSettings, predict, resolve, smallest_ratio
+    from ..planner.memory import DEFAULT_TARGETS, OVERHEAD_GB_CPU
+
+    for name, v in (("--seq-len", a.seq_len), ("--micro-batch", a.micro_batch), ("--rank", a.rank)):
+        if v < 1:
+            raise LoramError(f"{name} {v} must be a positive integer")
+    if a.gpu_gb is not None and a.gpu_gb <= 0:
+        raise LoramError(f"--gpu-gb {a.gpu_gb} must be positive (GB of accelerator memory)")
+    src = resolve(a.model)
+    targets = tuple(a.targets or DEFAULT_TARGETS)
+    bad = [t for t in targets if t not in DEFAULT_TARGETS + ("lm_head",)]
+    if bad:
+        raise LoramError(f"unknown --targets {bad}: choose from {', '.join(DEFAULT_TARGETS + ('lm_head',))}")
+    settings = TrainSettings(seq_len=a.seq_len, micro_batch=a.micro_batch, rank=a.rank, targets=targets, dropout=a.dropout,
+                             grad_checkpointing=a.grad_checkpointing, precision=a.precision,
+                             overhead_gb=OVERHEAD_GB_CPU if a.overhead_gb is None else a.overhead_gb)
+    searched = None
+    if src.plan is not None and a.ratio is None:
+        spec = src.plan  # a pruned folder: its exact kept lists
+    else:
+        spec = PruneSpec(method=a.method, ratio=0.5 if a.ratio is None else a.ratio, attn_ratio=a.attn_ratio,
+                         layers=a.layers, sparsity=a.sparsity)
+        if a.gpu_gb is not None and a.ratio is None and a.method not in SPARSE:
+            searched = smallest_ratio(src.config, spec, settings, a.gpu_gb, quantized=a.quantize == "nf4")
+            if searched is not None:
+                spec = PruneSpec(a.method, searched, a.attn_ratio, a.layers, a.sparsity)
+    pred = predict(src.config, spec, settings, a.gpu_gb, name=src.name)
+    if a.json:
+        d = pred.to_dict()
+        d["searched_ratio"] = searched
+        print(json.dumps(d, indent=2))
+        return 0
+    show(pred, searched, a)
+    return 0
+
+
+def show(pred, searched, a) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..planner import SCHEMES
+
+    c = Console()
+    spec = pred.spec
+    t = Table(title=f"loram plan: {pred.name}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    attn = spec.get("attn_ratio")
+    t.add_row("pruning", f"{spec.get('method')}, ratio {spec.get('ratio')}, attention {spec.get('ratio') if attn is None else attn}, "
+                         f"layers {spec.get('layers') or 'default (as loram prune)'}")
+    t.add_row("parameters original", f"{pred.params_original:,}")
+    t.add_row("parameters pruned", f"{pred.params_pruned:,}" +
+              (f" ({pred.pruned.nonzeros:,} non-zero)" if pred.pruned.nonzeros else ""))
+    t.add_row("parameter reduction", f"{pred.param_reduction:.2f}x")
+    t.add_row("storage reduction, NF4 = 4 bits (paper)", f"{pred.storage_reduction_nf4:.2f}x")
+    t.add_row("storage reduction, NF4 actual", f"{pred.storage_reduction_nf4_actual:.2f}x (constants + 16-bit embeddings)")
+    if a.gpu_gb is not None and a.ratio is None and pred.spec.get("method") is not None:
+        scheme = "QLoRAM" if a.quantize == "nf4" else "LoRAM"
+        t.add_row(f"smallest ratio fitting {a.gpu_gb} GB", f"{searched} ({scheme})" if searched is not None else "none fits")
+    c.print(t)
+    m = Table(title=f"training memory, GB (batch {pred.settings.micro_batch} x {pred.settings.seq_len}, r {pred.settings.rank}, "
+                    f"{'grad checkpointing' if pred.settings.grad_checkpointing else 'no checkpointing'}, {pred.settings.precision})")
+    m.add_column("term")
+    for s in SCHEMES:
+        m.add_column(s, justify="right")
+    for term in pred.schemes["LoRA"].terms:
+        m.add_row(term, *(f"{pred.schemes[s].terms[term] / 1e9:.3f}" for s in SCHEMES))
+    m.add_row("[bold]peak[/bold]", *(f"[bold]{pred.schemes[s].gb:.2f}[/bold]" for s in SCHEMES))
+    if a.gpu_gb is not None:
+        m.add_row(f"fits {a.gpu_gb} GB", *("yes" if pred.fits(s) else "no" for s in SCHEMES))
+    c.print(m)
+    c.print(f"peak = {pred.schemes['LoRA'].peak_rule}; overhead {pred.settings.overhead_gb} GB is the CPU calibration "
+            "(on a GPU add the CUDA context).")

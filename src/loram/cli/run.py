@@ -1,0 +1,26 @@
+"""loram run RECIPE.yaml [--dry-run]"""
+
+from __future__ import annotations
+
+
+def add(sub) -> None:
+    p = sub.add_parser("run", help="run a recipe: prune -> align -> train -> recover -> merge -> eval (skips up-to-date stages)")
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print the stages without running them")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..recipe import run_recipe
+    from ..train import TrainingInterrupted
+    from .train import interrupted
+
+    try:
+        steps = run_recipe(a.recipe, dry_run=a.dry_run)
+    except TrainingInterrupted as e:
+        return interrupted(e)
+    if a.dry_run:
+        print(f"dry run: recipe is valid, {sum(s.status != 'skip' for s in steps)} of {len(steps)} stages would run")
+    else:
+        print(f"recipe done: {len(steps)} stages, outputs in {steps[-1].out.parent if steps else '-'}")
+    return 0

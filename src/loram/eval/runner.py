@@ -1,0 +1,81 @@
+"""One evaluation request (what `loram eval` was asked) -> a flat list of EvalResult rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LoramError
+from . import EvalResult
+
+
+@dataclass
+class EvalRequest:
+    ppl: list[tuple[str, Path]] = field(default_factory=list)
+    mc: list[tuple[str, Path]] = field(default_factory=list)
+    shots: int = 0
+    fewshot_file: str | None = None
+    gsm8k: str | None = None
+    humaneval: str | None = None
+    samples: int = 1
+    temperature: float = 0.8
+    timeout: float = 10.0
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    seq_len: int = 1024
+    stride: int | None = None
+    lm_eval: list[str] = field(default_factory=list)
+    lm_eval_include: str | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+
+    def empty(self) -> bool:
+        return not (self.ppl or self.mc or self.gsm8k or self.humaneval or self.lm_eval)
+
+
+def _rows(path, limit: int | None) -> list[dict]:
+    from ..data import read_rows
+
+    rows = read_rows(str(path))
+    return rows[:limit] if limit else rows
+
+
+def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
+    from .generation import gsm8k
+    from .mc import multiple_choice
+    from .ppl import perplexity_rows, perplexity_text
+
+    out: list[EvalResult] = []
+    for name, path in req.ppl:
+        if path.suffix == ".txt":
+            text = path.read_text()
+            p = perplexity_text(model, tok, text, seq_len=req.seq_len, stride=req.stride, batch_size=req.batch_size)
+        else:
+            p = perplexity_rows(model, tok, _rows(path, req.limit), seq_len=req.seq_len, batch_size=req.batch_size)
+        out.append(EvalResult(name, "ppl", p.ppl, p.sequences, {"nll": p.nll, "tokens": p.tokens, "truncated": p.truncated}))
+    if req.shots < 0:
+        raise LoramError(f"--shots {req.shots} is negative: use 0 or more")
+    pool = _rows(req.fewshot_file, None) if req.fewshot_file else None
+    for name, path in req.mc:
+        rows = _rows(path, req.limit + req.shots if req.limit and pool is None else req.limit)
+        r = multiple_choice(model, tok, rows, shots=req.shots, fewshot_rows=pool, batch_size=req.batch_size, name=name)
+        out += [EvalResult(name, "acc", r.acc, r.n, {"shots": r.shots}),
+                EvalResult(name, "acc_norm", r.acc_norm, r.n, {"shots": r.shots})]
+    if req.gsm8k:
+        g = gsm8k(model, tok, _rows(req.gsm8k, req.limit), max_new_tokens=req.max_new_tokens or 256, batch_size=req.batch_size)
+        out.append(EvalResult("gsm8k", "exact_match", g.accuracy, g.n))
+    if req.humaneval:
+        from .humaneval import humaneval
+
+        h = humaneval(model, tok, _rows(req.humaneval, req.limit), samples=req.samples, temperature=req.temperature,
+                      timeout=req.timeout, max_new_tokens=req.max_new_tokens or 384, batch_size=req.batch_size)
+        out += [EvalResult("humaneval", f"pass@{k}", v, h.n, {"samples": req.samples, "sandbox": h.sandbox})
+                for k, v in h.pass_at.items()]
+    if req.lm_eval:
+        from .harness import lm_eval_tasks
+
+        for task, metrics in lm_eval_tasks(model, tok, req.lm_eval, include=req.lm_eval_include, limit=req.limit,
+                                           num_fewshot=req.num_fewshot, batch_size=req.batch_size).items():
+            for metric, (value, n) in metrics.items():
+                out.append(EvalResult(task, metric, value, n, {"source": "lm-eval"}))
+    return out

@@ -1,0 +1,166 @@
+"""Building pruned models directly from a config + plan (loram.build, `loram build`)."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from loram import build as B
+from loram.errors import LoramError
+from loram.plan import PrunePlan
+from loram.prune import prune
+from loram.pruned import count_params, load_pruned
+from loram.testing import tiny_model, tiny_tokenizer
+
+
+def _sharded(folder, name="llama-bias", seed=0):
+    m = tiny_model(name, seed)
+    m.save_pretrained(str(folder), max_shard_size="40KB")  # ~14 shards + model.safetensors.index.json
+    tiny_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("build")
+    base = _sharded(d / "base")
+    assert len(list(base.glob("*.safetensors"))) > 4 and (base / "model.safetensors.index.json").exists()
+    prune(str(base), d / "pruned", method="taylor", ratio=0.5)
+    return base, d / "pruned"
+
+
+def _cli(argv):
+    from loram.cli import build as verb
+
+    p = argparse.ArgumentParser()
+    verb.add(p.add_subparsers())
+    a = p.parse_args(["build", *argv])
+    return a.func(a)
+
+
+def test_stream_build_equals_prune_then_load(sharded):
+    base, pruned = sharded
+    plan = PrunePlan.load(pruned)
+    _same(load_pruned(pruned), B.build_pruned(None, plan, source=base, dtype=torch.float32))
+    q_ref, q = load_pruned(pruned, quantize="nf4"), B.build_pruned(None, plan, source=base, dtype=torch.float32, quantize="nf4")
+    _same(q_ref, q)  # packed NF4 codes, absmax and double-quant state all equal
+    ids = torch.randint(3, 256, (1, 16))
+    assert torch.equal(q_ref(ids).logits, q(ids).logits)
+    assert q.loram_build.params == count_params(q_ref)
+
+
+def test_reads_only_kept_slices_one_tensor_at_a_time(sharded, monkeypatch):
+    base, pruned = sharded
+    plan = PrunePlan.load(pruned)
+    g = B.geometry(plan.base_config())
+    reads, open_now, max_open = [], [0], [0]
+    real = B.safe_open
+
+    class Handle:
+        def __init__(self, f, framework):
+            self.h = real(f, framework=framework)
+
+        def __enter__(self):
+            open_now[0] += 1
+            max_open[0] = max(max_open[0], open_now[0])
+            self.h.__enter__()
+            return self
+
+        def __exit__(self, *e):
+            open_now[0] -= 1
+            return self.h.__exit__(*e)
+
+        def keys(self):
+            return self.h.keys()
+
+        def get_slice(self, name):
+            sl = self.h.get_slice(name)
+
+            class Slice:
+                get_shape, get_dtype = sl.get_shape, sl.get_dtype
+
+                def __getitem__(self, idx):
+                    t = sl[idx]
+                    reads.append((name, t.numel(), sl.get_shape()))
+                    return t
+            return Slice()
+
+    monkeypatch.setattr(B, "safe_open", Handle)
+    monkeypatch.setattr(B, "CHUNK_BYTES", 4 * 48 * 4)  # column selection: 4-row chunks of down_proj [48, 40]
+    B.build_pruned(None, plan, source=base, dtype=torch.float32)
+    assert max_open[0] == 1  # one shard handle at a time
+    pruned_names = {n for n in {r[0] for r in reads} if B.kept_indices(plan, g, n) != (None, None)}
+    assert pruned_names
+    for name in pruned_names:
+        rows, cols = B.kept_indices(plan, g, name)
+        mine = [r for r in reads if r[0] == name]
+        full = torch.Size(mine[0][2]).numel()
+        assert all(n < full for _, n, _ in mine), f"{name} was read whole"
+        if rows is not None:  # only kept rows are read
+            assert sum(n for _, n, _ in mine) == len(rows) * full // mine[0][2][0]
+        else:  # row chunks of <= CHUNK_BYTES
+            assert len(mine) > 1 and all(n * 4 <= B.CHUNK_BYTES for _, n, _ in mine)
+
+
+def test_cli_writes_a_folder_load_pruned_reads(sharded, tmp_path):
+    base, pruned = sharded
+    out = tmp_path / "built"
+    assert _cli([str(base), "--plan", str(pruned), "-o", str(out), "--dtype", "fp32"]) == 0
+    assert len(list(out.glob("*.safetensors"))) == 7  # top-level tensors + one shard per layer
+    _same(load_pruned(pruned), load_pruned(out))
+    assert (out / "tokenizer.json").exists()
+    with pytest.raises(LoramError, match="exists"):
+        _cli([str(base), "--plan", str(pruned), "-o", str(out)])
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])  # tied embeddings; q/k/v biases
+def test_random_plan_from_checkpoint_matches_prune(tmp_path, family):
+    base = _sharded(tmp_path / "base", family, seed=1)
+    prune(str(base), tmp_path / "p", method="random", ratio=0.4, seed=3)
+    assert _cli([str(base), "--ratio", "0.4", "--seed", "3", "--plan-only", "-o", str(tmp_path / "plan")]) == 0
+    ref, mine = PrunePlan.load(tmp_path / "p"), PrunePlan.load(tmp_path / "plan")
+    assert mine.pruned == ref.pruned and mine.base["fingerprint"] == ref.base["fingerprint"]
+    assert mine.extra == ref.extra
+    _same(load_pruned(tmp_path / "p"), B.build_pruned(None, mine, source=base, dtype=torch.float32))
+
+
+def test_random_build_from_config_alone(tmp_path):
+    cfg = tiny_model("llama-bias").config
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert _cli([str(tmp_path / "config.json"), "--ratio", "0.5", "--layers", "1:5", "--plan-only", "-o", str(tmp_path / "p")]) == 0
+    plan = PrunePlan.load(tmp_path / "p")
+    assert plan.base["fingerprint"]["scheme"] == B.RANDOM_SCHEME and plan.method == "random"
+    ids = torch.randint(3, 256, (1, 8))
+    for quantize in (None, "nf4"):
+        m = B.build_pruned(cfg, plan, quantize=quantize)
+        assert count_params(m) == plan.extra["params_pruned"] < plan.extra["params_original"]
+        assert torch.isfinite(m(ids).logits).all()
+    q = B.build_pruned(cfg, plan, quantize="nf4")
+    assert q.model.layers[2].mlp.up_proj.weight.quant_state.shape == (40, 48)  # 80 channels, half kept
+    # random weights: plain tensors at the transformers init, deterministic per seed
+    a, b = B.build_pruned(cfg, plan, seed=1), B.build_pruned(cfg, plan, seed=1)
+    _same(a, b)
+    assert abs(a.model.layers[2].mlp.up_proj.weight.float().std().item() - cfg.initializer_range) < 0.005
+
+
+def test_refuses_mismatched_sources(sharded, tmp_path):
+    base, pruned = sharded
+    plan = PrunePlan.load(pruned)
+    other = _sharded(tmp_path / "other", seed=7)
+    with pytest.raises(LoramError, match="not the model the plan was made for"):
+        B.build_pruned(None, plan, source=other)
+    rplan = B.random_plan(plan.base_config(), 0.5)
+    with pytest.raises(LoramError, match="made for random weights"):
+        B.build_pruned(None, rplan, source=base)
+    with pytest.raises(LoramError, match="config differs"):
+        B.build_pruned(tiny_model("qwen2").config, plan)
+    with pytest.raises(LoramError, match="nothing to build"):
+        _cli([str(base), "-o", str(tmp_path / "x")])

@@ -1,0 +1,167 @@
+"""Training data: every row format, exact label masks, mixtures, corpora, and the user errors."""
+
+import json
+
+import pytest
+
+from loram.data import IGNORE, chunk_tokens, encode, encode_all, pack, read_rows, read_texts
+from loram.errors import LoramError
+from loram.testing import tiny_tokenizer
+from loram.train import TrainConfig, build_dataset, mix
+
+EOS = 2
+
+
+def b(text: str) -> list[int]:
+    """Ids of the byte-level tiny tokenizer: one id per character."""
+    return [ord(c) for c in text]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_alpaca_labels_are_exactly_the_response(tok):
+    ids, labels = encode(tok, {"instruction": "add 1 2", "input": "", "output": "3"})
+    prompt = b("<user>add 1 2") + [EOS] + b("<assistant>")
+    assert ids == prompt + b("3") + [EOS]
+    assert labels == [IGNORE] * len(prompt) + b("3") + [EOS]
+
+
+def test_alpaca_input_and_response_field(tok):
+    ids, labels = encode(tok, {"instruction": "sum", "input": "4 5", "response": "9"})
+    prompt = b("<user>sum\n\n4 5") + [EOS] + b("<assistant>")
+    assert ids == prompt + b("9") + [EOS]
+    assert labels == [IGNORE] * len(prompt) + b("9") + [EOS]
+
+
+def test_chat_labels_every_assistant_turn(tok):
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "ok?"}, {"role": "assistant", "content": "ok"}]
+    ids, labels = encode(tok, {"messages": msgs})
+    p1 = b("<system>s") + [EOS] + b("<user>hi") + [EOS] + b("<assistant>")
+    p2 = b("<user>ok?") + [EOS] + b("<assistant>")
+    assert ids == p1 + b("yo") + [EOS] + p2 + b("ok") + [EOS]
+    assert labels == [IGNORE] * len(p1) + b("yo") + [EOS] + [IGNORE] * len(p2) + b("ok") + [EOS]
+
+
+def test_sharegpt_conversations_read_as_chat(tok):
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    ids, labels = encode(tok, row)
+    prompt = b("<user>hi") + [EOS] + b("<assistant>")
+    assert labels == [IGNORE] * len(prompt) + b("yo") + [EOS]
+
+
+def test_text_rows_label_everything(tok):
+    ids, labels = encode(tok, {"text": "abc"})
+    assert ids == b("abc") + [EOS] and labels == ids
+
+
+def test_train_on_inputs_labels_prompt_too(tok):
+    ids, labels = encode(tok, {"instruction": "x", "output": "y"}, train_on_inputs=True)
+    assert labels == ids
+
+
+def test_fallback_prompt_without_chat_template():
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    ids, labels = encode(tok, {"instruction": "add 1 2", "output": "3"})
+    prompt = b("### Instruction:\nadd 1 2\n\n### Response:\n")
+    assert ids == prompt + b("3") + [EOS]
+    assert labels == [IGNORE] * len(prompt) + b("3") + [EOS]
+    with pytest.raises(LoramError, match="no chat template"):
+        encode(tok, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet", "json-wrapped"])
+def test_read_rows_every_file_format(tmp_path, fmt):
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(5)]
+    p = tmp_path / f"d.{fmt.split('-')[0]}"
+    if fmt == "json":
+        p.write_text(json.dumps(rows))
+    elif fmt == "json-wrapped":
+        p.write_text(json.dumps({"data": rows}))
+    elif fmt == "jsonl":
+        p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(p))
+    assert read_rows(str(p)) == rows
+    assert read_rows(f"{p}[1:3]") == rows[1:3] and read_rows(f"{p}[-1:]") == rows[-1:]
+
+
+def test_empty_and_missing_and_malformed_datasets(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(LoramError, match="empty"):
+        read_rows(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(LoramError, match="does not exist"):
+        read_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(LoramError, match="not valid JSON"):
+        read_rows(str(tmp_path / "bad.json"))
+    with pytest.raises(LoramError, match="selects no rows"):
+        (tmp_path / "one.jsonl").write_text('{"text": "a"}\n')
+        read_rows(f"{tmp_path / 'one.jsonl'}[5:]")
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"question": "q", "answer": "a"}, "none of the known formats"),
+    ({"instruction": "q"}, "none of the known formats"),
+    ({"instruction": "q", "output": None}, "non-text"),
+    ({"messages": "hi"}, "not a non-empty list"),
+    ({"text": 3}, "non-string"),
+    ("just a string", "not an object"),
+])
+def test_rows_missing_fields_fail_clearly(tok, row, match):
+    with pytest.raises(LoramError, match=match):
+        encode(tok, row)
+
+
+def test_long_rows_dropped_and_counted(tok):
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q" * 50, "output": "a"}, {"text": "x" * 80}]
+    enc = encode_all(tok, rows, seq_len=40)
+    assert enc.dropped == 2 and len(enc.examples) == 1
+    with pytest.raises(LoramError, match=r"all 2 rows are dropped, 2 longer than --seq-len 10"):
+        encode_all(tok, rows[1:], seq_len=10)
+
+
+def test_mixture_weights_set_the_share_of_each_source():
+    a, b_ = [("a", i) for i in range(100)], [("b", i) for i in range(100)]
+    out = mix([a, b_], [3.0, 1.0], seed=0)
+    assert sum(x[0] == "a" for x in out) == 150 and sum(x[0] == "b" for x in out) == 50
+    assert mix([a, b_], [3.0, 1.0], seed=0) == out  # seeded: same mixture every run
+    with pytest.raises(LoramError, match="one weight per"):
+        mix([a, b_], [1.0], seed=0)
+    with pytest.raises(LoramError, match="positive sum"):
+        mix([a, b_], [0.0, 0.0], seed=0)
+
+
+def test_build_dataset_mixes_files(tmp_path, tok):
+    pa, pb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    pa.write_text("\n".join(json.dumps({"text": "aaaa"}) for _ in range(30)))
+    pb.write_text("\n".join(json.dumps({"text": "bb"}) for _ in range(10)))
+    ds, dropped = build_dataset(tok, TrainConfig(data=[str(pa), str(pb)], data_weights=[0.25, 0.75], seq_len=32))
+    kinds = [ds[i]["input_ids"][0] for i in range(len(ds))]
+    assert dropped == 0 and len(ds) == 40 and kinds.count(ord("a")) == 10 and kinds.count(ord("b")) == 30
+
+
+def test_packing_fills_sequences(tok):
+    ex = [(b("abc"), b("abc"))] * 5
+    packed = pack(ex, 7)
+    assert [len(i) for i, _ in packed] == [6, 6, 3]
+
+
+def test_corpus_txt_and_jsonl_chunked_into_blocks(tmp_path, tok):
+    (tmp_path / "c.txt").write_text("abc\n\ndefg\n")
+    assert read_texts(str(tmp_path / "c.txt")) == ["abc", "defg"]
+    blocks = chunk_tokens(tok, ["abc", "defg"], 4)
+    assert blocks == [(b("abc") + [EOS], b("abc") + [EOS]), (b("defg"), b("defg"))]  # tail [EOS] dropped
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    assert read_texts(str(tmp_path / "c.jsonl")) == ["hello"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(LoramError, match='no "text"'):
+        read_texts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(LoramError, match="fewer than one block"):
+        chunk_tokens(tok, ["ab"], 64)
