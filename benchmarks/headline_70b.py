@@ -36,14 +36,16 @@ RATIO, LAYERS = 0.85, "4:78"
 
 def child(cfg: dict) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch  # noqa: F401
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     import loram.build  # noqa: F401
     from loram.memory import peak_rss_gb, reset_peak, rss_gb
 
+    torch.set_num_threads(cfg["threads"])
     baseline = rss_gb()
-    import torch
 
     from loram.build import build_pruned, random_plan, trial_steps
     from loram.planner import TrainSettings, predict, preset_config
@@ -61,8 +63,19 @@ def child(cfg: dict) -> dict:
     after_build = rss_gb()
     print(f"built {b.params:,} parameters in {b.seconds:.0f} s, RSS {after_build:.2f} GB (peak {build_peak:.2f})",
           file=sys.stderr, flush=True)
+    partial = {"seq_len": cfg["seq"], "params_pruned": b.params, "build_s": round(b.seconds, 1),
+               "build_peak_rss_gb": round(build_peak, 3), "baseline_gb": round(baseline, 3), "predicted_gb": round(q.gb, 3),
+               "step_s": [], "threads": cfg["threads"]}
+
+    def on_step(i, sec, loss, peak):  # progress survives a timeout: the parent reads this file
+        partial["step_s"].append(round(sec, 1))
+        partial["train_peak_rss_gb"] = round(peak, 3)
+        print(f"step {i}: {sec:.0f} s, loss {loss:.3f}, peak RSS {peak:.2f} GB", file=sys.stderr, flush=True)
+        if cfg.get("partial"):
+            Path(cfg["partial"]).write_text(json.dumps(partial))
+
     reset_peak()
-    r = trial_steps(model, cfg["seq"], steps=cfg["steps"])
+    r = trial_steps(model, cfg["seq"], steps=cfg["steps"], on_step=on_step)
     train_peak = peak_rss_gb()
     measured = train_peak - baseline
     return {
@@ -73,7 +86,7 @@ def child(cfg: dict) -> dict:
         "measured_gb": round(measured, 3), "predicted_gb": round(q.gb, 3), "predicted_terms_gb": q.terms_gb(),
         "error": round((q.gb - measured) / measured, 4), "step_s": [round(t, 1) for t in r.step_s],
         "s_per_step": round(r.s_per_step, 1), "tokens_per_s": round(r.tokens_per_s, 2), "losses": r.losses,
-        "trainable_params": r.trainable_params,
+        "trainable_params": r.trainable_params, "threads": cfg["threads"],
     }
 
 
@@ -110,15 +123,18 @@ def write(rows: list[dict], command: str, results: Path = RESULTS) -> None:
              f"{out['setup']}. Hardware: {out['hardware']}. Versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()) + ".",
              f"Command: `{command}`. Peak RSS = process high-water mark during the training steps; "
              "measured = that minus the post-import baseline (the planner's convention).", "",
-             "| seq | parameters | build s | build peak RSS GB | train peak RSS GB | measured GB | predicted GB | error | s/step | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| seq | threads | parameters | build s | build peak RSS GB | train peak RSS GB | measured GB | predicted GB | error | s/step | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def f(r, k, fmt):
+        return format(r[k], fmt) if r.get(k) is not None else "n/a"
+
     for r in rows:
-        if "error_msg" in r:
-            lines.append(f"| {r['seq_len']} | | | | | | | | {r['error_msg']} | |")
-            continue
-        lines.append(f"| {r['seq_len']} | {r['params_pruned']:,} | {r['build_s']:.0f} | {r['build_peak_rss_gb']:.2f} | "
-                     f"{r['train_peak_rss_gb']:.2f} | {r['measured_gb']:.2f} | {r['predicted_gb']:.2f} | {r['error']:+.1%} | "
-                     f"{r['s_per_step']:.0f} | {r['tokens_per_s']:.2f} |")
+        lines.append(f"| {r['seq_len']} | {f(r, 'threads', 'd')} | {f(r, 'params_pruned', ',')} | {f(r, 'build_s', '.0f')} | "
+                     f"{f(r, 'build_peak_rss_gb', '.2f')} | {f(r, 'train_peak_rss_gb', '.2f')} | {f(r, 'measured_gb', '.2f')} | "
+                     f"{f(r, 'predicted_gb', '.2f')} | {f(r, 'error', '+.1%')} | {f(r, 's_per_step', '.0f')} | "
+                     f"{f(r, 'tokens_per_s', '.2f')} |")
+    notes = [f"- seq {r['seq_len']}: {r['error_msg']}" for r in rows if r.get("error_msg")]
+    lines += [""] + notes if notes else []
     (results / "headline_70b.md").write_text("\n".join(lines) + "\n")
 
 
@@ -129,6 +145,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1800, help="hard limit per run, seconds")
     ap.add_argument("--min-free-gb", type=float, default=18.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 2 on an idle machine, 1 when the load average is above 1: with the "
+                         "cores shared, 2 OpenMP threads wait on each other and small ops slow down ~10x, measured)")
     ap.add_argument("--preset", default=None, help="smoke test on a smaller preset (results go to --results)")
     ap.add_argument("--layers", default=None)
     ap.add_argument("--results", default=str(RESULTS))
@@ -140,6 +159,7 @@ def main() -> int:
     command = "python benchmarks/headline_70b.py " + " ".join(sys.argv[1:])
     rows = []
     results = Path(a.results)
+    results.mkdir(parents=True, exist_ok=True)
     prev = results / "headline_70b.json"
     if prev.exists():  # keep runs of other sequence lengths from earlier invocations
         rows = [r for r in json.loads(prev.read_text()).get("runs", []) if r["seq_len"] not in a.seq]
@@ -150,16 +170,21 @@ def main() -> int:
                 return 1
             print(f"waiting: {mem_available_gb():.1f} GB available < {a.min_free_gb}", file=sys.stderr, flush=True)
             time.sleep(60)
-        print(f"seq {seq}: starting ({mem_available_gb():.1f} GB available)", file=sys.stderr, flush=True)
+        threads = a.threads or (2 if os.getloadavg()[0] < 1 else 1)
+        print(f"seq {seq}: starting, {threads} threads, load {os.getloadavg()[0]:.1f} ({mem_available_gb():.1f} GB available)", file=sys.stderr, flush=True)
         t0 = time.time()
+        part = results / f".partial_{seq}.json"
+        part.unlink(missing_ok=True)
         try:
-            p = subprocess.run([sys.executable, __file__, "--child", json.dumps({"seq": seq, "steps": a.steps, **({"preset": a.preset} if a.preset else {}),
-                                                                        **({"layers": a.layers} if a.layers else {})})],
-                               stdout=subprocess.PIPE, text=True, timeout=a.timeout)
+            cfg = {"seq": seq, "steps": a.steps, "threads": threads, "partial": str(part)}
+            cfg.update({k: v for k, v in (("preset", a.preset), ("layers", a.layers)) if v})
+            p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE, text=True,
+                               timeout=a.timeout)
             res = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
             row = json.loads(res[-1][7:]) if res else {"seq_len": seq, "error_msg": f"child exited {p.returncode}"}
         except subprocess.TimeoutExpired:
-            row = {"seq_len": seq, "error_msg": f"timed out after {a.timeout} s"}
+            done = json.loads(part.read_text()) if part.exists() else {}
+            row = {**done, "seq_len": seq, "error_msg": f"timed out after {a.timeout} s, {len(done.get('step_s', []))} steps done"}
         row["wall_s"] = round(time.time() - t0, 1)
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows = sorted([r for r in rows if r["seq_len"] != seq] + [row], key=lambda r: r["seq_len"])

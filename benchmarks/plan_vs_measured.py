@@ -6,14 +6,21 @@
 Each configuration runs in its own subprocess:
 
     import torch/transformers/peft/loram  -> baseline = RSS (the post-import baseline)
-    build the model (bf16 weights), prune it by a random plan for LoRAM, wrap it with PEFT LoRA
+    build the model (fp32 weights), prune it by a random plan for LoRAM, wrap it with PEFT LoRA
     (r 8, alpha 16, dropout 0.05, all seven projections: `loram train`'s defaults) and a HF Trainer
-    with `loram train --bf16`'s arguments (bf16 autocast, AdamW, use_cpu), gradient checkpointing
-    as `loram train --grad-checkpointing` enables it
+    with `loram train`'s arguments (AdamW, use_cpu), gradient checkpointing as
+    `loram train --grad-checkpointing` enables it
     malloc_trim(0) (return the build's freed heap to the OS) and reset the RSS high-water mark
     (memory.reset_peak: /proc/self/clear_refs)
     STEPS optimizer steps on random token sequences of exactly seq_len tokens
     measured = peak RSS - baseline;  predicted = loram.planner.predict(...) for the same plan
+
+Precision: fp32, `loram train`'s default. With bf16 weights (`--bf16`) the backward matmuls on this
+CPU fell to torch's scalar reference GEMM (py-spy: cpublas_gemm_impl under MmBackward0), about 5
+minutes per SmolLM2 step, too slow to measure here; the planner's bf16 activation count is checked
+by tests/test_planner.py against autograd's saved tensors instead. Each child runs with
+OMP_NUM_THREADS=1 (a shared 2-core machine) and MALLOC_MMAP_THRESHOLD_=131072 (see MMAP_THRESHOLD;
+`--malloc default` measures with glibc's dynamic threshold).
 
 The prediction uses the planner's fixed CPU overhead (planner.memory.OVERHEAD_GB_CPU), the same
 for every row: it is not fitted per configuration. Random tokens instead of a dataset: memory
@@ -32,6 +39,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# glibc raises its mmap threshold after each large free (up to 32 MiB), after which freed activations
+# stay in the heap and RSS keeps 0.4-1 GB of dead memory that varies run to run. Pinning the threshold
+# at glibc's initial 128 KiB makes RSS follow the live tensors, which is what the planner models.
+MMAP_THRESHOLD = 128 * 1024
 # TinyLlama-1.1B geometry (its published config.json), randomly initialised: no download.
 TINYLLAMA = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -143,6 +154,30 @@ def run_one(cfg: dict) -> dict:
             "seconds_per_step": wall / cfg["steps"], "tokens_per_s": cfg["steps"] * cfg["batch"] * cfg["seq"] / wall}
 
 
+def config_of(cfg: dict):
+    """The model config of a row, from its name alone (no weights): the SmolLM2 preset or TinyLlama's geometry."""
+    from loram.planner import preset_config
+    from loram.planner.presets import config_from_dict
+
+    return preset_config("SmolLM2-135M") if cfg["model"] == "smollm2" else config_from_dict(dict(TINYLLAMA))
+
+
+def repredict(row: dict) -> dict:
+    """The planner's prediction for a measured row, recomputed from the config and the ratios
+    (the random plan's widths equal the closed form, which the tests check)."""
+    from loram.planner import PruneSpec, TrainSettings, predict
+    from loram.train import TrainConfig
+
+    tc = TrainConfig(data=[])
+    settings = TrainSettings(seq_len=row["seq"], micro_batch=row["batch"], rank=tc.rank, targets=tuple(tc.targets),
+                             dropout=tc.dropout, grad_checkpointing=row["gc"], precision=row["precision"])
+    spec = PruneSpec("random", row["ratio"], row["ratio"], row.get("layers")) if row["ratio"] > 0 else None
+    pred = predict(config_of(row), spec, settings)
+    m = pred.schemes["LoRAM" if spec else "LoRA"]
+    assert pred.params_pruned == row["params"], row["name"]
+    return {**row, "predicted_gb": m.gb, "error": m.gb / row["measured_gb"] - 1, "terms_gb": m.terms_gb()}
+
+
 def versions() -> dict:
     import peft
     import torch
@@ -152,22 +187,26 @@ def versions() -> dict:
             "peft": peft.__version__}
 
 
-def write(rows: list[dict], command: str) -> None:
+def write(rows: list[dict], command: str, malloc: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     from loram.planner import OVERHEAD_GB_CPU
 
     hw = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), " \
          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    meta = {"hardware": hw, "versions": versions(), "command": command, "overhead_gb": OVERHEAD_GB_CPU}
+    meta = {"hardware": hw, "versions": versions(), "command": command, "overhead_gb": OVERHEAD_GB_CPU,
+            "malloc": f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}" if malloc == "pinned" else "glibc default (dynamic threshold)"}
     (RESULTS / "plan_vs_measured.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     lines = [f"Hardware: {hw}. Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
-             f"Command: `{command}`. Overhead term: {OVERHEAD_GB_CPU} GB (fixed). Peak = RSS high-water mark during "
+             f"Command: `{command}`. Allocator: {meta['malloc']}. Overhead term: {OVERHEAD_GB_CPU} GB (fixed). Peak = RSS high-water mark during "
              "training minus the post-import baseline.", "",
              "| configuration | params | batch x seq | grad ckpt | measured GB | predicted GB | error | s/step |",
              "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f} M | {r['batch']} x {r['seq']} | {'yes' if r['gc'] else 'no'} | "
                      f"{r['measured_gb']:.3f} | {r['predicted_gb']:.3f} | {100 * r['error']:+.1f} % | {r['seconds_per_step']:.1f} |")
+    lines += ["", f"The overhead term was measured on the first row ({rows[0]['name'] if rows else '-'}) and is used unchanged "
+              "for the others; predictions were recomputed with `--repredict` after that calibration (no retraining). "
+              "Seconds per step are inflated by other jobs sharing the 2 cores (OMP_NUM_THREADS=1)."]
     (RESULTS / "plan_vs_measured.md").write_text("\n".join(lines) + "\n")
 
 
@@ -176,10 +215,18 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="configuration names to run")
     ap.add_argument("--threads", type=int, default=1,
                     help="OMP threads per run (1: the machine is shared, and spinning OpenMP threads waste it)")
+    ap.add_argument("--malloc", choices=["pinned", "default"], default="pinned",
+                    help="pinned: glibc mmap threshold fixed at 128 KiB (RSS tracks live tensors); default: glibc's dynamic threshold")
+    ap.add_argument("--repredict", action="store_true",
+                    help="recompute the predictions of results/plan_vs_measured.json with the current planner (no training)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print("RESULT " + json.dumps(run_one(json.loads(a.child))), flush=True)
+        return
+    if a.repredict:
+        d = json.loads((RESULTS / "plan_vs_measured.json").read_text())
+        write([repredict(r) for r in d["rows"]], d["command"], "pinned" if "MALLOC" in d.get("malloc", "") else "default")
         return
     rows = []
     for cfg in CONFIGS:
@@ -187,6 +234,8 @@ def main() -> None:
             continue
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                "OMP_NUM_THREADS": str(a.threads)}
+        if a.malloc == "pinned":
+            env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
         p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE, text=True, env=env)
         res = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
         if p.returncode or not res:
@@ -197,7 +246,8 @@ def main() -> None:
               f"({100 * row['error']:+.1f} %), after build {row['after_build_gb']:.3f} GB, {row['seconds_per_step']:.1f} s/step",
               flush=True)
     write(rows, "nice -n 5 python benchmarks/plan_vs_measured.py" + (" --only " + " ".join(a.only) if a.only else "")
-          + (f" --threads {a.threads}" if a.threads != 1 else ""))
+          + (f" --threads {a.threads}" if a.threads != 1 else "") + (" --malloc default" if a.malloc == "default" else ""),
+          a.malloc)
 
 
 if __name__ == "__main__":

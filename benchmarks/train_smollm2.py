@@ -32,7 +32,16 @@ DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+ASSEMBLE_ONLY = False
+
+
+class Missing(Exception):
+    pass
+
+
 def sh(cmd: list[str], log: Path) -> float:
+    if ASSEMBLE_ONLY:
+        raise Missing(cmd[0:2])
     t0 = time.time()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     with open(log, "w") as f:
@@ -66,12 +75,27 @@ def ppl_on_original(adapter: str | None, names: dict[str, str], seq_len: int) ->
     return out
 
 
+def cached(path: Path, compute):
+    """Results of a slow evaluation, kept in the work folder so a re-run only redoes what is missing."""
+    if path.exists():
+        return json.loads(path.read_text())
+    if ASSEMBLE_ONLY:
+        return {}
+    value = compute()
+    path.write_text(json.dumps(value, indent=2) + "\n")
+    return value
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--align-steps", type=int, default=200)
     ap.add_argument("--work", default="runs/bench-train")
+    ap.add_argument("--assemble-only", action="store_true",
+                    help="run nothing: write the results from the reports already in --work (missing ones shown as -)")
     a = ap.parse_args()
+    global ASSEMBLE_ONLY
+    ASSEMBLE_ONLY = a.assemble_only
     if not DATA.is_dir():
         print(f"skipped: {DATA} not found (the benchmark needs the shared data)")
         return 0
@@ -99,23 +123,14 @@ def main() -> int:
                                                  "trainable_params", "frozen_params", "eval_ppl", "dropped")}
         res["runs"][name]["final_loss"] = rep["losses"][-1]["loss"] if rep["losses"] else None
         res["runs"][name]["process_wall_s"] = wall
-    rec = work / "loram_recovered"
-    if not rec.exists():
-        sh(["loram", "recover", str(work / "loram_pruned_0.5"), "--base", "smollm2", "-o", str(rec)], work / "recover.log")
-    res["runs"]["loram_recovered_on_original"] = {"eval_ppl": ppl_on_original(str(rec), evals("instruct"), 256)}
-    res["runs"]["smollm2_base_no_training"] = {"eval_ppl": ppl_on_original(None, evals("instruct"), 256)}
-    al = work / "aligned"
-    if not (al / "align_report.json").exists():
-        sh(["loram", "align", str(pruned), "-o", str(al), "--overwrite", "--steps", str(a.align_steps), "--seq-len", "128",
-            "--micro-batch", "1", "--lr", "2e-5", "--logging-steps", "20", "--eval-steps", str(max(1, a.align_steps // 2)),
-            "--data", f"{DATA}/corpus/wiki_demo.txt=0.5", "--data", f"{DATA}/corpus/c4_demo.jsonl=0.5",
-            *[x for n, f in evals("text").items() for x in ("--eval", f"{n}={f}")]], work / "align.log")
-    rep = json.loads((al / "align_report.json").read_text())
-    res["runs"]["align_pruned_0.5"] = {k: rep[k] for k in ("steps", "wall_s", "tokens", "tokens_per_s", "peak_rss_gb",
-                                                           "trainable_params", "frozen_params", "eval_ppl", "eval_history")}
-    res["runs"]["align_pruned_0.5"]["eval_ppl_before"] = text_ppl(pruned, evals("text"))
-    res["runs"]["align_pruned_0.5"]["first_loss"] = rep["losses"][0]["loss"]
-    res["runs"]["align_pruned_0.5"]["final_loss"] = rep["losses"][-1]["loss"]
+    return finish_runs(a, work, pruned, res)
+
+
+def finish_runs(a, work: Path, pruned: Path, res: dict) -> int:
+    try:
+        stages(a, work, pruned, res)
+    except Missing as m:
+        print(f"assembling partial results: {m} not run")
     import torch
     import transformers
 
@@ -126,6 +141,31 @@ def main() -> int:
     (RESULTS / "train_smollm2.md").write_text(table(res))
     print(table(res))
     return 0
+
+
+def stages(a, work: Path, pruned: Path, res: dict) -> None:
+    rec = work / "loram_recovered"
+    if not rec.exists():
+        sh(["loram", "recover", str(work / "loram_pruned_0.5"), "--base", "smollm2", "-o", str(rec)], work / "recover.log")
+    res["runs"]["loram_recovered_on_original"] = {"eval_ppl": cached(work / "ppl_recovered.json",
+                                                                     lambda: ppl_on_original(str(rec), evals("instruct"), 256))}
+    res["runs"]["smollm2_base_no_training"] = {"eval_ppl": cached(work / "ppl_base.json",
+                                                                  lambda: ppl_on_original(None, evals("instruct"), 256))}
+    al = work / "aligned"
+    if not (al / "align_report.json").exists():
+        sh(["loram", "align", str(pruned), "-o", str(al), "--overwrite", "--steps", str(a.align_steps), "--seq-len", "128",
+            "--micro-batch", "1", "--lr", "2e-5", "--logging-steps", "20", "--eval-steps", str(max(1, a.align_steps // 2)),
+            "--data", f"{DATA}/corpus/wiki_demo.txt=0.5", "--data", f"{DATA}/corpus/c4_demo.jsonl=0.5",
+            *[x for n, f in evals("text").items() for x in ("--eval", f"{n}={f}")]], work / "align.log")
+    if not (al / "align_report.json").exists():
+        raise Missing("align")
+    rep = json.loads((al / "align_report.json").read_text())
+    res["runs"]["align_pruned_0.5"] = {k: rep[k] for k in ("steps", "wall_s", "tokens", "tokens_per_s", "peak_rss_gb",
+                                                           "trainable_params", "frozen_params", "eval_ppl", "eval_history")}
+    res["runs"]["align_pruned_0.5"]["eval_ppl_before"] = cached(work / "ppl_text_before.json",
+                                                                lambda: text_ppl(pruned, evals("text")))
+    res["runs"]["align_pruned_0.5"]["first_loss"] = rep["losses"][0]["loss"]
+    res["runs"]["align_pruned_0.5"]["final_loss"] = rep["losses"][-1]["loss"]
 
 
 def text_ppl(folder: Path, names: dict[str, str]) -> dict[str, float]:
@@ -145,12 +185,14 @@ def table(res: dict) -> str:
              "| run | steps | tokens | tokens/s | peak RSS GB | trainable | frozen | final loss | ppl math | ppl code | ppl alpaca (OOD) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("loram_pruned_0.5", "lora_unpruned", "loram_recovered_on_original", "smollm2_base_no_training"):
-        x = r[name]
-        p = x["eval_ppl"]
+        x = r.get(name, {})
+        p = {k: x.get("eval_ppl", {}).get(k, float("nan")) for k in ("math", "code", "alpaca")}
         cells = [f"{x[k]:,}" if isinstance(x.get(k), int) else (f"{x[k]:.2f}" if isinstance(x.get(k), float) else "-")
                  for k in ("steps", "tokens", "tokens_per_s", "peak_rss_gb", "trainable_params", "frozen_params", "final_loss")]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {p['math']:.3f} | {p['code']:.3f} | {p['alpaca']:.3f} |")
-    al = r["align_pruned_0.5"]
+    al = r.get("align_pruned_0.5")
+    if al is None:
+        return "\n".join(lines + ["", "align: not run (see the report)", ""])
     lines += ["", "| align | steps | tokens | tokens/s | peak RSS GB | trainable | frozen | loss first -> last | ppl wikitext2 before -> after |",
               "|---|---|---|---|---|---|---|---|---|",
               f"| pruned 0.5 | {al['steps']} | {al['tokens']:,} | {al['tokens_per_s']:.1f} | {al['peak_rss_gb']:.2f} | "

@@ -121,6 +121,13 @@ def test_config_without_weights(capsys, w, tmp_path):
     fails(capsys, "prune", tmp_path, "-o", w.root / "o", expect="no .safetensors weights")
 
 
+def test_model_without_tokenizer(capsys, w, tmp_path):
+    for f in w.base.iterdir():
+        if not f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, tmp_path / f.name)
+    fails(capsys, "prune", tmp_path, "-o", w.root / "o", expect="needs its tokenizer files")
+
+
 def test_unsupported_architecture(capsys, w, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -179,3 +179,21 @@ def test_cli_eval_json(tiny_dir, alpaca_file, tmp_path, capsys):
     assert got == {("add", "ppl"), ("raw", "ppl"), ("toy", "acc"), ("toy", "acc_norm")}
     assert all(r["value"] > 1 for r in out["results"] if r["metric"] == "ppl")
     assert main(["eval", str(tiny_dir)]) == 2  # nothing to evaluate: one-line error
+
+
+def test_generation_tasks_wiring(mt):
+    from loram.eval.generation import gsm8k
+    from loram.eval.humaneval import humaneval, program_of
+
+    model, tok = mt
+    g = gsm8k(model, tok, [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}], max_new_tokens=6)
+    assert g.n == 1 and g.outputs[0][2] == "4" and g.accuracy in (0.0, 1.0)
+    row = {"task_id": "t/0", "prompt": "def one():\n", "entry_point": "one",
+           "test": "def check(f):\n    assert f() == 1\n"}
+    h = humaneval(model, tok, [row], samples=2, max_new_tokens=6, timeout=5)
+    assert set(h.pass_at) == {1} and 0 <= h.pass_at[1] <= 1 and h.per_task[0][0] == "t/0"
+    # the program layout: a correct completion passes in the sandbox
+    from loram.eval.sandbox import run_program
+
+    assert run_program(program_of(row, "    return 1\n")).passed
+    assert not run_program(program_of(row, "    return 2\n")).passed

@@ -179,6 +179,7 @@ def test_memory_orders_and_search():
     assert predict(config, PruneSpec("structured", r), s).schemes["LoRAM"].gb <= 6.0
     assert predict(config, PruneSpec("structured", round(r - 0.01, 2)), s).schemes["LoRAM"].gb > 6.0
     assert smallest_ratio(config, PruneSpec("structured"), s, 0.5, quantized=True) is None
+    assert smallest_ratio(config, PruneSpec("structured"), s, 8.0, quantized=True) == 0.0  # QLoRA fits unpruned
 
 
 def run_cli(argv, capsys):

@@ -470,11 +470,12 @@ class TrialReport:
 
 
 def trial_steps(model, seq_len: int, steps: int = 2, batch: int = 1, rank: int = 8, grad_checkpointing: bool = True,
-                lr: float = 1e-4, seed: int = 0) -> TrialReport:
+                lr: float = 1e-4, seed: int = 0, on_step=None) -> TrialReport:
     """Run ``steps`` LoRA steps (r ``rank``, all seven targets, AdamW) on random tokens and measure them.
 
     Mirrors `loram train`: PEFT LoRA (alpha 2r, dropout 0.05), non-reentrant gradient checkpointing.
     NF4 on CPU: fp32 compute over the model's storage (``fp32_compute``); else bf16 autocast for bf16 models.
+    ``on_step(step, seconds, loss, peak_rss_gb)`` is called after each step (progress of long runs).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -512,4 +513,30 @@ def trial_steps(model, seq_len: int, steps: int = 2, batch: int = 1, rank: int =
         times.append(time.time() - t0)
         losses.append(float(loss.detach()))
         del loss
+        if on_step is not None:
+            on_step(len(times), times[-1], losses[-1], peak.gb())
     return TrialReport(batch, seq_len, steps, rank, times, losses, peak.gb(), PeakRSS.cuda_gb(), sum(p.numel() for p in params))
+
+
+def try_plan(config, plan: PrunePlan, settings, quantize: str | None, steps: int = 2) -> dict:
+    """`loram plan --try`: build ``plan`` with random weights, run ``steps`` LoRA steps, and return
+    the measured peak (RSS minus the RSS before building, the planner's convention) and step time
+    beside the planner's prediction for the same settings."""
+    from dataclasses import replace
+
+    from .memory import rss_gb
+    from .planner import predict
+
+    baseline = rss_gb()
+    dtype = torch.float32 if settings.precision == "fp32" and quantize is None else torch.bfloat16
+    model = build_pruned(config, plan, source="random", quantize=quantize, dtype=dtype)
+    r = trial_steps(model, settings.seq_len, steps=steps, batch=settings.micro_batch, rank=settings.rank,
+                    grad_checkpointing=settings.grad_checkpointing)
+    fp32 = quantize == "nf4" and not torch.cuda.is_available()  # trial_steps computes in fp32 then
+    s = replace(settings, precision="fp32") if fp32 else settings
+    scheme = "QLoRAM" if quantize == "nf4" else "LoRAM"
+    pred = predict(config, plan, s).schemes[scheme].gb
+    measured = r.peak_rss_gb - baseline
+    return {"scheme": scheme, "precision": s.precision, "build_s": model.loram_build.seconds, "params": model.loram_build.params,
+            "measured_gb": measured, "predicted_gb": pred, "error": (pred - measured) / measured, "s_per_step": r.s_per_step,
+            "tokens_per_s": r.tokens_per_s, "peak_rss_gb": r.peak_rss_gb, "peak_cuda_gb": r.peak_cuda_gb, "steps": r.steps}

@@ -212,7 +212,8 @@ def load_config(name: str | Path, trust_remote_code: bool = False):
     except ImportError as e:
         raise _gguf_hint(e) from None
     except (OSError, ValueError) as e:
-        raise LoramError(f"cannot read the config of {name}: {str(e).splitlines()[0]}") from None
+        raise LoramError(f"cannot read the config of {name} ({str(e).strip().splitlines()[0]}): "
+                         "pass a complete Hugging Face model folder or a valid .gguf file") from None
 
 
 def _gguf_hint(e: Exception) -> LoramError:
@@ -256,7 +257,7 @@ def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, de
         raise _gguf_hint(e) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoramError(f"cannot load model {name}: {msg}") from None
+        raise LoramError(f"cannot load model {name} ({msg}): check that the folder or file is complete, or re-download it") from None
     if gguf:
         _strip_gguf_quantization(model)
         model.config.name_or_path = str(name) if str(name) == SMOLLM2_ALIAS else str(Path(path) / gguf)
@@ -275,7 +276,8 @@ def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
     except ImportError as e:
         raise _gguf_hint(e) from None
     except (OSError, ValueError) as e:
-        raise LoramError(f"cannot load the tokenizer of {name}: {str(e).splitlines()[0]}") from None
+        raise LoramError(f"cannot load the tokenizer of {name} ({str(e).strip().splitlines()[0]}): "
+                         "the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

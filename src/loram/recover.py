@@ -51,7 +51,11 @@ def _pruned_axis(role: str, ab: str, kind: str) -> int | None:
 
 def recover_tensors(pruned: dict[str, torch.Tensor], plan: PrunePlan, config, fill: str = "zero",
                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """Pure function: pruned-adapter tensors -> full-shape tensors for the original model."""
+    """Pure function: pruned-adapter tensors -> full-shape tensors for the original model.
+
+    Tensors that recovery does not change are returned as the same objects (no copy: a 70B-shaped
+    adapter has ~50 M of them); the scattered ones are new tensors.
+    """
     if fill not in FILLS:
         raise LoramError(f"--fill {fill!r} is unknown: use zero or normal")
     g = geometry(config)
@@ -60,20 +64,20 @@ def recover_tensors(pruned: dict[str, torch.Tensor], plan: PrunePlan, config, fi
     for key, t in pruned.items():
         p = _parse(key)
         if p is None:
-            out[key] = t.clone()  # lm_head, embeddings, modules_to_save: never pruned
+            out[key] = t  # lm_head, embeddings, modules_to_save: never pruned (shared, not copied)
             continue
         layer, role, ab, kind = p
         axis = _pruned_axis(role, ab, kind)
         idx = plan.kept_index(layer, role, g)
         if axis is None or idx is None:
-            out[key] = t.clone()
+            out[key] = t  # unchanged by recovery: shared with the input, not copied
             continue
         full = _full_dim(role, g)
         if t.shape[axis] != len(idx):
-            hint = ("a plain (unpruned) LoRA adapter: it already fits the original, use it directly"
-                    if t.shape[axis] == full else "trained on another plan or model")
+            hint = ("is a plain (unpruned) LoRA adapter: it already fits the original, use it directly"
+                    if t.shape[axis] == full else "was trained on another plan or model")
             raise LoramError(f"adapter tensor {key} has {t.shape[axis]} entries on its pruned axis but the plan keeps "
-                             f"{len(idx)} of {full}: this adapter is {hint}")
+                             f"{len(idx)} of {full}: this adapter {hint}")
         shape = list(t.shape)
         shape[axis] = full
         if fill == "normal" and role in COL_PRUNED:
@@ -135,10 +139,10 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
         layer, role, ab, _ = p
         out_f, in_f = plan.pruned_dim(layer, role, g)
         if layer >= g.n_layers:
-            raise LoramError(f"adapter targets layer {layer} but the plan's model has {g.n_layers} layers: wrong adapter")
+            raise LoramError(f"adapter targets layer {layer} but the plan's model has {g.n_layers} layers: this adapter was made for another model")
         r_axis, other_axis, other = (0, 1, in_f) if ab == "A" else (1, 0, out_f)
         if rank is not None and t.shape[r_axis] != rank and not lora_cfg.get("rank_pattern"):
-            raise LoramError(f"adapter tensor {key} has rank {t.shape[r_axis]} but adapter_config says r={rank}: the adapter is inconsistent")
+            raise LoramError(f"adapter tensor {key} has rank {t.shape[r_axis]} but adapter_config says r={rank}: the adapter is inconsistent, re-create it with `loram train`")
         # the pruned axis of a pruned layer is checked (with a better hint) by recover_tensors
         on_pruned_axis = _pruned_axis(role, ab, "weight") is not None and plan.kept_index(layer, role, g) is not None
         if t.shape[other_axis] != other and not on_pruned_axis:

@@ -9,9 +9,10 @@ def add(sub) -> None:
     p.add_argument("--model", default="smollm2", help="base model (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--smoke", action="store_true", help="tiny random model, a few steps: checks the pipeline in seconds")
     p.add_argument("--with-baseline", action="store_true", help="also train plain LoRA on the original (about +4 min)")
-    p.add_argument("--steps", type=int, default=None, help="LoRA steps (default 120)")
+    p.add_argument("--steps", type=int, default=None, help="LoRA steps (default 100)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--ratio", type=float, default=None, help="pruning ratio (default 0.5)")
+    p.add_argument("--bf16", action="store_true", help="bf16 training (slower than fp32 on some CPUs)")
     p.add_argument("--eval-split", default="test", choices=["dev", "test"], help="dev: for choosing settings")
     p.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then includes the rest)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -27,6 +28,8 @@ def run(a) -> int:
 
     kw = {k: v for k, v in dict(steps=a.steps, lr=a.lr, ratio=a.ratio).items() if v is not None}
     kw.update(out=a.out, with_baseline=a.with_baseline, eval_split=a.eval_split, overwrite=a.overwrite)
+    if a.bf16:
+        kw["bf16"] = True
     if a.no_isolate:
         kw["isolate"] = False
     cfg = DemoConfig.smoke_config(**kw) if a.smoke else DemoConfig(model=a.model, **kw)

@@ -26,6 +26,10 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: bf16/NF4 weights + autocast (default)")
     p.add_argument("--overhead-gb", type=float, default=None, help="framework overhead term (default: the CPU calibration)")
     p.add_argument("--gpu-gb", type=float, default=None, help="memory budget: say what fits; without --ratio find the smallest ratio")
+    p.add_argument("--try", dest="try_it", action="store_true",
+                   help="build the plan with random weights (layer by layer) and run --try-steps LoRA steps: "
+                        "measured peak RSS and step time beside the prediction")
+    p.add_argument("--try-steps", type=int, default=2, help="steps for --try (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of tables")
     p.set_defaults(func=run)
 
@@ -59,6 +63,8 @@ def run(a) -> int:
             if searched is not None:
                 spec = PruneSpec(a.method, searched, a.attn_ratio, a.layers, a.sparsity)
     pred = predict(src.config, spec, settings, a.gpu_gb, name=src.name)
+    if a.try_it:
+        return try_it(a, src, spec, settings)
     if a.json:
         d = pred.to_dict()
         d["searched_ratio"] = searched
@@ -90,7 +96,8 @@ def show(pred, searched, a) -> None:
     t.add_row("storage reduction, NF4 actual", f"{pred.storage_reduction_nf4_actual:.2f}x (constants + 16-bit embeddings)")
     if a.gpu_gb is not None and a.ratio is None and pred.spec.get("method") is not None:
         scheme = "QLoRAM" if a.quantize == "nf4" else "LoRAM"
-        t.add_row(f"smallest ratio fitting {a.gpu_gb} GB", f"{searched} ({scheme})" if searched is not None else "none fits")
+        t.add_row(f"smallest ratio fitting {a.gpu_gb} GB", "none fits" if searched is None else
+                  f"{searched} ({scheme})" if searched > 0 else f"0 ({'QLoRA' if a.quantize == 'nf4' else 'LoRA'} fits unpruned)")
     c.print(t)
     m = Table(title=f"training memory, GB (batch {pred.settings.micro_batch} x {pred.settings.seq_len}, r {pred.settings.rank}, "
                     f"{'grad checkpointing' if pred.settings.grad_checkpointing else 'no checkpointing'}, {pred.settings.precision})")
@@ -105,3 +112,33 @@ def show(pred, searched, a) -> None:
     c.print(m)
     c.print(f"peak = {pred.schemes['LoRA'].peak_rule}; overhead {pred.settings.overhead_gb} GB is the CPU calibration "
             "(on a GPU add the CUDA context).")
+
+
+def try_it(a, src, spec, settings) -> int:
+    """--try: measure the plan (see loram.build.try_plan)."""
+    from ..build import random_plan, try_plan
+    from ..errors import LoramError
+    from ..plan import PrunePlan
+
+    if a.try_steps < 1:
+        raise LoramError(f"--try-steps {a.try_steps}: give a positive number of steps")
+    if isinstance(spec, PrunePlan):
+        plan = spec
+    elif spec.kind != "structured":
+        raise LoramError("--try builds structured plans only: use --method structured (or random/taylor/magnitude)")
+    else:  # the kept channels do not change memory or speed: a random plan of the same ratios
+        plan = random_plan(src.config, spec.ratio, spec.attn_ratio, spec.layers, name=src.name)
+    r = try_plan(src.config, plan, settings, a.quantize, a.try_steps)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    from .common import table
+
+    table([("scheme", f"{r['scheme']} ({r['precision']} compute)"), ("parameters", f"{r['params']:,}"),
+           ("build (random weights)", f"{r['build_s']:.1f} s"),
+           ("peak memory measured", f"{r['measured_gb']:.2f} GB (RSS above the pre-build baseline)"),
+           ("peak memory predicted", f"{r['predicted_gb']:.2f} GB ({r['error']:+.1%})"),
+           *([("CUDA peak", f"{r['peak_cuda_gb']:.2f} GB")] if r["peak_cuda_gb"] is not None else []),
+           ("step time", f"{r['s_per_step']:.2f} s ({r['tokens_per_s']:.1f} tokens/s, batch {settings.micro_batch} x {settings.seq_len})")],
+          title=f"loram plan --try: {r['steps']} steps")
+    return 0

@@ -95,7 +95,7 @@ def predict(config, plan_or_spec: PrunePlan | PruneSpec | None = None, settings:
 def smallest_ratio(config, spec: PruneSpec, settings: TrainSettings, gpu_gb: float, quantized: bool,
                    step: float = 0.01) -> float | None:
     """Smallest pruning ratio (on a ``step`` grid) whose LoRAM (QLoRAM if ``quantized``) peak fits
-    in ``gpu_gb``; None if even the largest does not. Memory falls monotonically with the ratio,
+    in ``gpu_gb``: 0.0 if the unpruned model fits, None if even the largest ratio does not. Memory falls monotonically with the ratio,
     so a bisection over the grid suffices."""
     scheme = "QLoRAM" if quantized else "LoRAM"
     grid = [round(k * step, 6) for k in range(1, int(round(1 / step)))]
@@ -107,6 +107,8 @@ def smallest_ratio(config, spec: PruneSpec, settings: TrainSettings, gpu_gb: flo
         except LoramError:  # a ratio that removes every MLP channel does not fit
             return False
 
+    if fits(0.0):
+        return 0.0  # it fits unpruned
     if not fits(grid[-1]):
         return None
     lo, hi = 0, len(grid) - 1  # invariant: grid[hi] fits
