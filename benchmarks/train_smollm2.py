@@ -197,11 +197,11 @@ def table(res: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|",
               f"| pruned 0.5 | {al['steps']} | {al['tokens']:,} | {al['tokens_per_s']:.1f} | {al['peak_rss_gb']:.2f} | "
               f"{al['trainable_params']:,} | {al['frozen_params']:,} | {al['first_loss']:.3f} -> {al['final_loss']:.3f} | "
-              f"{al['eval_ppl_before']['wikitext2']:.2f} -> {al['eval_ppl']['wikitext2']:.2f} |", "",
+              f"{al['eval_ppl_before'].get('wikitext2', float('nan')):.2f} -> {al['eval_ppl']['wikitext2']:.2f} |", "",
              "Perplexities: token-weighted over response tokens (instruct, 30 held-out rows each) or 128-token blocks "
              "(wikitext2). `loram_pruned_0.5` is measured on the pruned model with its adapter; "
              "`loram_recovered_on_original` is the same adapter recovered into the original SmolLM2. "
-             "tokens/s counts every input token (padding included) over the training loop; peak RSS is the process "
+             "tokens/s counts non-padding input tokens over the training loop; peak RSS is the process "
              "high-water mark during training. The machine is shared with other jobs, so speeds are noisy.", ""]
     return "\n".join(lines)
 

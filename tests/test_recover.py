@@ -141,3 +141,20 @@ def test_cli_chain_stock_peft_and_merge(tmp_path, family, alpaca_file):
     for n, p in merged.named_parameters():
         if not any(t in n for t in TARGETS):
             assert torch.equal(p, on[n]), n
+
+
+def test_plain_lora_adapter_records_the_original_fingerprint_and_merges(tmp_path, tiny_dir, alpaca_file):
+    """A plain (unpruned) QLoRA adapter records the fingerprint of the original weights (taken
+    before NF4 quantisation), so loram's own merge accepts it on that base."""
+    from loram.adapter import read_meta
+    from loram.fingerprint import same_model
+    from loram.merge import merge
+    from loram.prune import base_fingerprint
+    from loram.train import TrainConfig, train
+
+    train(tiny_dir, tmp_path / "plain", TrainConfig(data=[str(alpaca_file)], steps=2, micro_batch=2, quantize="nf4"))
+    meta = read_meta(tmp_path / "plain")
+    assert meta["stage"] == "original"
+    assert same_model(meta["base_fingerprint"], base_fingerprint(tiny_dir))
+    merge(tiny_dir, tmp_path / "plain", tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").exists()

@@ -125,6 +125,10 @@ def load_base(model: str | Path, quantize: str | None, bf16: bool):
         m = load_pruned(model, quantize=quantize, dtype=dtype, device_map="auto")
         return m, load_tokenizer(model), m.loram_plan
     m = load_model(model, dtype=dtype)
+    from .prune import base_fingerprint
+
+    # fingerprint the original now: after NF4 or PEFT wrapping the state dict no longer shows its weights
+    m.loram_base_fingerprint = base_fingerprint(model, m)
     if quantize == "nf4":
         quantize_nf4(m)
     elif quantize is not None:
@@ -557,7 +561,8 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
         meta = {"stage": STAGE_PRUNED, "plan_id": plan.id, "base_fingerprint": plan.base["fingerprint"],
                 "base_name": plan.base.get("name"), "trained_on": str(model_name)}
     else:
-        meta = {"stage": "original", "base_fingerprint": base_fingerprint(model_name, pm.get_base_model()),
+        meta = {"stage": "original", "base_fingerprint": getattr(pm.get_base_model(), "loram_base_fingerprint", None)
+                or base_fingerprint(model_name),
                 "base_name": str(model_name)}
     meta["train"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
     with atomic_dir(out, overwrite) as tmp:
