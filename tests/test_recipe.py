@@ -23,11 +23,18 @@ def test_paper_recipes_dry_run(name, capsys):
     assert any(f"loram run recipes/{name}" in x for x in header)  # the header holds the exact command
 
 
-def test_smollm2_recipe_dry_run(capsys):
-    r = load_recipe(RECIPES / "smollm2-loram.yaml")
-    if not all(Path(d.rpartition("=")[0].split("[")[0]).exists() for d in r.stages["train"]["data"]):
-        pytest.skip("the smollm2 recipe reads ../shared/data, absent here")
-    assert len(run_recipe(RECIPES / "smollm2-loram.yaml", dry_run=True)) == 6
+def test_smollm2_recipe_dry_run(tmp_path, alpaca_file):
+    """The shipped SmolLM2 recipe validates; its ../shared/data paths are pointed at a local file
+    (tests never read ../shared), everything else is the recipe as shipped."""
+    import re
+
+    text = (RECIPES / "smollm2-loram.yaml").read_text()
+    text = re.sub(r"\.\./shared/data/[\w/.-]+", str(alpaca_file), text)
+    text = re.sub(r"workdir: .*", f"workdir: {tmp_path / 'w'}", text)
+    p = tmp_path / "smollm2-loram.yaml"
+    p.write_text(text)
+    steps = run_recipe(p, dry_run=True, echo=lambda *a: None)
+    assert [s.stage for s in steps] == ["prune", "align", "train", "recover", "merge", "eval"]
 
 
 def write_recipe(tmp_path, tiny_dir, alpaca_file, steps=3):
