@@ -1,6 +1,6 @@
 """`loram demo`: the whole LoRAM pipeline on SmolLM2-135M-Instruct, offline, in minutes.
 
-    base ──prune (taylor 0.5, MLP + KV groups)──► pruned ──LoRA──► pruned adapter
+    base ──prune (taylor 0.3, MLP + KV groups)──► pruned ──LoRA──► pruned adapter
       │                                                                │ recover
       └──────────── evaluate: base · pruned+LoRA (served pruned) · LoRAM (recovered into base)
 
@@ -34,8 +34,11 @@ class DemoConfig:
     model: str = "smollm2"
     out: str = "runs/demo"
     method: str = "taylor"
-    ratio: float = 0.5
-    steps: int = 100
+    # chosen on the dev split: ratio 0.5 x 100 steps gave LoRAM 3 % exact match (the adapter learned to
+    # compensate the heavier pruning, which does not carry over to the original); 0.3 x 60 steps gave
+    # 67 % on dev (base 0 %, pruned served pruned 90 %) and trains ~40 % fewer tokens
+    ratio: float = 0.3
+    steps: int = 60
     lr: float = 1e-3
     rank: int = 8
     alpha: int = 16
