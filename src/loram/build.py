@@ -536,7 +536,8 @@ def try_plan(config, plan: PrunePlan, settings, quantize: str | None, steps: int
     s = replace(settings, precision="fp32") if fp32 else settings
     scheme = "QLoRAM" if quantize == "nf4" else "LoRAM"
     pred = predict(config, plan, s).schemes[scheme].gb
+    # a tiny trial can peak at the baseline itself (nothing measurable above it): no error then
     measured = r.peak_rss_gb - baseline
     return {"scheme": scheme, "precision": s.precision, "build_s": model.loram_build.seconds, "params": model.loram_build.params,
-            "measured_gb": measured, "predicted_gb": pred, "error": (pred - measured) / measured, "s_per_step": r.s_per_step,
+            "measured_gb": measured, "predicted_gb": pred, "error": (pred - measured) / measured if measured > 0 else None, "s_per_step": r.s_per_step,
             "tokens_per_s": r.tokens_per_s, "peak_rss_gb": r.peak_rss_gb, "peak_cuda_gb": r.peak_cuda_gb, "steps": r.steps}

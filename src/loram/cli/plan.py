@@ -137,7 +137,7 @@ def try_it(a, src, spec, settings) -> int:
     table([("scheme", f"{r['scheme']} ({r['precision']} compute)"), ("parameters", f"{r['params']:,}"),
            ("build (random weights)", f"{r['build_s']:.1f} s"),
            ("peak memory measured", f"{r['measured_gb']:.2f} GB (RSS above the pre-build baseline)"),
-           ("peak memory predicted", f"{r['predicted_gb']:.2f} GB ({r['error']:+.1%})"),
+           ("peak memory predicted", f"{r['predicted_gb']:.2f} GB" + (f" ({r['error']:+.1%})" if r["error"] is not None else "")),
            *([("CUDA peak", f"{r['peak_cuda_gb']:.2f} GB")] if r["peak_cuda_gb"] is not None else []),
            ("step time", f"{r['s_per_step']:.2f} s ({r['tokens_per_s']:.1f} tokens/s, batch {settings.micro_batch} x {settings.seq_len})")],
           title=f"loram plan --try: {r['steps']} steps")

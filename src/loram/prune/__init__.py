@@ -15,6 +15,10 @@ from ..plan import PrunePlan, parse_layers
 from ..pruned import apply_plan, count_params, save_pruned
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured import calibration_batches, importance, select
+from .sparse import METHODS as SPARSE_METHODS
+from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
+
+SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
 
 
 @dataclass
@@ -25,10 +29,11 @@ class PruneReport:
     params_pruned: int
     seconds: float
     peak_rss_gb: float
+    params_nonzero: int | None = None  # sparse plans: shapes are kept, zeros in the targeted linears are not counted
 
     @property
     def param_reduction(self) -> float:
-        return self.params_original / self.params_pruned
+        return self.params_original / (self.params_nonzero or self.params_pruned)
 
 
 def base_fingerprint(name: str | Path, model=None) -> dict:
@@ -64,14 +69,24 @@ def _check_against_config(model_name: str, ratio: float, layers: str | None) -> 
         raise LoramError(f"--ratio {ratio} would remove all {g.intermediate} MLP channels: use a smaller ratio")
 
 
-def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float = 0.5, attn_ratio: float | None = None,
+def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float | None = None, attn_ratio: float | None = None,
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
-          calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32) -> PruneReport:
-    """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``."""
+          calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None) -> PruneReport:
+    """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
+
+    ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
+    the pruning is structured (ratio defaults to 0.5)."""
     from ..memory import PeakRSS
 
+    if sparsity is not None or method in SPARSE_ONLY:
+        if attn_ratio is not None:
+            raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
+        return prune_sparse(model_name, out, method, sparsity or "unstructured", ratio, layers, seed, calib_data,
+                            calib_samples, calib_seq_len, overwrite, dtype)
+    ratio = 0.5 if ratio is None else ratio
     if method not in STRUCTURED_METHODS:
-        raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(STRUCTURED_METHODS)}")
+        raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(STRUCTURED_METHODS)} "
+                         f"(structured) or {', '.join(SPARSE_METHODS)} with --sparsity")
     attn_ratio = ratio if attn_ratio is None else attn_ratio
     check_ratio("--ratio", ratio, allow_zero=False)
     check_ratio("--attn-ratio", attn_ratio, allow_zero=True)
