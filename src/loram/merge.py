@@ -4,6 +4,13 @@
 
 Our loader checks the adapter's recorded base fingerprint against the base it is given, so an
 adapter never lands on the wrong model, and never loads partially (see adapter.attach).
+
+--keep-sparse (sparse plans only; BASE must be the sparse pruned folder, whose zeros are the mask):
+
+    W = W_p + (alpha / r) (B A) * M,     M = (W_p != 0) on the targeted linears of the plan's layers
+
+so the merged model keeps exactly the zeros of the pruned one (for sparse kernels). The default,
+as in the paper, merges the full update into the dense original.
 """
 
 from __future__ import annotations
@@ -48,11 +55,21 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     return attach(model, adapter), tok
 
 
-def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False, dtype=torch.float32) -> Path:
+def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False, dtype=torch.float32,
+          keep_sparse: bool = False) -> Path:
     """Write a standard merged HF model folder: the original with the adapter folded into its weights."""
     check_output(out, overwrite)
+    plan = _sparse_plan(base) if keep_sparse else None
     pm, tok = load_with_adapter(base, adapter, dtype=dtype)
+    if plan is not None:
+        from .prune.sparse import sparse_masks
+
+        masks = sparse_masks(pm, plan)
     merged = pm.merge_and_unload()
+    if plan is not None:
+        with torch.no_grad():
+            for name, m in masks.items():
+                merged.get_parameter(name).mul_(m)
     with atomic_dir(out, overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
@@ -63,6 +80,15 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
 
             shutil.copy(Path(base) / PLAN_FILE, Path(tmp) / PLAN_FILE)
     return Path(out)
+
+
+def _sparse_plan(base):
+    from .plan import PrunePlan
+
+    if not (Path(str(base)).is_dir() and has_plan(base)) or PrunePlan.load(base).kind != "sparse":
+        raise LoramError(f"--keep-sparse needs the sparse pruned model as BASE (its zeros are the mask), not {base}: "
+                         "pass the folder written by `loram prune --sparsity ...`")
+    return PrunePlan.load(base)
 
 
 def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 64,

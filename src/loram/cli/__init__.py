@@ -1,7 +1,8 @@
 """The `loram` command line: one verb per paper stage, each a thin layer over one library function.
 
 User errors (LoramError, bad arguments) print one line `error: ...` and exit 2; `--debug` shows
-the traceback. Each verb lives in its own module here and registers itself in COMMANDS.
+the traceback. Each verb lives in its own module here and registers itself in COMMANDS (a verb's dashes are
+underscores in its module name: import-plan -> import_plan.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 
 # verb modules, in the order `loram --help` lists them
-COMMANDS = ["prune", "build", "align", "train", "recover", "merge", "generate", "eval", "inspect", "demo", "run", "plan"]
+COMMANDS = ["prune", "import-plan", "build", "align", "train", "recover", "merge", "generate", "eval", "inspect", "demo", "run", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(f"loram.cli.{name}").add(sub)
+        importlib.import_module(f"loram.cli.{name.replace('-', '_')}").add(sub)  # verb import-plan -> import_plan.py
     return p
 
 

@@ -10,12 +10,15 @@ def add(sub) -> None:
     p.add_argument("base", help="the original model (or a pruned folder for a pruned adapter)")
     p.add_argument("adapter", help="recovered adapter folder")
     add_out(p, "merged model folder")
+    p.add_argument("--keep-sparse", action="store_true",
+                   help="sparse plans: BASE is the sparse pruned folder and the update is masked to its non-zeros, "
+                        "so the merged model keeps its zeros (default: full update, as the paper)")
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
     from ..merge import merge
 
-    out = merge(a.base, a.adapter, a.out, overwrite=a.overwrite)
+    out = merge(a.base, a.adapter, a.out, overwrite=a.overwrite, keep_sparse=a.keep_sparse)
     print(f"merged model written to {out}")
     return 0

@@ -6,7 +6,7 @@ from .common import add_out, ratio, table
 
 
 def add(sub) -> None:
-    p = sub.add_parser("prune", help="prune a model (structured) and write a pruned model folder + plan")
+    p = sub.add_parser("prune", help="prune a model (structured, or sparse with --sparsity) and write a pruned model folder + plan")
     p.add_argument("model", help="HF model folder, .gguf file, hub id, or the built-in alias 'smollm2'")
     add_out(p, "pruned model folder")
     p.add_argument("--method", default="taylor",

@@ -1,0 +1,315 @@
+"""`loram import-plan`: bring a model pruned by another tool; get a plan + pruned model folder.
+
+(a) sparse (SparseGPT, Wanda, ... run elsewhere)
+
+        loram import-plan SPARSE --base ORIGINAL -o OUT
+
+    SPARSE: an HF safetensors folder with the original's architecture and every shape unchanged.
+    The mask is its exact zeros: a targeted linear (q,k,v,o,gate,up,down) of layer i counts as
+    pruned where SPARSE is 0 and ORIGINAL is not. The plan's layer range is the smallest one
+    covering every layer with such zeros; its pattern is N:M when every row of every targeted
+    linear in that range has at most N non-zeros per group of M consecutive inputs (M in 4, 8;
+    the smallest N/M wins), else unstructured. Non-zero values may differ from the original
+    (SparseGPT updates the weights it keeps).
+
+(b) structured (LLM-Pruner, ... run elsewhere)
+
+        loram import-plan PRUNED --base ORIGINAL --kept-index KEPT.json -o OUT
+
+    KEPT.json holds, per pruned layer, the kept MLP channels and KV groups in increasing order
+    (the "pruned" section of a loram plan; a whole plan-like {"pruned": {...}} is accepted too):
+
+        {"4": {"mlp_keep": [0, 3, 7, ...], "kv_keep": [0, 2]}, "5": {"mlp_keep": [...]}, ...}
+
+    A KV group is one KV head with its query heads (for multi-head attention: one head).
+    Validation against the two checkpoints: every tensor of PRUNED must have exactly the shape
+    the plan gives (index arithmetic in plan.py), and must equal the original's kept rows/columns
+    (every other tensor the original's), within the rounding of the coarser dtype. A model
+    retrained after pruning fails the value check: --allow-retrained checks the shapes only.
+
+Both read safetensors headers and one tensor at a time (never a pickle), copy the weight files
+unchanged, and write the original's config plus the plan (base fingerprint = the original's),
+so `loram.load_pruned`, `loram train` and `loram recover --base ORIGINAL` work as after `loram prune`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import LoramError
+from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, geometry
+from .fingerprint import config_digest
+from .io import atomic_dir, check_output, load_config, load_model, resolve_model, safetensors_files, safetensors_shapes
+from .plan import LayerPlan, PrunePlan
+
+NM_GROUPS = (4, 8)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+# ---- reading checkpoints one tensor at a time --------------------------------------------------
+class Tensors:
+    """Named tensors of a checkpoint: lazily from a local safetensors folder, else from a loaded model."""
+
+    def __init__(self, name: str | Path, need_config: bool = True):
+        self.name = str(name)
+        p = Path(self.name)
+        if p.is_dir() and not need_config:
+            _refuse_pickles(p)
+            self._files = safetensors_files(p)
+        else:
+            path, gguf = resolve_model(name)  # refuses pickles with a conversion hint
+            self._files = safetensors_files(path) if gguf is None and Path(path).is_dir() else None
+        if self._files is not None:
+            from safetensors import safe_open
+
+            self.shapes = safetensors_shapes(self._files)
+            self._where = {}
+            for f in self._files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self._where[k] = f
+            self._sd = None
+        else:
+            model = load_model(name)
+            self._sd = model.state_dict()
+            self.shapes = {k: tuple(v.shape) for k, v in self._sd.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._sd is not None:
+            return self._sd[key]
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt") as h:
+            return h.get_tensor(key)
+
+
+def _refuse_pickles(p: Path) -> None:
+    if not list(p.glob("*.safetensors")) and (list(p.glob("*.bin")) or list(p.glob("*.pt")) or list(p.glob("*.pth"))):
+        raise LoramError(f"{p} has only pickle weights (.bin/.pt), which loram never loads: convert them to safetensors "
+                         "(load once yourself and save with safetensors)")
+
+
+def _weight_key(layer: int, role: str, what: str = "weight") -> str:
+    return f"model.layers.{layer}.{MODULE_OF_ROLE[role]}.{what}"
+
+
+def _check_names(have: dict, want: dict, where: str, tied: bool) -> None:
+    missing = [k for k in want if k not in have and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in have if k not in want and not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise LoramError(f"the tensors of {where} do not match the original's architecture ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, e.g. {what}): pass a checkpoint of the same model family with "
+                         "Hugging Face tensor names (model.layers.N...)")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within the rounding of the coarser of the two dtypes (a bf16 copy of fp32 weights passes)."""
+    if a.shape != b.shape:
+        return False
+    eps = max(torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0, torch.finfo(b.dtype).eps if b.is_floating_point() else 0.0)
+    return torch.allclose(a.float(), b.float(), rtol=eps, atol=1e-12)
+
+
+def _write_folder(tmp: Path, src: Tensors, config, tokenizer_from: list[str | Path], plan: PrunePlan) -> None:
+    """Copy the weight files unchanged; write the original config, a tokenizer and the plan."""
+    from .io import load_tokenizer
+
+    for f in src._files:
+        shutil.copy(f, tmp / f.name)
+    idx = Path(src._files[0]).parent / "model.safetensors.index.json"
+    if idx.exists():
+        shutil.copy(idx, tmp / idx.name)
+    d = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}  # GGUF originals carry it
+    (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    for source in tokenizer_from:
+        p = Path(str(source))
+        if p.is_dir() and ((p / "tokenizer.json").exists() or (p / "tokenizer.model").exists()):
+            for name in TOKENIZER_FILES:
+                if (p / name).exists():
+                    shutil.copy(p / name, tmp / name)
+            break
+    else:
+        load_tokenizer(tokenizer_from[-1]).save_pretrained(str(tmp))
+    plan.save(tmp)
+
+
+def _base_record(base, config) -> dict:
+    from .prune import base_fingerprint
+
+    d = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    return {"name": str(base), "config": d, "fingerprint": base_fingerprint(base)}
+
+
+def _verify_loadable(out: Path, plan: PrunePlan, config) -> None:
+    """Every tensor name and shape of the written folder matches the plan's model (headers only)."""
+    from .pruned import skeleton
+
+    want = {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
+    have = safetensors_shapes(safetensors_files(out))
+    _check_names(have, want, str(out), bool(getattr(config, "tie_word_embeddings", False)))
+    wrong = [f"{k} {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    if wrong:
+        raise LoramError(f"{len(wrong)} tensors do not have the shape the plan gives (e.g. {wrong[0]}): the kept-index "
+                         "lists do not describe this checkpoint")
+
+
+# ---- (a) sparse ------------------------------------------------------------------------------------
+def group_max(w: torch.Tensor, m: int) -> int:
+    """Most non-zeros in any group of m consecutive inputs of any row (m + 1 when no full group exists)."""
+    full = w.shape[1] - w.shape[1] % m
+    if full == 0:
+        return m + 1
+    return int((w[:, :full] != 0).reshape(w.shape[0], full // m, m).sum(2).max())
+
+
+def nm_pattern(group_maxima: list[dict[int, int]]) -> tuple[int, int] | None:
+    """(N, M) with N < M holding for every weight (the smallest N/M), from each weight's {M: group_max}."""
+    best = None
+    for m in NM_GROUPS:
+        n = max(gm[m] for gm in group_maxima)
+        if n < m and (best is None or n / m < best[0] / best[1]):
+            best = (n, m)
+    return best
+
+
+def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrite: bool = False) -> PrunePlan:
+    check_output(out, overwrite)
+    config = load_config(base)
+    g = geometry(config)
+    if config_digest(load_config(model)) != config_digest(config):
+        raise LoramError(f"{model} does not have the architecture of {base} (config differs): a sparse model keeps the "
+                         "original's shapes; for a structurally pruned model pass --kept-index")
+    src, orig = Tensors(model), Tensors(base)
+    if src._files is None:
+        raise LoramError(f"{model} is not a local safetensors folder: save the sparse model with save_pretrained first")
+    _check_names(src.shapes, orig.shapes, str(model), g.tied)
+    wrong = [k for k in orig.shapes if k in src.shapes and src.shapes[k] != orig.shapes[k]]
+    if wrong:
+        raise LoramError(f"{model} changes the shape of {wrong[0]}: a sparse model keeps every shape; for a structurally "
+                         "pruned model pass --kept-index")
+    stats = {}  # (layer, role) -> (zeros, numel, {M: group max}, pruned here?): one tensor pair in memory at a time
+    for i in range(g.n_layers):
+        for role in ROLES:
+            key = _weight_key(i, role)
+            w, w0 = src.get(key), orig.get(key)
+            stats[(i, role)] = (int((w == 0).sum()), w.numel(), {m: group_max(w, m) for m in NM_GROUPS},
+                                bool(((w == 0) & (w0 != 0)).any()))
+    pruned_layers = sorted({i for (i, _), st in stats.items() if st[3]})
+    if not pruned_layers:
+        raise LoramError(f"{model} has no zeros where {base} has non-zeros: it is not a sparse version of that model")
+    start, end = pruned_layers[0], pruned_layers[-1] + 1
+    inside = [((i, r), stats[(i, r)]) for i in range(start, end) for r in ROLES]
+    modules = {f"model.layers.{i}.{MODULE_OF_ROLE[r]}": round(st[0] / st[1], 6) for (i, r), st in inside}
+    sparsity = sum(st[0] for _, st in inside) / sum(st[1] for _, st in inside)
+    nm = nm_pattern([st[2] for _, st in inside])
+    pattern = f"{nm[0]}:{nm[1]}" if nm else "unstructured"
+    ratio = 1 - nm[0] / nm[1] if nm else round(sparsity, 6)
+    plan = PrunePlan(kind="sparse", method="imported", layers=(start, end), mlp_ratio=ratio, attn_ratio=ratio,
+                     base=_base_record(base, config),
+                     sparse={"pattern": pattern, "ratio": ratio, "sparsity": round(sparsity, 6), "modules": modules},
+                     extra={"imported_from": str(model)})
+    with atomic_dir(out, overwrite) as tmp:
+        _write_folder(tmp, src, config, [model, base], plan)
+        _verify_loadable(tmp, plan, config)
+    return plan
+
+
+# ---- (b) structured ----------------------------------------------------------------------------------
+def read_kept(path: str | Path) -> dict[int, LayerPlan]:
+    """Per-layer kept lists from KEPT.json (see the module docstring)."""
+    p = Path(path)
+    if p.suffix in (".pkl", ".pt", ".bin", ".pth"):
+        raise LoramError(f"{p} is a pickle, which loram never loads: write the kept indices as JSON lists")
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise LoramError(f"kept-index file {p} does not exist: check the path") from None
+    except json.JSONDecodeError as e:
+        raise LoramError(f"{p} is not valid JSON ({e}): write {{\"LAYER\": {{\"mlp_keep\": [...], \"kv_keep\": [...]}}}}") from None
+    d = d.get("pruned", d) if isinstance(d, dict) else d
+    if not isinstance(d, dict) or not d:
+        raise LoramError(f"{p} has no layers: write {{\"LAYER\": {{\"mlp_keep\": [...], \"kv_keep\": [...]}}}}")
+    out = {}
+    for k, v in d.items():
+        try:
+            i = int(k)
+        except ValueError:
+            raise LoramError(f"{p}: key {k!r} is not a layer number: use the layer index as the key, e.g. \"4\"") from None
+        if not isinstance(v, dict) or set(v) - {"mlp_keep", "kv_keep"} or not v:
+            raise LoramError(f"{p}: layer {k} must be {{\"mlp_keep\": [...], \"kv_keep\": [...]}} (either may be left out)")
+        for name, keep in v.items():
+            if not isinstance(keep, list) or not all(isinstance(x, int) for x in keep):
+                raise LoramError(f"{p}: layer {k} {name} is not a list of integers")
+            if keep != sorted(set(keep)):
+                raise LoramError(f"{p}: layer {k} {name} is not in increasing order without repeats: list the kept "
+                                 "indices in the order their rows appear in the pruned checkpoint (increasing)")
+        out[i] = LayerPlan(mlp_keep=v.get("mlp_keep"), kv_keep=v.get("kv_keep"))
+    return out
+
+
+def _expected(orig: Tensors, key: str, plan: PrunePlan, g) -> torch.Tensor:
+    """The original's tensor restricted to the plan's kept rows/columns."""
+    t = orig.get(key)
+    parts = key.split(".")
+    if len(parts) >= 6 and parts[0] == "model" and parts[1] == "layers" and parts[4].endswith("_proj"):
+        from .families import ROLE_OF_PROJ
+
+        role = ROLE_OF_PROJ.get(parts[4])
+        idx = None if role is None else plan.kept_index(int(parts[2]), role, g)
+        if idx is not None:
+            if role in COL_PRUNED:
+                return t.index_select(1, idx) if parts[5] == "weight" else t
+            return t.index_select(0, idx)
+    return t
+
+
+def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, out: str | Path,
+                      allow_retrained: bool = False, overwrite: bool = False) -> PrunePlan:
+    check_output(out, overwrite)
+    config = load_config(base)
+    g = geometry(config)
+    layers = read_kept(kept)
+    plan = PrunePlan(kind="structured", method="imported", layers=(min(layers), max(layers) + 1),
+                     base=_base_record(base, config), pruned=layers, extra={"imported_from": str(pruned)})
+    plan.validate(g)
+    kept_ch = [len(lp.mlp_keep) for lp in layers.values() if lp.mlp_keep is not None]
+    kept_gr = [len(lp.kv_keep) for lp in layers.values() if lp.kv_keep is not None]
+    plan.mlp_ratio = round(1 - sum(kept_ch) / (g.intermediate * len(kept_ch)), 6) if kept_ch else 0.0
+    plan.attn_ratio = round(1 - sum(kept_gr) / (g.n_kv_heads * len(kept_gr)), 6) if kept_gr else 0.0
+    src, orig = Tensors(pruned, need_config=False), Tensors(base)
+    from .pruned import skeleton
+
+    want = {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
+    _check_names(src.shapes, want, str(pruned), g.tied)
+    wrong = [f"{k} {src.shapes[k]} vs {want[k]}" for k in want if k in src.shapes and src.shapes[k] != want[k]]
+    if wrong:
+        raise LoramError(f"{len(wrong)} tensors of {pruned} do not have the shape the kept-index lists give (e.g. "
+                         f"{wrong[0]}): the lists do not describe this checkpoint")
+    if not allow_retrained:
+        for key in sorted(src.shapes):
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            if not _close(src.get(key), _expected(orig, key, plan, g)):
+                raise LoramError(f"{key} of {pruned} is not the original's kept rows/columns: the kept-index lists do "
+                                 "not match the checkpoint (or it was retrained after pruning: pass --allow-retrained "
+                                 "to check the shapes only)")
+    plan.extra["params_original"] = sum(_numel(s) for k, s in orig.shapes.items() if not (g.tied and k == "lm_head.weight"))
+    plan.extra["params_pruned"] = sum(_numel(s) for k, s in want.items() if not (g.tied and k == "lm_head.weight"))
+    plan.extra["validated"] = "shapes" if allow_retrained else "shapes+values"
+    with atomic_dir(out, overwrite) as tmp:
+        _write_folder(tmp, src, config, [pruned, base], plan)
+        _verify_loadable(tmp, plan, config)
+    return plan
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
