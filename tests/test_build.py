@@ -205,3 +205,23 @@ def test_plan_try_cli(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     # a tiny model's peak is within allocator noise of the baseline: only check the report is complete
     assert r["scheme"] == "QLoRAM" and r["steps"] == 1 and isinstance(r["measured_gb"], float) and r["predicted_gb"] > 0
+
+
+def test_random_nf4_build_holds_only_its_packed_codes():
+    """Each random NF4 linear stores ceil(n/2) code bytes (+ < 8 bytes of its int64 draw buffer):
+    no second layer-sized copy is made and freed (such copies fragment glibc's heap, see memory.py)."""
+    cfg = tiny_model("llama-gqa").config
+    plan = B.random_plan(cfg, 0.5, layers="1:3")
+    q = B.build_pruned(cfg, plan, quantize="nf4")
+    w = q.model.layers[1].mlp.up_proj.weight
+    n = w.quant_state.shape.numel()
+    assert 0 <= w.untyped_storage().nbytes() - (n + 1) // 2 < 8
+    assert w.numel() == (n + 1) // 2 and w.is_contiguous()
+
+
+def test_pin_mmap_threshold_on_glibc():
+    import platform
+
+    from loram.memory import pin_mmap_threshold
+
+    assert pin_mmap_threshold() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

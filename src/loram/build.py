@@ -215,9 +215,10 @@ class _Source:
         out_f, in_f = shape
         n = out_f * in_f
         n_bytes = (n + 1) // 2
-        # random bytes = two random 4-bit codes each; drawn as int64 for speed (8 bytes per draw)
+        # random bytes = two random 4-bit codes each; drawn as int64 for speed (8 bytes per draw) and
+        # kept as a uint8 view of that buffer: a copy would free a layer-sized temporary per linear
         codes = torch.empty(-(-n_bytes // 8), dtype=torch.int64).random_(generator=self.gen).view(torch.uint8)
-        codes = codes[:n_bytes].clone().unsqueeze(1)
+        codes = codes[:n_bytes].unsqueeze(1)
         blocks = -(-n // NF4_BLOCK)
         absmax = torch.empty(blocks, dtype=torch.float32).normal_(ABSMAX_SIGMAS * self.std, 0.3 * self.std, generator=self.gen).abs_()
         offset = absmax.mean()

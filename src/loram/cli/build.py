@@ -77,6 +77,9 @@ def run(a) -> int:
             plan.save(tmp)
         rows = [("plan", f"{a.out}/loram_plan.json")]
     else:
+        from ..memory import pin_mmap_threshold
+
+        pin_mmap_threshold()  # layer-by-layer temporaries go back to the kernel: peak ~ result + one layer
         r = write_pruned(config, plan, source, a.out, dtype=getattr(torch, DTYPES[a.dtype]), seed=a.seed, overwrite=a.overwrite)
         rows = [("weights", "random" if source == "random" else source), ("parameters pruned", f"{r.params:,}"),
                 ("time", f"{r.seconds:.1f} s"), ("peak RSS", f"{r.peak_rss_gb:.2f} GB"), ("written", a.out)]

@@ -128,6 +128,9 @@ def try_it(a, src, spec, settings) -> int:
         raise LoramError("--try builds structured plans only: use --method structured (or random/taylor/magnitude)")
     else:  # the kept channels do not change memory or speed: a random plan of the same ratios
         plan = random_plan(src.config, spec.ratio, spec.attn_ratio, spec.layers, name=src.name)
+    from ..memory import pin_mmap_threshold
+
+    pin_mmap_threshold()  # measure on the planner's convention: freed temporaries leave RSS
     r = try_plan(src.config, plan, settings, a.quantize, a.try_steps)
     if a.json:
         print(json.dumps(r, indent=2))
