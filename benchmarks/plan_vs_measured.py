@@ -56,13 +56,7 @@ CONFIGS = [
 ]
 
 
-def malloc_trim() -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+from loram.memory import malloc_trim  # noqa: E402
 
 
 def build(cfg: dict):

@@ -1,0 +1,50 @@
+"""Causal-LM cross-entropy computed over chunks of the sequence, without ever holding full logits.
+
+The stock loss (transformers' ForCausalLMLoss) materialises logits for every position, upcasts them
+to fp32 and takes log-softmax: batch x seq x vocab x 4 bytes for each of logits, log-probabilities
+and their two gradients, ~0.26 GB at seq 512 and vocab 32000, ~0.4 GB at vocab 49152. On a model
+whose frozen weights are small (a pruned base) that is a large share of the training peak.
+
+``chunked_causal_lm_loss`` computes lm_head + cross-entropy ``chunk`` positions at a time, each
+chunk under non-reentrant ``torch.utils.checkpoint``: the forward keeps only the chunk's hidden
+states (a view of a tensor that is alive anyway) and the backward recomputes one chunk's logits at
+a time. Peak logit memory is chunk/seq of the stock one; the cost is one extra lm_head matmul per
+position. The value is the stock loss (sum over non-ignored targets / their count): same
+shift (position t predicts label t+1), same ignore_index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    logits = lm_head(hidden).float()  # fp32 as the stock loss upcasts
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, chunk: int = 128,
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``lm_head(hidden)`` against ``labels``, ``chunk`` positions at a time.
+
+    hidden: [batch, seq, d] final hidden states (after the final norm); labels: [batch, seq], the
+    input ids or -100 where ignored (not shifted: the shift is done here, as the stock loss does).
+    lm_head: any callable hidden -> logits (nn.Linear, a PEFT-wrapped head, ...).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
+    n = (y != ignore_index).sum()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[1], chunk):
+        hc, yc = h[:, s : s + chunk], y[:, s : s + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(_chunk_loss_sum, lm_head, hc, yc, ignore_index, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(lm_head, hc, yc, ignore_index)
+    # all targets ignored: 0/0 would be nan, as the stock mean is; keep that behaviour
+    return total / n
