@@ -1,0 +1,367 @@
+"""Issue 5 (and 3) benchmark: does LoRAM pay off on a real model? SmolLM2-135M-Instruct, real data.
+
+    OMP_NUM_THREADS=1 python benchmarks/quality_smollm2.py [--rows base,lora,stru,...] [--sweep 0.3,0.5,0.65,0.85]
+
+Every row trains the same LoRA (r 8, alpha 16, q,k,v,o,gate,up,down; STEPS x 4 x 256 tokens, lr 1e-3
+as the paper's OpenHermes runs, seed 0) on the same mixture, then evaluates on the ORIGINAL model
+with the recovered adapter (LoRAM) and, for structured rows, also the pruned model with its own
+adapter (served w/o recovery, the paper's Fig. 6 ablation):
+
+    train mixture  instruct/math_data.json[:3000] + instruct/codegen-instruct.json[:4000] + gsm8k/train.jsonl[:3000]
+                   (1/3 each; GSM8K rows become {"instruction": question, "output": answer})
+    in-domain ppl  33 held-out rows of each of the three (response tokens only, as in training)
+    OOD ppl        instruct/alpaca_en_demo.json[:100]
+    accuracy       ARC-Easy, PIQA, OpenBookQA (mc/*.jsonl, first 60 rows each, 0-shot, acc_norm; recovered only)
+
+    base      no fine-tuning                      lora      plain LoRA on the original (the baseline)
+    rand      LoRAM-Rand  (random, 0.5, 4:28)     stru      LoRAM-Stru (Taylor, 0.5 on layers 4:28: 1.41x)
+    aligned   LoRAM-Stru after ALIGN_STEPS of continual pre-training (wiki + C4) of the pruned model
+    qloram    QLoRAM-Stru (stru's pruned model in NF4)
+    semi      LoRAM-Semi (SparseGPT 2:4)          unst      LoRAM-Unst (SparseGPT 50% unstructured)
+    sweep     LoRAM-Stru at other ratios (ppl only), recovered vs served pruned (the paper's Fig. 7)
+
+Each stage runs as its own `loram` process (clean peak RSS) and is skipped when its output exists in
+--work, so an interrupted run resumes and `--assemble-only` rewrites the tables from what is there.
+Writes benchmarks/results/quality_smollm2.{json,md} and quality_sweep.png. Needs ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+STEPS, ALIGN_STEPS, LAYERS = 40, 300, "4:28"
+TRAIN = ["--steps", str(STEPS), "--micro-batch", "4", "--seq-len", "256", "--lr", "1e-3", "--seed", "0", "--logging-steps", "5"]
+ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", "--lr", "2e-5", "--logging-steps", "20"]
+ROWS = {  # name: (label, prune args or None, train extra, structured?)
+    "base": ("base w/o FT", None, None, False),
+    "lora": ("full LoRA", None, [], False),
+    "rand": ("LoRAM-Rand", ["--method", "random", "--ratio", "0.5", "--layers", LAYERS], [], True),
+    "stru": ("LoRAM-Stru", ["--method", "taylor", "--ratio", "0.5", "--layers", LAYERS], [], True),
+    "aligned": ("LoRAM-Stru aligned", "stru", [], True),
+    "qloram": ("QLoRAM-Stru", "stru", ["--quantize", "nf4"], True),
+    "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
+    "unst": ("LoRAM-Unst (SparseGPT 50%)", ["--method", "sparsegpt", "--sparsity", "unstructured", "--ratio", "0.5"], [], False),
+}
+ORDER = ["base", "lora", "stru", "aligned", "semi", "unst", "rand", "qloram"]
+MC = {"arc_easy": "mc/arc_easy.jsonl", "piqa": "mc/piqa.jsonl", "obqa": "mc/openbook_qa.jsonl"}
+MC_ROWS = 60
+ORIGINAL_PARAMS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings counted once)
+
+
+class Missing(Exception):
+    pass
+
+
+ASSEMBLE_ONLY = False
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    if ASSEMBLE_ONLY:
+        raise Missing(" ".join(cmd[:3]))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"failed ({p.returncode}) after {time.time() - t0:.0f} s: {' '.join(cmd)} - see {log}")
+    print(f"  {time.time() - t0:6.0f} s  {' '.join(cmd[:3])} -> {log.name}", flush=True)
+
+
+def prepare_data(work: Path) -> dict:
+    """The mixture and the held-out files (GSM8K turned into instruction rows), written once."""
+    d = work / "data"
+    if not (d / "indomain.jsonl").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        gsm = [json.loads(x) for x in (DATA / "gsm8k/train.jsonl").read_text().splitlines()[:3000]]
+        (d / "gsm8k_train.jsonl").write_text("".join(json.dumps({"instruction": r["question"], "output": r["answer"]}) + "\n" for r in gsm))
+        held = json.loads((DATA / "instruct/math_data.json").read_text())[3000:3033]
+        held += [{k: r[k] for k in ("instruction", "input", "response")} for r in
+                 json.loads((DATA / "instruct/codegen-instruct.json").read_text())[4000:4033]]
+        held += [{"instruction": r["question"], "output": r["answer"]} for r in
+                 map(json.loads, (DATA / "gsm8k/test.jsonl").read_text().splitlines()[:33])]
+        held = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in held]
+        (d / "indomain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    for k, f in MC.items():
+        if not (d / f"{k}_{MC_ROWS}.jsonl").exists():  # the first MC_ROWS rows of each (a CPU budget: ~1 min per task per model)
+            (d / f"{k}_{MC_ROWS}.jsonl").write_text("".join((DATA / f).read_text().splitlines(keepends=True)[:MC_ROWS]))
+    return {"train": [f"{DATA}/instruct/math_data.json[:3000]", f"{DATA}/instruct/codegen-instruct.json[:4000]",
+                      f"{d}/gsm8k_train.jsonl"],
+            "ppl": {"in_domain": f"{d}/indomain.jsonl", "alpaca_ood": f"{DATA}/instruct/alpaca_en_demo.json"},
+            "mc": {k: f"{d}/{k}_{MC_ROWS}.jsonl" for k in MC}}
+
+
+def evaluate(work: Path, name: str, model: str, adapter: str | None, data: dict, mc: bool = True) -> dict:
+    out = work / f"eval_{name}.json"
+    if not out.exists():
+        cmd = ["loram", "eval", model, "--seq-len", "256", "--limit", "100", "--json"]
+        cmd += ["--adapter", adapter] if adapter else []
+        for k, f in data["ppl"].items():
+            cmd += ["--ppl", f"{k}={f}"]
+        for k, f in (data["mc"].items() if mc else ()):
+            cmd += ["--mc", f"{k}={f}"]
+        log = work / f"eval_{name}.log"
+        sh(cmd, log)
+        text = log.read_text()
+        out.write_text(text[text.index("{"):text.rindex("}") + 1])
+    return json.loads(out.read_text())
+
+
+def train(work: Path, name: str, model: str, extra: list[str], data: dict) -> dict:
+    out = work / name
+    if not (out / "train_report.json").exists():
+        cmd = ["loram", "train", model, "-o", str(out), "--overwrite", *TRAIN, *extra]
+        for f in data["train"]:
+            cmd += ["--data", f"{f}=0.3333"]
+        sh(cmd, work / f"{name}.log")
+    rep = json.loads((out / "train_report.json").read_text())
+    return {k: rep.get(k) for k in ("wall_s", "tokens", "tokens_per_s", "peak_rss_gb", "trainable_params", "frozen_params")}
+
+
+def prune(work: Path, name: str, args: list[str]) -> Path:
+    out = work / f"pruned_{name}"
+    if not (out / "loram_plan.json").exists():
+        sh(["loram", "prune", "smollm2", "-o", str(out), "--overwrite", *args], work / f"prune_{name}.log")
+    return out
+
+
+def recover(work: Path, adapter: Path) -> Path:
+    out = work / f"{adapter.name}_recovered"
+    if not (out / "adapter_config.json").exists():
+        sh(["loram", "recover", str(adapter), "--base", "smollm2", "-o", str(out), "--overwrite"], work / f"recover_{adapter.name}.log")
+    return out
+
+
+def align(work: Path, pruned: Path) -> tuple[Path, dict]:
+    out = work / "aligned_stru"
+    if not (out / "align_report.json").exists():
+        sh(["loram", "align", str(pruned), "-o", str(out), "--overwrite", *ALIGN, "--data", f"{DATA}/corpus/wiki_demo.txt=0.5",
+            "--data", f"{DATA}/corpus/c4_demo.jsonl=0.5", "--eval", f"wikitext2={DATA}/wikitext2/valid.txt[:300]"],
+           work / "align.log")
+    rep = json.loads((out / "align_report.json").read_text())
+    keep = {k: rep.get(k) for k in ("steps", "wall_s", "tokens", "tokens_per_s", "peak_rss_gb", "trainable_params", "eval_ppl")}
+    keep["loss_first_last"] = [rep["losses"][0]["loss"], rep["losses"][-1]["loss"]] if rep.get("losses") else None
+    return out, keep
+
+
+def reduction(train_report: dict, structured: bool) -> float:
+    """Parameter-reduction ratio: the original's parameters over the frozen base LoRA trained on
+    (sparse models keep their shapes and store their zeros: 1.0)."""
+    return ORIGINAL_PARAMS / train_report["frozen_params"] if structured else 1.0
+
+
+def wikitext_ppl(work: Path, name: str, model: Path) -> float | None:
+    """Raw-text perplexity of a (pruned) model on wikitext-2 valid, 128-token windows."""
+    ev = evaluate_text(work, name, model)
+    return metric(ev, "ppl", "wikitext2", "ppl")
+
+
+def evaluate_text(work: Path, name: str, model: Path) -> dict:
+    out = work / f"eval_{name}.json"
+    if not out.exists():
+        log = work / f"eval_{name}.log"
+        lines = [x for x in (DATA / "wikitext2/valid.txt").read_text().splitlines() if x.strip()][:300]
+        text = work / "data" / "wikitext2_valid300.txt"
+        text.write_text("\n".join(lines) + "\n")
+        sh(["loram", "eval", str(model), "--seq-len", "128", "--json", "--ppl", f"wikitext2={text}"], log)
+        text = log.read_text()
+        out.write_text(text[text.index("{"):text.rindex("}") + 1])
+    return json.loads(out.read_text())
+
+
+def run_row(work: Path, name: str, data: dict, res: dict) -> None:
+    label, pr, extra, structured = ROWS[name]
+    row = res["rows"].setdefault(name, {"label": label})
+    if name == "base":
+        row["recovered"] = evaluate(work, "base", "smollm2", None, data)
+        row["reduction"] = 1.0
+        return
+    if pr is None:
+        row["train"] = train(work, f"adapter_{name}", "smollm2", extra, data)
+        row["recovered"] = evaluate(work, name, "smollm2", str(work / f"adapter_{name}"), data)
+        row["reduction"] = 1.0
+        return
+    pruned = prune(work, pr if isinstance(pr, str) else name, ROWS[pr][1] if isinstance(pr, str) else pr)
+    if name == "aligned":
+        before = wikitext_ppl(work, "wikitext_pruned_stru", pruned)
+        pruned, row["align"] = align(work, pruned)
+        row["align"]["wikitext2_before_after"] = [before, wikitext_ppl(work, "wikitext_aligned_stru", pruned)]
+    row["train"] = train(work, f"adapter_{name}", str(pruned), extra, data)
+    # NF4 packs two weights per stored element, so QLoRAM's frozen count is not a parameter count
+    row["reduction"] = res["rows"]["stru"]["reduction"] if name == "qloram" and "stru" in res["rows"] else reduction(row["train"], structured)
+    rec = recover(work, work / f"adapter_{name}")
+    row["recovered"] = evaluate(work, name, "smollm2", str(rec), data)
+    if structured:  # perplexity only (the Fig. 6 ablation; MC on every served model would double the CPU time)
+        row["served_pruned"] = evaluate(work, f"{name}_served", str(pruned), str(work / f"adapter_{name}"), data, mc=False)
+
+
+def run_sweep(work: Path, ratio: float, data: dict, res: dict) -> None:
+    key = f"{ratio:g}"
+    row = res["sweep"].setdefault(key, {"ratio": ratio})
+    if ratio == 0.5 and "stru" in res["rows"] and "served_pruned" in res["rows"]["stru"]:
+        s = res["rows"]["stru"]
+        row.update(reduction=s["reduction"], recovered=s["recovered"], served_pruned=s["served_pruned"])
+        return
+    name = f"stru{key}"
+    pruned = prune(work, name, ["--method", "taylor", "--ratio", key, "--layers", LAYERS])
+    row["reduction"] = reduction(train(work, f"adapter_{name}", str(pruned), [], data), True)
+    rec = recover(work, work / f"adapter_{name}")
+    row["recovered"] = evaluate(work, name, "smollm2", str(rec), data, mc=False)
+    row["served_pruned"] = evaluate(work, f"{name}_served", str(pruned), str(work / f"adapter_{name}"), data, mc=False)
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+def metric(ev: dict | None, kind: str, name: str, key: str) -> float | None:
+    """``key`` ("ppl", "acc_norm") of task ``name`` in a `loram eval --json` result (kind: for the reader)."""
+    for r in (ev or {}).get("results", []):
+        if r["task"] == name and r["metric"] == key:
+            return r["value"]
+    return None
+
+
+def fmt(x, f=".2f") -> str:
+    return "-" if x is None else format(x, f)
+
+
+def tables(res: dict) -> str:
+    rows, base = res["rows"], res["rows"].get("base", {}).get("recovered")
+    lines = [f"# LoRAM quality on SmolLM2-135M-Instruct ({STEPS} LoRA steps x 4 x 256 tokens, lr 1e-3, seed 0; same for every row)", "",
+             f"Hardware: {res['hardware']}. Versions: {res['versions']}.", f"Command: `{res['command']}`", "",
+             "Perplexity on response tokens (in-domain: 99 held-out math / code / GSM8K rows; OOD: 100 Alpaca rows); accuracy "
+             "`acc_norm` on the first 60 rows of ARC-Easy, PIQA, OpenBookQA (0-shot; a CPU budget, so +-6 points of noise), not "
+             "measured on the served-pruned rows. *recovered* = the adapter recovered "
+             "into the original model; *served pruned* = the pruned model with its own adapter (no recovery).", "",
+             "| row | served as | param. reduction | in-domain ppl | OOD ppl (Alpaca) | ARC-E | PIQA | OBQA | train tok/s | train peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ORDER:
+        r = rows.get(name)
+        if not r:
+            lines.append(f"| {ROWS[name][0]} | not run | | | | | | | | |")
+            continue
+        for how in ("recovered", "served_pruned"):
+            ev = r.get(how)
+            if how == "served_pruned" and not ROWS[name][3]:
+                continue
+            t = r.get("train", {})
+            red = r.get("reduction")
+            red_s = fmt(red, ".2f") + "x" if red else "-"
+            if name in ("semi", "unst"):
+                red_s = f"1.00x stored ({fmt(1 / (1 - 0.5), '.1f')}x fewer non-zeros)"
+            served = {"recovered": "original" if name in ("base", "lora") else "recovered (LoRAM)", "served_pruned": "pruned, w/o recovery"}[how]
+            lines.append(f"| {r['label']} | {served if ev else served + ': not run'} | {red_s} | "
+                         f"{fmt(metric(ev, 'ppl', 'in_domain', 'ppl'), '.3f')} | {fmt(metric(ev, 'ppl', 'alpaca_ood', 'ppl'), '.3f')} | "
+                         + " | ".join(fmt(metric(ev, "mc", k, "acc_norm"), ".2f") for k in ("arc_easy", "piqa", "obqa"))
+                         + f" | {fmt(t.get('tokens_per_s'), '.0f') if how == 'recovered' else ''} | "
+                         f"{fmt(t.get('peak_rss_gb'), '.2f') if how == 'recovered' else ''} |")
+    lines += goals(res)
+    al = rows.get("aligned", {}).get("align")
+    if al:
+        lines += ["", f"Alignment of the 0.5-pruned model: {al['steps']} steps x {al['tokens'] // max(1, al['steps'])} tokens "
+                  f"(wiki + C4, lr 2e-5, full-parameter, embeddings/lm_head frozen): {al['tokens_per_s']:.0f} tok/s, peak RSS "
+                  f"{al['peak_rss_gb']:.2f} GB, loss {al['loss_first_last'][0]:.2f} -> {al['loss_first_last'][1]:.2f}, "
+                  f"wikitext-2 valid ppl of the pruned model (first 300 lines, 128-token windows, `loram eval`) "
+                  f"{fmt((al.get('wikitext2_before_after') or [None])[0])} -> {fmt((al.get('wikitext2_before_after') or [None, None])[1])}."]
+    if res.get("sweep"):
+        lines += ["", "## Pruning-ratio sweep (LoRAM-Stru, Taylor, layers 4:28; the paper's Fig. 7)", "",
+                  "| ratio | param. reduction | in-domain ppl recovered | in-domain ppl served pruned | OOD ppl recovered | OOD ppl served pruned |",
+                  "|---|---|---|---|---|---|"]
+        for k in sorted(res["sweep"], key=float):
+            s = res["sweep"][k]
+            lines.append(f"| {k} | {fmt(s.get('reduction'))}x | " + " | ".join(
+                fmt(metric(s.get(h), "ppl", m, "ppl"), ".3f") for m in ("in_domain", "alpaca_ood") for h in ("recovered", "served_pruned")) + " |")
+        lines += ["", f"Base (no fine-tuning): in-domain {fmt(metric(base, 'ppl', 'in_domain', 'ppl'), '.3f')}, "
+                  f"OOD {fmt(metric(base, 'ppl', 'alpaca_ood', 'ppl'), '.3f')}. ![sweep](quality_sweep.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def goals(res: dict) -> list[str]:
+    rows = res["rows"]
+    g = lambda n, h, m: metric(rows.get(n, {}).get(h), "ppl", m, "ppl")  # noqa: E731
+    b_in, l_in, s_in, b_ood = g("base", "recovered", "in_domain"), g("lora", "recovered", "in_domain"), g("stru", "recovered", "in_domain"), g("base", "recovered", "alpaca_ood")
+    out = ["", "Goals (issue 5), LoRAM-Stru at 1.41x:"]
+    if None in (b_in, l_in, s_in):
+        return out + ["- not all rows have run"]
+    gain = (b_in - s_in) / (b_in - l_in) if b_in != l_in else float("nan")
+    out.append(f"- in-domain: base {b_in:.3f} -> LoRAM-Stru {s_in:.3f} vs full LoRA {l_in:.3f}: {gain:.0%} of full LoRA's gain (goal >= 50%)")
+    sv_in, sv_ood, s_ood = g("stru", "served_pruned", "in_domain"), g("stru", "served_pruned", "alpaca_ood"), g("stru", "recovered", "alpaca_ood")
+    if None not in (sv_in, sv_ood, s_ood):
+        out.append(f"- recovered vs served pruned: in-domain {s_in:.3f} vs {sv_in:.3f}, OOD {s_ood:.3f} vs {sv_ood:.3f}")
+        out.append(f"- OOD: LoRAM-Stru {s_ood:.3f} vs base {b_ood:.3f} (goal: no worse)")
+    return out
+
+
+def sweep_png(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(res["sweep"], key=float)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, m, title in zip(axes, ("in_domain", "alpaca_ood"), ("in-domain ppl", "out-of-domain ppl (Alpaca)")):
+        for h, style in (("recovered", "o-"), ("served_pruned", "s--")):
+            xs = [float(k) for k in ks if metric(res["sweep"][k].get(h), "ppl", m, "ppl") is not None]
+            ys = [metric(res["sweep"][f"{x:g}"].get(h), "ppl", m, "ppl") for x in xs]
+            ax.plot(xs, ys, style, label="LoRAM (recovered)" if h == "recovered" else "pruned + LoRA, served pruned")
+        b = metric(res["rows"].get("base", {}).get("recovered"), "ppl", m, "ppl")
+        if b:
+            ax.axhline(b, color="grey", lw=0.8, label="base, no fine-tuning")
+        ax.set(xlabel="pruning ratio (layers 4:28)", title=title, yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default=",".join(ORDER))
+    ap.add_argument("--sweep", default="0.3,0.5,0.65,0.85")
+    ap.add_argument("--work", default="runs/bench-quality")
+    ap.add_argument("--assemble-only", action="store_true")
+    a = ap.parse_args()
+    global ASSEMBLE_ONLY
+    ASSEMBLE_ONLY = a.assemble_only
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} not found: this benchmark needs the shared data (../shared/data)")
+    work = ROOT / a.work
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(work)
+    res = {"rows": {}, "sweep": {}, "command": "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:])}
+    t0 = time.time()
+    jobs = [(f"row {n}", run_row, n) for n in a.rows.split(",") if n]
+    jobs += [(f"sweep {r}", run_sweep, float(r)) for r in a.sweep.split(",") if r]
+    for title, fn, arg in jobs:  # each job saves its stages in --work; a table is written after each
+        print(title, flush=True)
+        try:
+            fn(work, arg, data, res)
+        except Missing as m:
+            print(f"  not run: {m}")
+        report(res, t0)
+    return 0
+
+
+def report(res: dict, t0: float) -> None:
+    import torch
+    import transformers
+
+    res["hardware"] = f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    res["wall_s_this_invocation"] = round(time.time() - t0)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality_smollm2.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / "quality_smollm2.md").write_text(tables(res))
+    if any(s.get("recovered") for s in res["sweep"].values()):
+        sweep_png(res, RESULTS / "quality_sweep.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
