@@ -35,6 +35,7 @@ so `loram.load_pruned`, `loram train` and `loram recover --base ORIGINAL` work a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,8 @@ import torch
 from .errors import LoramError
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, geometry
 from .fingerprint import config_digest
-from .io import atomic_dir, check_output, load_config, load_model, resolve_model, safetensors_files, safetensors_shapes
+from .io import (atomic_dir, check_output, load_config, load_model, refuse_pickle_only, resolve_model, safetensors_files,
+                 safetensors_shapes)
 from .plan import LayerPlan, PrunePlan
 
 NM_GROUPS = (4, 8)
@@ -59,7 +61,7 @@ class Tensors:
         self.name = str(name)
         p = Path(self.name)
         if p.is_dir() and not need_config:
-            _refuse_pickles(p)
+            refuse_pickle_only(p)
             self._files = safetensors_files(p)
         else:
             path, gguf = resolve_model(name)  # refuses pickles with a conversion hint
@@ -86,12 +88,6 @@ class Tensors:
 
         with safe_open(str(self._where[key]), framework="pt") as h:
             return h.get_tensor(key)
-
-
-def _refuse_pickles(p: Path) -> None:
-    if not list(p.glob("*.safetensors")) and (list(p.glob("*.bin")) or list(p.glob("*.pt")) or list(p.glob("*.pth"))):
-        raise LoramError(f"{p} has only pickle weights (.bin/.pt), which loram never loads: convert them to safetensors "
-                         "(load once yourself and save with safetensors)")
 
 
 def _weight_key(layer: int, role: str, what: str = "weight") -> str:
@@ -299,17 +295,10 @@ def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, ou
                 raise LoramError(f"{key} of {pruned} is not the original's kept rows/columns: the kept-index lists do "
                                  "not match the checkpoint (or it was retrained after pruning: pass --allow-retrained "
                                  "to check the shapes only)")
-    plan.extra["params_original"] = sum(_numel(s) for k, s in orig.shapes.items() if not (g.tied and k == "lm_head.weight"))
-    plan.extra["params_pruned"] = sum(_numel(s) for k, s in want.items() if not (g.tied and k == "lm_head.weight"))
+    plan.extra["params_original"] = sum(math.prod(s) for k, s in orig.shapes.items() if not (g.tied and k == "lm_head.weight"))
+    plan.extra["params_pruned"] = sum(math.prod(s) for k, s in want.items() if not (g.tied and k == "lm_head.weight"))
     plan.extra["validated"] = "shapes" if allow_retrained else "shapes+values"
     with atomic_dir(out, overwrite) as tmp:
         _write_folder(tmp, src, config, [pruned, base], plan)
         _verify_loadable(tmp, plan, config)
     return plan
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

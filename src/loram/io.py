@@ -147,15 +147,20 @@ def resolve_model(name: str | Path) -> tuple[str, str | None]:
                 return str(p), ggufs[0].name
             raise LoramError(f"{p} is not a model folder (no config.json): pass a Hugging Face model folder, a .gguf file or a hub id")
         if not list(p.glob("*.safetensors")):
-            if list(p.glob("*.bin")) or list(p.glob("*.pt")):
-                raise LoramError(f"{p} has only pickle weights (.bin/.pt), which loram never loads: convert them to safetensors "
-                                 "(load once yourself and save_pretrained(safe_serialization=True))")
+            refuse_pickle_only(p)
             raise LoramError(f"{p} has a config.json but no .safetensors weights: the folder is incomplete")
         return str(p), None
     if s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise LoramError(f"model path {s} does not exist: pass an existing folder, a .gguf file, a hub id "
                          f"(owner/name) or the built-in alias {SMOLLM2_ALIAS!r}")
     return s, None  # hub id: transformers downloads it (safetensors only)
+
+
+def refuse_pickle_only(folder: Path) -> None:
+    """Refuse a folder whose only weights are pickles (.bin/.pt/.pth): loram never loads those."""
+    if not list(folder.glob("*.safetensors")) and any(list(folder.glob(g)) for g in ("*.bin", "*.pt", "*.pth")):
+        raise LoramError(f"{folder} has only pickle weights (.bin/.pt), which loram never loads: convert them to safetensors "
+                         "(load once yourself and save_pretrained(safe_serialization=True))")
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:

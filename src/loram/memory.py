@@ -19,25 +19,28 @@ MMAP_THRESHOLD = 131072
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 
 
-def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold so freed buffers leave RSS (see above). False where not glibc."""
+def _glibc():
+    """glibc through ctypes, or None (musl, macOS, Windows: those allocators need none of this)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold so freed buffers leave RSS (see above). False where not glibc."""
+    libc = _glibc()
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))) if libc is not None else False
 
 
 def malloc_trim() -> None:
     """Return glibc's free heap pages to the kernel (before a measured phase); no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def rss_gb() -> float:

@@ -85,10 +85,11 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
 def _sparse_plan(base):
     from .plan import PrunePlan
 
-    if not (Path(str(base)).is_dir() and has_plan(base)) or PrunePlan.load(base).kind != "sparse":
+    plan = PrunePlan.load(base) if Path(str(base)).is_dir() and has_plan(base) else None
+    if plan is None or plan.kind != "sparse":
         raise LoramError(f"--keep-sparse needs the sparse pruned model as BASE (its zeros are the mask), not {base}: "
                          "pass the folder written by `loram prune --sparsity ...`")
-    return PrunePlan.load(base)
+    return plan
 
 
 def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 64,
