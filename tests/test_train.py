@@ -129,3 +129,20 @@ def test_bad_knobs_fail_clearly(tiny_dir, alpaca_file, tmp_path):
         train(tiny_dir, tmp_path / "B", cfg(alpaca_file, schedule="zigzag"))
     with pytest.raises(LoramError, match="longer than --seq-len 4"):
         train(tiny_dir, tmp_path / "C", cfg(alpaca_file, seq_len=4))
+
+
+@pytest.mark.parametrize("extra", [dict(grad_accum=2), dict(grad_checkpointing=True, targets=("q", "v", "down", "lm_head"))])
+def test_loss_chunk_trains_exactly_like_the_stock_loss(pruned_dir, alpaca_file, tmp_path, extra):
+    """--loss-chunk changes memory, not the run: same losses, same adapter (grad accumulation normalises
+    by the accumulated batch's targets in both; lm_head may itself carry LoRA)."""
+    c = dict(steps=3, dropout=0.0) | extra
+    ref = train(pruned_dir, tmp_path / "stock", cfg(alpaca_file, **c))
+    got = train(pruned_dir, tmp_path / "chunk", cfg(alpaca_file, loss_chunk=7, **c))
+    la, lb = [x["loss"] for x in ref.losses], [x["loss"] for x in got.losses]
+    assert len(la) == len(lb) == 3 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-4
+    A = load_file(str(tmp_path / "stock" / "adapter_model.safetensors"))
+    B = load_file(str(tmp_path / "chunk" / "adapter_model.safetensors"))
+    assert A.keys() == B.keys() and max((A[k] - B[k]).abs().max().item() for k in A) < 1e-4
+    assert any("lora_B" in k and A[k].abs().sum() > 0 for k in A)  # it trained: the comparison is not of zeros
+    with pytest.raises(LoramError, match="--loss-chunk -1 must be >= 0"):
+        train(pruned_dir, tmp_path / "bad", cfg(alpaca_file, loss_chunk=-1))

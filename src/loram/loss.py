@@ -15,6 +15,8 @@ shift (position t predicts label t+1), same ignore_index.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -28,12 +30,14 @@ def _chunk_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, ignore_
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, chunk: int = 128,
-                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                           ignore_index: int = IGNORE_INDEX, num_items=None) -> torch.Tensor:
     """Mean next-token cross-entropy of ``lm_head(hidden)`` against ``labels``, ``chunk`` positions at a time.
 
     hidden: [batch, seq, d] final hidden states (after the final norm); labels: [batch, seq], the
     input ids or -100 where ignored (not shifted: the shift is done here, as the stock loss does).
     lm_head: any callable hidden -> logits (nn.Linear, a PEFT-wrapped head, ...).
+    num_items: divide the summed loss by this instead of this batch's target count (the Trainer's
+    ``num_items_in_batch``: targets in the whole accumulated batch, so gradient accumulation is exact).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -46,5 +50,20 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, 
             total = total + checkpoint(_chunk_loss_sum, lm_head, hc, yc, ignore_index, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(lm_head, hc, yc, ignore_index)
+    if num_items is not None:
+        return total / num_items
     # all targets ignored: 0/0 would be nan, as the stock mean is; keep that behaviour
     return total / n
+
+
+@contextmanager
+def hidden_states_as_logits(causal_lm):
+    """Inside: ``causal_lm(...).logits`` are the final hidden states (lm_head replaced by identity);
+    yields the real head for ``chunked_causal_lm_loss``. The forward still runs through whatever wraps
+    the model (PEFT, DDP), so hooks, gradient checkpointing and gradient sync behave as usual."""
+    head = causal_lm.lm_head
+    causal_lm.lm_head = torch.nn.Identity()
+    try:
+        yield head
+    finally:
+        causal_lm.lm_head = head

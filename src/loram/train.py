@@ -69,6 +69,10 @@ class RunConfig:
     eval_steps: int = 0  # 0: every --save-steps, else only at the end
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # 0: transformers' loss (full fp32 logits: batch x seq x vocab x 4 B, several copies; 0.4 GB per
+    # 512 tokens at vocab 49152). N: lm_head + cross-entropy N positions at a time (loram.loss), the
+    # same value; costs one extra lm_head matmul per token. Pays off when the base is small (pruned).
+    loss_chunk: int = 0
 
 
 @dataclass
@@ -387,6 +391,24 @@ def _trainer_class():
             if checkpoint is not None and not load_rng_state(Path(checkpoint), self.args.process_index):
                 super()._load_rng_state(checkpoint)
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            chunk = getattr(self, "loss_chunk", 0)
+            if not chunk or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from .loss import chunked_causal_lm_loss, hidden_states_as_logits
+
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            with hidden_states_as_logits(causal_lm_of(model)) as head:
+                outputs = model(**inputs)
+            loss = chunked_causal_lm_loss(outputs.logits, head, labels, chunk, num_items=num_items_in_batch)
+            # the stock path's rule: with num_items_in_batch the loss is a share of the accumulated
+            # batch's mean (Trainer skips its own /grad_accum); across ranks it is summed back
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
@@ -414,6 +436,15 @@ def _trainer_class():
                 _fsync_dir(d)
 
     return LoramTrainer
+
+
+def causal_lm_of(model):
+    """The *ForCausalLM module inside DDP / PEFT wrappers (the one that owns lm_head)."""
+    m = getattr(model, "module", model)  # DDP
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m  # PEFT
+    if not hasattr(m, "lm_head"):
+        raise LoramError(f"--loss-chunk needs a causal LM with an lm_head, got {type(m).__name__}")
+    return m
 
 
 def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig):
@@ -489,6 +520,11 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     out = {"losses": [], "eval_history": []}
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                callbacks=_callbacks(out, evals or {}, pad_id, cfg) + list(callbacks or []))
+    if cfg.loss_chunk < 0:
+        raise LoramError(f"--loss-chunk {cfg.loss_chunk} must be >= 0 (0: the stock loss)")
+    if cfg.loss_chunk and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding do not allow: drop --loss-chunk")
+    trainer.loss_chunk = cfg.loss_chunk
     if resume_from is not None:  # restore the history so the report covers the whole run
         prev = json.loads((resume_from / "trainer_state.json").read_text())
         out["losses"] = [{"step": r["step"], "loss": float(r["loss"])} for r in prev.get("log_history", []) if "loss" in r]

@@ -22,6 +22,9 @@ def add_run_args(p, lr: float, seq_len: int) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (less memory, ~30%% slower)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (~1.2-1.3x faster on a bf16 CPU)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+                   help="cross-entropy N positions at a time, never the full logits (same loss, less memory; "
+                        "e.g. 128; 0: transformers' loss). Not with FSDP/DeepSpeed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (to OUT-checkpoints)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUT-checkpoints)")
@@ -86,7 +89,7 @@ def run_kwargs(a) -> dict:
     return dict(data=files, data_weights=weights, lr=a.lr, schedule=a.schedule, warmup=a.warmup, steps=a.steps, epochs=a.epochs,
                 micro_batch=a.micro_batch, grad_accum=a.grad_accum, seq_len=a.seq_len, grad_checkpointing=a.grad_checkpointing,
                 bf16=a.bf16, seed=a.seed, save_steps=a.save_steps, logging_steps=a.logging_steps, eval=parse_evals(a.eval),
-                eval_steps=a.eval_steps, weight_decay=a.weight_decay)
+                eval_steps=a.eval_steps, weight_decay=a.weight_decay, loss_chunk=a.loss_chunk)
 
 
 def is_main() -> bool:

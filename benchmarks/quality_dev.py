@@ -1,0 +1,203 @@
+"""Issue 5 investigation: why does LoRAM-Stru reach only part of full LoRA's gain? Tried on a DEV split.
+
+    OMP_NUM_THREADS=1 python benchmarks/quality_dev.py [--only stru,mlp_only,...]
+
+quality_smollm2.py's test sets are never used to choose anything. This script scores knobs on a
+separate dev split drawn from rows no test set and no training row uses:
+
+    in-domain dev  math_data[3100:3133] + codegen-instruct[4100:4133] + gsm8k/train[3000:3033]
+    OOD dev        alpaca_en_demo[500:600]           (the test set is alpaca_en_demo[:100])
+
+Every variant trains like quality_smollm2.py (same mixture, 40 steps x 4 x 256, seed 0) unless its
+row says otherwise, then is served as the ORIGINAL model + recovered adapter. Adapters that
+quality_smollm2.py already trained (base, lora, stru, aligned, semi, unst, sweep points) are reused
+from its --work folder; only their dev evaluation is new. Perplexity only (no MC: CPU budget).
+Writes benchmarks/results/quality_dev.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_smollm2 as q  # noqa: E402  (same stages, same caching)
+
+# name: (what it tests, pruned-model key (prune_args) or None for the original, train extra, recover extra)
+# MLP-only at 0.62: 0.62 x 2.65M MLP params ~ the 1.63M/layer that stru's 0.5 MLP + 1 of 3 KV groups removes -> 1.42x vs 1.41x
+VARIANTS = {
+    "base": ("no fine-tuning", None, None, []),
+    "lora": ("full LoRA on the original", None, [], []),
+    "stru": ("LoRAM-Stru as benchmarked (Taylor 0.5, MLP + 1/3 KV groups, lr 1e-3)", "stru", [], []),
+    "stru_fill_normal": ("same adapter, recovered with --fill normal (paper's normA)", "stru", [], ["--fill", "normal"]),
+    "aligned": ("stru after 300 alignment steps", "aligned", [], []),
+    "stru_scale0.7": ("stru's recovered adapter with its scaling x0.7 (a diagnostic: are the updates too large?)", "stru", [], ["scale", "0.7"]),
+    "mlp_only": ("MLP channels only, ratio 0.62, attention kept (1.42x)", "mlp0.62", [], []),
+    "mlp_aligned": ("mlp_only after the same 300 alignment steps (lr 2e-5)", "align:mlp0.62:2e-5", [], []),
+    "stru_lr2e-3": ("stru, lr 2e-3", "stru", ["--lr", "2e-3"], []),
+    "stru_lr5e-4": ("stru, lr 5e-4", "stru", ["--lr", "5e-4"], []),
+    "aligned_lr1e-4": ("stru after 300 alignment steps at lr 1e-4 (5x the benchmark's 2e-5)", "align:stru:1e-4", [], []),
+    "semi": ("LoRAM-Semi (2:4)", "semi", [], []),
+    "unst": ("LoRAM-Unst (50%)", "unst", [], []),
+    "stru0.85": ("Taylor 0.85 (2.03x), not aligned", "stru0.85", [], []),
+    "aligned85": ("Taylor 0.85 (2.03x) after 300 alignment steps", "aligned85", [], []),
+}
+NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "aligned": "adapter_aligned_recovered",
+                 "stru_lr5e-4": "adapter_dev_stru_lr5e-4_recovered", "mlp_only": "adapter_dev_mlp_only_recovered",
+                 "mlp_aligned": "adapter_dev_mlp_aligned_recovered",
+                 "unst": "adapter_unst_recovered"}
+PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
+
+
+def dev_data(work: Path) -> dict:
+    d = work / "dev"
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "indomain_dev.jsonl").exists():
+        rows = json.loads((q.DATA / "instruct/math_data.json").read_text())[3100:3133]
+        rows += json.loads((q.DATA / "instruct/codegen-instruct.json").read_text())[4100:4133]
+        rows += [{"instruction": r["question"], "output": r["answer"]} for r in
+                 map(json.loads, (q.DATA / "gsm8k/train.jsonl").read_text().splitlines()[3000:3033])]
+        rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
+        (d / "indomain_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ood = json.loads((q.DATA / "instruct/alpaca_en_demo.json").read_text())[500:600]
+        (d / "alpaca_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ood))
+    return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")}}
+
+
+def adapter_of(work: Path, name: str, key: str | None, extra: list[str], data: dict) -> Path | None:
+    """The (pruned-shape) adapter of a variant: reused from quality_smollm2 when it trained the same thing."""
+    if extra is None:
+        return None
+    if key is None:
+        q.train(work, "adapter_lora", "smollm2", [], data)
+        return work / "adapter_lora"
+    reuse = {"stru": "adapter_stru", "aligned": "adapter_aligned", "semi": "adapter_semi", "unst": "adapter_unst",
+             "stru0.85": "adapter_stru0.85", "aligned85": "adapter_aligned85"}
+    if not extra and key in reuse:
+        if not (work / reuse[key] / "train_report.json").exists():
+            raise SystemExit(f"{reuse[key]} not trained yet: run benchmarks/quality_smollm2.py (its row or sweep point) first")
+        return work / reuse[key]
+    if key.startswith("align:"):  # align:PRUNED:LR - another alignment budget of a pruned model
+        _, src, lr = key.split(":")
+        pruned = work / f"aligned_{src}_lr{lr}"
+        if not (pruned / "align_report.json").exists():
+            q.sh(["loram", "align", str(q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src))), "-o", str(pruned), "--overwrite", *q.ALIGN,
+                  "--lr", lr, "--data", f"{q.DATA}/corpus/wiki_demo.txt=0.5", "--data", f"{q.DATA}/corpus/c4_demo.jsonl=0.5",
+                  "--eval", f"wikitext2={q.DATA}/wikitext2/valid.txt[:300]"], work / f"align_{pruned.name}.log")
+    else:
+        pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
+    q.train(work, f"adapter_dev_{name}", str(pruned), extra, data)
+    return work / f"adapter_dev_{name}"
+
+
+def scaled(src: Path, out: Path, factor: float) -> None:
+    """A copy of a recovered adapter whose update B@A*alpha/r is ``factor`` times as large (lora_alpha scaled)."""
+    import shutil
+
+    shutil.copytree(src, out.with_name(out.name + ".tmp"), dirs_exist_ok=True)
+    cfg_path = out.with_name(out.name + ".tmp") / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("alpha_pattern") or cfg.get("rank_pattern"):
+        raise SystemExit("scaling an adapter with alpha/rank patterns is not supported here")
+    cfg["lora_alpha"] = cfg["lora_alpha"] * factor
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    out.with_name(out.name + ".tmp").rename(out)
+
+
+def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
+    what, key, extra, rec_extra = VARIANTS[name]
+    adapter = adapter_of(work, name, key, extra, data)
+    if adapter is not None and key is not None:
+        out = work / f"{adapter.name}_recovered{'_' + name if rec_extra else ''}"
+        if rec_extra[:1] == ["scale"] and not (out / "adapter_config.json").exists():
+            scaled(work / f"{adapter.name}_recovered", out, float(rec_extra[1]))
+        elif not (out / "adapter_config.json").exists():
+            q.sh(["loram", "recover", str(adapter), "--base", "smollm2", "-o", str(out), "--overwrite", *rec_extra],
+                 work / f"recover_{out.name}.log")
+        adapter = out
+    ev = q.evaluate(work / "dev", name, "smollm2", str(adapter) if adapter else None, dev, mc=False)
+    frozen = json.loads((adapter.parent / adapter.name.split("_recovered")[0] / "train_report.json").read_text())["frozen_params"] if adapter and key else None
+    res[name] = {"what": what, "in_domain": q.metric(ev, "ppl", "in_domain", "ppl"), "ood": q.metric(ev, "ppl", "alpaca_ood", "ppl"),
+                 "reduction": round(q.ORIGINAL_PARAMS / frozen, 3) if frozen and key not in ("semi", "unst") else 1.0}
+
+
+def update_norms(work: Path, adapters: dict[str, str]) -> dict:
+    """Mean per-head (q,k,v,o) and per-layer mean-row (gate,up,down) update norms of each recovered
+    adapter (`loram inspect`, zeros excluded), averaged over layers: how large the learned update is."""
+    out = {}
+    for name, folder in adapters.items():
+        if not (work / folder / "adapter_config.json").exists():
+            continue
+        d = work / "dev" / f"inspect_{folder}"
+        if not (d / "update_norms.json").exists():
+            q.sh(["loram", "inspect", str(work / folder), "-o", str(d)], work / "dev" / f"inspect_{folder}.log")
+        j = json.loads((d / "update_norms.json").read_text())
+        mean = lambda rows: sum(x for r in rows for x in (r if isinstance(r, list) else [r]) if x) / max(1, sum(  # noqa: E731
+            1 for r in rows for x in (r if isinstance(r, list) else [r]) if x))
+        out[name] = {"attn_head": {k: round(mean(v), 4) for k, v in j["heads"].items()},
+                     "mlp_row": {k: round(mean(v), 5) for k, v in j["mlp_mean_row_norm"].items()}}
+    return out
+
+
+def norms_table(norms: dict) -> list[str]:
+    if "lora" not in norms:
+        return []
+    ref = norms["lora"]
+    lines = ["", "Update norms relative to full LoRA's (`loram inspect`, zeros excluded, mean over layers and heads):", "",
+             "| adapter | q | k | v | o | gate | up | down |", "|---|---|---|---|---|---|---|---|"]
+    for name, n in norms.items():
+        cells = [n["attn_head"][k] / ref["attn_head"][k] for k in ("q", "k", "v", "o")]
+        cells += [n["mlp_row"][k] / ref["mlp_row"][k] for k in ("gate", "up", "down")]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.2f}x" for c in cells) + " |")
+    return lines
+
+
+def table(res: dict, command: str, norms: dict | None = None) -> str:
+    b, l_ = res.get("base"), res.get("lora")
+    lines = ["# LoRAM-Stru investigation on a dev split (SmolLM2-135M-Instruct; never the test sets)", "",
+             f"Command: `{command}`. Dev split: see the docstring of benchmarks/quality_dev.py. Every row served as the original "
+             "model + recovered adapter; 40 steps x 4 x 256 tokens, seed 0, unless the row says otherwise.", "",
+             "| variant | what | param. reduction | in-domain dev ppl | share of full LoRA's gain | OOD dev ppl | OOD vs base |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        gain = (b["in_domain"] - r["in_domain"]) / (b["in_domain"] - l_["in_domain"]) if b and l_ and r["in_domain"] else None
+        ood = (r["ood"] / b["ood"] - 1) if b and r["ood"] else None
+        lines.append(f"| {name} | {r['what']} | {r['reduction']:.2f}x | {q.fmt(r['in_domain'], '.3f')} | "
+                     f"{'-' if gain is None else f'{gain:.0%}'} | {q.fmt(r['ood'], '.3f')} | {'-' if ood is None else f'{ood:+.1%}'} |")
+    return "\n".join(lines + norms_table(norms or {})) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(VARIANTS))
+    ap.add_argument("--work", default="runs/bench-quality")
+    a = ap.parse_args()
+    if not q.DATA.is_dir():
+        sys.exit(f"{q.DATA} not found: this benchmark needs the shared data (../shared/data)")
+    work = q.ROOT / a.work
+    data, dev = q.prepare_data(work), dev_data(work)
+    out = q.RESULTS / "quality_dev.json"
+    res = json.loads(out.read_text())["variants"] if out.exists() else {}
+    command = "OMP_NUM_THREADS=1 python benchmarks/quality_dev.py " + " ".join(sys.argv[1:])
+    for name in filter(None, a.only.split(",")):
+        t0 = time.time()
+        print(name, flush=True)
+        run(work, name, data, dev, res)
+        print(f"  {time.time() - t0:.0f} s: {res[name]}", flush=True)
+        res = {k: res[k] for k in VARIANTS if k in res}
+        write(out, command, res, {})
+    norms = update_norms(work, NORM_ADAPTERS)
+    write(out, command, res, norms)
+    return 0
+
+
+def write(out: Path, command: str, res: dict, norms: dict) -> None:
+    out.write_text(json.dumps({"command": command, "variants": res, "update_norms": norms}, indent=2) + "\n")
+    (q.RESULTS / "quality_dev.md").write_text(table(res, command, norms))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
