@@ -67,26 +67,20 @@ def dev_data(work: Path) -> dict:
     return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")}}
 
 
-def adapter_of(work: Path, name: str, key: str | None, extra: list[str], data: dict) -> Path | None:
-    """The (pruned-shape) adapter of a variant: reused from quality_smollm2 when it trained the same thing."""
+def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, data: dict) -> Path | None:
+    """The (pruned-shape) adapter of a variant: quality_smollm2's own (adapter_ROW) when it trained the same thing."""
     if extra is None:
         return None
     if key is None:
         q.train(work, "adapter_lora", "smollm2", [], data)
         return work / "adapter_lora"
-    reuse = {"stru": "adapter_stru", "aligned": "adapter_aligned", "semi": "adapter_semi", "unst": "adapter_unst",
-             "stru0.85": "adapter_stru0.85", "aligned85": "adapter_aligned85"}
-    if not extra and key in reuse:
-        if not (work / reuse[key] / "train_report.json").exists():
-            raise SystemExit(f"{reuse[key]} not trained yet: run benchmarks/quality_smollm2.py (its row or sweep point) first")
-        return work / reuse[key]
+    if not extra and (key in q.ROWS or key.startswith("stru0.")):  # a benchmark row or sweep point
+        if not (work / f"adapter_{key}" / "train_report.json").exists():
+            raise SystemExit(f"adapter_{key} not trained yet: run benchmarks/quality_smollm2.py (its row or sweep point) first")
+        return work / f"adapter_{key}"
     if key.startswith("align:"):  # align:PRUNED:LR - another alignment budget of a pruned model
         _, src, lr = key.split(":")
-        pruned = work / f"aligned_{src}_lr{lr}"
-        if not (pruned / "align_report.json").exists():
-            q.sh(["loram", "align", str(q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src))), "-o", str(pruned), "--overwrite", *q.ALIGN,
-                  "--lr", lr, "--data", f"{q.DATA}/corpus/wiki_demo.txt=0.5", "--data", f"{q.DATA}/corpus/c4_demo.jsonl=0.5",
-                  "--eval", f"wikitext2={q.DATA}/wikitext2/valid.txt[:300]"], work / f"align_{pruned.name}.log")
+        pruned, _ = q.align(work, q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src)), lr, work / f"aligned_{src}_lr{lr}")
     else:
         pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
     q.train(work, f"adapter_dev_{name}", str(pruned), extra, data)
@@ -109,19 +103,26 @@ def scaled(src: Path, out: Path, factor: float) -> None:
 
 def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
     what, key, extra, rec_extra = VARIANTS[name]
-    adapter = adapter_of(work, name, key, extra, data)
-    if adapter is not None and key is not None:
-        out = work / f"{adapter.name}_recovered{'_' + name if rec_extra else ''}"
-        if rec_extra[:1] == ["scale"] and not (out / "adapter_config.json").exists():
-            scaled(work / f"{adapter.name}_recovered", out, float(rec_extra[1]))
-        elif not (out / "adapter_config.json").exists():
-            q.sh(["loram", "recover", str(adapter), "--base", "smollm2", "-o", str(out), "--overwrite", *rec_extra],
-                 work / f"recover_{out.name}.log")
-        adapter = out
-    ev = q.evaluate(work / "dev", name, "smollm2", str(adapter) if adapter else None, dev, mc=False)
-    frozen = json.loads((adapter.parent / adapter.name.split("_recovered")[0] / "train_report.json").read_text())["frozen_params"] if adapter and key else None
+    trained = adapter_of(work, name, key, extra, data)
+    served, reduction = trained, 1.0
+    if trained is not None and key is not None:
+        served = work / f"{trained.name}_recovered{'_' + name if rec_extra else ''}"
+        if rec_extra[:1] == ["scale"] and not (served / "adapter_config.json").exists():
+            scaled(work / f"{trained.name}_recovered", served, float(rec_extra[1]))
+        elif not (served / "adapter_config.json").exists():
+            q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(served), "--overwrite", *rec_extra],
+                 work / f"recover_{served.name}.log")
+        if key not in ("semi", "unst"):  # sparse models keep their shapes: no parameter reduction
+            reduction = q.reduction(json.loads((trained / "train_report.json").read_text()), True)
+    ev = q.evaluate(work / "dev", name, "smollm2", str(served) if served else None, dev, mc=False)
     res[name] = {"what": what, "in_domain": q.metric(ev, "ppl", "in_domain", "ppl"), "ood": q.metric(ev, "ppl", "alpaca_ood", "ppl"),
-                 "reduction": round(q.ORIGINAL_PARAMS / frozen, 3) if frozen and key not in ("semi", "unst") else 1.0}
+                 "reduction": round(reduction, 3)}
+
+
+def mean_nonzero(rows: list) -> float:
+    """Mean of the non-zero numbers in a list of numbers or of lists (inspect's maps mark pruned cells 0)."""
+    xs = [x for r in rows for x in (r if isinstance(r, list) else [r]) if x]
+    return sum(xs) / max(1, len(xs))
 
 
 def update_norms(work: Path, adapters: dict[str, str]) -> dict:
@@ -135,10 +136,8 @@ def update_norms(work: Path, adapters: dict[str, str]) -> dict:
         if not (d / "update_norms.json").exists():
             q.sh(["loram", "inspect", str(work / folder), "-o", str(d)], work / "dev" / f"inspect_{folder}.log")
         j = json.loads((d / "update_norms.json").read_text())
-        mean = lambda rows: sum(x for r in rows for x in (r if isinstance(r, list) else [r]) if x) / max(1, sum(  # noqa: E731
-            1 for r in rows for x in (r if isinstance(r, list) else [r]) if x))
-        out[name] = {"attn_head": {k: round(mean(v), 4) for k, v in j["heads"].items()},
-                     "mlp_row": {k: round(mean(v), 5) for k, v in j["mlp_mean_row_norm"].items()}}
+        out[name] = {"attn_head": {k: round(mean_nonzero(v), 4) for k, v in j["heads"].items()},
+                     "mlp_row": {k: round(mean_nonzero(v), 5) for k, v in j["mlp_mean_row_norm"].items()}}
     return out
 
 

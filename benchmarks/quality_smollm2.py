@@ -44,7 +44,8 @@ DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 STEPS, ALIGN_STEPS, LAYERS = 40, 300, "4:28"
 TRAIN = ["--steps", str(STEPS), "--micro-batch", "4", "--seq-len", "256", "--lr", "1e-3", "--seed", "0", "--logging-steps", "5"]
-ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", "--lr", "2e-5", "--logging-steps", "20"]
+ALIGN_LR = "2e-5"
+ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", "--logging-steps", "20"]
 ROWS = {  # name: (label, prune args or None, train extra, structured?)
     "base": ("base w/o FT", None, None, False),
     "lora": ("full LoRA", None, [], False),
@@ -149,10 +150,10 @@ def recover(work: Path, adapter: Path) -> Path:
     return out
 
 
-def align(work: Path, pruned: Path) -> tuple[Path, dict]:
-    out = work / f"aligned_{pruned.name.removeprefix('pruned_')}"
+def align(work: Path, pruned: Path, lr: str = ALIGN_LR, out: Path | None = None) -> tuple[Path, dict]:
+    out = out or work / f"aligned_{pruned.name.removeprefix('pruned_')}"
     if not (out / "align_report.json").exists():
-        sh(["loram", "align", str(pruned), "-o", str(out), "--overwrite", *ALIGN, "--data", f"{DATA}/corpus/wiki_demo.txt=0.5",
+        sh(["loram", "align", str(pruned), "-o", str(out), "--overwrite", *ALIGN, "--lr", lr, "--data", f"{DATA}/corpus/wiki_demo.txt=0.5",
             "--data", f"{DATA}/corpus/c4_demo.jsonl=0.5", "--eval", f"wikitext2={DATA}/wikitext2/valid.txt[:300]"],
            work / ("align.log" if out.name == "aligned_stru" else f"align_{out.name}.log"))
     rep = json.loads((out / "align_report.json").read_text())

@@ -69,8 +69,8 @@ class RunConfig:
     eval_steps: int = 0  # 0: every --save-steps, else only at the end
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # 0: transformers' loss (full fp32 logits: batch x seq x vocab x 4 B, several copies; 0.4 GB per
-    # 512 tokens at vocab 49152). N: lm_head + cross-entropy N positions at a time (loram.loss), the
+    # 0: transformers' loss (full fp32 logits: batch x seq x vocab x 4 B, ~4 live copies with their
+    # gradients: 0.1 GB each per 512 tokens at vocab 49152). N: lm_head + cross-entropy N positions at a time (loram.loss), the
     # same value; costs one extra lm_head matmul per token. Pays off when the base is small (pruned).
     loss_chunk: int = 0
 
@@ -391,15 +391,17 @@ def _trainer_class():
             if checkpoint is not None and not load_rng_state(Path(checkpoint), self.args.process_index):
                 super()._load_rng_state(checkpoint)
 
+        loss_chunk = 0  # RunConfig.loss_chunk, set by fit
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            chunk = getattr(self, "loss_chunk", 0)
+            chunk = self.loss_chunk
             if not chunk or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             from .loss import chunked_causal_lm_loss, hidden_states_as_logits
 
             inputs = dict(inputs)
             labels = inputs.pop("labels")
-            with hidden_states_as_logits(causal_lm_of(model)) as head:
+            with hidden_states_as_logits(causal_lm_of(self.accelerator.unwrap_model(model))) as head:
                 outputs = model(**inputs)
             loss = chunked_causal_lm_loss(outputs.logits, head, labels, chunk, num_items=num_items_in_batch)
             # the stock path's rule: with num_items_in_batch the loss is a share of the accumulated
@@ -439,9 +441,8 @@ def _trainer_class():
 
 
 def causal_lm_of(model):
-    """The *ForCausalLM module inside DDP / PEFT wrappers (the one that owns lm_head)."""
-    m = getattr(model, "module", model)  # DDP
-    m = m.get_base_model() if hasattr(m, "get_base_model") else m  # PEFT
+    """The *ForCausalLM module inside a PEFT wrapper (the one that owns lm_head); DDP is unwrapped by the caller."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(m, "lm_head"):
         raise LoramError(f"--loss-chunk needs a causal LM with an lm_head, got {type(m).__name__}")
     return m
@@ -501,6 +502,8 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         raise LoramError(f"unknown schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if cfg.steps < 1 and cfg.epochs is None:
         raise LoramError(f"--steps {cfg.steps} must be >= 1 (or give --epochs)")
+    if cfg.loss_chunk < 0:
+        raise LoramError(f"--loss-chunk {cfg.loss_chunk} must be >= 0 (0: the stock loss)")
     if len(dataset) == 0:
         raise LoramError("the training set is empty after formatting: give rows with text to learn")
     ckpt = Path(ckpt)
@@ -520,8 +523,6 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     out = {"losses": [], "eval_history": []}
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                callbacks=_callbacks(out, evals or {}, pad_id, cfg) + list(callbacks or []))
-    if cfg.loss_chunk < 0:
-        raise LoramError(f"--loss-chunk {cfg.loss_chunk} must be >= 0 (0: the stock loss)")
     if cfg.loss_chunk and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding do not allow: drop --loss-chunk")
     trainer.loss_chunk = cfg.loss_chunk
