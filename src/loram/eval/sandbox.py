@@ -110,7 +110,7 @@ def require_sandbox(allow_unsandboxed: bool = False) -> SandboxInfo:
     info = sandbox_info()
     if not info.isolated and not allow_unsandboxed:
         raise LoramError(f"cannot sandbox generated code here ({info.reason}): without user, mount and network "
-                         "namespaces it could write anywhere and open sockets (`import _socket` bypasses the socket "
+                         "namespaces it could write anywhere and open sockets (import _socket bypasses the socket "
                          f"block); run in a container that allows them, or pass {UNSANDBOXED_FLAG} to run it anyway "
                          "with timeouts and resource limits only")
     return info
