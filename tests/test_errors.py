@@ -482,10 +482,11 @@ def _poison(base: Path, dst: Path, key: str, value: float) -> Path:
     return b
 
 
-@pytest.mark.parametrize("method,value,what", [("magnitude", float("nan"), "NaN"), ("taylor", float("inf"), "inf")])
+@pytest.mark.parametrize("method,value,what", [("magnitude", float("nan"), "NaN"), ("taylor", float("inf"), "inf"),
+                                               ("magnitude --sparsity unstructured", float("nan"), "NaN")])
 def test_prune_refuses_non_finite_weights(capsys, w, tmp_path, method, value, what):
     b = _poison(w.base, tmp_path / "b", "model.layers.1.mlp.up_proj.weight", value)
     out = tmp_path / "o"
-    fails(capsys, "prune", b, "--method", method, "-o", out,
+    fails(capsys, "prune", b, "--method", *method.split(), "-o", out,
           expect=f"weight model.layers.1.mlp.up_proj.weight of the model contains {what} values")
     assert not out.exists()

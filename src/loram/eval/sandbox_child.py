@@ -127,7 +127,10 @@ def _readonly_view(scratch: str, keep: list[str], for_nobody: bool) -> None:
         flags = MS_REMOUNT | MS_BIND | MS_RDONLY
         for o in opts:
             flags |= KEEP_FLAGS.get(o, 0)
-        _mount(None, point, flags)
+        try:
+            _mount(None, point, flags)
+        except FileNotFoundError:
+            pass  # under a tmpfs we mounted above: the program cannot see it
     os.chdir(scratch)  # the old working directory is the same folder on the read-only mount below
 
 
@@ -234,13 +237,13 @@ def supervise(cfg: dict) -> int:
 
 def main() -> int:
     cfg = json.loads(sys.argv[1])
-    if cfg["isolate"]:
-        try:
+    try:
+        if cfg["isolate"]:
             _enter_namespaces(cfg)
-        except OSError as e:
-            print(f"loram sandbox: setup failed: {e}", file=sys.stderr)
-            return SETUP
-    return supervise(cfg)
+        return supervise(cfg)
+    except OSError as e:
+        print(f"loram sandbox: setup failed: {e}", file=sys.stderr)
+        return SETUP
 
 
 if __name__ == "__main__":
