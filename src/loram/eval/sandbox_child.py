@@ -25,6 +25,8 @@ and is reaped before the supervisor exits. Exit status: the program's, TIMEOUT o
 when the sandbox could not be built (the reason on stderr).
 """
 
+from __future__ import annotations
+
 import ctypes
 import json
 import os
@@ -68,18 +70,22 @@ def _check(rc: int, what: str) -> None:
         raise OSError(e, f"{what}: {os.strerror(e)}")
 
 
+def _enc(s: str | None) -> bytes | None:
+    return None if s is None else s.encode()
+
+
 def _mount(src, dst: str, flags: int, fstype=None, data=None) -> None:
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    _check(libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {dst}")
+    _check(libc.mount(_enc(src), _enc(dst), _enc(fstype), ctypes.c_ulong(flags), _enc(data)), f"mount {dst}")
 
 
 def _mount_points() -> list[tuple[str, list[str]]]:
-    unescape = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)  # noqa: E731
+    """(mount point, options) of every mount; mountinfo writes space, tab, newline and backslash as \\ooo."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            out.append((unescape(fields[4]), fields[5].split(",")))
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            out.append((point, fields[5].split(",")))
     return out
 
 
