@@ -6,7 +6,9 @@ nothing the program started outlives it. Two modes (CONFIG["isolate"]):
 isolated (the default; needs Linux user, mount, network and PID namespaces)
     1. a private mount namespace where every mount is remounted read-only except a bind mount of
        the scratch folder; the interpreter's folders stay readable even under a private /root
-       (a tmpfs over the unreadable ancestor, with the interpreter bind-mounted back)
+       (a tmpfs over the unreadable ancestor, with the interpreter bind-mounted back). Built by
+       real root, it is locked for the less privileged user namespace of 3; the program also runs
+       with an empty capability bounding set, so it cannot remount anything
     2. as root, drop to uid/gid 65534: the program is then not real root, so the kernel enforces
        RLIMIT_NPROC on it (it never does for uid 0), and it owns no root-owned file
     3. unshare(user | net | pid) and map uid 0 of the new user namespace to ourselves
