@@ -423,3 +423,70 @@ def test_subprocess_one_line_no_traceback(w):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert lines[-1].startswith("error: base ") and "is not the model this adapter's plan was made from" in lines[-1]
     assert sum(x.startswith("error:") for x in lines) == 1
+
+
+# ---- tampered adapter_config.json: one check (adapter.check_config) for every reader ------------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The adapter check must come before the (expensive) model load."""
+    import loram.merge
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the adapter was checked")
+
+    monkeypatch.setattr(loram.merge, "load_model", refuse)
+    monkeypatch.setattr("loram.pruned.load_pruned", refuse)
+
+
+def test_adapter_config_rank_zero(capsys, w, tmp_path):
+    a = copy(w.adapter, tmp_path / "A")
+    edit_json(a / ADAPTER_CONFIG, r=0)
+    fails(capsys, "recover", a, "--base", w.base, "-o", w.root / "o", expect="has r=0: the LoRA rank must be a positive integer")
+
+
+def test_adapter_config_rank_string(capsys, w, tmp_path, no_model_load):
+    a = copy(w.recovered, tmp_path / "R")
+    edit_json(a / ADAPTER_CONFIG, r="4")
+    fails(capsys, "merge", w.base, a, "-o", w.root / "o", expect="has r='4': the LoRA rank must be a positive integer")
+
+
+def test_adapter_config_unknown_target_module(capsys, w, tmp_path, no_model_load):
+    a = copy(w.recovered, tmp_path / "R")
+    edit_json(a / ADAPTER_CONFIG, target_modules=["q_proj", "attn.c_proj"])
+    fails(capsys, "generate", w.base, "--adapter", a, "--prompt", "hi", expect="(unknown module 'attn.c_proj')")
+
+
+def test_adapter_config_invalid_json(capsys, w, tmp_path):
+    a = copy(w.adapter, tmp_path / "A")
+    (a / ADAPTER_CONFIG).write_text('{"r": 4, "lora_alpha": ')
+    fails(capsys, "inspect", a, "-o", w.root / "o", expect="adapter_config.json is not valid JSON")
+
+
+def test_adapter_config_alpha_differs_from_training(capsys, w, tmp_path, no_model_load):
+    """loram_adapter.json records what `loram train` used; an edited lora_alpha silently rescales the update."""
+    a = copy(w.recovered, tmp_path / "R")
+    edit_json(a / ADAPTER_META, train={"rank": 4, "alpha": 8})
+    edit_json(a / ADAPTER_CONFIG, lora_alpha=32)
+    fails(capsys, "eval", w.base, "--adapter", a, "--ppl", f"d={w.data}",
+          expect="has lora_alpha=32 but loram_adapter.json records 8 from training")
+
+
+# ---- non-finite weights: importance scores would be NaN, and argsort still makes a plan of them --------
+def _poison(base: Path, dst: Path, key: str, value: float) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    b = copy(base, dst)
+    sd = load_file(str(b / "model.safetensors"))
+    sd[key][1, 2] = value
+    save_file(sd, str(b / "model.safetensors"), metadata={"format": "pt"})
+    return b
+
+
+@pytest.mark.parametrize("method,value,what", [("magnitude", float("nan"), "NaN"), ("taylor", float("inf"), "inf"),
+                                               ("magnitude --sparsity unstructured", float("nan"), "NaN")])
+def test_prune_refuses_non_finite_weights(capsys, w, tmp_path, method, value, what):
+    b = _poison(w.base, tmp_path / "b", "model.layers.1.mlp.up_proj.weight", value)
+    out = tmp_path / "o"
+    fails(capsys, "prune", b, "--method", *method.split(), "-o", out,
+          expect=f"weight model.layers.1.mlp.up_proj.weight of the model contains {what} values")
+    assert not out.exists()

@@ -13,17 +13,21 @@ A *pruned* adapter (written by `loram train` on a pruned model) fits only the pr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from .errors import LoramError
+from .families import ROLE_OF_PROJ
 from .io import read_json, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "loram_adapter.json"
 STAGE_PRUNED, STAGE_RECOVERED = "pruned", "recovered"
+# modules a LoRA may target in the model families loram supports (PEFT matches them by name suffix)
+LORA_MODULES = (*ROLE_OF_PROJ, "lm_head", "embed_tokens")
 
 
 def check_adapter_dir(path: str | Path) -> Path:
@@ -37,7 +41,44 @@ def check_adapter_dir(path: str | Path) -> Path:
             raise LoramError(f"{p} holds a pickle adapter (adapter_model.bin), which loram never loads: re-save it with "
                              "PEFT's save_pretrained(safe_serialization=True)")
         raise LoramError(f"{p} has no {ADAPTER_WEIGHTS}: the adapter folder is incomplete")
+    check_config(p)
     return p
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_config(folder: Path) -> dict:
+    """adapter_config.json of an adapter folder, refused (one line) if it cannot be what loram or PEFT
+    wrote: every reader of an adapter folder goes through here (via check_adapter_dir), so an edited
+    config fails the same way in recover, merge, generate, eval and inspect, before any model loads."""
+    f = folder / ADAPTER_CONFIG
+    cfg = read_json(f)
+    if not isinstance(cfg, dict):
+        raise LoramError(f"{f} is not a JSON object: the file is corrupt, re-create the adapter")
+    r, alpha, targets = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("target_modules")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise LoramError(f"{f} has r={r!r}: the LoRA rank must be a positive integer, restore the file or re-create the adapter")
+    if not _is_number(alpha):
+        raise LoramError(f"{f} has lora_alpha={alpha!r}: it must be a finite number, restore the file or re-create the adapter")
+    if isinstance(targets, str):
+        targets = None if targets == "all-linear" else [targets]  # PEFT's one shorthand; other strings are regexes
+    if targets is not None:
+        names = targets if isinstance(targets, list) else [targets]
+        unknown = [t for t in names if t not in LORA_MODULES]
+        if unknown or not names:
+            what = f"unknown module {unknown[0]!r}" if unknown else "no module"
+            raise LoramError(f"{f} has target_modules {cfg['target_modules']!r} ({what}): list modules from "
+                             f"{', '.join(LORA_MODULES)}, or restore the file")
+    meta = read_meta(folder)
+    train = meta.get("train") if isinstance(meta, dict) else None
+    if isinstance(train, dict):  # what `loram train` used: the config must still say the same
+        for key, recorded in (("lora_alpha", train.get("alpha")), ("r", train.get("rank"))):
+            if recorded is not None and recorded != cfg[key]:
+                raise LoramError(f"{f} has {key}={cfg[key]!r} but {ADAPTER_META} records {recorded!r} from training: "
+                                 f"the config was edited, restore {key}={recorded!r} (scaling is lora_alpha / r)")
+    return cfg
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -30,12 +30,13 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     from .fingerprint import describe_difference, same_model
     from .pruned import load_pruned
 
+    if adapter is not None:
+        check_adapter_dir(adapter)  # an incomplete or edited adapter fails before the model loads
     pruned = Path(str(base)).is_dir() and has_plan(base)
     model = load_pruned(base, dtype=dtype) if pruned else load_model(base, dtype=dtype)
     tok = load_tokenizer(base)
     if adapter is None:
         return model, tok
-    check_adapter_dir(adapter)
     meta = read_meta(adapter)
     if meta and meta.get("stage") == STAGE_PRUNED and not pruned:
         raise LoramError(f"{adapter} was trained on a pruned model and does not fit the original: run "

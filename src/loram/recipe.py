@@ -38,7 +38,8 @@ PRUNE_KEYS = {"method", "ratio", "attn_ratio", "layers", "seed", "calib_data", "
 RECOVER_KEYS = {"fill", "seed"}
 MERGE_KEYS: set[str] = set()
 EVAL_KEYS = {"ppl", "mc", "shots", "fewshot_file", "gsm8k", "humaneval", "samples", "temperature", "timeout", "limit",
-             "max_new_tokens", "seq_len", "stride", "lm_eval", "lm_eval_include", "num_fewshot", "batch_size", "target"}
+             "max_new_tokens", "seq_len", "stride", "lm_eval", "lm_eval_include", "num_fewshot", "batch_size", "target",
+             "allow_unsandboxed_code"}
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
 
@@ -350,6 +351,7 @@ def _run_eval(r: Recipe, st: Step) -> bool:
     if isinstance(c.get("lm_eval"), str):
         c["lm_eval"] = [t.strip() for t in c["lm_eval"].split(",") if t.strip()]
     req = EvalRequest(**c)
+    req.check_sandbox()
     if on == "merged":
         model, tok = load_for_eval(str(r.workdir / "merged"))
     elif on == "adapter":

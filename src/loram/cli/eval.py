@@ -24,6 +24,8 @@ def add(sub) -> None:
     p.add_argument("--samples", type=int, default=1, help="humaneval: completions per task (1 = greedy)")
     p.add_argument("--temperature", type=float, default=0.8, help="humaneval: sampling temperature when --samples > 1")
     p.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program")
+    p.add_argument("--allow-unsandboxed-code", action="store_true",
+                   help="humaneval: run generated code even where the namespace sandbox is unavailable (limits only)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each task")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default gsm8k 256, humaneval 384)")
     p.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma list of lm-evaluation-harness tasks")
@@ -59,9 +61,10 @@ def run(a) -> int:
         fewshot_file=a.fewshot_file, gsm8k=a.gsm8k, humaneval=a.humaneval, samples=a.samples, temperature=a.temperature,
         timeout=a.timeout, limit=a.limit, max_new_tokens=a.max_new_tokens, seq_len=a.seq_len, stride=a.stride,
         lm_eval=[t.strip() for t in a.lm_eval.split(",") if t.strip()] if a.lm_eval else [], lm_eval_include=a.lm_eval_include,
-        num_fewshot=a.num_fewshot, batch_size=a.batch_size)
+        num_fewshot=a.num_fewshot, batch_size=a.batch_size, allow_unsandboxed_code=a.allow_unsandboxed_code)
     if req.empty():
         raise LoramError("nothing to evaluate: pass --ppl, --mc, --gsm8k, --humaneval or --lm-eval")
+    req.check_sandbox()
     model, tok = load_for_eval(a.model, a.adapter, dtype=torch.bfloat16 if a.bf16 else torch.float32)
     results = run_tasks(model, tok, req)
     if a.json:

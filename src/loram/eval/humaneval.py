@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from math import comb
 
 from ..errors import LoramError
-from .sandbox import run_program, sandbox_info
+from .sandbox import require_sandbox, run_program
 from .scoring import generate_texts
 
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -46,7 +46,8 @@ def program_of(row: dict, completion: str) -> str:
 
 
 def humaneval(model, tok, rows: list[dict], samples: int = 1, temperature: float = 0.8, timeout: float = 10.0,
-              max_new_tokens: int = 384, batch_size: int = 8) -> HumanEvalResult:
+              max_new_tokens: int = 384, batch_size: int = 8, allow_unsandboxed: bool = False) -> HumanEvalResult:
+    info = require_sandbox(allow_unsandboxed)  # before generating: refuse early where code cannot be contained
     for i, r in enumerate(rows):
         if not {"prompt", "test", "entry_point"} <= set(r):
             raise LoramError(f"HumanEval row {i} needs fields prompt, test, entry_point (the original HumanEval jsonl)")
@@ -58,10 +59,9 @@ def humaneval(model, tok, rows: list[dict], samples: int = 1, temperature: float
                           stop=STOP, temperature=temp)
     per_task = []
     for i, r in enumerate(rows):
-        c = sum(run_program(program_of(r, o), timeout=timeout).passed for o in outs[i * samples:(i + 1) * samples])
+        c = sum(run_program(program_of(r, o), timeout=timeout, allow_unsandboxed=allow_unsandboxed).passed for o in outs[i * samples:(i + 1) * samples])
         per_task.append((r.get("task_id", str(i)), c))
     ks = [k for k in (1, 10, 100) if k <= samples]
     pass_at = {k: sum(pass_at_k(samples, c, k) for _, c in per_task) / len(rows) for k in ks}
-    info = sandbox_info()
-    return HumanEvalResult(pass_at, len(rows), samples, {"network_namespace": info.network_namespace,
-                                                         "limits": list(info.limits)}, per_task)
+    return HumanEvalResult(pass_at, len(rows), samples, {"isolated": info.isolated, "limits": list(info.limits)},
+                           per_task)

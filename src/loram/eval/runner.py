@@ -28,9 +28,17 @@ class EvalRequest:
     lm_eval_include: str | None = None
     num_fewshot: int | None = None
     batch_size: int = 8
+    allow_unsandboxed_code: bool = False
 
     def empty(self) -> bool:
         return not (self.ppl or self.mc or self.gsm8k or self.humaneval or self.lm_eval)
+
+    def check_sandbox(self) -> None:
+        """HumanEval runs generated code: refuse before loading the model where it cannot be sandboxed."""
+        if self.humaneval:
+            from .sandbox import require_sandbox
+
+            require_sandbox(self.allow_unsandboxed_code)
 
 
 def _rows(path, limit: int | None) -> list[dict]:
@@ -68,7 +76,8 @@ def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
         from .humaneval import humaneval
 
         h = humaneval(model, tok, _rows(req.humaneval, req.limit), samples=req.samples, temperature=req.temperature,
-                      timeout=req.timeout, max_new_tokens=req.max_new_tokens or 384, batch_size=req.batch_size)
+                      timeout=req.timeout, max_new_tokens=req.max_new_tokens or 384, batch_size=req.batch_size,
+                      allow_unsandboxed=req.allow_unsandboxed_code)
         out += [EvalResult("humaneval", f"pass@{k}", v, h.n, {"samples": req.samples, "sandbox": h.sandbox})
                 for k, v in h.pass_at.items()]
     if req.lm_eval:

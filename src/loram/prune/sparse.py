@@ -228,7 +228,7 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
     from ..plan import PrunePlan, parse_layers
     from ..pruned import count_params, save_pruned
     from . import PruneReport, base_fingerprint
-    from .structured import calibration_batches
+    from .structured import calibration_batches, check_finite
 
     if method not in METHODS:
         raise LoramError(f"--sparsity needs a sparse --method: choose one of {', '.join(METHODS)}")
@@ -238,6 +238,7 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
     t0, peak = time.time(), PeakRSS()
     tok = load_tokenizer(model_name)
     model = load_model(model_name, dtype=dtype)
+    check_finite(model)  # NaN scores would still sort into a mask
     fp = base_fingerprint(model_name, model)
     batches, calib = (None, None)
     if method != "magnitude":

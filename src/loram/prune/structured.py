@@ -93,8 +93,20 @@ def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
         del out
 
 
+def check_finite(model) -> None:
+    """Refuse a model with a NaN/inf weight: scores built from it are NaN, and argsort would still
+    turn them into a plan. Such a checkpoint is corrupt anyway (one tensor at a time: no full copy)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                what = "NaN" if bool(torch.isnan(p).any()) else "inf"
+                raise LoramError(f"weight {name} of the model contains {what} values, so importance scores would be "
+                                 "meaningless: the checkpoint is corrupt, re-download or re-convert it")
+
+
 def importance(model, method: str, layers: range, batches=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (channel scores [F], group scores [K])} for magnitude / taylor."""
+    check_finite(model)
     g = geometry(model.config)
     if method == "taylor":
         _taylor_grads(model, layers, batches)
