@@ -103,16 +103,14 @@ def fingerprint_safetensors(files: list[Path], config) -> dict:
     """Fingerprint of a safetensors checkpoint, reading only the sampled rows (no full load)."""
     from safetensors import safe_open
 
-    from .io import safetensors_shapes
+    from .io import safetensors_headers
 
     tied = bool(config.get("tie_word_embeddings", False) if isinstance(config, dict)
                 else getattr(config, "tie_word_embeddings", False))
-    safetensors_shapes(files)  # a truncated or corrupt file is a one-line user error, not a traceback
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {}
-    for h in handles:
-        for k in h.keys():
-            where[k] = h
+    # a truncated or corrupt file, a tensor in two shards or a non-float dtype is a one-line user error
+    headers = safetensors_headers(files)
+    handles = {Path(f): safe_open(str(f), framework="pt") for f in files}
+    where = {k: handles[h.file] for k, h in headers.items()}
 
     def items():
         for name in sorted(where):

@@ -45,7 +45,7 @@ from .errors import LoramError
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, geometry
 from .fingerprint import config_digest
 from .io import (atomic_dir, check_output, load_config, load_model, refuse_pickle_only, resolve_model, safetensors_files,
-                 safetensors_shapes)
+                 safetensors_headers, safetensors_shapes)
 from .plan import LayerPlan, PrunePlan
 
 NM_GROUPS = (4, 8)
@@ -67,14 +67,9 @@ class Tensors:
             path, gguf = resolve_model(name)  # refuses pickles with a conversion hint
             self._files = safetensors_files(path) if gguf is None and Path(path).is_dir() else None
         if self._files is not None:
-            from safetensors import safe_open
-
-            self.shapes = safetensors_shapes(self._files)
-            self._where = {}
-            for f in self._files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self._where[k] = f
+            headers = safetensors_headers(self._files)
+            self.shapes = {k: h.shape for k, h in headers.items()}
+            self._where = {k: h.file for k, h in headers.items()}
             self._sd = None
         else:
             model = load_model(name)
@@ -113,11 +108,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _write_folder(tmp: Path, src: Tensors, config, tokenizer_from: list[str | Path], plan: PrunePlan) -> None:
-    """Copy the weight files unchanged; write the original config, a tokenizer and the plan."""
-    from .io import load_tokenizer
+    """Copy the weight files (tensor bytes unchanged, the plan binding added to their header); write the
+    original config, a tokenizer and the plan."""
+    from .io import load_tokenizer, write_safetensors_metadata
 
     for f in src._files:
-        shutil.copy(f, tmp / f.name)
+        write_safetensors_metadata(f, tmp / f.name, plan.metadata())
     idx = Path(src._files[0]).parent / "model.safetensors.index.json"
     if idx.exists():
         shutil.copy(idx, tmp / idx.name)

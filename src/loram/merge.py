@@ -73,12 +73,15 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     with atomic_dir(out, overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        if has_plan(base):  # a merged pruned model is still a pruned model folder
+        if has_plan(base):  # a merged pruned model is still a pruned model folder, bound to the same plan
             import shutil
 
-            from .plan import PLAN_FILE
+            from .io import safetensors_files
+            from .plan import PLAN_FILE, PrunePlan
+            from .pruned import bind_plan
 
             shutil.copy(Path(base) / PLAN_FILE, Path(tmp) / PLAN_FILE)
+            bind_plan(safetensors_files(tmp), PrunePlan.load(tmp))
     return Path(out)
 
 

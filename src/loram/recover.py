@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .adapter import (ADAPTER_CONFIG, ADAPTER_META, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors,
-                      write_adapter)
+from .adapter import (ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta,
+                      read_tensors, write_adapter)
 from .errors import LoramError
 from .families import COL_PRUNED, ROLE_OF_PROJ, Geometry, geometry
 from .io import atomic_dir, check_output, read_json
 from .plan import PrunePlan, has_plan
+from .pruned import check_plan_binding
 
 LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.[\w-]+)?\.(weight|bias)$")
 FILLS = ("zero", "normal")
@@ -172,6 +173,8 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     lora_cfg = read_json(adapter / ADAPTER_CONFIG)
     config = plan.base_config()
     check_shapes(tensors, plan, config, lora_cfg)
+    # same widths, other kept indices: shapes cannot tell, the digest written at training time can
+    check_plan_binding([adapter / ADAPTER_WEIGHTS], plan, str(adapter), "re-train it with `loram train`")
     fp = plan.base["fingerprint"]
     if check_base and Path(str(base)).is_dir() and has_plan(base):
         raise LoramError(f"--base {base} is a loram pruned model: pass the original model the plan was made from "
