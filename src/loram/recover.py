@@ -152,13 +152,16 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
 
 
 def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = "zero", seed: int = 0,
-            overwrite: bool = False, check_base: bool = True) -> Path:
-    """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder."""
-    from .prune import base_fingerprint
+            overwrite: bool = False, check_base: bool = True, verify_base: str = "sampled") -> Path:
+    """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
+
+    verify_base="full": also compare every byte of ``base`` with the digest the plan recorded."""
+    from .prune import base_fingerprint, check_base_full, check_verify
     from .fingerprint import describe_difference, same_model
 
     adapter = Path(adapter)
     check_output(out, overwrite)
+    check_verify(verify_base)
     tensors = read_tensors(adapter)
     meta = read_meta(adapter)
     if meta is None or meta.get("stage") not in (STAGE_PRUNED, STAGE_RECOVERED):
@@ -184,6 +187,8 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
         if not same_model(fp, got):
             raise LoramError(f"base {base} is not the model this adapter's plan was made from ({describe_difference(fp, got)}): "
                              f"pass the original model ({plan.base.get('name')})")
+        if verify_base == "full":
+            check_base_full(fp, base, "this adapter's plan")
     if plan.kind == "structured":
         full = recover_tensors(tensors, plan, config, fill=fill, seed=seed)
     else:  # sparse plans keep shapes: recovery is the identity on the tensors
