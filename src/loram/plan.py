@@ -260,7 +260,10 @@ class PrunePlan:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LoramError(f"{p} is not a valid prune plan ({e}): re-create it with `loram prune`") from None
-        return cls.from_dict(d, where=str(p))
+        try:
+            return cls.from_dict(d, where=str(p))
+        except (KeyError, TypeError, ValueError) as e:  # a field from_dict's checks did not foresee
+            raise LoramError(f"{p} is not a valid prune plan ({e!r}): re-create it with `loram prune`") from None
 
 
 def _is_int(x) -> bool:
