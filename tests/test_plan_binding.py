@@ -292,7 +292,7 @@ PLAN_CASES = {
     "unknown kind": 'field kind is "dense", not one of structured, sparse',
     "ratio out of range": "field mlp_ratio is 1.5, not a number in [0, 1)",
     "layers not a range": "field layers is \"1:4\", not [START, END]",
-    "unknown layer field": "field pruned.",
+    "unknown layer field": "field pruned.1 has unknown entries q_keep (a layer has only mlp_keep and kv_keep)",
 }
 
 
@@ -362,11 +362,15 @@ def test_verify_base_full(capsys, w, tmp_path, cache):
     assert same_model(fp, base_fingerprint(b2))  # the sampled fingerprint cannot see the change ...
     assert main(["recover", str(a), "--base", str(b2), "-o", str(tmp_path / "R2")]) == 0
     fails(capsys, "recover", a, "--base", b2, "-o", tmp_path / "R3", "--verify-base", "full", out=tmp_path / "R3",
-          expect=f"base {b2} is not byte for byte the model this adapter's plan was made for")  # ... the full digest can
+          expect=f"base {b2} is not byte for byte the model this adapter's plan was made from")  # ... the full digest can
     # the recovered adapter carries the full digest on to merge
     fails(capsys, "merge", b2, tmp_path / "R1", "-o", tmp_path / "M", "--verify-base", "full", out=tmp_path / "M",
-          expect="is not byte for byte the model adapter")
+          expect="was recovered for (full digest")
     assert main(["merge", str(b), str(tmp_path / "R1"), "-o", str(tmp_path / "M"), "--verify-base", "full"]) == 0
+    fails(capsys, "generate", b2, "--adapter", tmp_path / "R1", "--prompt", "hi", "--verify-base", "full",
+          expect="was recovered for (full digest")
+    fails(capsys, "generate", p, "--prompt", "hi", "--verify-base", "full",
+          expect="--verify-base full checks an original base against a recovered adapter")
 
 
 def test_verify_base_full_uses_cache(w, tmp_path, cache, monkeypatch):
@@ -387,3 +391,9 @@ def test_verify_base_full_uses_cache(w, tmp_path, cache, monkeypatch):
 def test_verify_base_full_needs_recorded_digest(capsys, w, tmp_path, cache):
     fails(capsys, "recover", w.adapter, "--base", w.base, "-o", tmp_path / "o", "--verify-base", "full",
           expect="records no full digest of its base (it was made without --verify-base full)", out=tmp_path / "o")
+
+
+def test_i32_header_in_adapter(capsys, w, tmp_path):
+    a = copy(w.adapter, tmp_path / "A")
+    patch_header(a / ADAPTER_WEIGHTS, _i32("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"))
+    fails(capsys, "recover", a, "--base", w.base, "-o", tmp_path / "o", expect="is stored as I32, not a float type")

@@ -59,7 +59,7 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
         if verify_base == "full":
             from .prune import check_base_full
 
-            check_base_full(want, base, f"adapter {adapter}")
+            check_base_full(want, base, f"adapter {adapter}", "was recovered for")
     elif verify_base == "full":
         raise LoramError(f"adapter {adapter} records no base fingerprint to verify: drop --verify-base full")
     if meta and pruned and meta.get("plan_id") and meta.get("stage") == STAGE_PRUNED:
@@ -110,8 +110,8 @@ def _sparse_plan(base):
 
 
 def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 64,
-             chat: bool = True, temperature: float = 0.0) -> str:
-    model, tok = load_with_adapter(model_name, adapter)
+             chat: bool = True, temperature: float = 0.0, verify_base: str = "sampled") -> str:
+    model, tok = load_with_adapter(model_name, adapter, verify_base=verify_base)
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]

@@ -290,8 +290,12 @@ def _layer_key(where: str, key) -> int:
 
 def _layer_plan(where: str, key: str, v) -> LayerPlan:
     """One layer of ``pruned``: sorted, unique, non-negative integer indices (upper bounds: validate)."""
-    if not isinstance(v, dict) or set(v) - {"mlp_keep", "kv_keep"}:
+    if not isinstance(v, dict):
         raise LoramError(_bad(where, f"pruned.{key}", v, '{"mlp_keep": [...], "kv_keep": [...]}'))
+    unknown = sorted(set(v) - {"mlp_keep", "kv_keep"})
+    if unknown:
+        raise LoramError(f"{where}: field pruned.{key} has unknown entries {', '.join(unknown)} (a layer has only mlp_keep "
+                         "and kv_keep): the plan file is corrupt, re-create it with `loram prune`")
     for name, keep in v.items():
         if keep is None:
             continue

@@ -188,7 +188,7 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
             raise LoramError(f"base {base} is not the model this adapter's plan was made from ({describe_difference(fp, got)}): "
                              f"pass the original model ({plan.base.get('name')})")
         if verify_base == "full":
-            check_base_full(fp, base, "this adapter's plan")
+            check_base_full(fp, base, "this adapter's plan", "was made from")
     if plan.kind == "structured":
         full = recover_tensors(tensors, plan, config, fill=fill, seed=seed)
     else:  # sparse plans keep shapes: recovery is the identity on the tensors

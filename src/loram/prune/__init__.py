@@ -71,18 +71,19 @@ def weight_files(name: str | Path) -> list[Path]:
     return safetensors_files(path)
 
 
-def check_base_full(expected: dict, base: str | Path, made_for: str) -> None:
-    """--verify-base full: every byte of ``base``'s weight files must be the ones recorded in ``expected``."""
+def check_base_full(expected: dict, base: str | Path, subject: str, made: str) -> None:
+    """--verify-base full: every byte of ``base``'s weight files must be the ones recorded in ``expected``
+    (``subject`` ``made``: e.g. "this adapter's plan" "was made from", for the messages)."""
     from ..fingerprint import full_digest
 
     want = expected.get("full")
     if not want:
-        raise LoramError(f"{made_for} records no full digest of its base (it was made without --verify-base full): "
+        raise LoramError(f"{subject} records no full digest of its base (it was made without --verify-base full): "
                          "re-create the plan with `loram prune ... --verify-base full`, or drop --verify-base full "
                          "to check the sampled fingerprint")
     got = full_digest(weight_files(base))
     if got != want:
-        raise LoramError(f"base {base} is not byte for byte the model {made_for} was made for (full digest {got[:16]}, "
+        raise LoramError(f"base {base} is not byte for byte the model {subject} {made} (full digest {got[:16]}, "
                          f"expected {want[:16]}): pass the original model, unmodified")
 
 
