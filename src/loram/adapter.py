@@ -85,7 +85,10 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .io import safetensors_headers
+
     p = check_adapter_dir(path) / ADAPTER_WEIGHTS
+    safetensors_headers([p])  # headers first: a non-float dtype would be read as integers
     try:
         return load_file(str(p))
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -101,7 +104,8 @@ def write_adapter(out: Path, tensors: dict, config: dict, meta: dict, plan=None)
     from safetensors.torch import save_file
 
     out = Path(out)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    meta_st = {"format": "pt", **(plan.metadata() if plan is not None else {})}  # binds the weights to the plan
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS), metadata=meta_st)
     write_json(out / ADAPTER_CONFIG, config)
     write_json(out / ADAPTER_META, meta)
     if plan is not None:

@@ -136,23 +136,23 @@ class Checkpoint:
     """A safetensors checkpoint folder read one tensor slice at a time."""
 
     def __init__(self, folder: str | Path):
-        from .io import safetensors_files
+        from .io import read_json, safetensors_files, safetensors_headers
 
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        if index.exists():
-            from .io import read_json
-
-            wm = read_json(index).get("weight_map", {})
-            self.where = {k: self.folder / f for k, f in wm.items()}
+        wm = read_json(index).get("weight_map", {}) if index.exists() else None
+        if wm:
+            files = sorted({self.folder / f for f in wm.values()})
+            missing = [f for f in files if not f.exists()]
+            if missing:
+                raise LoramError(f"shard {missing[0].name} named in the index is missing from {self.folder}: finish the download")
         else:
-            self.where = {}
-            for f in safetensors_files(self.folder):
-                with safe_open(str(f), framework="pt") as h:
-                    self.where.update({k: f for k in h.keys()})
-        missing = sorted({f for f in self.where.values() if not f.exists()})
-        if missing:
-            raise LoramError(f"shard {missing[0].name} named in the index is missing from {self.folder}: finish the download")
+            files = safetensors_files(self.folder)
+        self.where = {k: h.file for k, h in safetensors_headers(files).items()}
+        wrong = [k for k, f in (wm or {}).items() if self.where.get(k) != self.folder / f]
+        if wrong:
+            raise LoramError(f"model.safetensors.index.json in {self.folder} puts {wrong[0]} in {wm[wrong[0]]}, which does "
+                             "not hold it: the index does not match the shards, re-download the checkpoint")
 
     def files(self) -> list[Path]:
         return sorted(set(self.where.values()))
@@ -379,7 +379,8 @@ def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, d
                 block, prefix = layers[k - 1], f"{pre}{k - 1}."
                 _materialise_block(block, prefix, src, dtype, None, dtype)
                 tensors = {prefix + p: t for p, t in block.state_dict().items()}
-            save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(Path(tmp) / shard), metadata={"format": "pt"})
+            save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(Path(tmp) / shard),
+                      metadata={"format": "pt", **plan.metadata()})
             weight_map.update({n: shard for n in tensors})
             del tensors
             if k > 0:

@@ -10,17 +10,29 @@ the bytes of a 70B checkpoint (140 GB) would take minutes, so we hash a fixed sa
 That is <= 1024 values per tensor: ~700 tensors * 8 row reads for a 70B checkpoint, milliseconds
 per shard with safetensors' lazy slices. Any retrained, re-quantised or other model differs in
 sampled values with near certainty; shapes and the config hash catch every geometry change.
+
+What the sample does not catch: a change confined to rows or columns it does not read (e.g. a few
+retrained or added token embeddings, one edited weight, a flipped bit on disk), and differences
+below bfloat16 precision. ``--verify-base full`` (``full_digest``) hashes every byte of every weight
+file instead: the digest is recorded when the plan is made (`loram prune/import-plan --verify-base
+full`) and compared by `loram recover/merge --verify-base full`. Hashing reads the whole checkpoint
+(~1 GB/s), so each file's sha256 is cached under $XDG_CACHE_HOME/loram (default ~/.cache/loram),
+keyed by its resolved path, size and mtime_ns: a file rewritten in place gets a new mtime and is
+hashed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
 SCHEME = "sampled-bf16-v1"
+VERIFY_MODES = ("sampled", "full")  # --verify-base
+DIGEST_CACHE = "full-digests.json"
 ROWS, COLS = 8, 128
 # config keys that define the architecture (others, like dtype or generation defaults, don't)
 CONFIG_KEYS = (
@@ -103,16 +115,14 @@ def fingerprint_safetensors(files: list[Path], config) -> dict:
     """Fingerprint of a safetensors checkpoint, reading only the sampled rows (no full load)."""
     from safetensors import safe_open
 
-    from .io import safetensors_shapes
+    from .io import safetensors_headers
 
     tied = bool(config.get("tie_word_embeddings", False) if isinstance(config, dict)
                 else getattr(config, "tie_word_embeddings", False))
-    safetensors_shapes(files)  # a truncated or corrupt file is a one-line user error, not a traceback
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {}
-    for h in handles:
-        for k in h.keys():
-            where[k] = h
+    # a truncated or corrupt file, a tensor in two shards or a non-float dtype is a one-line user error
+    headers = safetensors_headers(files)
+    handles = {Path(f): safe_open(str(f), framework="pt") for f in files}
+    where = {k: handles[h.file] for k, h in headers.items()}
 
     def items():
         for name in sorted(where):
@@ -133,3 +143,53 @@ def describe_difference(expected: dict, got: dict) -> str:
     parts = [k for k in ("config", "shapes", "weights") if expected.get(k) != got.get(k)] or ["scheme"]
     verb = "differ" if len(parts) > 1 or parts[0] in ("shapes", "weights") else "differs"
     return f"{', '.join(parts)} {verb} (expected fingerprint {expected.get('id')}, got {got.get('id')})"
+
+
+# ---- full digest (--verify-base full) ---------------------------------------------------------
+def cache_dir() -> Path:
+    """loram's own cache folder: $XDG_CACHE_HOME/loram, default ~/.cache/loram."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loram"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):  # absent or damaged: the cache is only a shortcut, start afresh
+        return {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home only costs the next run a re-hash
+        pass
+
+
+def file_sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def full_digest(files: list[Path]) -> str:
+    """sha256 over every byte of ``files`` (with their names); each file's hash is cached (see module doc)."""
+    path = cache_dir() / DIGEST_CACHE
+    cache, changed, parts = _read_cache(path), False, []
+    for f in sorted(map(Path, files), key=lambda f: f.name):
+        st, key = f.stat(), str(f.resolve())
+        hit = cache.get(key)
+        if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            digest = hit["sha256"]
+        else:
+            digest = file_sha256(f)
+            cache[key], changed = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}, True
+        parts.append(f"{f.name}:{digest}")
+    if changed:
+        _write_cache(path, cache)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]

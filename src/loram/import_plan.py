@@ -45,7 +45,7 @@ from .errors import LoramError
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, geometry
 from .fingerprint import config_digest
 from .io import (atomic_dir, check_output, load_config, load_model, refuse_pickle_only, resolve_model, safetensors_files,
-                 safetensors_shapes)
+                 safetensors_headers, safetensors_shapes)
 from .plan import LayerPlan, PrunePlan
 
 NM_GROUPS = (4, 8)
@@ -67,14 +67,9 @@ class Tensors:
             path, gguf = resolve_model(name)  # refuses pickles with a conversion hint
             self._files = safetensors_files(path) if gguf is None and Path(path).is_dir() else None
         if self._files is not None:
-            from safetensors import safe_open
-
-            self.shapes = safetensors_shapes(self._files)
-            self._where = {}
-            for f in self._files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
-                        self._where[k] = f
+            headers = safetensors_headers(self._files)
+            self.shapes = {k: h.shape for k, h in headers.items()}
+            self._where = {k: h.file for k, h in headers.items()}
             self._sd = None
         else:
             model = load_model(name)
@@ -113,11 +108,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _write_folder(tmp: Path, src: Tensors, config, tokenizer_from: list[str | Path], plan: PrunePlan) -> None:
-    """Copy the weight files unchanged; write the original config, a tokenizer and the plan."""
-    from .io import load_tokenizer
+    """Copy the weight files (tensor bytes unchanged, the plan binding added to their header); write the
+    original config, a tokenizer and the plan."""
+    from .io import load_tokenizer, write_safetensors_metadata
 
     for f in src._files:
-        shutil.copy(f, tmp / f.name)
+        write_safetensors_metadata(f, tmp / f.name, plan.metadata())
     idx = Path(src._files[0]).parent / "model.safetensors.index.json"
     if idx.exists():
         shutil.copy(idx, tmp / idx.name)
@@ -135,11 +131,11 @@ def _write_folder(tmp: Path, src: Tensors, config, tokenizer_from: list[str | Pa
     plan.save(tmp)
 
 
-def _base_record(base, config) -> dict:
+def _base_record(base, config, verify_base: str = "sampled") -> dict:
     from .prune import base_fingerprint
 
     d = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
-    return {"name": str(base), "config": d, "fingerprint": base_fingerprint(base)}
+    return {"name": str(base), "config": d, "fingerprint": base_fingerprint(base, verify=verify_base)}
 
 
 def _verify_loadable(out: Path, plan: PrunePlan, config) -> None:
@@ -174,8 +170,12 @@ def nm_pattern(group_maxima: list[dict[int, int]]) -> tuple[int, int] | None:
     return best
 
 
-def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrite: bool = False) -> PrunePlan:
+def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrite: bool = False,
+                  verify_base: str = "sampled") -> PrunePlan:
+    from .prune import check_verify
+
     check_output(out, overwrite)
+    check_verify(verify_base)
     config = load_config(base)
     g = geometry(config)
     if config_digest(load_config(model)) != config_digest(config):
@@ -207,7 +207,7 @@ def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrit
     pattern = f"{nm[0]}:{nm[1]}" if nm else "unstructured"
     ratio = 1 - nm[0] / nm[1] if nm else round(sparsity, 6)
     plan = PrunePlan(kind="sparse", method="imported", layers=(start, end), mlp_ratio=ratio, attn_ratio=ratio,
-                     base=_base_record(base, config),
+                     base=_base_record(base, config, verify_base),
                      sparse={"pattern": pattern, "ratio": ratio, "sparsity": round(sparsity, 6), "modules": modules},
                      extra={"imported_from": str(model)})
     with atomic_dir(out, overwrite) as tmp:
@@ -266,13 +266,16 @@ def _expected(orig: Tensors, key: str, plan: PrunePlan, g) -> torch.Tensor:
 
 
 def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, out: str | Path,
-                      allow_retrained: bool = False, overwrite: bool = False) -> PrunePlan:
+                      allow_retrained: bool = False, overwrite: bool = False, verify_base: str = "sampled") -> PrunePlan:
+    from .prune import check_verify
+
     check_output(out, overwrite)
+    check_verify(verify_base)
     config = load_config(base)
     g = geometry(config)
     layers = read_kept(kept)
     plan = PrunePlan(kind="structured", method="imported", layers=(min(layers), max(layers) + 1),
-                     base=_base_record(base, config), pruned=layers, extra={"imported_from": str(pruned)})
+                     base=_base_record(base, config, verify_base), pruned=layers, extra={"imported_from": str(pruned)})
     plan.validate(g)
     kept_ch = [len(lp.mlp_keep) for lp in layers.values() if lp.mlp_keep is not None]
     kept_gr = [len(lp.kv_keep) for lp in layers.values() if lp.kv_keep is not None]

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoramError
@@ -170,32 +171,95 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def safetensors_shapes(files: list[Path]) -> dict[str, tuple]:
-    """{tensor name: shape} from the headers only; a truncated or corrupt file is a user error."""
+# dtypes a model weight may be stored in; anything else (I32, U8, BOOL, ...) would be read as integers
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    file: Path
+    dtype: str  # safetensors dtype name: F32, BF16, I32, ...
+    shape: tuple
+
+
+def safetensors_headers(files: list[Path]) -> dict[str, TensorHeader]:
+    """{tensor name: file, dtype, shape} from the headers only: the one reader every loader goes through.
+
+    Refuses (one line each) a truncated or corrupt file, a tensor stored in two files (the later one
+    would silently win, e.g. a stale shard left beside new ones) and a non-float dtype (an I32
+    header over float bytes would be read as integers and cast).
+    """
     from safetensors import SafetensorError, safe_open
 
-    shapes = {}
+    out: dict[str, TensorHeader] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    shapes[k] = tuple(h.get_slice(k).get_shape())
+                found = [(k, h.get_slice(k)) for k in h.keys()]
+                found = [(k, TensorHeader(Path(f), sl.get_dtype(), tuple(sl.get_shape()))) for k, sl in found]
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise LoramError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}): re-create or re-download it") from None
-    return shapes
+        for k, hdr in found:
+            if k in out:
+                raise LoramError(f"tensor {k} is stored twice, in {out[k].file.name} and {Path(f).name} of {Path(f).parent}: "
+                                 "the checkpoint is inconsistent (a stale shard?), remove the extra file or re-download it")
+            if hdr.dtype not in FLOAT_DTYPES:
+                raise LoramError(f"tensor {k} in {f} is stored as {hdr.dtype}, not a float type ({'/'.join(FLOAT_DTYPES)}): "
+                                 "the file is corrupt or not a model checkpoint, re-create or re-download it")
+            out[k] = hdr
+    return out
 
 
-def check_checkpoint(folder: str | Path, config) -> None:
-    """Refuse a local folder whose safetensors do not match its config.json (names and shapes).
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple]:
+    """{tensor name: shape} from the headers only (checked by ``safetensors_headers``)."""
+    return {k: h.shape for k, h in safetensors_headers(files).items()}
 
-    Reads headers only. Without this, transformers fails with a long report on a shape mismatch
-    and, worse, initialises *missing* tensors randomly with only a warning.
+
+def safetensors_metadata(f: Path) -> dict:
+    """The ``__metadata__`` of one safetensors file ({} when it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            return dict(h.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LoramError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}): re-create or re-download it") from None
+
+
+def write_safetensors_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
+    """Copy safetensors ``src`` to ``dst`` (may be ``src``) with ``extra`` added to its ``__metadata__``.
+
+    The tensor bytes are streamed unchanged: data offsets are relative to the end of the header, so
+    only the header (8-byte length + JSON, padded to 8 bytes as safetensors writes it) is rewritten.
+    """
+    import struct
+
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.meta-tmp")
+    with open(src, "rb") as fin:
+        (n,) = struct.unpack("<Q", fin.read(8))
+        header = json.loads(fin.read(n))
+        header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(tmp, "wb") as fout:
+            fout.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(fin, fout, 16 << 20)
+    os.replace(tmp, dst)
+
+
+def check_checkpoint(folder: str | Path, config, plan=None) -> None:
+    """Refuse a local folder whose safetensors do not match its config.json (and plan, for a pruned
+    folder): names, shapes and float dtypes.
+
+    Reads headers only, before any weight is used. Without this, transformers fails with a long
+    report on a shape mismatch and, worse, initialises *missing* tensors randomly with only a warning.
     """
     import re
 
     from .pruned import skeleton
 
-    want = {k: tuple(v.shape) for k, v in skeleton(config, None).state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
     have = safetensors_shapes(safetensors_files(folder))
     tied = bool(getattr(config, "tie_word_embeddings", False))
     missing = [k for k in want if k not in have and not (tied and k == "lm_head.weight")]
@@ -204,7 +268,8 @@ def check_checkpoint(folder: str | Path, config) -> None:
     if missing or unexpected or wrong:
         detail = "; ".join(x for x in (f"wrong shape: {wrong[0]}" if wrong else "", f"missing: {missing[0]}" if missing else "",
                                        f"unexpected: {unexpected[0]}" if unexpected else "") if x)
-        raise LoramError(f"config.json and the weights in {folder} disagree ({len(wrong)} wrong shape, {len(missing)} missing, "
+        what = "config.json and loram_plan.json" if plan is not None else "config.json"
+        raise LoramError(f"{what} and the weights in {folder} disagree ({len(wrong)} wrong shape, {len(missing)} missing, "
                          f"{len(unexpected)} unexpected tensors; {detail}): the folder is inconsistent, re-create or re-download it")
 
 

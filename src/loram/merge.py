@@ -25,14 +25,22 @@ from .io import atomic_dir, check_output, load_model, load_tokenizer
 from .plan import has_plan
 
 
-def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True):
-    """(model, tokenizer) for an original model or a pruned folder, with an adapter attached if given."""
+def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True,
+                      verify_base: str = "sampled"):
+    """(model, tokenizer) for an original model or a pruned folder, with an adapter attached if given.
+
+    verify_base="full": compare every byte of ``base`` with the digest the adapter's plan recorded."""
     from .fingerprint import describe_difference, same_model
+    from .prune import check_verify
     from .pruned import load_pruned
 
+    check_verify(verify_base)
     if adapter is not None:
         check_adapter_dir(adapter)  # an incomplete or edited adapter fails before the model loads
     pruned = Path(str(base)).is_dir() and has_plan(base)
+    if verify_base == "full" and (pruned or adapter is None or not check_base):
+        raise LoramError("--verify-base full checks an original base against a recovered adapter: pass the original "
+                         "model and the recovered adapter, or drop --verify-base full")
     model = load_pruned(base, dtype=dtype) if pruned else load_model(base, dtype=dtype)
     tok = load_tokenizer(base)
     if adapter is None:
@@ -49,6 +57,12 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
         if not same_model(want, got):
             raise LoramError(f"adapter {adapter} was recovered for another base model ({describe_difference(want, got)}): "
                              f"pass the original it was made for ({meta.get('base_name')})")
+        if verify_base == "full":
+            from .prune import check_base_full
+
+            check_base_full(want, base, f"adapter {adapter}", "was recovered for")
+    elif verify_base == "full":
+        raise LoramError(f"adapter {adapter} records no base fingerprint to verify: drop --verify-base full")
     if meta and pruned and meta.get("plan_id") and meta.get("stage") == STAGE_PRUNED:
         if meta["plan_id"] != model.loram_plan.id:
             raise LoramError(f"adapter {adapter} was trained on another prune plan ({meta['plan_id']}) than {base} "
@@ -57,11 +71,11 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False, dtype=torch.float32,
-          keep_sparse: bool = False) -> Path:
+          keep_sparse: bool = False, verify_base: str = "sampled") -> Path:
     """Write a standard merged HF model folder: the original with the adapter folded into its weights."""
     check_output(out, overwrite)
     plan = _sparse_plan(base) if keep_sparse else None
-    pm, tok = load_with_adapter(base, adapter, dtype=dtype)
+    pm, tok = load_with_adapter(base, adapter, dtype=dtype, verify_base=verify_base)
     if plan is not None:
         from .prune.sparse import sparse_masks
 
@@ -74,12 +88,15 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     with atomic_dir(out, overwrite) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        if has_plan(base):  # a merged pruned model is still a pruned model folder
+        if has_plan(base):  # a merged pruned model is still a pruned model folder, bound to the same plan
             import shutil
 
-            from .plan import PLAN_FILE
+            from .io import safetensors_files
+            from .plan import PLAN_FILE, PrunePlan
+            from .pruned import bind_plan
 
             shutil.copy(Path(base) / PLAN_FILE, Path(tmp) / PLAN_FILE)
+            bind_plan(safetensors_files(tmp), PrunePlan.load(tmp))
     return Path(out)
 
 
@@ -94,8 +111,8 @@ def _sparse_plan(base):
 
 
 def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 64,
-             chat: bool = True, temperature: float = 0.0) -> str:
-    model, tok = load_with_adapter(model_name, adapter)
+             chat: bool = True, temperature: float = 0.0, verify_base: str = "sampled") -> str:
+    model, tok = load_with_adapter(model_name, adapter, verify_base=verify_base)
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]

@@ -36,6 +36,11 @@ from .families import COL_PRUNED, Geometry
 PLAN_FILE = "loram_plan.json"
 PLAN_FORMAT = "loram-plan"
 PLAN_VERSION = 1
+KINDS = ("structured", "sparse")
+# every method a plan can record: prune/structured.py, prune/sparse.py, and import-plan's "imported"
+METHODS = ("random", "magnitude", "taylor", "sparsegpt", "wanda", "imported")
+# safetensors __metadata__ keys binding a pruned folder's (or adapter's) weights to their plan
+META_PLAN_ID, META_PLAN_DIGEST = "loram_plan_id", "loram_plan_digest"
 
 
 def kept_mlp_channels(n: int, ratio: float) -> int:
@@ -113,18 +118,23 @@ class PrunePlan:
             return full
         return (full[0], len(idx)) if role in COL_PRUNED else (len(idx), full[1])
 
-    def validate(self, g: Geometry) -> None:
+    def validate(self, g: Geometry, where: str | None = None) -> None:
+        """Layers and kept indices fit geometry ``g``. ``where``: the plan file checked against its own
+        base config (a misfit means the file is corrupt), else a plan put on another model."""
         start, end = self.layers
+        pre, fix = (f"{where}: ", "the plan file is corrupt, re-create it with `loram prune`") if where else ("", "")
         if not (0 <= start < end <= g.n_layers):
-            raise LoramError(f"plan layers {start}:{end} do not fit the model's {g.n_layers} layers: wrong base model?")
-        for i, lp in self.pruned.items():
+            raise LoramError(f"{pre}plan layers {start}:{end} do not fit the model's {g.n_layers} layers: {fix or 'wrong base model?'}")
+        for i, lp in sorted(self.pruned.items()):
             if not start <= i < end:
-                raise LoramError(f"plan prunes layer {i} outside its range {start}:{end}: the plan file is corrupt")
+                beyond = f" (the model has {g.n_layers} layers)" if i >= g.n_layers else ""
+                raise LoramError(f"{pre}plan prunes layer {i} outside its range {start}:{end}{beyond}: {fix or 'the plan file is corrupt'}")
             for name, keep, n in (("mlp_keep", lp.mlp_keep, g.intermediate), ("kv_keep", lp.kv_keep, g.n_kv_heads)):
                 if keep is None:
                     continue
                 if not keep or any(not 0 <= k < n for k in keep) or len(set(keep)) != len(keep) or keep != sorted(keep):
-                    raise LoramError(f"plan layer {i} {name} is not a sorted set of indices in [0, {n}): the plan file is corrupt")
+                    raise LoramError(f"{pre}plan layer {i} {name} is not a sorted set of indices in [0, {n}): "
+                                     f"{fix or 'the plan file is corrupt'}")
 
     def base_config(self):
         """The original model's config (a transformers PretrainedConfig), rebuilt from the plan."""
@@ -149,20 +159,83 @@ class PrunePlan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrunePlan":
-        if d.get("format") != PLAN_FORMAT:
+    def from_dict(cls, d: dict, where: str = "the plan") -> "PrunePlan":
+        """The one way a plan is read: every field is checked here, so no command acts on a bad plan
+        (a float index would be truncated, a layer beyond the model silently ignored)."""
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise LoramError("not a loram prune plan (missing \"format\": \"loram-plan\"): pass the plan written by `loram prune`")
-        if d.get("version", 0) > PLAN_VERSION:
+        version = d.get("version", 0)
+        if not _is_int(version):
+            raise LoramError(_bad(where, "version", version, "an integer"))
+        if version > PLAN_VERSION:
             raise LoramError(f"plan version {d['version']} is newer than this loram understands ({PLAN_VERSION}): upgrade loram")
-        pruned = {int(i): LayerPlan(**v) for i, v in d.get("pruned", {}).items()}
-        return cls(kind=d["kind"], method=d["method"], layers=tuple(d["layers"]), base=d["base"], pruned=pruned,
+        for key in ("kind", "method", "layers", "base"):
+            if key not in d:
+                raise LoramError(f"{where} has no \"{key}\" field: the plan file is corrupt, re-create it with `loram prune`")
+        _check_choice(where, "kind", d["kind"], KINDS)
+        _check_choice(where, "method", d["method"], METHODS)
+        layers = d["layers"]
+        if not (isinstance(layers, list) and len(layers) == 2 and all(_is_int(x) for x in layers) and 0 <= layers[0] < layers[1]):
+            raise LoramError(_bad(where, "layers", layers, "[START, END] with integers 0 <= START < END"))
+        for key in ("mlp_ratio", "attn_ratio"):
+            r = d.get(key, 0.0)
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise LoramError(_bad(where, key, r, "a number in [0, 1)"))
+        if not _is_int(d.get("seed", 0)):
+            raise LoramError(_bad(where, "seed", d.get("seed"), "an integer"))
+        for key, need in (("base", dict), ("calibration", (dict, type(None))), ("sparse", (dict, type(None))),
+                          ("extra", dict), ("pruned", dict)):
+            if not isinstance(d.get(key, {}), need):
+                raise LoramError(_bad(where, key, d.get(key), "a JSON object"))
+        base = d["base"]
+        for key in ("config", "fingerprint"):
+            if not isinstance(base.get(key, {}), dict):
+                raise LoramError(_bad(where, f"base.{key}", base.get(key), "a JSON object"))
+        plan = cls(kind=d["kind"], method=d["method"], layers=tuple(layers), base=base,
+                   pruned={_layer_key(where, k): _layer_plan(where, k, v) for k, v in d.get("pruned", {}).items()},
                    mlp_ratio=d.get("mlp_ratio", 0.0), attn_ratio=d.get("attn_ratio", 0.0), seed=d.get("seed", 0),
                    calibration=d.get("calibration"), sparse=d.get("sparse"), extra=d.get("extra", {}))
+        g = plan._base_geometry(where)
+        if g is not None:  # the plan carries its base config: indices and layers must fit that model
+            plan.validate(g, where)
+        return plan
+
+    def _base_geometry(self, where: str):
+        """Geometry of the plan's own base config, or None when the plan has none (hand-made plans)."""
+        from types import SimpleNamespace
+
+        from .families import geometry
+
+        cfg = self.base.get("config") or {}
+        if not cfg:
+            return None
+        try:
+            return geometry(SimpleNamespace(**cfg))
+        except (AttributeError, TypeError, ZeroDivisionError):
+            raise LoramError(f"{where} has an incomplete base.config (no usable layer/head/width counts): "
+                             "the plan file is corrupt, re-create it with `loram prune`") from None
 
     def to_json(self) -> str:
         # one index list per line: diff-able and readable, still valid JSON
         text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
         return _compact_int_lists(text)
+
+    def weights_digest(self) -> str:
+        """What a pruned folder's weights depend on: kind, base model and the kept indices of every layer.
+
+        Written into the safetensors metadata of every pruned folder and adapter (``META_PLAN_DIGEST``)
+        and checked on load, so a plan swapped for another of the same widths is refused instead of
+        recovering the update onto the wrong channels. Fields that do not change the weights (method
+        name, ratios, calibration, extra) are left out, so e.g. `loram align` keeps the digest.
+        """
+        fp = self.base.get("fingerprint") or {}
+        d = {"kind": self.kind, "layers": list(self.layers), "base": fp.get("id"),
+             "pruned": {str(i): {"mlp_keep": lp.mlp_keep, "kv_keep": lp.kv_keep} for i, lp in sorted(self.pruned.items())}}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` entries binding weights to this plan."""
+        return {META_PLAN_ID: self.id, META_PLAN_DIGEST: self.weights_digest()}
 
     @property
     def id(self) -> str:
@@ -184,9 +257,53 @@ class PrunePlan:
         if not p.exists():
             raise LoramError(f"no {PLAN_FILE} in {p.parent}: this is not a loram pruned model or adapter (run `loram prune` first)")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LoramError(f"{p} is not a valid prune plan ({e}): re-create it with `loram prune`") from None
+        try:
+            return cls.from_dict(d, where=str(p))
+        except (KeyError, TypeError, ValueError) as e:  # a field from_dict's checks did not foresee
+            raise LoramError(f"{p} is not a valid prune plan ({e!r}): re-create it with `loram prune`") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _bad(where: str, field_name: str, value, need: str) -> str:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return f"{where}: field {field_name} is {shown}, not {need}: the plan file is corrupt, re-create it with `loram prune`"
+
+
+def _check_choice(where: str, field_name: str, value, choices) -> None:
+    if value not in choices:
+        raise LoramError(_bad(where, field_name, value, "one of " + ", ".join(choices)))
+
+
+def _layer_key(where: str, key) -> int:
+    if not (isinstance(key, str) and key.isdecimal()):
+        raise LoramError(f"{where}: pruned layer key {json.dumps(key)} is not a layer number (keys are layer indices such "
+                         "as \"4\"): the plan file is corrupt, re-create it with `loram prune`")
+    return int(key)
+
+
+def _layer_plan(where: str, key: str, v) -> LayerPlan:
+    """One layer of ``pruned``: sorted, unique, non-negative integer indices (upper bounds: validate)."""
+    if not isinstance(v, dict):
+        raise LoramError(_bad(where, f"pruned.{key}", v, '{"mlp_keep": [...], "kv_keep": [...]}'))
+    unknown = sorted(set(v) - {"mlp_keep", "kv_keep"})
+    if unknown:
+        raise LoramError(f"{where}: field pruned.{key} has unknown entries {', '.join(unknown)} (a layer has only mlp_keep "
+                         "and kv_keep): the plan file is corrupt, re-create it with `loram prune`")
+    for name, keep in v.items():
+        if keep is None:
+            continue
+        if not (isinstance(keep, list) and keep and all(_is_int(x) and x >= 0 for x in keep)):
+            raise LoramError(_bad(where, f"pruned.{key}.{name}", keep, "a non-empty list of integer indices"))
+        if any(b <= a for a, b in zip(keep, keep[1:])):
+            raise LoramError(_bad(where, f"pruned.{key}.{name}", keep, "in increasing order without repeats"))
+    return LayerPlan(mlp_keep=v.get("mlp_keep"), kv_keep=v.get("kv_keep"))
 
 
 def _compact_int_lists(text: str) -> str:

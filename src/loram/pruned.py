@@ -24,9 +24,42 @@ from torch import nn
 
 from .errors import LoramError
 from .families import COL_PRUNED, ROLES, decoder_layers, geometry, layer_module, MODULE_OF_ROLE
-from .plan import PrunePlan
+from .plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan
 
 QUANTIZED_MARK = "loram_quantized"
+
+
+# ---- binding weights to their plan ------------------------------------------------------------
+def bind_plan(files: list[Path], plan: PrunePlan) -> None:
+    """Record ``plan``'s id and weights digest in the ``__metadata__`` of each safetensors file (in place)."""
+    from .io import write_safetensors_metadata
+
+    for f in files:
+        write_safetensors_metadata(f, f, plan.metadata())
+
+
+def check_plan_binding(files: list[Path], plan: PrunePlan, where: str, fix: str) -> None:
+    """Refuse a plan that is not the one the weights in ``files`` were written with.
+
+    Two plans of the same widths give the same tensor shapes, so only the digest recorded at write
+    time tells them apart; without this check recovery would scatter the update onto the wrong
+    channels. Files written before loram recorded the binding are accepted with a warning.
+    """
+    from .errors import warn
+    from .io import safetensors_metadata
+
+    bound = {(m.get(META_PLAN_ID), m.get(META_PLAN_DIGEST)) for m in map(safetensors_metadata, files)}
+    if bound == {(None, None)}:
+        warn(f"the weights in {where} record no plan (written by an older loram): loram cannot check that its "
+             f"loram_plan.json belongs to them; {fix} to bind them")
+        return
+    if len(bound) > 1:
+        raise LoramError(f"the safetensors files in {where} were written with different plans "
+                         f"({', '.join(sorted(str(i) for i, _ in bound))}): the folder was mixed up, {fix}")
+    (bound_id, digest), = bound
+    if digest != plan.weights_digest():
+        raise LoramError(f"{where}/loram_plan.json does not describe the weights in {where} (plan {plan.id}, weights "
+                         f"made with plan {bound_id}): restore the folder's own plan or {fix}")
 
 
 def _shrunk_linear(lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
@@ -213,7 +246,7 @@ def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float
     """
     from transformers import AutoConfig
 
-    from .io import read_json
+    from .io import check_checkpoint, read_json, safetensors_files
 
     path = Path(path)
     if quantize not in (None, "nf4"):
@@ -231,6 +264,10 @@ def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float
     except (OSError, ValueError, KeyError) as e:
         raise LoramError(f"cannot read {path / 'config.json'} ({str(e).splitlines()[0]}): re-create the folder with `loram prune`") from None
     geometry(config)
+    # headers only, before any weight is read: names, shapes and dtypes fit config + plan, and the
+    # plan is the one these weights were written with
+    check_checkpoint(path, config, plan)
+    check_plan_binding(safetensors_files(path), plan, str(path), "re-run `loram prune`")
     model = skeleton(config, plan, dtype=dtype)
     load_state_into(model, _read_state_dict(path, dtype), str(path))
     device = _resolve_device(device_map)
@@ -248,7 +285,10 @@ def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float
 def save_pruned(model, tokenizer, plan: PrunePlan, out: str | Path) -> None:
     """Write a pruned model folder (call inside io.atomic_dir)."""
     out = Path(out)
+    from .io import safetensors_files
+
     model.save_pretrained(str(out), safe_serialization=True)
+    bind_plan(safetensors_files(out), plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     plan.save(out)

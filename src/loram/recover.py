@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .adapter import (ADAPTER_CONFIG, ADAPTER_META, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors,
-                      write_adapter)
+from .adapter import (ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta,
+                      read_tensors, write_adapter)
 from .errors import LoramError
 from .families import COL_PRUNED, ROLE_OF_PROJ, Geometry, geometry
 from .io import atomic_dir, check_output, read_json
 from .plan import PrunePlan, has_plan
+from .pruned import check_plan_binding
 
 LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.[\w-]+)?\.(weight|bias)$")
 FILLS = ("zero", "normal")
@@ -151,13 +152,16 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
 
 
 def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = "zero", seed: int = 0,
-            overwrite: bool = False, check_base: bool = True) -> Path:
-    """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder."""
-    from .prune import base_fingerprint
+            overwrite: bool = False, check_base: bool = True, verify_base: str = "sampled") -> Path:
+    """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
+
+    verify_base="full": also compare every byte of ``base`` with the digest the plan recorded."""
+    from .prune import base_fingerprint, check_base_full, check_verify
     from .fingerprint import describe_difference, same_model
 
     adapter = Path(adapter)
     check_output(out, overwrite)
+    check_verify(verify_base)
     tensors = read_tensors(adapter)
     meta = read_meta(adapter)
     if meta is None or meta.get("stage") not in (STAGE_PRUNED, STAGE_RECOVERED):
@@ -172,6 +176,8 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     lora_cfg = read_json(adapter / ADAPTER_CONFIG)
     config = plan.base_config()
     check_shapes(tensors, plan, config, lora_cfg)
+    # same widths, other kept indices: shapes cannot tell, the digest written at training time can
+    check_plan_binding([adapter / ADAPTER_WEIGHTS], plan, str(adapter), "re-train it with `loram train`")
     fp = plan.base["fingerprint"]
     if check_base and Path(str(base)).is_dir() and has_plan(base):
         raise LoramError(f"--base {base} is a loram pruned model: pass the original model the plan was made from "
@@ -181,6 +187,8 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
         if not same_model(fp, got):
             raise LoramError(f"base {base} is not the model this adapter's plan was made from ({describe_difference(fp, got)}): "
                              f"pass the original model ({plan.base.get('name')})")
+        if verify_base == "full":
+            check_base_full(fp, base, "this adapter's plan", "was made from")
     if plan.kind == "structured":
         full = recover_tensors(tensors, plan, config, fill=fill, seed=seed)
     else:  # sparse plans keep shapes: recovery is the identity on the tensors

@@ -10,6 +10,17 @@ def add_out(p, what: str = "output folder") -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
+def add_verify_base(p, record: bool) -> None:
+    """--verify-base sampled|full: record (prune, import-plan) or check (recover, merge) the base's full digest."""
+    what = ("also record a sha256 of every byte of the base's weight files in the plan, so `loram recover/merge "
+            "--verify-base full` can check it" if record else
+            "also compare every byte of the base's weight files with the digest the plan recorded (needs a plan made "
+            "with --verify-base full)")
+    p.add_argument("--verify-base", default="sampled", choices=["sampled", "full"],
+                   help=f"sampled (default): fingerprint from 8 sampled rows per tensor; full: {what}. "
+                        "File hashes are cached under $XDG_CACHE_HOME/loram by path, size and mtime")
+
+
 def ratio(text: str) -> float:
     try:
         return float(text)

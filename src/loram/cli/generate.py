@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import add_verify_base
+
 
 def add(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a model (original, pruned or merged), optionally with an adapter")
@@ -11,6 +13,7 @@ def add(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    add_verify_base(p, record=False)
     p.set_defaults(func=run)
 
 
@@ -18,5 +21,5 @@ def run(a) -> int:
     from ..merge import generate
 
     print(generate(a.model, a.prompt, adapter=a.adapter, max_new_tokens=a.max_new_tokens, chat=not a.no_chat,
-                   temperature=a.temperature))
+                   temperature=a.temperature, verify_base=a.verify_base))
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_out, table
+from .common import add_out, add_verify_base, table
 
 
 def add(sub) -> None:
@@ -17,6 +17,7 @@ def add(sub) -> None:
     p.add_argument("--allow-retrained", action="store_true",
                    help="structured: check shapes only (the pruned model was trained after pruning, so its kept rows "
                         "no longer equal the original's)")
+    add_verify_base(p, record=True)
     p.set_defaults(func=run)
 
 
@@ -27,12 +28,12 @@ def run(a) -> int:
     if a.kept_index is None:
         if a.allow_retrained:
             raise LoramError("--allow-retrained applies to structured imports (--kept-index): drop it")
-        plan = import_sparse(a.model, a.base, a.out, overwrite=a.overwrite)
+        plan = import_sparse(a.model, a.base, a.out, overwrite=a.overwrite, verify_base=a.verify_base)
         sp = plan.sparse
         rows = [("kind", f"sparse ({sp['pattern']})"), ("sparsity of the targeted linears", f"{sp['sparsity']:.4f}")]
     else:
         plan = import_structured(a.model, a.base, a.kept_index, a.out, allow_retrained=a.allow_retrained,
-                                 overwrite=a.overwrite)
+                                 overwrite=a.overwrite, verify_base=a.verify_base)
         rows = [("kind", "structured"), ("MLP / KV-group ratio", f"{plan.mlp_ratio} / {plan.attn_ratio}"),
                 ("parameters original", f"{plan.extra['params_original']:,}"),
                 ("parameters pruned", f"{plan.extra['params_pruned']:,}"), ("validated", plan.extra["validated"])]

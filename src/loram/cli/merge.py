@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_out
+from .common import add_out, add_verify_base
 
 
 def add(sub) -> None:
@@ -13,12 +13,13 @@ def add(sub) -> None:
     p.add_argument("--keep-sparse", action="store_true",
                    help="sparse plans: BASE is the sparse pruned folder and the update is masked to its non-zeros, "
                         "so the merged model keeps its zeros (default: full update, as the paper)")
+    add_verify_base(p, record=False)
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
     from ..merge import merge
 
-    out = merge(a.base, a.adapter, a.out, overwrite=a.overwrite, keep_sparse=a.keep_sparse)
+    out = merge(a.base, a.adapter, a.out, overwrite=a.overwrite, keep_sparse=a.keep_sparse, verify_base=a.verify_base)
     print(f"merged model written to {out}")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_out, ratio, table
+from .common import add_out, add_verify_base, ratio, table
 
 
 def add(sub) -> None:
@@ -23,6 +23,7 @@ def add(sub) -> None:
     p.add_argument("--calib-data", default=None, help="taylor/sparsegpt/wanda: .txt or .jsonl {text} file (default: built-in text)")
     p.add_argument("--calib-samples", type=int, default=8, help="taylor/sparsegpt/wanda: number of calibration sequences")
     p.add_argument("--calib-seq-len", type=int, default=128, help="taylor/sparsegpt/wanda: tokens per calibration sequence")
+    add_verify_base(p, record=True)
     p.set_defaults(func=run)
 
 
@@ -31,7 +32,7 @@ def run(a) -> int:
 
     r = prune(a.model, a.out, method=a.method, ratio=a.ratio, attn_ratio=a.attn_ratio, layers=a.layers, seed=a.seed,
               calib_data=a.calib_data, calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len, overwrite=a.overwrite,
-              sparsity=a.sparsity)
+              sparsity=a.sparsity, verify_base=a.verify_base)
     s, e = r.plan.layers
     if r.plan.kind == "sparse":
         sp = r.plan.sparse

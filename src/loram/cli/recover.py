@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_out
+from .common import add_out, add_verify_base
 
 
 def add(sub) -> None:
@@ -13,12 +13,13 @@ def add(sub) -> None:
     p.add_argument("--fill", default="zero", choices=["zero", "normal"],
                    help="pruned columns of lora_A (o/down): zero (exact) or N(0,1/r) noise (the paper's normA)")
     p.add_argument("--seed", type=int, default=0, help="seed for --fill normal")
+    add_verify_base(p, record=False)
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
     from ..recover import recover
 
-    out = recover(a.adapter, a.base, a.out, fill=a.fill, seed=a.seed, overwrite=a.overwrite)
+    out = recover(a.adapter, a.base, a.out, fill=a.fill, seed=a.seed, overwrite=a.overwrite, verify_base=a.verify_base)
     print(f"recovered adapter for {a.base} written to {out} (loads with stock PeftModel.from_pretrained)")
     return 0

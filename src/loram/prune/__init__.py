@@ -36,18 +36,55 @@ class PruneReport:
         return self.params_original / (self.params_nonzero or self.params_pruned)
 
 
-def base_fingerprint(name: str | Path, model=None) -> dict:
+def base_fingerprint(name: str | Path, model=None, verify: str = "sampled") -> dict:
     """Fingerprint of an original model: from its safetensors files when it is a local folder
-    (no load needed, fast for 70B), else from the loaded tensors (GGUF, hub)."""
-    from ..fingerprint import fingerprint_model, fingerprint_safetensors
+    (no load needed, fast for 70B), else from the loaded tensors (GGUF, hub).
+    verify="full" also records the digest of every byte of its weight files (fingerprint["full"])."""
+    from ..fingerprint import fingerprint_model, fingerprint_safetensors, full_digest
     from ..io import load_config
 
+    check_verify(verify)
     path, gguf = resolve_model(name)
     if gguf is None and Path(path).is_dir():
-        return fingerprint_safetensors(safetensors_files(path), load_config(name).to_dict())
-    if model is None:
-        model = load_model(name)
-    return fingerprint_model(model)
+        fp = fingerprint_safetensors(safetensors_files(path), load_config(name).to_dict())
+    else:
+        fp = fingerprint_model(model if model is not None else load_model(name))
+    if verify == "full":
+        fp["full"] = full_digest(weight_files(name))  # outside fp["id"]: sampled and full plans share their id
+    return fp
+
+
+def check_verify(verify: str) -> None:
+    from ..fingerprint import VERIFY_MODES
+
+    if verify not in VERIFY_MODES:
+        raise LoramError(f"--verify-base {verify!r} is unknown: use {' or '.join(VERIFY_MODES)}")
+
+
+def weight_files(name: str | Path) -> list[Path]:
+    """The files holding a local model's weights (safetensors shards or the .gguf) for a full digest."""
+    path, gguf = resolve_model(name)
+    if gguf is not None:
+        return [Path(path) / gguf]
+    if not Path(path).is_dir():
+        raise LoramError(f"--verify-base full hashes local files, and {name} is a hub id: download it and pass the folder")
+    return safetensors_files(path)
+
+
+def check_base_full(expected: dict, base: str | Path, subject: str, made: str) -> None:
+    """--verify-base full: every byte of ``base``'s weight files must be the ones recorded in ``expected``
+    (``subject`` ``made``: e.g. "this adapter's plan" "was made from", for the messages)."""
+    from ..fingerprint import full_digest
+
+    want = expected.get("full")
+    if not want:
+        raise LoramError(f"{subject} records no full digest of its base (it was made without --verify-base full): "
+                         "re-create the plan with `loram prune ... --verify-base full`, or drop --verify-base full "
+                         "to check the sampled fingerprint")
+    got = full_digest(weight_files(base))
+    if got != want:
+        raise LoramError(f"base {base} is not byte for byte the model {subject} {made} (full digest {got[:16]}, "
+                         f"expected {want[:16]}): pass the original model, unmodified")
 
 
 def check_ratio(name: str, r: float, allow_zero: bool) -> None:
@@ -71,18 +108,21 @@ def _check_against_config(model_name: str, ratio: float, layers: str | None) -> 
 
 def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float | None = None, attn_ratio: float | None = None,
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
-          calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None) -> PruneReport:
+          calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
+          verify_base: str = "sampled") -> PruneReport:
     """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
 
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
-    the pruning is structured (ratio defaults to 0.5)."""
+    the pruning is structured (ratio defaults to 0.5). ``verify_base="full"`` records the digest of
+    every byte of the base in the plan, for `loram recover/merge --verify-base full`."""
     from ..memory import PeakRSS
 
+    check_verify(verify_base)
     if sparsity is not None or method in SPARSE_ONLY:
         if attn_ratio is not None:
             raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
         return prune_sparse(model_name, out, method, sparsity or "unstructured", ratio, layers, seed, calib_data,
-                            calib_samples, calib_seq_len, overwrite, dtype)
+                            calib_samples, calib_seq_len, overwrite, dtype, verify_base)
     ratio = 0.5 if ratio is None else ratio
     if method not in STRUCTURED_METHODS:
         raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(STRUCTURED_METHODS)} "
@@ -99,7 +139,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     g = geometry(model.config)
     start, end = parse_layers(layers, g.n_layers)
     rng = range(start, end)
-    fp = base_fingerprint(model_name, model)
+    fp = base_fingerprint(model_name, model, verify_base)
     calib, scores = None, None
     if method == "taylor":
         batches, calib = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)

@@ -221,7 +221,7 @@ def layer_errors(dense, pruned, layers: range, batches: list[torch.Tensor]) -> d
 
 def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, ratio: float | None = None,
                  layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
-                 calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32):
+                 calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled"):
     """`loram prune --sparsity ...`: write a sparse pruned model folder; returns a PruneReport."""
     from ..io import atomic_dir, check_output, load_config, load_model, load_tokenizer
     from ..memory import PeakRSS
@@ -239,7 +239,7 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
     tok = load_tokenizer(model_name)
     model = load_model(model_name, dtype=dtype)
     check_finite(model)  # NaN scores would still sort into a mask
-    fp = base_fingerprint(model_name, model)
+    fp = base_fingerprint(model_name, model, verify_base)
     batches, calib = (None, None)
     if method != "magnitude":
         batches, calib = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
