@@ -12,6 +12,12 @@ response tokens (including the closing end-of-turn token, so the model learns to
 ``train_on_inputs=True`` labels everything. Models without a chat template get the Alpaca
 prompt format ("### Instruction: ... ### Response: ...") instead.
 
+Skipped rows: a training or --eval row that is too long for --seq-len, has no response token,
+a chat role outside KNOWN_ROLES, none of the formats above, or that the chat template rejects is
+not trained on; ``encode_all`` counts it by reason (train_report.json `dropped`). A file where
+more than half the rows would be skipped is refused with the main reason: that is a wrong
+format, role names or --seq-len, not a few bad rows. Files must be UTF-8.
+
 Raw corpora (`loram align`): .txt (one document per non-empty line) or rows with "text"; each
 document is tokenized, closed with EOS, concatenated and cut into blocks of exactly seq_len
 tokens (the tail shorter than a block is dropped), every token labelled.
@@ -190,16 +196,17 @@ def _ids(tok, x) -> list[int]:
     return list(x)
 
 
-def _template(tok, msgs, gen_prompt: bool) -> list[int]:
+def chat_template_ids(tok, msgs, gen_prompt: bool) -> list[int]:
+    """Token ids of ``msgs`` through the tokenizer's chat template; template problems are one-line errors."""
     from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 
     try:
         return _ids(tok, tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt))
     except SecurityError as e:  # the sandbox stopped the template itself: no row can be formatted
         raise LoramError(f"the tokenizer's chat template is unsafe, the sandbox refused it ({e}): pass a model whose "
-                         "chat template is safe, or fix chat_template in its tokenizer_config.json") from None
+                         "chat template is safe, or fix its chat_template.jinja / tokenizer_config.json") from None
     except TemplateSyntaxError as e:
-        raise LoramError(f"the tokenizer's chat template is not valid Jinja ({e}): fix chat_template in its "
+        raise LoramError(f"the tokenizer's chat template is not valid Jinja ({e}): fix its chat_template.jinja / "
                          "tokenizer_config.json") from None
     except TemplateError as e:  # raise_exception(...) in the template: it rejects this row (e.g. roles out of order)
         raise RowSkipped("template_error", f"the chat template rejected a row ({str(e).splitlines()[0]})", "fix the row") from None
@@ -213,13 +220,13 @@ def encode(tok, row, train_on_inputs: bool = False) -> tuple[list[int], list[int
         return ids, list(ids)
     msgs = to_messages(row)
     if getattr(tok, "chat_template", None):
-        ids = _template(tok, msgs, gen_prompt=False)
+        ids = chat_template_ids(tok, msgs, gen_prompt=False)
         labels = [IGNORE] * len(ids)
         for j, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            start = len(_template(tok, msgs[:j], gen_prompt=True))
-            end = len(_template(tok, msgs[: j + 1], gen_prompt=False))
+            start = len(chat_template_ids(tok, msgs[:j], gen_prompt=True))
+            end = len(chat_template_ids(tok, msgs[: j + 1], gen_prompt=False))
             labels[start:end] = ids[start:end]
     else:  # no chat template: Alpaca prompt format, single turn
         if kind != "alpaca":
@@ -265,7 +272,8 @@ def skip_summary(skipped: dict[str, int]) -> str:
     """ "4 rows skipped (3 too_long, 1 unknown_role)" of a report's ``dropped`` dict (with or without "total")."""
     counts = {r: n for r, n in skipped.items() if r != "total" and n}
     detail = ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return f"{sum(counts.values())} rows skipped ({detail})" if counts else "no rows skipped"
+    n = sum(counts.values())
+    return f"{n} row{'' if n == 1 else 's'} skipped ({detail})" if counts else "no rows skipped"
 
 
 def encode_all(tok, rows: list[dict], seq_len: int, train_on_inputs: bool = False, name: str = "dataset") -> Encoded:

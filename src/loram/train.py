@@ -19,6 +19,9 @@ needs nothing else. ``fit`` is the one Trainer setup shared by `loram train` and
 
 Resume is exact: the optimizer, scheduler and every RNG are restored and the Trainer skips the
 batches already seen (the sampler is seeded by --seed), so k steps + resume = one run.
+Each checkpoint's loram_checkpoint.json records the settings that define the run (run_settings:
+knobs, data names and content digests, model fingerprint); --resume with other values is refused,
+listing them (only RESUME_SAFE may change: the step budget, saving, logging, evaluation).
 Held-out perplexity (``--eval NAME=FILE``) is token-weighted: exp(sum NLL / response tokens).
 """
 
@@ -215,6 +218,8 @@ def run_settings(cfg: RunConfig, model: str | Path) -> dict:
 
     d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_SAFE and k != "extra"}
     d["data_sha256"] = [source_digest(src) for src in cfg.data]
+    # a local file is known by its name (with any [a:b] slice) and content: moving it is fine
+    d["data"] = [src if digest is None else Path(src).name for src, digest in zip(cfg.data, d["data_sha256"])]
     d["model"] = model_identity(model)
     return json.loads(json.dumps(d))  # tuples become lists, as they read back from the checkpoint
 
@@ -231,9 +236,10 @@ def settings_differences(old: dict, new: dict) -> list[str]:
         if a == b:
             continue
         if k == "data_sha256":
-            out.append("data file content changed")
+            names = [n for n, x, y in zip(new.get("data") or [], a or [], b or []) if x != y]
+            out.append(f"content of {', '.join(names)} changed" if names else "data file content changed")
         elif k == "model":
-            out.append(f"model {a} -> {b}")
+            out.append(f"model fingerprint {a} -> {b}")
         else:
             out.append(f"--{k.replace('_', '-')} {_show(a)} -> {_show(b)}")
     return out
@@ -244,14 +250,18 @@ def check_resume_settings(ckpt: Path, settings: dict) -> None:
     last = last_checkpoint(ckpt)
     if last is None:  # prepare_checkpoint_dir explains
         return
-    old = json.loads((last / CHECKPOINT_MARK).read_text()).get("settings")
+    try:
+        old = json.loads((last / CHECKPOINT_MARK).read_text()).get("settings")
+    except (ValueError, AttributeError):
+        raise LoramError(f"{last / CHECKPOINT_MARK} is corrupt: delete {last} to resume from the one before, "
+                         "or start over with --overwrite") from None
     if old is None:  # written before checkpoints recorded their settings: nothing to compare
         return
     diffs = settings_differences(old, settings)
     if diffs:
         safe = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_SAFE)
         raise LoramError(f"--resume with other settings than {last.name} was trained with ({'; '.join(diffs)}): give the "
-                         f"original values (only {safe} and --checkpoint-dir may change), or start a new run with --overwrite")
+                         f"original values (only {safe} and --checkpoint-dir may change), or start a new run (no --resume, with --overwrite)")
 
 
 def lora_config(cfg: TrainConfig):
