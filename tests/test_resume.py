@@ -96,7 +96,7 @@ def test_resume_with_other_settings_refused(tiny_dir, stopped, tmp_path, capsys,
 
 
 def test_resume_with_changed_data_content_refused(tiny_dir, stopped, tmp_path, capsys):
-    data, out, ckpt = copy_run(stopped, tmp_path)
+    data, out, _ = copy_run(stopped, tmp_path)
     rows = data.read_text().splitlines()
     data.write_text("\n".join(rows[:-1]) + "\n")  # same path, one row fewer
     assert run_cli(tiny_dir, data, out, "--resume") == 2
