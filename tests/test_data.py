@@ -120,11 +120,81 @@ def test_rows_missing_fields_fail_clearly(tok, row, match):
 
 
 def test_long_rows_dropped_and_counted(tok):
-    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q" * 50, "output": "a"}, {"text": "x" * 80}]
+    rows = [{"instruction": "q", "output": "a"}] * 3 + [{"instruction": "q" * 50, "output": "a"}, {"text": "x" * 80}]
     enc = encode_all(tok, rows, seq_len=40)
-    assert enc.dropped == 2 and len(enc.examples) == 1
-    with pytest.raises(LoramError, match=r"all 2 rows are dropped, 2 longer than --seq-len 10"):
-        encode_all(tok, rows[1:], seq_len=10)
+    assert enc.skipped == {"too_long": 2} and enc.dropped == 2 and len(enc.examples) == 3
+    with pytest.raises(LoramError, match=r"2 of its 2 rows would be skipped \(2 longer than --seq-len 10\): raise --seq-len"):
+        encode_all(tok, rows[3:], seq_len=10)
+
+
+def chat(*roles):
+    return {"messages": [{"role": r, "content": "hi"} for r in roles]}
+
+
+def test_skipped_rows_counted_by_reason(tok):
+    good = [{"instruction": "q", "output": "a"}] * 6
+    bad = [chat("user", "bot"), chat("user", "assistant", "narrator"), {"question": "q", "answer": "a"},
+           {"instruction": "q", "output": ""}, {"text": "x" * 80}]
+    enc = encode_all(tok, good + bad, seq_len=40)
+    # "" output still has the closing EOS to learn (kept); only a row with no assistant turn has no response
+    assert len(enc.examples) == 7
+    assert enc.skipped == {"unknown_role": 2, "missing_fields": 1, "too_long": 1}
+    enc = encode_all(tok, good + [chat("system", "user")], seq_len=40)
+    assert enc.skipped == {"no_response": 1}
+
+
+def test_unknown_role_row_fails_alone_and_sharegpt_roles_map(tok):
+    with pytest.raises(LoramError, match="role 'bot': use the roles system, user, assistant, tool"):
+        encode(tok, chat("user", "bot"))
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "chatgpt", "value": "yo"}]}
+    with pytest.raises(LoramError, match="role 'chatgpt'"):
+        encode(tok, sharegpt)
+
+
+def test_mostly_skipped_file_refused_with_main_reason(tok):
+    rows = [chat("user", "bot")] * 3 + [{"text": "x" * 80}] + [{"instruction": "q", "output": "a"}] * 3
+    with pytest.raises(LoramError, match=r"^d.jsonl: 4 of its 7 rows would be skipped \(3 with an unknown role, 1 longer than "
+                                         r"--seq-len 40; first: dataset row has a message with role 'bot'\): use the roles"):
+        encode_all(tok, rows, seq_len=40, name="d.jsonl")
+    assert encode_all(tok, rows[2:], seq_len=40).skipped == {"unknown_role": 1, "too_long": 1}  # 2 of 5: kept, counted
+
+
+def test_unsafe_chat_template_is_one_clear_error():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{{ ''.__class__.__mro__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(LoramError, match=r"chat template is unsafe, the sandbox refused it .*: pass a model whose chat template is safe"):
+        encode_all(tok, [{"instruction": "q", "output": "a"}] * 3, seq_len=40)
+
+
+def test_rows_the_template_rejects_are_counted():
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+                         + tiny_tokenizer().chat_template)
+    rows = [{"instruction": "q", "output": "a"}] * 2 + [chat("system", "user", "assistant")]
+    assert encode_all(tok, rows, seq_len=40).skipped == {"template_error": 1}
+    with pytest.raises(LoramError, match=r"1 of its 1 rows .*first: the chat template rejected a row \(no system turns\)"):
+        encode_all(tok, rows[2:], seq_len=40)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt"])
+def test_non_utf8_files_refused(tmp_path, suffix):
+    p = tmp_path / f"d{suffix}"
+    text = json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "caf\u00e9"}, ensure_ascii=False) + "\n"
+    p.write_bytes(("[" + text.replace("\n", ",", 1).strip() + "]" if suffix == ".json" else text).encode("latin-1"))
+    read = read_texts if suffix == ".txt" else read_rows
+    with pytest.raises(LoramError, match=r"is not UTF-8 text \(byte 0xe9 on line \d\): re-save it as UTF-8"):
+        read(str(p))
+
+
+def test_corrupt_parquet_refused(tmp_path):
+    import datasets
+
+    p = tmp_path / "d.parquet"
+    datasets.Dataset.from_list([{"text": f"row {i}"} for i in range(50)]).to_parquet(str(p))
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(LoramError, match="is not a readable parquet file .*: re-create or re-download it"):
+        read_rows(str(p))
 
 
 def test_mixture_weights_set_the_share_of_each_source():
@@ -144,7 +214,7 @@ def test_build_dataset_mixes_files(tmp_path, tok):
     pb.write_text("\n".join(json.dumps({"text": "bb"}) for _ in range(10)))
     ds, dropped = build_dataset(tok, TrainConfig(data=[str(pa), str(pb)], data_weights=[0.25, 0.75], seq_len=32))
     kinds = [ds[i]["input_ids"][0] for i in range(len(ds))]
-    assert dropped == 0 and len(ds) == 40 and kinds.count(ord("a")) == 10 and kinds.count(ord("b")) == 30
+    assert dropped == {"total": 0} and len(ds) == 40 and kinds.count(ord("a")) == 10 and kinds.count(ord("b")) == 30
 
 
 def test_packing_fills_sequences(tok):

@@ -391,6 +391,80 @@ def test_output_not_writable(capsys, w, tmp_path):
         ro.chmod(0o755)
 
 
+# ---- data files, tokenizer and chat template (all refused before the weights load) ----------------------
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model fails the test: these errors must come first."""
+    import loram.eval
+    import loram.pruned
+    import loram.train
+
+    def refuse(*a, **kw):
+        raise AssertionError("the weights were loaded before the error")
+
+    for mod, name in ((loram.train, "load_base"), (loram.pruned, "load_pruned"), (loram.eval, "load_for_eval")):
+        monkeypatch.setattr(mod, name, refuse)
+
+
+def latin1(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode("latin-1"))
+    return path
+
+
+def test_train_data_not_utf8(capsys, w, tmp_path, no_weights):
+    bad = latin1(tmp_path / "d.jsonl", json.dumps({"instruction": "caf\u00e9", "output": "x"}, ensure_ascii=False) + "\n")
+    fails(capsys, "train", w.base, "--data", bad, "-o", tmp_path / "o", expect="is not UTF-8 text (byte 0xe9 on line 1)",
+          out=tmp_path / "o")
+
+
+def test_train_eval_file_not_utf8(capsys, w, tmp_path, no_weights):
+    bad = latin1(tmp_path / "held.jsonl", json.dumps({"text": "d\u00e9j\u00e0 vu"}, ensure_ascii=False) + "\n")
+    fails(capsys, "train", w.base, "--data", w.data, "--eval", f"held={bad}", "-o", tmp_path / "o", expect="is not UTF-8 text",
+          out=tmp_path / "o")
+
+
+def test_align_corpus_not_utf8(capsys, w, tmp_path, no_weights):
+    bad = latin1(tmp_path / "corpus.txt", "plain line\nna\u00efve line\n")
+    fails(capsys, "align", w.pruned, "--data", bad, "-o", tmp_path / "o", expect="corpus " + str(bad) + " is not UTF-8 text "
+          "(byte 0xef on line 2)", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_eval_ppl_file_not_utf8(capsys, w, tmp_path, no_weights, suffix):
+    bad = latin1(tmp_path / f"held{suffix}", "caf\u00e9\n" if suffix == ".txt" else '{"text": "caf\u00e9"}\n')
+    fails(capsys, "eval", w.base, "--ppl", f"held={bad}", expect="is not UTF-8 text (byte 0xe9 on line 1)")
+
+
+def test_corrupt_parquet(capsys, w, tmp_path, no_weights):
+    bad = tmp_path / "d.parquet"
+    bad.write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    fails(capsys, "train", w.base, "--data", bad, "-o", tmp_path / "o", expect="is not a readable parquet file", out=tmp_path / "o")
+
+
+def test_malformed_tokenizer_json(capsys, w, tmp_path, no_weights):
+    m = copy(w.base, tmp_path / "m")
+    truncate(m / "tokenizer.json")
+    fails(capsys, "train", m, "--data", w.data, "-o", tmp_path / "o", expect="tokenizer.json is not valid JSON", out=tmp_path / "o")
+    (m / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))  # valid JSON, wrong content
+    fails(capsys, "train", m, "--data", w.data, "-o", tmp_path / "o", expect="tokenizer files of", out=tmp_path / "o")
+
+
+def test_unsafe_chat_template(capsys, w, tmp_path, no_weights):
+    m = copy(w.base, tmp_path / "m")
+    (m / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}{% for x in messages %}{{ x.content }}{% endfor %}")
+    fails(capsys, "train", m, "--data", w.data, "-o", tmp_path / "o", expect="chat template is unsafe, the sandbox refused it",
+          out=tmp_path / "o")
+
+
+def test_mostly_skipped_data(capsys, w, tmp_path, no_weights):
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "bot", "content": "yo"}]} for i in range(6)]
+    rows += [{"instruction": "add 1 1", "output": "2"}] * 2
+    d = tmp_path / "chat.jsonl"
+    d.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fails(capsys, "train", w.base, "--data", d, "-o", tmp_path / "o", expect="6 of its 8 rows would be skipped (6 with an unknown "
+          "role; first: dataset row has a message with role 'bot'): use the roles system, user, assistant, tool", out=tmp_path / "o")
+
+
 # ---- optional packages -----------------------------------------------------------------------------
 def test_nf4_without_bitsandbytes(capsys, w, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError

@@ -3,11 +3,13 @@ result equals an uninterrupted run (real subprocess, real SIGKILL)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 
 from loram.train import CHECKPOINT_MARK, TrainConfig, complete_checkpoints, train
@@ -51,3 +53,60 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_dir, alpaca_file, tmp
     assert len(la) == len(lb) == STEPS and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5
     A, B = load_file(str(tmp_path / "ref" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
     assert A.keys() == B.keys() and max((A[k] - B[k]).abs().max().item() for k in A) < 1e-5
+
+
+# ---- --resume with other settings -----------------------------------------------------------------
+def run_cli(tiny_dir, data, out, *extra):
+    from loram.cli import main
+
+    return main(["train", str(tiny_dir), "--data", str(data), "-o", str(out), "--steps", "2", "--save-steps", "2",
+                 "--micro-batch", "2", "--lr", "1e-2", "--seq-len", "64", *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny_dir, alpaca_file, tmp_path_factory):
+    """A run's checkpoint folder (2 steps) as if it had been stopped; each test copies it."""
+    root = tmp_path_factory.mktemp("stopped")
+    data = root / "d.jsonl"
+    shutil.copy(alpaca_file, data)
+    assert run_cli(tiny_dir, data, root / "A") == 0
+    return root
+
+
+def copy_run(stopped, tmp_path):
+    shutil.copytree(stopped / "A-checkpoints", tmp_path / "A-checkpoints")
+    shutil.copy(stopped / "d.jsonl", tmp_path / "d.jsonl")
+    return tmp_path / "d.jsonl", tmp_path / "A", tmp_path / "A-checkpoints"
+
+
+@pytest.mark.parametrize("change, expect", [
+    (["--lr", "1e-3", "--seed", "1"], "--lr 0.01 -> 0.001; --seed 0 -> 1"),
+    (["--rank", "4"], "--rank 8 -> 4"),
+    (["--seq-len", "48", "--targets", "q,v"], "--seq-len 64 -> 48; --targets q,k,v,o,gate,up,down -> q,v"),
+])
+def test_resume_with_other_settings_refused(tiny_dir, stopped, tmp_path, capsys, change, expect):
+    data, out, ckpt = copy_run(stopped, tmp_path)
+    before = sorted(p.name for p in ckpt.rglob("*"))
+    capsys.readouterr()
+    assert run_cli(tiny_dir, data, out, "--resume", *change) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume with other settings than checkpoint-2 was trained with "
+                                               f"({expect}): give the original values (only --steps, --epochs")
+    assert not out.exists() and sorted(p.name for p in ckpt.rglob("*")) == before  # nothing written, nothing deleted
+
+
+def test_resume_with_changed_data_content_refused(tiny_dir, stopped, tmp_path, capsys):
+    data, out, _ = copy_run(stopped, tmp_path)
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows[:-1]) + "\n")  # same path, one row fewer
+    assert run_cli(tiny_dir, data, out, "--resume") == 2
+    assert "(content of d.jsonl changed)" in capsys.readouterr().err
+
+
+def test_resume_with_more_steps_and_safe_flags_allowed(tiny_dir, stopped, tmp_path):
+    data, out, ckpt = copy_run(stopped, tmp_path)
+    assert run_cli(tiny_dir, data, out, "--resume", "--steps", "4", "--logging-steps", "1", "--eval", f"x={data}[:4]") == 0
+    rep = json.loads((out / "train_report.json").read_text())
+    assert rep["steps"] == 4 and rep["resumed_from"].endswith("checkpoint-2") and "x" in rep["eval_ppl"]
+    mark = json.loads((ckpt / "checkpoint-4" / CHECKPOINT_MARK).read_text())
+    assert mark["settings"]["lr"] == 1e-2 and mark["settings"]["rank"] == 8 and "steps" not in mark["settings"]

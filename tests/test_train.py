@@ -146,3 +146,24 @@ def test_loss_chunk_trains_exactly_like_the_stock_loss(pruned_dir, alpaca_file, 
     assert any("lora_B" in k and A[k].abs().sum() > 0 for k in A)  # it trained: the comparison is not of zeros
     with pytest.raises(LoramError, match="--loss-chunk -1 must be >= 0"):
         train(pruned_dir, tmp_path / "bad", cfg(alpaca_file, loss_chunk=-1))
+
+
+def test_skipped_rows_counted_in_report_and_summary(tiny_dir, alpaca_file, tmp_path, capsys):
+    """Rows with an unknown role or too long are not trained on: the report and the printed summary count them by reason."""
+    from loram.cli import main
+
+    rows = [json.loads(x) for x in alpaca_file.read_text().splitlines()][:10]
+    rows += [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}] * 2
+    rows += [{"instruction": "q" * 100, "output": "a"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(json.dumps(r) for r in rows[:3] + rows[-1:]))
+    assert main(["train", str(tiny_dir), "--data", str(data), "--eval", f"held={held}", "-o", str(tmp_path / "A"),
+                 "--steps", "1", "--seq-len", "64"]) == 0
+    rep = json.loads((tmp_path / "A" / "train_report.json").read_text())
+    assert rep["dropped"] == {"unknown_role": 2, "too_long": 1, "total": 3}
+    assert rep["eval_dropped"] == {"held": {"too_long": 1, "total": 1}}
+    out = capsys.readouterr().out
+    assert "--data: 3 rows skipped (2 unknown_role, 1 too_long)" in out and "--eval held: 1 row skipped (1 too_long)" in out
+    assert out.strip().splitlines()[-1].endswith("; 3 rows skipped (2 unknown_role, 1 too_long)")

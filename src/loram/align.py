@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import LoramError
 from .io import atomic_dir, check_output, load_tokenizer, write_json
-from .train import RunConfig, TrainReport, finish, fit, mix, param_counts
+from .train import RunConfig, TrainReport, check_resume_settings, finish, fit, mix, param_counts, run_settings
 
 
 @dataclass
@@ -101,13 +101,19 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
     check_output(out, overwrite)
-    torch.manual_seed(cfg.seed)
-    model = load_pruned(pruned, dtype=torch.float32, device_map="auto")
-    plan, tok = model.loram_plan, load_tokenizer(pruned)
+    ckpt = Path(checkpoint_dir or f"{out}-checkpoints")
+    settings = run_settings(cfg, pruned) if resume or cfg.save_steps else None  # only checkpoints need them
+    if resume:
+        check_resume_settings(ckpt, settings)
+    # tokenizer and corpus before the weights: a bad file fails in seconds
+    tok = load_tokenizer(pruned)
     blocks = corpus_blocks(tok, cfg)
     if cfg.tokens:
         cfg.steps, cfg.epochs = steps_for_tokens(cfg.tokens, cfg, int(os.environ.get("WORLD_SIZE", "1"))), None
     evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
+    torch.manual_seed(cfg.seed)
+    model = load_pruned(pruned, dtype=torch.float32, device_map="auto")
+    plan = model.loram_plan
     model.train()
     model.config.use_cache = False
     set_trainable(model, cfg.train_embeddings, cfg.train_lm_head)
@@ -116,10 +122,10 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     masks = sparse_masks(model, plan) if plan.kind == "sparse" else []
     cbs = ([_mask_callback(masks)] if masks else []) + list(callbacks or [])
     trainable, frozen = param_counts(model)
-    r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, Path(checkpoint_dir or f"{out}-checkpoints"), resume,
-            overwrite, evals, tok.pad_token_id, cbs)
+    r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, cbs,
+            settings)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
-                         trainable, frozen, r.losses, 0, r.eval_ppl, r.eval_history, r.resumed_from)
+                         trainable, frozen, r.losses, {"total": 0}, r.eval_ppl, r.eval_history, r.resumed_from)
     if r.trainer.args.process_index == 0:
         plan.extra = dict(plan.extra, aligned={
             "from": str(pruned), "data": list(cfg.data), "weights": cfg.data_weights, "steps": r.steps,

@@ -12,6 +12,12 @@ response tokens (including the closing end-of-turn token, so the model learns to
 ``train_on_inputs=True`` labels everything. Models without a chat template get the Alpaca
 prompt format ("### Instruction: ... ### Response: ...") instead.
 
+Skipped rows: a training or --eval row that is too long for --seq-len, has no response token,
+a chat role outside KNOWN_ROLES, none of the formats above, or that the chat template rejects is
+not trained on; ``encode_all`` counts it by reason (train_report.json `dropped`). A file where
+more than half the rows would be skipped is refused with the main reason: that is a wrong
+format, role names or --seq-len, not a few bad rows. Files must be UTF-8.
+
 Raw corpora (`loram align`): .txt (one document per non-empty line) or rows with "text"; each
 document is tokenized, closed with EOS, concatenated and cut into blocks of exactly seq_len
 tokens (the tail shorter than a block is dropped), every token labelled.
@@ -19,9 +25,11 @@ tokens (the tail shorter than a block is dropped), every token labelled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +38,9 @@ from .errors import LoramError
 
 IGNORE = -100
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+# roles a chat row may use: any other is a typo or a foreign schema ("bot", "model"), which a template
+# would render as a prompt turn, leaving the row with nothing to learn
+KNOWN_ROLES = ("system", "user", "assistant", "tool")
 FALLBACK_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 FALLBACK_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -44,6 +55,18 @@ def split_slice(source: str) -> tuple[str, slice | None]:
         return source, None
     a, b = (int(x) if x else None for x in m.group(2, 3))
     return m.group(1), slice(a, b)
+
+
+def source_digest(source: str) -> str | None:
+    """sha256 (16 hex) of a local data file's bytes, None for a hub id: --resume refuses changed data."""
+    p = Path(split_slice(source)[0])
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def read_rows(source: str) -> list[dict]:
@@ -62,6 +85,29 @@ def read_rows(source: str) -> list[dict]:
     return rows
 
 
+def read_utf8(path: str | Path, what: str = "dataset") -> str:
+    """The text of a data file; bytes that are not UTF-8 are a user error (never silently replaced)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LoramError(f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}): "
+                         "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8") from None
+
+
+def read_parquet(path: Path) -> list[dict]:
+    """Rows of a parquet file, read with pyarrow (no datasets cache written for a local file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(str(path)).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise LoramError(f"dataset {path} is not a readable parquet file ({str(e).splitlines()[0]}): "
+                         "re-create or re-download it") from None
+
+
 def _read_rows(source: str) -> list[dict]:
     p = Path(source)
     if p.exists():
@@ -69,16 +115,14 @@ def _read_rows(source: str) -> list[dict]:
             raise LoramError(f"dataset {p} is a folder: pass a .json, .jsonl or .parquet file")
         try:
             if p.suffix == ".jsonl":
-                rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+                rows = [json.loads(line) for line in read_utf8(p).splitlines() if line.strip()]
             elif p.suffix == ".json":
-                rows = json.loads(p.read_text())
+                rows = json.loads(read_utf8(p))
                 if isinstance(rows, dict):  # {"data": [...]} or {"train": [...]}
                     lists = [v for v in rows.values() if isinstance(v, list)]
                     rows = lists[0] if len(lists) == 1 else [rows]
             elif p.suffix == ".parquet":
-                import datasets
-
-                rows = list(datasets.load_dataset("parquet", data_files=str(p), split="train"))
+                rows = read_parquet(p)
             else:
                 raise LoramError(f"dataset {p} has an unknown extension: use .json, .jsonl or .parquet")
         except json.JSONDecodeError as e:
@@ -99,9 +143,18 @@ def _read_rows(source: str) -> list[dict]:
     return rows
 
 
+class RowSkipped(LoramError):
+    """A row that cannot be trained on. ``encode`` raises it (a single row is a clear error);
+    ``encode_all`` counts it under ``reason`` and goes on (a file is refused when most rows are)."""
+
+    def __init__(self, reason: str, what: str, fix: str = ""):
+        super().__init__(f"{what}: {fix}" if fix else what)
+        self.reason, self.what = reason, what
+
+
 def row_kind(row) -> str:
     if not isinstance(row, dict):
-        raise LoramError(f"dataset row {str(row)[:60]!r} is not an object: rows must be JSON objects")
+        raise RowSkipped("malformed", f"dataset row {str(row)[:60]!r} is not an object", "rows must be JSON objects")
     if "conversations" in row and "messages" not in row:  # ShareGPT (OpenHermes): from/value
         row["messages"] = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
                            for m in row["conversations"]] if isinstance(row["conversations"], list) else None
@@ -109,19 +162,23 @@ def row_kind(row) -> str:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
-            raise LoramError("dataset row has `messages` that is not a non-empty list of {role, content} strings: fix the row")
+            raise RowSkipped("malformed", "dataset row has `messages` that is not a non-empty list of {role, content} "
+                                          "strings", "fix the row")
+        unknown = [m["role"] for m in msgs if m["role"] not in KNOWN_ROLES]
+        if unknown:
+            raise RowSkipped("unknown_role", f"dataset row has a message with role {unknown[0]!r}", SKIP_REASONS["unknown_role"][1])
         return "chat"
     if "instruction" in row and ("output" in row or "response" in row):
         resp = row["output"] if isinstance(row.get("output"), str) else row.get("response")
         if not isinstance(row["instruction"], str) or not isinstance(resp, str) or not isinstance(row.get("input", ""), (str, type(None))):
-            raise LoramError(f"dataset row {str(row)[:60]!r} has a non-text instruction/input/output: give strings")
+            raise RowSkipped("malformed", f"dataset row {str(row)[:60]!r} has a non-text instruction/input/output", "give strings")
         return "alpaca"
     if "text" in row:
         if not isinstance(row["text"], str):
-            raise LoramError(f"dataset row {str(row)[:60]!r} has a non-string `text`: give a string")
+            raise RowSkipped("malformed", f"dataset row {str(row)[:60]!r} has a non-string `text`", "give a string")
         return "text"
-    raise LoramError(f"dataset row with fields {sorted(row)[:6]} has none of the known formats: give "
-                     "instruction+output (or response), messages, or text")
+    raise RowSkipped("missing_fields", f"dataset row with fields {sorted(row)[:6]} has none of the known formats",
+                     SKIP_REASONS["missing_fields"][1])
 
 
 def to_messages(row) -> list[dict]:
@@ -139,8 +196,20 @@ def _ids(tok, x) -> list[int]:
     return list(x)
 
 
-def _template(tok, msgs, gen_prompt: bool) -> list[int]:
-    return _ids(tok, tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt))
+def chat_template_ids(tok, msgs, gen_prompt: bool) -> list[int]:
+    """Token ids of ``msgs`` through the tokenizer's chat template; template problems are one-line errors."""
+    from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+
+    try:
+        return _ids(tok, tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt))
+    except SecurityError as e:  # the sandbox stopped the template itself: no row can be formatted
+        raise LoramError(f"the tokenizer's chat template is unsafe, the sandbox refused it ({e}): pass a model whose "
+                         "chat template is safe, or fix its chat_template.jinja / tokenizer_config.json") from None
+    except TemplateSyntaxError as e:
+        raise LoramError(f"the tokenizer's chat template is not valid Jinja ({e}): fix its chat_template.jinja / "
+                         "tokenizer_config.json") from None
+    except TemplateError as e:  # raise_exception(...) in the template: it rejects this row (e.g. roles out of order)
+        raise RowSkipped("template_error", f"the chat template rejected a row ({str(e).splitlines()[0]})", "fix the row") from None
 
 
 def encode(tok, row, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
@@ -151,13 +220,13 @@ def encode(tok, row, train_on_inputs: bool = False) -> tuple[list[int], list[int
         return ids, list(ids)
     msgs = to_messages(row)
     if getattr(tok, "chat_template", None):
-        ids = _template(tok, msgs, gen_prompt=False)
+        ids = chat_template_ids(tok, msgs, gen_prompt=False)
         labels = [IGNORE] * len(ids)
         for j, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            start = len(_template(tok, msgs[:j], gen_prompt=True))
-            end = len(_template(tok, msgs[: j + 1], gen_prompt=False))
+            start = len(chat_template_ids(tok, msgs[:j], gen_prompt=True))
+            end = len(chat_template_ids(tok, msgs[: j + 1], gen_prompt=False))
             labels[start:end] = ids[start:end]
     else:  # no chat template: Alpaca prompt format, single turn
         if kind != "alpaca":
@@ -172,29 +241,66 @@ def encode(tok, row, train_on_inputs: bool = False) -> tuple[list[int], list[int
     return ids, labels
 
 
+# why a row is skipped -> (how the count reads, what the user should do when most rows are)
+SKIP_REASONS = {
+    "too_long": ("longer than --seq-len {seq_len}", "raise --seq-len or shorten the rows"),
+    "no_response": ("with no response tokens", "give every row a non-empty output / assistant turn"),
+    "unknown_role": ("with an unknown role", f"use the roles {', '.join(KNOWN_ROLES)} (ShareGPT: human, gpt, system)"),
+    "missing_fields": ("in none of the known formats", "give instruction+output (or response), messages, or text"),
+    "malformed": ("malformed", "give JSON objects with string fields"),
+    "template_error": ("rejected by the chat template", "fix the rows the template rejects"),
+}
+
+
 @dataclass
 class Encoded:
     examples: list[tuple[list[int], list[int]]]
-    dropped: int
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.skipped.values())
+
+
+def skip_counts(skipped: dict[str, int], seq_len: int) -> str:
+    """ "3 longer than --seq-len 64, 1 with an unknown role", most frequent first."""
+    order = sorted(skipped.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{n} {SKIP_REASONS[r][0].format(seq_len=seq_len)}" for r, n in order if n)
+
+
+def skip_summary(skipped: dict[str, int]) -> str:
+    """ "4 rows skipped (3 too_long, 1 unknown_role)" of a report's ``dropped`` dict (with or without "total")."""
+    counts = {r: n for r, n in skipped.items() if r != "total" and n}
+    detail = ", ".join(f"{n} {r}" for r, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    n = sum(counts.values())
+    return f"{n} row{'' if n == 1 else 's'} skipped ({detail})" if counts else "no rows skipped"
 
 
 def encode_all(tok, rows: list[dict], seq_len: int, train_on_inputs: bool = False, name: str = "dataset") -> Encoded:
-    out, dropped, empty = [], 0, 0
+    """Every trainable row as (ids, labels); the others are counted by reason in ``skipped``.
+
+    A file where more than half the rows are skipped is refused: that is a wrong format, role
+    names or --seq-len, not a few bad rows, and training on the remainder would mislead.
+    """
+    out, skipped, example = [], Counter(), {}
     for row in rows:
-        ids, labels = encode(tok, row, train_on_inputs)
-        if len(ids) > seq_len:
-            dropped += 1
-            continue
-        if all(x == IGNORE for x in labels):
-            empty += 1
+        try:
+            ids, labels = encode(tok, row, train_on_inputs)
+            if len(ids) > seq_len:
+                raise RowSkipped("too_long", "")  # counted only: the summary says how many and why
+            if all(x == IGNORE for x in labels):
+                raise RowSkipped("no_response", "")
+        except RowSkipped as e:
+            skipped[e.reason] += 1
+            example.setdefault(e.reason, e.what)
             continue
         out.append((ids, labels))
-    if not out:
-        if dropped:
-            raise LoramError(f"{name}: all {len(rows)} rows are dropped, {dropped} longer than --seq-len {seq_len}"
-                             f"{f' and {empty} with an empty response' if empty else ''}: raise --seq-len or shorten the rows")
-        raise LoramError(f"{name}: none of its {len(rows)} rows has response tokens to learn: give non-empty outputs")
-    return Encoded(out, dropped)
+    if 2 * sum(skipped.values()) > len(rows):
+        main = skipped.most_common(1)[0][0]
+        first = f"; first: {example[main]}" if example[main] else ""
+        raise LoramError(f"{name}: {sum(skipped.values())} of its {len(rows)} rows would be skipped "
+                         f"({skip_counts(skipped, seq_len)}{first}): {SKIP_REASONS[main][1]}")
+    return Encoded(out, dict(skipped))
 
 
 def read_texts(source: str) -> list[str]:
@@ -204,7 +310,7 @@ def read_texts(source: str) -> list[str]:
     if p.suffix == ".txt":
         if not p.is_file():
             raise LoramError(f"corpus file {path} does not exist: check the path")
-        docs = [line.strip() for line in p.read_text(errors="replace").splitlines() if line.strip()]
+        docs = [line.strip() for line in read_utf8(p, "corpus").splitlines() if line.strip()]
         docs = docs[part] if part is not None else docs
         if not docs:
             raise LoramError(f"corpus {source} is empty: give it at least one line of text")

@@ -337,6 +337,22 @@ def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, de
     return model
 
 
+def _tokenizer_error(name, folder: str | None, e: Exception) -> LoramError:
+    """Missing tokenizer files, or present but malformed ones (named, so the user knows what to replace)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    present = [Path(folder) / f for f in ("tokenizer.json", "tokenizer_config.json") if folder and (Path(folder) / f).is_file()]
+    for f in present:
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except ValueError as bad:  # JSONDecodeError and UnicodeDecodeError
+            return LoramError(f"{f} is not valid JSON ({str(bad).splitlines()[0]}): re-download it or copy it from the original model")
+    if present and not isinstance(e, (OSError, ValueError)):
+        return LoramError(f"the tokenizer files of {name} are malformed ({type(e).__name__}: {msg}): "
+                          "re-download tokenizer.json / tokenizer_config.json or copy them from the original model")
+    return LoramError(f"cannot load the tokenizer of {name} ({msg}): "
+                      "the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
 def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -345,9 +361,8 @@ def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
     except ImportError as e:
         raise _gguf_hint(e) from None
-    except (OSError, ValueError) as e:
-        raise LoramError(f"cannot load the tokenizer of {name} ({str(e).strip().splitlines()[0]}): "
-                         "the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)") from None
+    except Exception as e:  # noqa: BLE001 - a malformed tokenizer.json raises KeyError, TypeError or the Rust parser's Exception
+        raise _tokenizer_error(name, path if gguf is None else None, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

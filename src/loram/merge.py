@@ -114,8 +114,9 @@ def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = N
              chat: bool = True, temperature: float = 0.0, verify_base: str = "sampled") -> str:
     model, tok = load_with_adapter(model_name, adapter, verify_base=verify_base)
     if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
+        from .data import chat_template_ids
+
+        ids = torch.tensor([chat_template_ids(tok, [{"role": "user", "content": prompt}], gen_prompt=True)])
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
     kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)

@@ -19,6 +19,9 @@ needs nothing else. ``fit`` is the one Trainer setup shared by `loram train` and
 
 Resume is exact: the optimizer, scheduler and every RNG are restored and the Trainer skips the
 batches already seen (the sampler is seeded by --seed), so k steps + resume = one run.
+Each checkpoint's loram_checkpoint.json records the settings that define the run (run_settings:
+knobs, data names and content digests, model fingerprint); --resume with other values is refused,
+listing them (only RESUME_SAFE may change: the step budget, saving, logging, evaluation).
 Held-out perplexity (``--eval NAME=FILE``) is token-weighted: exp(sum NLL / response tokens).
 """
 
@@ -99,10 +102,11 @@ class TrainReport:
     trainable_params: int
     frozen_params: int
     losses: list = field(default_factory=list)
-    dropped: int = 0
+    dropped: dict = field(default_factory=dict)  # training rows skipped: reason -> count, and "total"
     eval_ppl: dict = field(default_factory=dict)  # name -> final perplexity
     eval_history: list = field(default_factory=list)  # [{"step", name: ppl, ...}]
     resumed_from: str | None = None
+    eval_dropped: dict = field(default_factory=dict)  # --eval NAME -> {reason: count, "total"}
 
     def summary(self) -> str:
         cuda = f", CUDA peak {self.peak_cuda_gb:.2f} GB" if self.peak_cuda_gb is not None else ""
@@ -121,13 +125,13 @@ class TrainingInterrupted(LoramError):
 
 # ---- model and data -------------------------------------------------------------------------
 def load_base(model: str | Path, quantize: str | None, bf16: bool):
-    """(model, tokenizer, plan or None) for a pruned folder or an ordinary model."""
+    """(model, plan or None) for a pruned folder or an ordinary model (the tokenizer is loaded first, by train)."""
     from .pruned import load_pruned, quantize_nf4
 
     dtype = torch.bfloat16 if bf16 and quantize is None else torch.float32
     if Path(str(model)).is_dir() and has_plan(model):
         m = load_pruned(model, quantize=quantize, dtype=dtype, device_map="auto")
-        return m, load_tokenizer(model), m.loram_plan
+        return m, m.loram_plan
     m = load_model(model, dtype=dtype)
     from .prune import base_fingerprint
 
@@ -139,7 +143,7 @@ def load_base(model: str | Path, quantize: str | None, bf16: bool):
         raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
     if torch.cuda.is_available():
         m.to("cuda")
-    return m, load_tokenizer(model), None
+    return m, None
 
 
 def mix(sources: list[list], weights: list[float] | None, seed: int) -> list:
@@ -165,23 +169,99 @@ def mix(sources: list[list], weights: list[float] | None, seed: int) -> list:
     return out
 
 
+def with_total(skipped: dict[str, int]) -> dict[str, int]:
+    return dict(skipped) | {"total": sum(skipped.values())}
+
+
 def build_dataset(tok, cfg: TrainConfig):
-    """(ListDataset, rows dropped for length) of the training mixture."""
+    """(ListDataset, rows skipped: reason -> count and "total") of the training mixture."""
     from .data import ListDataset, encode_all, pack, read_rows
 
-    encoded = [encode_all(tok, read_rows(src), cfg.seq_len, cfg.train_on_inputs, name=src) for src in cfg.data]
+    encoded = [encode_all(tok, read_rows(src), cfg.seq_len, cfg.train_on_inputs, name=f"--data {src}") for src in cfg.data]
     parts = mix([e.examples for e in encoded], cfg.data_weights, cfg.seed)
     if cfg.packing:
         parts = pack(parts, cfg.seq_len)
-    return ListDataset(parts), sum(e.dropped for e in encoded)
+    skipped: dict[str, int] = {}
+    for e in encoded:
+        for reason, n in e.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return ListDataset(parts), with_total(skipped)
 
 
-def eval_sets(tok, cfg: RunConfig, encode_rows=None) -> dict:
-    """name -> examples of each --eval set (same formatting and masking as training)."""
+def eval_sets(tok, cfg: RunConfig) -> tuple[dict, dict]:
+    """(name -> examples of each --eval set, same formatting and masking as training; name -> rows skipped)."""
     from .data import encode_all, read_rows
 
-    encode_rows = encode_rows or (lambda rows, name: encode_all(tok, rows, cfg.seq_len, False, name=name).examples)
-    return {name: encode_rows(read_rows(src), f"--eval {name}") for name, src in cfg.eval.items()}
+    enc = {name: encode_all(tok, read_rows(src), cfg.seq_len, False, name=f"--eval {name}") for name, src in cfg.eval.items()}
+    return {n: e.examples for n, e in enc.items()}, {n: with_total(e.skipped) for n, e in enc.items()}
+
+
+# ---- what --resume may change ------------------------------------------------------------------
+# Safe: these extend the run or change what is saved, logged or evaluated, not the path the weights
+# take. Everything else (lr, schedule, data, rank, seed, ...) must equal the checkpoint's run: a
+# resume with other values is neither run, and its adapter would record settings it was not trained with.
+RESUME_SAFE = ("steps", "epochs", "tokens", "save_steps", "logging_steps", "eval", "eval_steps", "grad_checkpointing")
+
+
+def model_identity(model: str | Path) -> str:
+    """Fingerprint id of a local model folder (pruned or original; sampled rows, no load), else its name."""
+    from .io import resolve_model
+    from .prune import base_fingerprint
+
+    path, gguf = resolve_model(model)
+    return base_fingerprint(model)["id"] if gguf is None and Path(path).is_dir() else str(model)
+
+
+def run_settings(cfg: RunConfig, model: str | Path) -> dict:
+    """The settings that define a run's trajectory, as JSON (recorded in every checkpoint)."""
+    from .data import source_digest
+
+    d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_SAFE and k != "extra"}
+    d["data_sha256"] = [source_digest(src) for src in cfg.data]
+    # a local file is known by its name (with any [a:b] slice) and content: moving it is fine
+    d["data"] = [src if digest is None else Path(src).name for src, digest in zip(cfg.data, d["data_sha256"])]
+    d["model"] = model_identity(model)
+    return json.loads(json.dumps(d))  # tuples become lists, as they read back from the checkpoint
+
+
+def _show(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """["--lr 0.0002 -> 0.001", ...] for every recorded setting that changed."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if k == "data_sha256":
+            names = [n for n, x, y in zip(new.get("data") or [], a or [], b or []) if x != y]
+            out.append(f"content of {', '.join(names)} changed" if names else "data file content changed")
+        elif k == "model":
+            out.append(f"model fingerprint {a} -> {b}")
+        else:
+            out.append(f"--{k.replace('_', '-')} {_show(a)} -> {_show(b)}")
+    return out
+
+
+def check_resume_settings(ckpt: Path, settings: dict) -> None:
+    """Refuse --resume when the run's defining settings differ from those the last checkpoint recorded."""
+    last = last_checkpoint(ckpt)
+    if last is None:  # prepare_checkpoint_dir explains
+        return
+    try:
+        old = json.loads((last / CHECKPOINT_MARK).read_text()).get("settings")
+    except (ValueError, AttributeError):
+        raise LoramError(f"{last / CHECKPOINT_MARK} is corrupt: delete {last} to resume from the one before, "
+                         "or start over with --overwrite") from None
+    if old is None:  # written before checkpoints recorded their settings: nothing to compare
+        return
+    diffs = settings_differences(old, settings)
+    if diffs:
+        safe = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_SAFE)
+        raise LoramError(f"--resume with other settings than {last.name} was trained with ({'; '.join(diffs)}): give the "
+                         f"original values (only {safe} and --checkpoint-dir may change), or start a new run (no --resume, with --overwrite)")
 
 
 def lora_config(cfg: TrainConfig):
@@ -392,6 +472,7 @@ def _trainer_class():
                 super()._load_rng_state(checkpoint)
 
         loss_chunk = 0  # RunConfig.loss_chunk, set by fit
+        loram_settings = None  # run_settings(...), recorded in each checkpoint's marker for --resume to compare
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             chunk = self.loss_chunk
@@ -434,7 +515,8 @@ def _trainer_class():
                 d = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
                 (d / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody reads on resume
                 _fsync_dir(d)
-                (d / CHECKPOINT_MARK).write_text(json.dumps({"step": self.state.global_step, "complete": True}) + "\n")
+                mark = {"step": self.state.global_step, "complete": True, "settings": self.loram_settings}
+                (d / CHECKPOINT_MARK).write_text(json.dumps(mark) + "\n")
                 _fsync_dir(d)
 
     return LoramTrainer
@@ -487,7 +569,7 @@ class FitResult:
 
 
 def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, overwrite: bool, evals: dict | None = None,
-        pad_id: int = 0, callbacks: list | None = None) -> FitResult:
+        pad_id: int = 0, callbacks: list | None = None, settings: dict | None = None) -> FitResult:
     """Run transformers' Trainer on ``model`` (LoRA-wrapped or with its own requires_grad set).
 
     Works unchanged under torchrun / accelerate launch (DDP; FSDP and DeepSpeed through accelerate's
@@ -526,6 +608,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     if cfg.loss_chunk and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding do not allow: drop --loss-chunk")
     trainer.loss_chunk = cfg.loss_chunk
+    trainer.loram_settings = settings
     if resume_from is not None:  # restore the history so the report covers the whole run
         prev = json.loads((resume_from / "trainer_state.json").read_text())
         out["losses"] = [{"step": r["step"], "loss": float(r["loss"])} for r in prev.get("log_history", []) if "loss" in r]
@@ -560,25 +643,32 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
     from peft import get_peft_model
 
-    from .data import collate
+    from .data import collate, skip_summary
 
     check_output(out, overwrite)
-    torch.manual_seed(cfg.seed)
-    model, tok, plan = load_base(model_name, cfg.quantize, cfg.bf16)
+    ckpt = Path(checkpoint_dir or f"{out}-checkpoints")
+    settings = run_settings(cfg, model_name) if resume or cfg.save_steps else None  # only checkpoints need them
+    if resume:
+        check_resume_settings(ckpt, settings)
+    # tokenizer and data before the weights: a bad file, row or chat template fails in seconds
+    tok = load_tokenizer(model_name)
     dataset, dropped = build_dataset(tok, cfg)
-    if dropped and _is_main():
-        print(f"{dropped} rows longer than --seq-len {cfg.seq_len} dropped", flush=True)
-    evals = eval_sets(tok, cfg)
+    evals, eval_dropped = eval_sets(tok, cfg)
+    if _is_main():
+        for what, skipped in [("--data", dropped)] + [(f"--eval {n}", d) for n, d in eval_dropped.items()]:
+            if skipped["total"]:
+                print(f"{what}: {skip_summary(skipped)}", flush=True)
+    torch.manual_seed(cfg.seed)
+    model, plan = load_base(model_name, cfg.quantize, cfg.bf16)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     pm = get_peft_model(model, lora_config(cfg))
     trainable, frozen = param_counts(pm)
-    r = fit(pm, dataset, collate(tok.pad_token_id), cfg, Path(checkpoint_dir or f"{out}-checkpoints"), resume, overwrite,
-            evals, tok.pad_token_id, callbacks)
+    r = fit(pm, dataset, collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, callbacks, settings)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
-                         trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from)
+                         trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from, eval_dropped)
     if r.trainer.args.process_index == 0:
         save_adapter(pm, out, model_name, plan, cfg, report, overwrite)
     finish(r.trainer)

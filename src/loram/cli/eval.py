@@ -54,7 +54,7 @@ def run(a) -> int:
     import torch
 
     from ..eval import load_for_eval
-    from ..eval.runner import EvalRequest, run_tasks
+    from ..eval.runner import EvalRequest, check_files, run_tasks
 
     req = EvalRequest(
         ppl=[named(s, "--ppl") for s in a.ppl], mc=[named(s, "--mc") for s in a.mc], shots=a.shots,
@@ -64,6 +64,7 @@ def run(a) -> int:
         num_fewshot=a.num_fewshot, batch_size=a.batch_size, allow_unsandboxed_code=a.allow_unsandboxed_code)
     if req.empty():
         raise LoramError("nothing to evaluate: pass --ppl, --mc, --gsm8k, --humaneval or --lm-eval")
+    check_files(req)
     req.check_sandbox()
     model, tok = load_for_eval(a.model, a.adapter, dtype=torch.bfloat16 if a.bf16 else torch.float32)
     results = run_tasks(model, tok, req)

@@ -103,6 +103,7 @@ def interrupted(e) -> int:
 
 
 def run(a) -> int:
+    from ..data import skip_summary
     from ..train import TrainConfig, TrainingInterrupted, train
 
     cfg = TrainConfig(**run_kwargs(a), rank=a.rank, alpha=a.alpha, dropout=a.dropout,
@@ -113,5 +114,5 @@ def run(a) -> int:
     except TrainingInterrupted as e:
         return interrupted(e)
     if is_main():
-        print(f"adapter written to {r.out}: {r.summary()}" + (f"; {r.dropped} rows longer than --seq-len dropped" if r.dropped else ""))
+        print(f"adapter written to {r.out}: {r.summary()}" + (f"; {skip_summary(r.dropped)}" if r.dropped.get("total") else ""))
     return 0

@@ -48,6 +48,19 @@ def _rows(path, limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+def check_files(req: EvalRequest) -> None:
+    """Read every local input file once before the model loads: a non-UTF-8, malformed or corrupt
+    file is a one-line error in seconds, not after minutes of loading."""
+    from ..data import read_rows, read_utf8
+
+    files = [p for _, p in req.ppl + req.mc] + [Path(f) for f in (req.fewshot_file, req.gsm8k, req.humaneval) if f]
+    for p in files:
+        if p.suffix == ".txt":
+            read_utf8(p, "eval file")
+        elif p.exists():
+            read_rows(str(p))
+
+
 def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
     from .generation import gsm8k
     from .mc import multiple_choice
@@ -56,7 +69,9 @@ def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
     out: list[EvalResult] = []
     for name, path in req.ppl:
         if path.suffix == ".txt":
-            text = path.read_text()
+            from ..data import read_utf8
+
+            text = read_utf8(path, "eval file")
             p = perplexity_text(model, tok, text, seq_len=req.seq_len, stride=req.stride, batch_size=req.batch_size)
         else:
             p = perplexity_rows(model, tok, _rows(path, req.limit), seq_len=req.seq_len, batch_size=req.batch_size)

@@ -64,9 +64,9 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], batch_size: 
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
     """Token ids of a prompt: wrapped in the chat template (as an assistant turn opener) or plain."""
     if chat and getattr(tok, "chat_template", None):
-        x = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        x = x["input_ids"] if hasattr(x, "keys") else x
-        return list(x)
+        from ..data import chat_template_ids
+
+        return chat_template_ids(tok, [{"role": "user", "content": prompt}], gen_prompt=True)
     return list(tok(prompt, add_special_tokens=True)["input_ids"])
 
 
