@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from .common import COUNT, Number
+
 
 def add(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a model (original, pruned or merged), optionally with an adapter")
     p.add_argument("model")
     p.add_argument("--adapter", default=None)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
+    p.add_argument("--temperature", type=Number(float, min=0.0, zero="0: greedy"), default=0.0, help="0 = greedy")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p.set_defaults(func=run)
 

@@ -12,6 +12,7 @@ from ..errors import LoramError
 from ..families import geometry
 from ..io import atomic_dir, check_output, load_model, load_tokenizer, resolve_model, safetensors_files
 from ..plan import PrunePlan, parse_layers
+from ..validate import check_ratio
 from ..pruned import apply_plan, count_params, save_pruned
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured import calibration_batches, importance, select
@@ -48,14 +49,6 @@ def base_fingerprint(name: str | Path, model=None) -> dict:
     if model is None:
         model = load_model(name)
     return fingerprint_model(model)
-
-
-def check_ratio(name: str, r: float, allow_zero: bool) -> None:
-    lo_ok = r >= 0 if allow_zero else r > 0
-    if not (lo_ok and r < 1):
-        rng = "0 <= R < 1 (0 keeps it whole)" if allow_zero else "0 < R < 1"
-        what = "would remove every " + ("KV group" if "attn" in name else "MLP channel") if r >= 1 else "is out of range"
-        raise LoramError(f"{name} {r} {what}: use {rng}, e.g. 0.5 to remove half")
 
 
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
