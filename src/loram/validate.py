@@ -20,7 +20,7 @@ from .errors import LoramError
 
 
 def _fmt(x: float) -> str:
-    return f"{x:g}"
+    return str(x) if isinstance(x, int) else f"{x:g}"  # 10**9 stays 1000000000, 2e-05 stays short
 
 
 @dataclass(frozen=True)
