@@ -163,9 +163,43 @@ def test_subprocess_one_line(argv, tmp_path):
 
     src = str(Path(loram.__file__).resolve().parents[1])  # the loram under test, from any cwd
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "loram", *argv], capture_output=True, text=True, env=env, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "loram", *argv], capture_output=True, text=True, env=env, timeout=120, check=False,
                        cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the library checks with the same validators (Python callers, before anything is loaded) -------
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda t: __import__("loram.train", fromlist=["x"]).train(t / "no-model", t / "o", _train_cfg(lr=float("nan"))),
+     "--lr nan is not a finite number: use a number > 0"),
+    (lambda t: __import__("loram.train", fromlist=["x"]).train(t / "no-model", t / "o", _train_cfg(epochs=0)),
+     "--epochs 0 is out of range: use a number > 0"),
+    (lambda t: __import__("loram.train", fromlist=["x"]).train(t / "no-model", t / "o", _train_cfg(data_weights=[0.0])),
+     "mixture weight 0 is out of range: use a number > 0"),
+    (lambda t: __import__("loram.align", fromlist=["x"]).align(t / "no-model", t / "o", _align_cfg(grad_accum=0)),
+     "--grad-accum 0 is out of range: use an integer >= 1"),
+    (lambda t: __import__("loram.prune", fromlist=["x"]).prune(str(t / "no-model"), t / "o", calib_samples=0),
+     "--calib-samples 0 is out of range: use an integer >= 1"),
+    (lambda t: __import__("loram.eval.runner", fromlist=["x"]).EvalRequest(limit=-2),
+     "--limit -2 is out of range: use an integer >= 1"),
+])
+def test_library_uses_the_same_validators(call, message, tmp_path):
+    with pytest.raises(LoramError) as e:
+        call(tmp_path)
+    assert str(e.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def _train_cfg(**kw):
+    from loram.train import TrainConfig
+
+    return TrainConfig(data=["d.jsonl"], **kw)
+
+
+def _align_cfg(**kw):
+    from loram.align import AlignConfig
+
+    return AlignConfig(data=["c.txt"], **kw)

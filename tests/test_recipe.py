@@ -209,11 +209,11 @@ def test_dry_run_checks_what_the_run_checks(tmp_path, section, match):
 
 def numeric_knobs():
     """(stage, knob, flag action) for every recipe knob that is a numeric flag: generated like test_cli_numbers."""
-    from loram.recipe import _allowed, _flags_of
-    from loram.validate import Number
+    from loram.recipe import _allowed
+    from loram.validate import Number, flag_actions
 
-    return [(s, k, _flags_of(s)[k]) for s in ("prune", "align", "train", "recover", "eval") for k in sorted(_allowed(s))
-            if k in _flags_of(s) and isinstance(_flags_of(s)[k].type, Number)]
+    return [(s, k, flag_actions(s)[k]) for s in ("prune", "align", "train", "recover", "eval") for k in sorted(_allowed(s))
+            if k in flag_actions(s) and isinstance(flag_actions(s)[k].type, Number)]
 
 
 def test_recipe_knobs_accept_exactly_what_their_flags_accept(tmp_path):

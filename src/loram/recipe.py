@@ -99,7 +99,7 @@ def _loader():
     int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
     class RecipeLoader(yaml.SafeLoader):
-        yaml_implicit_resolvers = {k: [(t, rx) for t, rx in v if t not in (int_tag, float_tag)]
+        yaml_implicit_resolvers = {k: [(t, rx) for t, rx in v if t not in (int_tag, float_tag)]  # noqa: RUF012 - PyYAML API
                                    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
         depth = 0
 
@@ -131,7 +131,7 @@ def read_yaml(p: Path):
     if len(raw) > MAX_RECIPE_BYTES:
         raise LoramError(f"recipe {p} is larger than {MAX_RECIPE_BYTES >> 20} MB: a recipe names data files, it does not hold data")
     try:
-        return yaml.load(raw.decode("utf-8"), Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(raw.decode("utf-8"), Loader=_loader())  # a SafeLoader subclass
     except _Refused as e:
         raise LoramError(f"recipe {p} {e}") from None
     except UnicodeDecodeError:
@@ -140,25 +140,14 @@ def read_yaml(p: Path):
         raise LoramError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
 
 
-@functools.cache
-def _flags_of(stage: str) -> dict:
-    """knob -> the argparse action of `loram STAGE --knob` (each stage is a verb of the CLI)."""
-    import argparse
-
-    from .cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in sub.choices[stage]._actions if a.option_strings}
-
-
 def _checked_knobs(stage: str, cfg: dict) -> dict:
     """``cfg`` with every knob checked by its flag's validator; quoted numbers become numbers."""
-    from .validate import POSITIVE, Number
+    from .validate import POSITIVE, Number, flag_actions
 
     extra = {"max_grad_norm": POSITIVE}  # config fields with no flag
     out = dict(cfg)
     for k, v in cfg.items():
-        where, a = f"{stage}.{k}", _flags_of(stage).get(k)
+        where, a = f"{stage}.{k}", flag_actions(stage).get(k)  # each stage is a verb of the CLI
         check = extra.get(k) if a is None else a.type
         if v is None:
             if a is not None and a.default is not None:

@@ -561,7 +561,9 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from peft import get_peft_model
 
     from .data import collate
+    from .validate import check_config
 
+    check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
     check_output(out, overwrite)
     torch.manual_seed(cfg.seed)
     model, tok, plan = load_base(model_name, cfg.quantize, cfg.bf16)

@@ -13,8 +13,9 @@ NaN and infinity are never valid: no knob means anything by them.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from .errors import LoramError
 
@@ -39,7 +40,7 @@ class Number:
     zero: str = ""
     flag: str = "value"
 
-    def named(self, flag: str) -> "Number":
+    def named(self, flag: str) -> Number:
         return replace(self, flag=flag)
 
     def describe(self) -> str:
@@ -101,7 +102,7 @@ class Ratio(Number):
     max_open: bool = True
 
     @classmethod
-    def allowing_zero(cls, allow_zero: bool) -> "Ratio":
+    def allowing_zero(cls, allow_zero: bool) -> Ratio:
         return cls(min_open=not allow_zero)
 
     def _refuse(self, shown: str, problem: str):
@@ -121,6 +122,37 @@ class Ratio(Number):
 def check_ratio(name: str, r: float, allow_zero: bool) -> None:
     """Library check of a pruning ratio (same rule and message as the --ratio / --attn-ratio flags)."""
     Ratio.allowing_zero(allow_zero).named(name).check(r)
+
+
+@functools.cache
+def flag_actions(verb: str) -> dict:
+    """dest -> argparse action of each option of `loram VERB` (the single place a knob's range is declared)."""
+    import argparse
+
+    from .cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices[verb]._actions if a.option_strings}
+
+
+def check_knobs(verb: str, **values) -> None:
+    """Library check of keyword arguments named like the numeric flags of `loram VERB`, by those
+    flags' validators (None: the default). Python callers get the CLI's ranges and messages."""
+    actions = flag_actions(verb)
+    for k, v in values.items():
+        a = actions.get(k)
+        if a is not None and isinstance(a.type, Number) and v is not None:
+            a.type.check(v)
+
+
+def check_config(cfg, verb: str) -> None:
+    """check_knobs on a config dataclass (TrainConfig, AlignConfig, EvalRequest) before anything is loaded,
+    plus what has no flag: mixture weights and max_grad_norm > 0."""
+    check_knobs(verb, **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+    for w in getattr(cfg, "data_weights", None) or []:
+        POSITIVE.named("mixture weight").check(w)
+    if hasattr(cfg, "max_grad_norm"):
+        POSITIVE.named("max_grad_norm").check(cfg.max_grad_norm)
 
 
 # ---- the ranges used by several flags ----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# the validators every verb uses as argparse type= (one range per knob, see loram.validate)
 from ..validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, RATIO, SEED, SEQ_LEN, Number  # noqa: F401
 
 

@@ -12,8 +12,8 @@ from ..errors import LoramError
 from ..families import geometry
 from ..io import atomic_dir, check_output, load_model, load_tokenizer, resolve_model, safetensors_files
 from ..plan import PrunePlan, parse_layers
-from ..validate import check_ratio
 from ..pruned import apply_plan, count_params, save_pruned
+from ..validate import check_knobs, check_ratio
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured import calibration_batches, importance, select
 from .sparse import METHODS as SPARSE_METHODS
@@ -71,6 +71,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     the pruning is structured (ratio defaults to 0.5)."""
     from ..memory import PeakRSS
 
+    check_knobs("prune", seed=seed, calib_samples=calib_samples, calib_seq_len=calib_seq_len)  # the flags' ranges
     if sparsity is not None or method in SPARSE_ONLY:
         if attn_ratio is not None:
             raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
