@@ -1,7 +1,7 @@
 """`loram run RECIPE.yaml`: prune -> align (optional) -> train -> recover -> merge -> eval from one file.
 
-A recipe (YAML, read by a bounded safe loader, see ``read_yaml``) names the base model, a work folder and one mapping per
-stage, with the same knobs as the stage's command (underscores for dashes):
+A recipe (YAML, read by a bounded safe loader: ``read_yaml``) names the base model, a work folder
+and one mapping per stage, with the same knobs as the stage's command (underscores for dashes):
 
     base: smollm2                       # folder, .gguf, hub id or alias
     workdir: runs/smollm2-loram         # stage outputs: pruned/ aligned/ adapter/ recovered/ merged/ eval/
@@ -17,12 +17,12 @@ and its ``loram_stage.json`` holds the same hash, where
 
     hash(stage) = sha256(json({stage, config, hash of the stage it reads}))
 
-so changing a knob re-runs that stage and everything after it.
+so changing a knob re-runs that stage and everything after it. A train stage whose checkpoints
+carry the same hash resumes from them (a killed recipe continues where it stopped).
 
 Every knob is checked by the validator of its command-line flag (``loram train --lr`` checks
 ``train.lr``): the same types and ranges, a quoted number read as the flag reads its text
-(``ratio: "0.5"`` is 0.5), and ``--dry-run`` runs exactly the checks of a real run. A train stage whose checkpoints
-carry the same hash resumes from them (a killed recipe continues where it stopped).
+(``ratio: "0.5"`` is 0.5), and ``--dry-run`` runs exactly the checks of a real run.
 """
 
 from __future__ import annotations
@@ -142,13 +142,12 @@ def read_yaml(p: Path):
 
 def _checked_knobs(stage: str, cfg: dict) -> dict:
     """``cfg`` with every knob checked by its flag's validator; quoted numbers become numbers."""
-    from .validate import POSITIVE, Number, flag_actions
+    from .validate import NO_FLAG, Number, flag_actions
 
-    extra = {"max_grad_norm": POSITIVE}  # config fields with no flag
     out = dict(cfg)
     for k, v in cfg.items():
         where, a = f"{stage}.{k}", flag_actions(stage).get(k)  # each stage is a verb of the CLI
-        check = extra.get(k) if a is None else a.type
+        check = NO_FLAG.get(k) if a is None else a.type
         if v is None:
             if a is not None and a.default is not None:
                 raise LoramError(f"{where} is empty: give a value or delete the line (default {a.default})")

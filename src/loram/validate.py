@@ -151,8 +151,9 @@ def check_config(cfg, verb: str) -> None:
     check_knobs(verb, **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
     for w in getattr(cfg, "data_weights", None) or []:
         POSITIVE.named("mixture weight").check(w)
-    if hasattr(cfg, "max_grad_norm"):
-        POSITIVE.named("max_grad_norm").check(cfg.max_grad_norm)
+    for name, v in NO_FLAG.items():
+        if hasattr(cfg, name):
+            v.check(getattr(cfg, name))
 
 
 # ---- the ranges used by several flags ----------------------------------------------------------
@@ -165,3 +166,4 @@ NON_NEGATIVE = Number(float, min=0.0)
 DROPOUT = Number(float, min=0.0, max=1.0, max_open=True)
 RATIO = Ratio.allowing_zero(False)
 ATTN_RATIO = Ratio.allowing_zero(True)
+NO_FLAG = {"max_grad_norm": POSITIVE.named("max_grad_norm")}  # config fields (recipes, Python API) with no flag
