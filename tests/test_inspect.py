@@ -111,3 +111,24 @@ def test_cli_inspect_json_only(setup, tmp_path, capsys):
     d = json.loads((tmp_path / "m" / "update_norms.json").read_text())
     assert len(d["heads"]["q"][0]) == g.n_heads and not (tmp_path / "m" / "attn_heads.png").exists()
     assert main(["inspect", str(tmp_path / "nope"), "-o", str(tmp_path / "m2")]) == 2
+
+
+def test_cli_inspect_refuses_existing_output(setup, tmp_path, capsys):
+    """-o EXISTING is refused (the user's file is kept) unless --overwrite, which replaces the folder."""
+    from loram.cli import main
+
+    config, g, plan, sd, full = setup
+    ad = tmp_path / "pruned"
+    ad.mkdir()
+    write_adapter(ad, sd, dict(LCFG, peft_type="LORA"), {"stage": "pruned", "plan_id": plan.id}, plan)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["inspect", str(ad), "-o", str(out), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "already exists: choose another -o or pass --overwrite" in err
+    assert (out / "notes.txt").read_text() == "keep me" and not (out / "update_norms.json").exists()
+    assert main(["inspect", str(ad), "-o", str(out), "--no-plots", "--overwrite"]) == 0
+    assert (out / "update_norms.json").exists() and not (out / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mine.")]

@@ -226,3 +226,29 @@ def test_cli_errors(capsys):
     assert rc == 2 and "--ratio" in err
     rc, _, err = run_cli(["plan", "SmolLM2-135M", "--method", "bogus"], capsys)
     assert rc == 2 and "--method" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": -4096}, "hidden_size -4096 is out of range: use an integer >= 1 and <= 262144"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers 1000000000 is out of range: use an integer >= 1 and <= 4096"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers 0 is out of range"),
+    ({"intermediate_size": 11008.5}, "intermediate_size 11008.5 is not an integer"),
+    ({"vocab_size": "32000"}, "vocab_size '32000' is not an integer"),
+    ({"num_attention_heads": 30}, "hidden_size 4096 is not a multiple of num_attention_heads 30: fix the config"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 32 is not a multiple of num_key_value_heads 3: fix the config"),
+    ({"num_hidden_layers": None}, "num_hidden_layers None is not an integer"),
+])
+def test_cli_refuses_nonsense_config_sizes(capsys, tmp_path, change, message):
+    """A config.json with impossible sizes fails in one line before the planner (or transformers) uses them."""
+    import time
+
+    from loram.planner.presets import PRESET_DIR
+
+    d = json.loads((PRESET_DIR / "Llama-2-7B.json").read_text())
+    d.update(change)
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(d))
+    t = time.perf_counter()
+    rc, out, err = run_cli(["plan", str(f)], capsys)
+    assert time.perf_counter() - t < 5
+    assert rc == 2 and out == "" and err.startswith(f"error: {f}: {message}") and err.count("\n") == 1, err

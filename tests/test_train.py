@@ -144,7 +144,7 @@ def test_loss_chunk_trains_exactly_like_the_stock_loss(pruned_dir, alpaca_file, 
     B = load_file(str(tmp_path / "chunk" / "adapter_model.safetensors"))
     assert A.keys() == B.keys() and max((A[k] - B[k]).abs().max().item() for k in A) < 1e-4
     assert any("lora_B" in k and A[k].abs().sum() > 0 for k in A)  # it trained: the comparison is not of zeros
-    with pytest.raises(LoramError, match="--loss-chunk -1 must be >= 0"):
+    with pytest.raises(LoramError, match=r"--loss-chunk -1 is out of range: use an integer >= 0 \(0: off\)"):
         train(pruned_dir, tmp_path / "bad", cfg(alpaca_file, loss_chunk=-1))
 
 

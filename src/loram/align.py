@@ -97,7 +97,9 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     from .data import ListDataset, chunk_tokens, collate, read_texts
     from .plan import has_plan
     from .pruned import load_pruned, save_pruned
+    from .validate import check_config
 
+    check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
     check_output(out, overwrite)

@@ -260,10 +260,10 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     files = []
     try:
         files.append(str(plot_losses(reports, out / "loss_curves.png")))
-        _, f = inspect(out / "adapter-recovered", out / "inspect-loram")
+        _, f = inspect(out / "adapter-recovered", out / "inspect-loram", overwrite=True)  # the demo folder is ours
         files += [str(x) for x in f]
         if cfg.with_baseline:
-            _, f = inspect(out / "adapter-baseline", out / "inspect-baseline")
+            _, f = inspect(out / "adapter-baseline", out / "inspect-baseline", overwrite=True)
             files += [str(x) for x in f]
     except ImportError:
         _say("matplotlib is not installed: no PNGs (pip install matplotlib)", t0)

@@ -29,7 +29,7 @@ import torch
 from .adapter import ADAPTER_CONFIG, read_meta, read_tensors
 from .errors import LoramError
 from .families import ATTN_ROLES, MLP_ROLES, ROLE_OF_PROJ, Geometry, geometry
-from .io import read_json, write_json
+from .io import atomic_dir, check_output, read_json, write_json
 from .plan import PrunePlan, has_plan
 
 KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.[\w-]+)?\.weight$")
@@ -180,16 +180,19 @@ def plot_norms(norms: UpdateNorms, out: str | Path, title: str = "") -> list[Pat
     return [p1, p2]
 
 
-def inspect(adapter: str | Path, out: str | Path, base: str | None = None, plots: bool = True) -> tuple[UpdateNorms, list[Path]]:
-    """Write update_norms.json (+ heatmap PNGs) for an adapter folder into ``out``."""
+def inspect(adapter: str | Path, out: str | Path, base: str | None = None, plots: bool = True,
+            overwrite: bool = False) -> tuple[UpdateNorms, list[Path]]:
+    """Write update_norms.json (+ heatmap PNGs) for an adapter folder into the new folder ``out``.
+
+    Like every output, ``out`` must not exist (``overwrite`` replaces it) and appears complete or not at all."""
+    out = check_output(out, overwrite)  # before reading the adapter: a taken -o fails at once
     norms = adapter_norms(adapter, base)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "update_norms.json", dict(norms.to_dict(), adapter=str(adapter)))
-    files = [out / "update_norms.json"]
-    if plots:
-        try:
-            files += plot_norms(norms, out, Path(adapter).name)
-        except ImportError:
-            raise LoramError("the heatmaps need matplotlib: pip install matplotlib (or pass --no-plots for the JSON only)") from None
-    return norms, files
+    with atomic_dir(out, overwrite) as tmp:
+        write_json(tmp / "update_norms.json", dict(norms.to_dict(), adapter=str(adapter)))
+        names = ["update_norms.json"]
+        if plots:
+            try:
+                names += [p.name for p in plot_norms(norms, tmp, Path(adapter).name)]
+            except ImportError:
+                raise LoramError("the heatmaps need matplotlib: pip install matplotlib (or pass --no-plots for the JSON only)") from None
+    return norms, [out / n for n in names]

@@ -1,7 +1,7 @@
 """`loram run RECIPE.yaml`: prune -> align (optional) -> train -> recover -> merge -> eval from one file.
 
-A recipe (YAML, read with yaml.safe_load) names the base model, a work folder and one mapping per
-stage, with the same knobs as the stage's command (underscores for dashes):
+A recipe (YAML, read by a bounded safe loader: ``read_yaml``) names the base model, a work folder
+and one mapping per stage, with the same knobs as the stage's command (underscores for dashes):
 
     base: smollm2                       # folder, .gguf, hub id or alias
     workdir: runs/smollm2-loram         # stage outputs: pruned/ aligned/ adapter/ recovered/ merged/ eval/
@@ -19,12 +19,18 @@ and its ``loram_stage.json`` holds the same hash, where
 
 so changing a knob re-runs that stage and everything after it. A train stage whose checkpoints
 carry the same hash resumes from them (a killed recipe continues where it stopped).
+
+Every knob is checked by the validator of its command-line flag (``loram train --lr`` checks
+``train.lr``): the same types and ranges, a quoted number read as the flag reads its text
+(``ratio: "0.5"`` is 0.5), and ``--dry-run`` runs exactly the checks of a real run.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +47,9 @@ EVAL_KEYS = {"ppl", "mc", "shots", "fewshot_file", "gsm8k", "humaneval", "sample
              "max_new_tokens", "seq_len", "stride", "lm_eval", "lm_eval_include", "num_fewshot", "batch_size", "target",
              "allow_unsandboxed_code"}
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe names files and knobs; 1 MB is far more than any needs
+MAX_DEPTH = 16  # a recipe nests 3-4 levels (stage -> eval -> name: file)
+EVAL_TARGETS = ("merged", "adapter", "base")
 
 
 @dataclass
@@ -75,16 +84,93 @@ def _allowed(stage: str) -> set[str]:
             "eval": EVAL_KEYS}[stage]
 
 
-def load_recipe(path: str | Path) -> Recipe:
+class _Refused(Exception):
+    """The YAML uses something a recipe may not (aliases, deep nesting): the reason, for one line."""
+
+
+@functools.cache
+def _loader():
+    """yaml.SafeLoader, bounded, with YAML 1.2 numbers.
+
+    Aliases are refused (a few hundred bytes of nested aliases expand to gigabytes: the
+    "billion laughs"), nesting is bounded, and numbers follow YAML 1.2: ``1:4`` stays the text
+    "1:4" (YAML 1.1 reads it as the base-60 integer 64) and ``1e-4`` is a float."""
     import yaml
 
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+    class RecipeLoader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {k: [(t, rx) for t, rx in v if t not in (int_tag, float_tag)]  # noqa: RUF012 - PyYAML API
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise _Refused("uses a YAML alias (*name): write the values out (recipes do not expand aliases)")
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise _Refused(f"nests deeper than {MAX_DEPTH} levels: a recipe is base, workdir and one mapping per stage")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    RecipeLoader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+    RecipeLoader.add_implicit_resolver(float_tag, re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),  # a dot or an exponent: 12 is an int, 010 text
+        list("-+0123456789."))
+    return RecipeLoader
+
+
+def read_yaml(p: Path):
+    """The recipe's YAML document, read within bounds (size, aliases, nesting)."""
+    import yaml
+
+    with open(p, "rb") as f:
+        raw = f.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise LoramError(f"recipe {p} is larger than {MAX_RECIPE_BYTES >> 20} MB: a recipe names data files, it does not hold data")
+    try:
+        return yaml.load(raw.decode("utf-8"), Loader=_loader())  # a SafeLoader subclass
+    except _Refused as e:
+        raise LoramError(f"recipe {p} {e}") from None
+    except UnicodeDecodeError:
+        raise LoramError(f"recipe {p} is not UTF-8 text: save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise LoramError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+
+
+def _checked_knobs(stage: str, cfg: dict) -> dict:
+    """``cfg`` with every knob checked by its flag's validator; quoted numbers become numbers."""
+    from .validate import NO_FLAG, Number, flag_actions
+
+    out = dict(cfg)
+    for k, v in cfg.items():
+        where, a = f"{stage}.{k}", flag_actions(stage).get(k)  # each stage is a verb of the CLI
+        check = NO_FLAG.get(k) if a is None else a.type
+        if v is None:
+            if a is not None and a.default is not None:
+                raise LoramError(f"{where} is empty: give a value or delete the line (default {a.default})")
+        elif isinstance(check, Number):
+            parsed = check.named(where).value(v)
+            out[k] = parsed if isinstance(v, str) else v  # numbers as written: the stage hash stays the same
+        elif a is not None and a.nargs == 0 and a.const is True and not isinstance(v, bool):
+            raise LoramError(f"{where} = {v!r} is not a boolean: write true or false")
+        elif a is not None and a.choices is not None and v not in a.choices:
+            raise LoramError(f"{where} = {v!r} is not one of {', '.join(map(str, a.choices))}: pick one")
+    if stage == "prune" and cfg.get("layers") is not None and not isinstance(cfg["layers"], str):
+        raise LoramError(f"prune.layers {cfg['layers']!r} is not START:END text: write e.g. layers: \"4:28\"")
+    if stage == "eval" and cfg.get("target", "merged") not in EVAL_TARGETS:
+        raise LoramError(f"eval.target {cfg['target']!r} is unknown: use {', '.join(EVAL_TARGETS)}")
+    return out
+
+
+def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise LoramError(f"recipe {p} does not exist: check the path")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise LoramError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    doc = read_yaml(p)
     if not isinstance(doc, dict):
         raise LoramError(f"recipe {p} is not a mapping: give base, workdir and one section per stage")
     unknown = set(doc) - {"base", "workdir", "name", *STAGES}
@@ -103,7 +189,10 @@ def load_recipe(path: str | Path) -> Recipe:
         bad = set(cfg) - _allowed(s)
         if bad:
             raise LoramError(f"recipe {p}: unknown {s} knob(s) {sorted(bad)}: allowed {', '.join(sorted(_allowed(s)))}")
-        stages[s] = cfg
+        try:
+            stages[s] = _checked_knobs(s, cfg)
+        except LoramError as e:
+            raise LoramError(f"recipe {p}: {e}") from None
     if "align" in stages and "prune" not in stages:
         raise LoramError(f"recipe {p}: align needs a prune section (it aligns the pruned model)")
     if "prune" in stages:
@@ -170,24 +259,10 @@ def stage_configs(r: Recipe):
         if "targets" in cfg:
             t = cfg["targets"]
             cfg["targets"] = tuple(x.strip() for x in (t.split(",") if isinstance(t, str) else t))
-        try:
-            c = cls(data=files, data_weights=weights, **cfg)
+        try:  # the knobs were checked by load_recipe; this catches what only the config class knows
+            out[s] = cls(data=files, data_weights=weights, **cfg)
         except TypeError as e:
             raise LoramError(f"recipe {s}: {e}") from None
-        for k, v in cfg.items():  # YAML gives strings for "1e-4": catch wrong types here, not mid-run
-            want = type(getattr(cls(data=[]), k))
-            if want in (int, float) and not isinstance(v, (int, float)) or want is bool and not isinstance(v, bool):
-                raise LoramError(f"recipe {s}.{k} = {v!r} is not a {want.__name__}: write a plain number/boolean (e.g. 1.0e-4)")
-        out[s] = c
-    if "prune" in r.stages:
-        from .prune import check_ratio
-
-        pc = r.stages["prune"]
-        check_ratio("prune.ratio", float(pc.get("ratio", 0.5)), allow_zero=False)
-        if pc.get("attn_ratio") is not None:
-            check_ratio("prune.attn_ratio", float(pc["attn_ratio"]), allow_zero=True)
-    if "recover" in r.stages and r.stages["recover"].get("fill", "zero") not in ("zero", "normal"):
-        raise LoramError("recipe recover.fill must be zero or normal")
     for name, f in list((r.stages.get("eval") or {}).get("ppl", {}).items()) + list((r.stages.get("eval") or {}).get("mc", {}).items()):
         _check_local(str(f), f"recipe eval {name}")
     return out
@@ -245,8 +320,8 @@ def _flags(cfg: dict) -> str:
     return " ".join(parts)
 
 
-def config_summary(base: str) -> str:
-    """One line on the base model's config, read without downloading weights (or why not)."""
+def base_geometry(base: str):
+    """(Geometry of the base model's config, read without downloading anything, or None; why not)."""
     try:
         from .families import geometry
         from .io import resolve_model
@@ -260,10 +335,30 @@ def config_summary(base: str) -> str:
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        g = geometry(cfg)
-        return f"{g.n_layers} layers, hidden {g.hidden}, MLP {g.intermediate}, {g.n_heads} heads / {g.n_kv_heads} KV heads"
+        return geometry(cfg), ""
     except Exception as e:  # noqa: BLE001 - offline hub id: structure-only validation
-        return f"config not available offline ({type(e).__name__}): structure validated only"
+        return None, type(e).__name__
+
+
+def config_summary(base: str) -> str:
+    """One line on the base model's config, read without downloading weights (or why not)."""
+    g, why = base_geometry(base)
+    if g is None:
+        return f"config not available offline ({why}): structure validated only"
+    return f"{g.n_layers} layers, hidden {g.hidden}, MLP {g.intermediate}, {g.n_heads} heads / {g.n_kv_heads} KV heads"
+
+
+def check_prune_against_base(r: Recipe) -> None:
+    """prune.layers against the base's config when it is readable offline (`loram prune` checks it first too)."""
+    g = base_geometry(r.base)[0] if "prune" in r.stages else None
+    if g is None:
+        return
+    from .plan import parse_layers
+
+    try:
+        parse_layers(r.stages["prune"].get("layers"), g.n_layers)
+    except LoramError as e:
+        raise LoramError(f"recipe {r.path}: prune.layers: {e}") from None
 
 
 def _write_stage(out: Path, st: Step) -> None:
@@ -273,6 +368,7 @@ def _write_stage(out: Path, st: Step) -> None:
 def run_recipe(path: str | Path, dry_run: bool = False, echo=print) -> list[Step]:
     r = load_recipe(path)
     typed = stage_configs(r)
+    check_prune_against_base(r)  # the checks `loram prune` makes first, so --dry-run catches them too
     steps = plan_steps(r)
     echo(f"recipe {r.path}: base {r.base} ({config_summary(r.base) if dry_run else 'checked when loaded'}), workdir {r.workdir}")
     for st in steps:

@@ -644,7 +644,9 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from peft import get_peft_model
 
     from .data import collate, skip_summary
+    from .validate import check_config
 
+    check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
     check_output(out, overwrite)
     ckpt = Path(checkpoint_dir or f"{out}-checkpoints")
     settings = run_settings(cfg, model_name) if resume or cfg.save_steps else None  # only checkpoints need them

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"loram.cli.{name.replace('-', '_')}").add(sub)  # verb import-plan -> import_plan.py
+    from .common import name_numbers
+
+    name_numbers(p)  # numeric flags name themselves in their error line
     return p
 
 

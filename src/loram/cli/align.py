@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_out
+from .common import COUNT, add_out
 from .train import add_run_args, interrupted, is_main, run_kwargs
 
 
@@ -12,7 +12,7 @@ def add(sub) -> None:
     add_out(p, "aligned pruned model folder")
     p.add_argument("--data", action="append", required=True,
                    help="corpus: .txt (one document per line), .jsonl/.json/.parquet with `text`, or hub id; FILE=WEIGHT mixes")
-    p.add_argument("--tokens", type=int, default=None, help="token budget (sets --steps from batch and sequence length)")
+    p.add_argument("--tokens", type=COUNT, default=None, help="token budget (sets --steps from batch and sequence length)")
     p.add_argument("--train-embeddings", action="store_true", help="also train embed_tokens (frozen by default)")
     p.add_argument("--train-lm-head", action="store_true", help="also train lm_head (frozen by default, as the paper)")
     add_run_args(p, lr=2e-5, seq_len=512)

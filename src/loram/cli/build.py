@@ -7,7 +7,7 @@ planning). --plan-only writes just the plan (method random when made here).
 
 from __future__ import annotations
 
-from .common import add_out, ratio, table
+from .common import ATTN_RATIO, RATIO, SEED, add_out, table
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -17,10 +17,10 @@ def add(sub) -> None:
     p.add_argument("source", help="safetensors checkpoint folder, or config.json (or a folder with only config.json) for random weights")
     add_out(p, "pruned model folder (or plan folder with --plan-only)")
     p.add_argument("--plan", default=None, help="loram_plan.json (or a folder holding one) to apply")
-    p.add_argument("--ratio", type=ratio, default=None, help="no --plan: make a random structured plan removing this fraction")
-    p.add_argument("--attn-ratio", type=ratio, default=None, help="fraction of KV groups removed (default: --ratio)")
+    p.add_argument("--ratio", type=RATIO, default=None, help="no --plan: make a random structured plan removing this fraction")
+    p.add_argument("--attn-ratio", type=ATTN_RATIO, default=None, help="fraction of KV groups removed (default: --ratio)")
     p.add_argument("--layers", default=None, help="START:END layers to prune (default: skip first 4 and last 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--plan-only", action="store_true", help="write only loram_plan.json")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the written tensors (default bf16)")
     p.set_defaults(func=run)

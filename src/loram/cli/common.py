@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import LoramError
+# the validators every verb uses as argparse type= (one range per knob, see loram.validate)
+from ..validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, RATIO, SEED, SEQ_LEN, Number  # noqa: F401
 
 
 def add_out(p, what: str = "output folder") -> None:
@@ -21,11 +22,15 @@ def add_verify_base(p, record: bool) -> None:
                         "File hashes are cached under $XDG_CACHE_HOME/loram by path, size and mtime")
 
 
-def ratio(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise LoramError(f"ratio {text!r} is not a number: use e.g. 0.5") from None
+def name_numbers(parser) -> None:
+    """Give every numeric validator (argparse ``type=``) its flag's name, for its one-line message.
+
+    Walks the verbs' subparsers; the shared validators (COUNT, SEED, ...) are copied, not changed."""
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "add_parser") else ():
+            name_numbers(sub)
+        if isinstance(action.type, Number) and action.option_strings:
+            action.type = action.type.named(max(action.option_strings, key=len))
 
 
 def table(rows: list[tuple[str, str]], title: str | None = None) -> None:

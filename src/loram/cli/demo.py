@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import COUNT, POSITIVE, RATIO
+
 
 def add(sub) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo on SmolLM2-135M-Instruct: prune -> LoRA -> recover -> evaluate")
@@ -9,9 +11,9 @@ def add(sub) -> None:
     p.add_argument("--model", default="smollm2", help="base model (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--smoke", action="store_true", help="tiny random model, a few steps: checks the pipeline in seconds")
     p.add_argument("--with-baseline", action="store_true", help="also train plain LoRA on the original (about +4 min)")
-    p.add_argument("--steps", type=int, default=None, help="LoRA steps (default 60)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--ratio", type=float, default=None, help="pruning ratio (default 0.3)")
+    p.add_argument("--steps", type=COUNT, default=None, help="LoRA steps (default 60)")
+    p.add_argument("--lr", type=POSITIVE, default=None)
+    p.add_argument("--ratio", type=RATIO, default=None, help="pruning ratio (default 0.3)")
     p.add_argument("--bf16", action="store_true", help="bf16 training (slower than fp32 on some CPUs)")
     p.add_argument("--eval-split", default="test", choices=["dev", "test"], help="dev: for choosing settings")
     p.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then includes the rest)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LoramError
+from .common import COUNT, POSITIVE, SEQ_LEN, Number
 
 
 def add(sub) -> None:
@@ -13,25 +14,25 @@ def add(sub) -> None:
     p.add_argument("--adapter", default=None, help="adapter to evaluate with (merged into the weights in memory)")
     p.add_argument("--ppl", action="append", default=[], metavar="NAME=FILE",
                    help="perplexity: .json/.jsonl instruction rows (response tokens) or .txt raw text; repeatable")
-    p.add_argument("--seq-len", type=int, default=1024, help="ppl: window length for .txt / cut-off for rows")
-    p.add_argument("--stride", type=int, default=None, help="ppl on .txt: window start every STRIDE tokens (default --seq-len)")
+    p.add_argument("--seq-len", type=SEQ_LEN, default=1024, help="ppl: window length for .txt / cut-off for rows")
+    p.add_argument("--stride", type=COUNT, default=None, help="ppl on .txt: window start every STRIDE tokens (default --seq-len)")
     p.add_argument("--mc", action="append", default=[], metavar="NAME=FILE",
                    help='multiple choice: .jsonl rows {"query","choices","gold"}; repeatable')
-    p.add_argument("--shots", type=int, default=0, help="mc: few-shot examples per row")
+    p.add_argument("--shots", type=Number(int, min=0), default=0, help="mc: few-shot examples per row")
     p.add_argument("--fewshot-file", default=None, help="mc: pool of few-shot rows (default: the first --shots rows of the file)")
     p.add_argument("--gsm8k", default=None, metavar="FILE", help="GSM8K jsonl (question, answer): exact match of the final number")
     p.add_argument("--humaneval", default=None, metavar="FILE", help="HumanEval jsonl: pass@k, run in a sandboxed subprocess")
-    p.add_argument("--samples", type=int, default=1, help="humaneval: completions per task (1 = greedy)")
-    p.add_argument("--temperature", type=float, default=0.8, help="humaneval: sampling temperature when --samples > 1")
-    p.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program")
+    p.add_argument("--samples", type=COUNT, default=1, help="humaneval: completions per task (1 = greedy)")
+    p.add_argument("--temperature", type=POSITIVE, default=0.8, help="humaneval: sampling temperature when --samples > 1")
+    p.add_argument("--timeout", type=POSITIVE, default=10.0, help="humaneval: seconds per program")
     p.add_argument("--allow-unsandboxed-code", action="store_true",
                    help="humaneval: run generated code even where the namespace sandbox is unavailable (limits only)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each task")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation tasks (default gsm8k 256, humaneval 384)")
+    p.add_argument("--limit", type=COUNT, default=None, help="evaluate only the first N rows of each task")
+    p.add_argument("--max-new-tokens", type=COUNT, default=None, help="generation tasks (default gsm8k 256, humaneval 384)")
     p.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma list of lm-evaluation-harness tasks")
     p.add_argument("--lm-eval-include", default=None, metavar="DIR", help="folder of local lm-eval task YAMLs")
-    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-fewshot", type=Number(int, min=0), default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--batch-size", type=COUNT, default=8)
     p.add_argument("--bf16", action="store_true", help="load the weights in bfloat16 (faster on bf16 CPUs/GPUs, less exact)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_verify_base
+from .common import COUNT, Number, add_verify_base
 
 
 def add(sub) -> None:
@@ -10,8 +10,8 @@ def add(sub) -> None:
     p.add_argument("model")
     p.add_argument("--adapter", default=None)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
+    p.add_argument("--temperature", type=Number(float, min=0.0, zero="0: greedy"), default=0.0, help="0 = greedy")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     add_verify_base(p, record=False)
     p.set_defaults(func=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import ratio
+from .common import ATTN_RATIO, COUNT, DROPOUT, NON_NEGATIVE, POSITIVE
 
 
 def add(sub) -> None:
@@ -12,24 +12,24 @@ def add(sub) -> None:
     p.add_argument("model", help="preset name (e.g. Llama-3.1-70B), config.json, model or pruned folder, hub id (config only)")
     p.add_argument("--method", default="structured",
                    help="structured (= taylor) | random | taylor | magnitude (structured) | sparsegpt | wanda (sparse)")
-    p.add_argument("--ratio", type=ratio, default=None, help="pruning ratio (default 0.5, or the smallest that fits --gpu-gb)")
-    p.add_argument("--attn-ratio", type=ratio, default=None, help="KV-group ratio (default: --ratio)")
+    p.add_argument("--ratio", type=ATTN_RATIO, default=None, help="pruning ratio (default 0.5, or the smallest that fits --gpu-gb)")
+    p.add_argument("--attn-ratio", type=ATTN_RATIO, default=None, help="KV-group ratio (default: --ratio)")
     p.add_argument("--layers", default=None, help="START:END layers to prune (default as `loram prune`)")
     p.add_argument("--sparsity", default="unstructured", help="sparse methods: unstructured | N:M (e.g. 2:4)")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="search the ratio for QLoRAM instead of LoRAM")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (its masks cost activation memory)")
+    p.add_argument("--seq-len", type=COUNT, default=512)
+    p.add_argument("--micro-batch", type=COUNT, default=1)
+    p.add_argument("--rank", type=COUNT, default=8)
+    p.add_argument("--dropout", type=DROPOUT, default=0.05, help="LoRA dropout (its masks cost activation memory)")
     p.add_argument("--targets", nargs="+", default=None, help="LoRA targets among q k v o gate up down lm_head (default: all seven)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: bf16/NF4 weights + autocast (default)")
-    p.add_argument("--overhead-gb", type=float, default=None, help="framework overhead term (default: the CPU calibration)")
-    p.add_argument("--gpu-gb", type=float, default=None, help="memory budget: say what fits; without --ratio find the smallest ratio")
+    p.add_argument("--overhead-gb", type=NON_NEGATIVE, default=None, help="framework overhead term (default: the CPU calibration)")
+    p.add_argument("--gpu-gb", type=POSITIVE, default=None, help="memory budget: say what fits; without --ratio find the smallest ratio")
     p.add_argument("--try", dest="try_it", action="store_true",
                    help="build the plan with random weights (layer by layer) and run --try-steps LoRA steps: "
                         "measured peak RSS and step time beside the prediction")
-    p.add_argument("--try-steps", type=int, default=2, help="steps for --try (default 2)")
+    p.add_argument("--try-steps", type=COUNT, default=2, help="steps for --try (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON for programs instead of tables")
     p.set_defaults(func=run)
 
@@ -39,11 +39,6 @@ def run(a) -> int:
     from ..planner import SPARSE, PruneSpec, TrainSettings, predict, resolve, smallest_ratio
     from ..planner.memory import DEFAULT_TARGETS, OVERHEAD_GB_CPU
 
-    for name, v in (("--seq-len", a.seq_len), ("--micro-batch", a.micro_batch), ("--rank", a.rank)):
-        if v < 1:
-            raise LoramError(f"{name} {v} must be a positive integer")
-    if a.gpu_gb is not None and a.gpu_gb <= 0:
-        raise LoramError(f"--gpu-gb {a.gpu_gb} must be positive (GB of accelerator memory)")
     src = resolve(a.model)
     targets = tuple(a.targets or DEFAULT_TARGETS)
     bad = [t for t in targets if t not in DEFAULT_TARGETS + ("lm_head",)]
@@ -120,8 +115,6 @@ def try_it(a, src, spec, settings) -> int:
     from ..errors import LoramError
     from ..plan import PrunePlan
 
-    if a.try_steps < 1:
-        raise LoramError(f"--try-steps {a.try_steps}: give a positive number of steps")
     if isinstance(spec, PrunePlan):
         plan = spec
     elif spec.kind != "structured":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_out, add_verify_base, ratio, table
+from .common import ATTN_RATIO, COUNT, RATIO, SEED, SEQ_LEN, add_out, add_verify_base, table
 
 
 def add(sub) -> None:
@@ -14,15 +14,15 @@ def add(sub) -> None:
     p.add_argument("--sparsity", default=None,
                    help="non-structured pruning: unstructured | N:M (N of every M input weights kept, e.g. 2:4); "
                         "without it pruning is structured")
-    p.add_argument("--ratio", type=ratio, default=None,
+    p.add_argument("--ratio", type=RATIO, default=None,
                    help="fraction removed per pruned layer, 0<R<1 (default 0.5): MLP channels, or weights with --sparsity "
                         "unstructured; implied by N:M")
-    p.add_argument("--attn-ratio", type=ratio, default=None, help="fraction of KV groups removed (default: --ratio; 0 keeps attention)")
+    p.add_argument("--attn-ratio", type=ATTN_RATIO, default=None, help="fraction of KV groups removed (default: --ratio; 0 keeps attention)")
     p.add_argument("--layers", default=None, help="START:END layers to prune (default: skip first 4 and last 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--calib-data", default=None, help="taylor/sparsegpt/wanda: .txt or .jsonl {text} file (default: built-in text)")
-    p.add_argument("--calib-samples", type=int, default=8, help="taylor/sparsegpt/wanda: number of calibration sequences")
-    p.add_argument("--calib-seq-len", type=int, default=128, help="taylor/sparsegpt/wanda: tokens per calibration sequence")
+    p.add_argument("--calib-samples", type=COUNT, default=8, help="taylor/sparsegpt/wanda: number of calibration sequences")
+    p.add_argument("--calib-seq-len", type=SEQ_LEN, default=128, help="taylor/sparsegpt/wanda: tokens per calibration sequence")
     add_verify_base(p, record=True)
     p.set_defaults(func=run)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_out, add_verify_base
+from .common import SEED, add_out, add_verify_base
 
 
 def add(sub) -> None:
@@ -12,7 +12,7 @@ def add(sub) -> None:
     add_out(p, "recovered adapter folder")
     p.add_argument("--fill", default="zero", choices=["zero", "normal"],
                    help="pruned columns of lora_A (o/down): zero (exact) or N(0,1/r) noise (the paper's normA)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --fill normal")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for --fill normal")
     add_verify_base(p, record=False)
     p.set_defaults(func=run)
 

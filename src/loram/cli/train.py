@@ -6,33 +6,33 @@ import os
 import sys
 
 from ..errors import LoramError
-from .common import add_out
+from .common import COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, SEED, SEQ_LEN, Number, add_out
 
 
 def add_run_args(p, lr: float, seq_len: int) -> None:
     """Optimisation, checkpoint and eval flags shared by `train` and `align`."""
-    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--lr", type=POSITIVE, default=lr)
     p.add_argument("--schedule", default="cosine", help="cosine | linear | constant | constant_with_warmup")
-    p.add_argument("--warmup", type=float, default=0.03, help="fraction of steps (<1) or number of steps")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--epochs", type=float, default=None, help="train for epochs instead of --steps")
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per device per forward")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=0.03, help="fraction of steps (<1) or number of steps")
+    p.add_argument("--steps", type=COUNT, default=100)
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="train for epochs instead of --steps")
+    p.add_argument("--micro-batch", type=COUNT, default=4, help="sequences per device per forward")
+    p.add_argument("--grad-accum", type=COUNT, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=SEQ_LEN, default=seq_len)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (less memory, ~30%% slower)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (~1.2-1.3x faster on a bf16 CPU)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--loss-chunk", type=int, default=0, metavar="N",
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0)
+    p.add_argument("--loss-chunk", type=COUNT_OR_OFF, default=0, metavar="N",
                    help="cross-entropy N positions at a time, never the full logits (same loss, less memory; "
                         "e.g. 128; 0: transformers' loss). Not with FSDP/DeepSpeed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (to OUT-checkpoints)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--save-steps", type=COUNT_OR_OFF, default=0, help="checkpoint every N steps (to OUT-checkpoints)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUT-checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint (exact)")
-    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--logging-steps", type=COUNT, default=10)
     p.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
                    help="held-out set, perplexity logged by name (repeatable)")
-    p.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (default: at each checkpoint, and at the end)")
+    p.add_argument("--eval-steps", type=Number(int, min=0, zero="0: at each checkpoint and at the end"), default=0, help="evaluate every N steps (default: at each checkpoint, and at the end)")
 
 
 def add(sub) -> None:
@@ -41,9 +41,9 @@ def add(sub) -> None:
     add_out(p, "adapter folder")
     p.add_argument("--data", action="append", required=True,
                    help="FILE (.json/.jsonl/.parquet) or hub id, optionally FILE=WEIGHT for mixtures; repeatable")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=int, default=16)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--rank", type=COUNT, default=8)
+    p.add_argument("--alpha", type=COUNT, default=16)
+    p.add_argument("--dropout", type=DROPOUT, default=0.05)
     p.add_argument("--targets", default="q,k,v,o,gate,up,down", help="comma list of q,k,v,o,gate,up,down,lm_head")
     p.add_argument("--quantize", default=None, choices=["nf4"], help="QLoRAM: NF4 + double quant base (needs bitsandbytes)")
     p.add_argument("--train-on-inputs", action="store_true", help="loss on prompt tokens too")
@@ -57,10 +57,7 @@ def parse_data(specs: list[str]) -> tuple[list[str], list[float] | None]:
     for s in specs:
         f, eq, w = s.rpartition("=")
         if eq and f:
-            try:
-                weights.append(float(w))
-            except ValueError:
-                raise LoramError(f"--data {s}: the mixture weight {w!r} is not a number (use FILE=0.5)") from None
+            weights.append(POSITIVE.named(f"--data {f} mixture weight")(w))  # finite and > 0, e.g. FILE=0.5
             files.append(f)
         else:
             files.append(s)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LoramError
 from . import EvalResult
 
 
@@ -29,6 +28,11 @@ class EvalRequest:
     num_fewshot: int | None = None
     batch_size: int = 8
     allow_unsandboxed_code: bool = False
+
+    def __post_init__(self):
+        from ..validate import check_config
+
+        check_config(self, "eval")  # the ranges of `loram eval`'s flags, before any model is loaded
 
     def empty(self) -> bool:
         return not (self.ppl or self.mc or self.gsm8k or self.humaneval or self.lm_eval)
@@ -76,8 +80,6 @@ def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
         else:
             p = perplexity_rows(model, tok, _rows(path, req.limit), seq_len=req.seq_len, batch_size=req.batch_size)
         out.append(EvalResult(name, "ppl", p.ppl, p.sequences, {"nll": p.nll, "tokens": p.tokens, "truncated": p.truncated}))
-    if req.shots < 0:
-        raise LoramError(f"--shots {req.shots} is negative: use 0 or more")
     pool = _rows(req.fewshot_file, None) if req.fewshot_file else None
     for name, path in req.mc:
         rows = _rows(path, req.limit + req.shots if req.limit and pool is None else req.limit)

@@ -86,9 +86,10 @@ def layer_widths(config, spec: PruneSpec | PrunePlan | None) -> list[LayerWidths
 def check_spec(spec: PruneSpec) -> None:
     if spec.method not in METHODS:
         raise LoramError(f"unknown --method {spec.method!r}: choose one of {', '.join(METHODS)}")
+    from ..validate import check_ratio
+
     for name, r in (("--ratio", spec.ratio), ("--attn-ratio", spec.attn())):
-        if not 0 <= r < 1:
-            raise LoramError(f"{name} {r} is out of range: use 0 <= R < 1, e.g. 0.5 to remove half")
+        check_ratio(name, r, allow_zero=True)
 
 
 def linear_shapes(g: Geometry, w: LayerWidths) -> dict[str, tuple[int, int]]:

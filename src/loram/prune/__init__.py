@@ -13,6 +13,7 @@ from ..families import geometry
 from ..io import atomic_dir, check_output, load_model, load_tokenizer, resolve_model, safetensors_files
 from ..plan import PrunePlan, parse_layers
 from ..pruned import apply_plan, count_params, save_pruned
+from ..validate import check_knobs, check_ratio
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured import calibration_batches, importance, select
 from .sparse import METHODS as SPARSE_METHODS
@@ -87,14 +88,6 @@ def check_base_full(expected: dict, base: str | Path, subject: str, made: str) -
                          f"expected {want[:16]}): pass the original model, unmodified")
 
 
-def check_ratio(name: str, r: float, allow_zero: bool) -> None:
-    lo_ok = r >= 0 if allow_zero else r > 0
-    if not (lo_ok and r < 1):
-        rng = "0 <= R < 1 (0 keeps it whole)" if allow_zero else "0 < R < 1"
-        what = "would remove every " + ("KV group" if "attn" in name else "MLP channel") if r >= 1 else "is out of range"
-        raise LoramError(f"{name} {r} {what}: use {rng}, e.g. 0.5 to remove half")
-
-
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
     """Fail fast, from config.json alone, on --layers / --ratio that cannot fit the model (before loading weights)."""
     from ..io import load_config
@@ -118,6 +111,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     from ..memory import PeakRSS
 
     check_verify(verify_base)
+    check_knobs("prune", seed=seed, calib_samples=calib_samples, calib_seq_len=calib_seq_len)  # the flags' ranges
     if sparsity is not None or method in SPARSE_ONLY:
         if attn_ratio is not None:
             raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
