@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .errors import LoramError
-from .io import atomic_dir, check_output, load_tokenizer, write_json
-from .train import RunConfig, TrainReport, finish, fit, mix, param_counts
+from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
+from .train import RunConfig, TrainReport, finish, fit, mix, param_counts, save_final
 
 
 @dataclass
@@ -91,6 +91,7 @@ def corpus_blocks(tok, cfg: AlignConfig) -> list:
     return mix(sources, cfg.data_weights, cfg.seed)
 
 
+@releases_locks
 def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = False, overwrite: bool = False,
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
     """Continual pre-training of a pruned model folder; writes an aligned pruned model folder."""
@@ -100,7 +101,9 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
 
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
-    check_output(out, overwrite)
+    inputs = (pruned, *cfg.data, *(cfg.eval or {}).values())
+    check_output(out, overwrite, inputs)
+    ckpt = check_checkpoint_dir(checkpoint_dir or f"{out}-checkpoints", resume, overwrite, inputs)
     torch.manual_seed(cfg.seed)
     model = load_pruned(pruned, dtype=torch.float32, device_map="auto")
     plan, tok = model.loram_plan, load_tokenizer(pruned)
@@ -116,8 +119,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     masks = sparse_masks(model, plan) if plan.kind == "sparse" else []
     cbs = ([_mask_callback(masks)] if masks else []) + list(callbacks or [])
     trainable, frozen = param_counts(model)
-    r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, Path(checkpoint_dir or f"{out}-checkpoints"), resume,
-            overwrite, evals, tok.pad_token_id, cbs)
+    r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, cbs)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, 0, r.eval_ppl, r.eval_history, r.resumed_from)
     if r.trainer.args.process_index == 0:
@@ -128,8 +130,11 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
             "frozen": [n for n, on in (("embed_tokens", cfg.train_embeddings), ("lm_head", cfg.train_lm_head)) if not on],
             "sparse_masks": len(masks)})
         model.eval()
-        with atomic_dir(out, overwrite) as tmp:
-            save_pruned(model, tok, plan, tmp)
-            write_json(Path(tmp) / "align_report.json", asdict(report))
+        def save():
+            with atomic_dir(out, overwrite, "align", inputs) as tmp:
+                save_pruned(model, tok, plan, tmp)
+                write_json(Path(tmp) / "align_report.json", asdict(report))
+
+        save_final(ckpt, save)
     finish(r.trainer)
     return report
