@@ -257,3 +257,17 @@ def test_disk_full_at_the_final_save_names_the_checkpoint_to_resume(capsys, tmp_
                 "--micro-batch", "2", "--seq-len", "64", expect=f"disk full while writing {out}")
     assert f"the last good checkpoint {ckpt / 'checkpoint-2'} is kept" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".A.")]
+
+
+def test_disk_full_anywhere_else_is_one_line(capsys, tmp_path, monkeypatch, arts):
+    """A full disk outside the atomic writers (here `inspect`'s JSON) is the same one line, not a traceback."""
+    import loram.inspect_adapter
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(loram.inspect_adapter, "write_json", full)
+    out = tmp_path / "norms"
+    err = fails(capsys, "inspect", arts.recovered, "-o", out, "--no-plots",
+                expect=f"disk full while writing {out / 'update_norms.json'}")
+    assert "free space on that disk" in err

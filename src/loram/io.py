@@ -86,7 +86,7 @@ def check_replace(path: str | Path, inputs=(), what: str = "output", flag: str =
     if has_marker(p) or not any(p.iterdir()):
         return
     raise LoramError(f"{what} {p} was not written by loram (no {MARKER} in it; older loram versions did not write one), "
-                     f"so --overwrite will not replace it: delete it yourself if you mean to, or choose another {flag}")
+                     f"so loram will not replace it: delete it yourself if you mean to, or choose another {flag}")
 
 
 # ---- one writer per output: an exclusive lock held while the command runs -------------------------
@@ -245,10 +245,11 @@ def check_checkpoint_dir(ckpt: str | Path, resume: bool, overwrite: bool, inputs
     """train/align: the checkpoint folder follows the output rule (loram only empties its own), then is locked.
 
     Without --resume an existing folder must be loram's (marker) or empty: --overwrite would delete it,
-    and without it the Trainer would write into a folder loram does not own.
+    and without it the Trainer would mix its checkpoints into a folder loram does not own. (Unmarked
+    checkpoint-* folders of an older loram are left to train's own "pass --resume" refusal.)
     """
     ckpt = Path(ckpt)
-    if ckpt.exists() and not resume and (overwrite or not has_marker(ckpt)):
+    if ckpt.exists() and not resume and (overwrite or not any(ckpt.glob("checkpoint-*"))):
         check_replace(ckpt, inputs, what="checkpoint folder", flag="--checkpoint-dir")
     lock_output(ckpt, "--checkpoint-dir")
     return ckpt

@@ -509,7 +509,8 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         raise LoramError("the training set is empty after formatting: give rows with text to learn")
     ckpt = Path(ckpt)
     resume_from = prepare_checkpoint_dir(ckpt, resume, overwrite, _is_main())
-    if _is_main() and (cfg.save_steps or ckpt.exists()):  # mark it loram's: a later --overwrite may empty it
+    fresh = not ckpt.exists() or not any(ckpt.iterdir())  # never mark a folder that holds someone else's files
+    if _is_main() and (cfg.save_steps or ckpt.exists()) and fresh:  # mark it loram's: a later --overwrite may empty it
         ckpt.mkdir(parents=True, exist_ok=True)
         write_marker(ckpt, "checkpoints")
     cpu = not torch.cuda.is_available()
