@@ -77,6 +77,17 @@ def test_merge_onto_its_base_is_refused(capsys, tmp_path, arts):
     assert snapshot(base) == before
 
 
+def test_output_that_is_a_symlink_to_an_input_is_refused(capsys, tmp_path, arts):
+    base = tmp_path / "base"
+    shutil.copytree(arts.base, base)
+    lio.write_marker(base, "merge")
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    before = snapshot(base)
+    fails(capsys, "merge", base, arts.recovered, "-o", link, "--overwrite", expect=f"output {link} is the input {base}")
+    assert snapshot(base) == before and link.is_symlink()
+
+
 def test_output_inside_an_input_is_refused(capsys, tmp_path, arts):
     adapter = tmp_path / "A"
     shutil.copytree(arts.adapter, adapter)

@@ -408,6 +408,6 @@ def _run_eval(r: Recipe, st: Step) -> bool:
     results = run_tasks(model, tok, req)
     for x in results:
         print(f"[eval] {x.task} {x.metric} {x.value:.4f} (n={x.n})")
-    with atomic_dir(st.out, overwrite=True) as tmp:
+    with atomic_dir(st.out, overwrite=True, command="run") as tmp:
         write_json(Path(tmp) / "results.json", {"on": on, "results": [asdict(x) for x in results]})
     return True
