@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,7 +54,7 @@ def arts(tmp_path_factory, tiny_dir):
     pruned = Path(prune(str(tiny_dir), root / "P", method="random", ratio=0.5).out)
     adapter = make_pruned_adapter(pruned, root / "A")
     recovered = recover(adapter, tiny_dir, root / "R")
-    return type("Arts", (), dict(base=tiny_dir, pruned=pruned, adapter=adapter, recovered=recovered))
+    return SimpleNamespace(base=tiny_dir, pruned=pruned, adapter=adapter, recovered=recovered)
 
 
 # ---- --overwrite and the inputs ----------------------------------------------------------------------
