@@ -52,21 +52,23 @@ def test_failed_overwrite_keeps_the_old_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    lio.write_marker(out, "test")  # loram wrote it, so --overwrite may replace it (test_ownership covers the rest)
     with pytest.raises(RuntimeError):
         with atomic_dir(out, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("boom")
-    assert visible(out) == ["old.txt"] and visible(tmp_path) == ["out"] and hidden_temps(tmp_path, "out") == []
+    assert visible(out) == ["loram_output.json", "old.txt"] and visible(tmp_path) == ["out"] and hidden_temps(tmp_path, "out") == []
 
 
 def test_overwrite_swaps_completely(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    lio.write_marker(out, "test")
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-        assert visible(out) == ["old.txt"]  # the old folder stays whole until the rename
-    assert visible(out) == ["new.txt"] and hidden_temps(tmp_path, "out") == []
+        assert visible(out) == ["loram_output.json", "old.txt"]  # the old folder stays whole until the rename
+    assert visible(out) == ["loram_output.json", "new.txt"] and hidden_temps(tmp_path, "out") == []
 
 
 def test_output_gets_normal_permissions(tmp_path):

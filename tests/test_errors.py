@@ -372,7 +372,7 @@ def test_output_exists(capsys, w, cmd):
 
 def test_overwrite_replaces(capsys, w):
     out = w.root / "ow"
-    out.mkdir()
+    assert main(["recover", str(w.adapter), "--base", str(w.base), "-o", str(out)]) == 0  # loram wrote it (marker)
     (out / "stale.txt").write_text("old")
     assert main(["recover", str(w.adapter), "--base", str(w.base), "-o", str(out), "--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and (out / ADAPTER_WEIGHTS).exists()

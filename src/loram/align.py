@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from .errors import LoramError
-from .io import atomic_dir, check_output, load_tokenizer, write_json
-from .train import RunConfig, TrainReport, check_resume_settings, finish, fit, mix, param_counts, run_settings
+from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
+from .train import (RunConfig, TrainReport, check_resume_settings, finish, fit, mix, param_counts, run_settings,
+                    save_final)
 
 
 @dataclass
@@ -91,6 +92,7 @@ def corpus_blocks(tok, cfg: AlignConfig) -> list:
     return mix(sources, cfg.data_weights, cfg.seed)
 
 
+@releases_locks
 def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = False, overwrite: bool = False,
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
     """Continual pre-training of a pruned model folder; writes an aligned pruned model folder."""
@@ -102,8 +104,9 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
-    check_output(out, overwrite)
-    ckpt = Path(checkpoint_dir or f"{out}-checkpoints")
+    inputs = (pruned, *cfg.data, *(cfg.eval or {}).values())
+    check_output(out, overwrite, inputs)
+    ckpt = check_checkpoint_dir(checkpoint_dir or f"{out}-checkpoints", resume, overwrite, inputs)
     settings = run_settings(cfg, pruned) if resume or cfg.save_steps else None  # only checkpoints need them
     if resume:
         check_resume_settings(ckpt, settings)
@@ -136,8 +139,11 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
             "frozen": [n for n, on in (("embed_tokens", cfg.train_embeddings), ("lm_head", cfg.train_lm_head)) if not on],
             "sparse_masks": len(masks)})
         model.eval()
-        with atomic_dir(out, overwrite) as tmp:
-            save_pruned(model, tok, plan, tmp)
-            write_json(Path(tmp) / "align_report.json", asdict(report))
+        def save():
+            with atomic_dir(out, overwrite, "align", inputs) as tmp:
+                save_pruned(model, tok, plan, tmp)
+                write_json(Path(tmp) / "align_report.json", asdict(report))
+
+        save_final(ckpt, save)
     finish(r.trainer)
     return report

@@ -40,6 +40,7 @@ from torch import nn
 
 from .errors import LoramError
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLE_OF_PROJ, decoder_layers, geometry
+from .io import releases_locks
 from .plan import PrunePlan, parse_layers
 
 CHUNK_BYTES = 64 << 20  # row chunk read when selecting columns
@@ -339,8 +340,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 
 
+@releases_locks
 def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, dtype=torch.bfloat16, seed: int = 0,
-                 overwrite: bool = False) -> BuildReport:
+                 overwrite: bool = False, inputs=()) -> BuildReport:
     """Write the pruned folder (loads with ``load_pruned``) one shard per decoder layer.
 
     Each layer is materialised, saved, then sent back to the meta device: peak = one layer.
@@ -366,7 +368,7 @@ def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, d
            and not (tied and n == "lm_head")]
     n_shards = len(layers) + 1
     weight_map = {}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "build", (source, *inputs)) as tmp:
         for k in range(n_shards):
             shard = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
             if k == 0:

@@ -44,8 +44,8 @@ import torch
 from .errors import LoramError
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, geometry
 from .fingerprint import config_digest
-from .io import (atomic_dir, check_output, load_config, load_model, refuse_pickle_only, resolve_model, safetensors_files,
-                 safetensors_headers, safetensors_shapes)
+from .io import (atomic_dir, check_output, load_config, load_model, refuse_pickle_only, releases_locks, resolve_model,
+                 safetensors_files, safetensors_headers, safetensors_shapes)
 from .plan import LayerPlan, PrunePlan
 
 NM_GROUPS = (4, 8)
@@ -170,11 +170,12 @@ def nm_pattern(group_maxima: list[dict[int, int]]) -> tuple[int, int] | None:
     return best
 
 
+@releases_locks
 def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrite: bool = False,
                   verify_base: str = "sampled") -> PrunePlan:
     from .prune import check_verify
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(model, base))
     check_verify(verify_base)
     config = load_config(base)
     g = geometry(config)
@@ -210,7 +211,7 @@ def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrit
                      base=_base_record(base, config, verify_base),
                      sparse={"pattern": pattern, "ratio": ratio, "sparsity": round(sparsity, 6), "modules": modules},
                      extra={"imported_from": str(model)})
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "import-plan", (model, base)) as tmp:
         _write_folder(tmp, src, config, [model, base], plan)
         _verify_loadable(tmp, plan, config)
     return plan
@@ -265,11 +266,12 @@ def _expected(orig: Tensors, key: str, plan: PrunePlan, g) -> torch.Tensor:
     return t
 
 
+@releases_locks
 def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, out: str | Path,
                       allow_retrained: bool = False, overwrite: bool = False, verify_base: str = "sampled") -> PrunePlan:
     from .prune import check_verify
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(pruned, base, kept))
     check_verify(verify_base)
     config = load_config(base)
     g = geometry(config)
@@ -301,7 +303,7 @@ def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, ou
     plan.extra["params_original"] = sum(math.prod(s) for k, s in orig.shapes.items() if not (g.tied and k == "lm_head.weight"))
     plan.extra["params_pruned"] = sum(math.prod(s) for k, s in want.items() if not (g.tied and k == "lm_head.weight"))
     plan.extra["validated"] = "shapes" if allow_retrained else "shapes+values"
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "import-plan", (pruned, base, kept)) as tmp:
         _write_folder(tmp, src, config, [pruned, base], plan)
         _verify_loadable(tmp, plan, config)
     return plan

@@ -21,7 +21,7 @@ import torch
 
 from .adapter import STAGE_PRUNED, attach, check_adapter_dir, read_meta
 from .errors import LoramError
-from .io import atomic_dir, check_output, load_model, load_tokenizer
+from .io import atomic_dir, check_output, load_model, load_tokenizer, releases_locks
 from .plan import has_plan
 
 
@@ -70,10 +70,11 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     return attach(model, adapter), tok
 
 
+@releases_locks
 def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False, dtype=torch.float32,
           keep_sparse: bool = False, verify_base: str = "sampled") -> Path:
     """Write a standard merged HF model folder: the original with the adapter folded into its weights."""
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(base, adapter))
     plan = _sparse_plan(base) if keep_sparse else None
     pm, tok = load_with_adapter(base, adapter, dtype=dtype, verify_base=verify_base)
     if plan is not None:
@@ -85,7 +86,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
         with torch.no_grad():
             for name, m in masks.items():
                 merged.get_parameter(name).mul_(m)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "merge", (base, adapter)) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         if has_plan(base):  # a merged pruned model is still a pruned model folder, bound to the same plan

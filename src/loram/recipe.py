@@ -373,16 +373,60 @@ def run_recipe(path: str | Path, dry_run: bool = False, echo=print) -> list[Step
     echo(f"recipe {r.path}: base {r.base} ({config_summary(r.base) if dry_run else 'checked when loaded'}), workdir {r.workdir}")
     for st in steps:
         echo(f"  {st.stage:8s} {st.status:6s} -> {st.out}    ({st.command})")
+    check_ownership(r, steps)
     if dry_run:
         return steps
-    r.workdir.mkdir(parents=True, exist_ok=True)
+    from .io import lock_output, unlock_output
+
+    lock_output(r.workdir, "workdir")  # one recipe per workdir at a time
+    try:
+        check_ownership(r, steps)  # again under the lock: another run may have written meanwhile
+        r.workdir.mkdir(parents=True, exist_ok=True)
+        for st in steps:
+            if st.status == "skip":
+                echo(f"[{st.stage}] up to date, skipped ({st.out})")
+                continue
+            echo(f"[{st.stage}] running: {st.command}")
+            _run_stage(r, st, typed)
+    finally:
+        unlock_output(r.workdir)
+    return steps
+
+
+def recipe_inputs(r: Recipe) -> list[str]:
+    """The local files and folders a recipe reads (base model, data, eval and calibration files)."""
+    found = [r.base]
+    for s, cfg in r.stages.items():
+        if cfg.get("data") is not None:
+            found += [d.rpartition("=")[0] if "=" in d and not Path(d).exists() else d for d in _data_list(cfg["data"], s)]
+        for key in ("eval", "ppl", "mc"):
+            if isinstance(cfg.get(key), dict):
+                found += [str(f) for f in cfg[key].values()]
+        found += [str(cfg[k]) for k in ("calib_data", "fewshot_file") if cfg.get(k)]
+    return found
+
+
+def check_ownership(r: Recipe, steps: list[Step]) -> None:
+    """Before any stage runs: a recipe replaces only the stage outputs (and checkpoints) it wrote."""
+    from .io import _local_inputs, _real, check_replace, has_marker
+
+    wd = _real(r.workdir)
+    if wd == Path("/") or wd == _real(Path.home()):
+        raise LoramError(f"recipe workdir {r.workdir} is {'/' if wd == Path('/') else 'your home folder'}: "
+                         "give the recipe a folder of its own, e.g. runs/NAME")
+    for i in _local_inputs(recipe_inputs(r)):
+        if wd == _real(i) or wd in _real(i).parents:
+            raise LoramError(f"recipe workdir {r.workdir} contains the input {i}: give the recipe a folder of its own "
+                             "(e.g. runs/NAME), away from its model and data")
     for st in steps:
         if st.status == "skip":
-            echo(f"[{st.stage}] up to date, skipped ({st.out})")
             continue
-        echo(f"[{st.stage}] running: {st.command}")
-        _run_stage(r, st, typed)
-    return steps
+        folders = [st.out] + ([Path(f"{st.out}-checkpoints")] if st.stage in ("align", "train") else [])
+        for f in folders:
+            if f.exists() and not has_marker(f) and not (f.is_dir() and not any(f.iterdir())):
+                raise LoramError(f"recipe stage output {f} exists but was not written by loram (no loram_output.json; "
+                                 "loram before this check wrote none), so the recipe will not replace it: move or delete it yourself, or choose another workdir")
+            check_replace(f, recipe_inputs(r), what="recipe stage output", flag="workdir")
 
 
 def _run_stage(r: Recipe, st: Step, typed: dict) -> None:
@@ -416,13 +460,16 @@ def _run_stage(r: Recipe, st: Step, typed: dict) -> None:
 
 def _resume_args(st: Step) -> dict:
     """Resume from this stage's checkpoints when they come from the same config, else start clean."""
+    from .io import check_replace, write_marker
     from .train import last_checkpoint
 
     ckpt = Path(f"{st.out}-checkpoints")
     same = stored_hash(ckpt) == st.hash and last_checkpoint(ckpt) is not None
     if not same and ckpt.exists():
+        check_replace(ckpt, what="recipe checkpoint folder", flag="workdir")  # only a folder loram wrote
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
+    write_marker(ckpt, "run")
     _write_stage(ckpt, st)
     return {"resume": same, "overwrite": True}
 
@@ -459,6 +506,6 @@ def _run_eval(r: Recipe, st: Step) -> bool:
     results = run_tasks(model, tok, req)
     for x in results:
         print(f"[eval] {x.task} {x.metric} {x.value:.4f} (n={x.n})")
-    with atomic_dir(st.out, overwrite=True) as tmp:
+    with atomic_dir(st.out, overwrite=True, command="run") as tmp:
         write_json(Path(tmp) / "results.json", {"on": on, "results": [asdict(x) for x in results]})
     return True

@@ -22,7 +22,7 @@ from .adapter import (ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, STAGE_PRUNE
                       read_tensors, write_adapter)
 from .errors import LoramError
 from .families import COL_PRUNED, ROLE_OF_PROJ, Geometry, geometry
-from .io import atomic_dir, check_output, read_json
+from .io import atomic_dir, check_output, read_json, releases_locks
 from .plan import PrunePlan, has_plan
 from .pruned import check_plan_binding
 
@@ -151,6 +151,7 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
                              f"({role} is {out_f}x{in_f} in layer {layer}): this adapter was trained on another plan or model")
 
 
+@releases_locks
 def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = "zero", seed: int = 0,
             overwrite: bool = False, check_base: bool = True, verify_base: str = "sampled") -> Path:
     """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
@@ -160,7 +161,7 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     from .fingerprint import describe_difference, same_model
 
     adapter = Path(adapter)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(adapter, base))
     check_verify(verify_base)
     tensors = read_tensors(adapter)
     meta = read_meta(adapter)
@@ -196,6 +197,6 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     lora_cfg = dict(lora_cfg, base_model_name_or_path=str(base))
     new_meta = dict(meta, stage=STAGE_RECOVERED, fill=fill, base_name=str(base), base_fingerprint=fp,
                     recovered_from=str(adapter))
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "recover", (adapter, base)) as tmp:
         write_adapter(tmp, full, lora_cfg, new_meta, plan)
     return Path(out)

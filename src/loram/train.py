@@ -39,7 +39,8 @@ import torch
 
 from .adapter import ADAPTER_META, STAGE_PRUNED, write_adapter
 from .errors import LoramError
-from .io import atomic_dir, check_output, load_model, load_tokenizer, write_json
+from .io import (DiskFull, atomic_dir, check_checkpoint_dir, check_output, is_disk_full, load_model, load_tokenizer, releases_locks,
+                 write_json, write_marker)
 from .plan import has_plan
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -590,6 +591,10 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         raise LoramError("the training set is empty after formatting: give rows with text to learn")
     ckpt = Path(ckpt)
     resume_from = prepare_checkpoint_dir(ckpt, resume, overwrite, _is_main())
+    fresh = not ckpt.exists() or not any(ckpt.iterdir())  # never mark a folder that holds someone else's files
+    if _is_main() and (cfg.save_steps or ckpt.exists()) and fresh:  # mark it loram's: a later --overwrite may empty it
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_marker(ckpt, "checkpoints")
     cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(ckpt), max_steps=cfg.steps if cfg.epochs is None else -1,
@@ -622,6 +627,10 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         last = last_checkpoint(ckpt)
         kept = f"checkpoint {last} kept, continue with --resume" if last else "no checkpoint saved yet (use --save-steps)"
         raise TrainingInterrupted(f"interrupted (Ctrl-C) at step {trainer.state.global_step}: {kept}") from None
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise _disk_full_in_checkpoint(ckpt, trainer.state.global_step) from None
     wall = time.time() - t0
     evals = evals or {}
     final = {n: perplexity(trainer.model, ex, pad_id, cfg.micro_batch, cfg.bf16) for n, ex in evals.items()}
@@ -632,6 +641,32 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
                      out["eval_history"], str(resume_from) if resume_from else None)
 
 
+def _disk_full_in_checkpoint(ckpt: Path, step: int) -> DiskFull:
+    from .io import disk_full
+
+    if _is_main():  # the half-written checkpoint (no completion mark) is useless: give its space back
+        for p in ckpt.glob("checkpoint-*"):
+            if p.is_dir() and not (p / CHECKPOINT_MARK).exists():
+                shutil.rmtree(p, ignore_errors=True)
+    return disk_full(ckpt, what=f"the checkpoint of step {step} was not saved, {_kept(ckpt)}")
+
+
+def _kept(ckpt: Path) -> str:
+    last = last_checkpoint(ckpt)
+    return (f"the last good checkpoint {last} is kept: continue with --resume once space is freed" if last
+            else "no checkpoint was saved, the training is lost (--save-steps keeps checkpoints)")
+
+
+def save_final(ckpt: Path, save) -> None:
+    """Write the final output; on a full disk the error says which checkpoint survives."""
+    try:
+        save()
+    except DiskFull as e:
+        if _is_main() and ckpt.is_dir() and not any(ckpt.glob("checkpoint-*")):  # nothing to resume from: leave nothing
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise DiskFull(f"{e}; {_kept(ckpt)}") from None
+
+
 def finish(trainer) -> None:
     """Let every rank reach this point before any returns (rank 0 may still be writing)."""
     if trainer.args.world_size > 1:
@@ -639,6 +674,7 @@ def finish(trainer) -> None:
 
 
 # ---- loram train -------------------------------------------------------------------------------
+@releases_locks
 def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
     from peft import get_peft_model
@@ -647,8 +683,9 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from .validate import check_config
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
-    check_output(out, overwrite)
-    ckpt = Path(checkpoint_dir or f"{out}-checkpoints")
+    inputs = (model_name, *cfg.data, *(cfg.eval or {}).values())
+    check_output(out, overwrite, inputs)
+    ckpt = check_checkpoint_dir(checkpoint_dir or f"{out}-checkpoints", resume, overwrite, inputs)
     settings = run_settings(cfg, model_name) if resume or cfg.save_steps else None  # only checkpoints need them
     if resume:
         check_resume_settings(ckpt, settings)
@@ -672,12 +709,12 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from, eval_dropped)
     if r.trainer.args.process_index == 0:
-        save_adapter(pm, out, model_name, plan, cfg, report, overwrite)
+        save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs))
     finish(r.trainer)
     return report
 
 
-def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainReport, overwrite: bool) -> None:
+def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainReport, overwrite: bool, inputs=()) -> None:
     from peft import get_peft_model_state_dict
 
     from .prune import base_fingerprint
@@ -694,7 +731,7 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
                 or base_fingerprint(model_name),
                 "base_name": str(model_name)}
     meta["train"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "train", inputs) as tmp:
         write_adapter(tmp, sd, lcfg, meta, plan)
         write_json(Path(tmp) / "train_report.json", asdict(report))
     assert (Path(out) / ADAPTER_META).exists()

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permission denied, ...: the environment, not a bug in loram
         if debug:
             raise
+        if _disk_full(e):
+            return 2
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"error: {e.strerror or e}{where}: check the path, its permissions and the free disk space "
               "(--debug shows the traceback)", file=sys.stderr)
@@ -64,6 +66,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("error: interrupted (Ctrl-C); no output was written (checkpoints already saved are kept)", file=sys.stderr)
         return 130
+    except Exception as e:  # safetensors reports a full disk as SafetensorError, not OSError
+        if debug or not _disk_full(e):
+            raise
+        return 2
+    finally:  # the command is over: its output locks go (the process may live on, e.g. in tests)
+        from ..io import unlock_all
+
+        unlock_all()
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Print the one-line disk-full error if ``e`` is one (outputs are atomic: nothing half-written is left)."""
+    from ..io import disk_full, is_disk_full
+
+    if not is_disk_full(e):
+        return False
+    print(f"error: {disk_full(getattr(e, 'filename', None), what='the command stopped, its output was not written')}",
+          file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def run(a) -> int:
     from ..plan import PrunePlan
 
     config, source = _source(a.source)
-    check_output(a.out, a.overwrite)
+    inputs = (a.source, a.plan)
+    check_output(a.out, a.overwrite, inputs)
     if a.plan:
         plan = PrunePlan.load(a.plan)
     elif a.ratio is not None:
@@ -73,14 +74,15 @@ def run(a) -> int:
     else:
         raise LoramError("nothing to build: pass --plan PLAN, or --ratio R to make a random structured plan")
     if a.plan_only:
-        with atomic_dir(a.out, a.overwrite) as tmp:
+        with atomic_dir(a.out, a.overwrite, "build", inputs) as tmp:
             plan.save(tmp)
         rows = [("plan", f"{a.out}/loram_plan.json")]
     else:
         from ..memory import pin_mmap_threshold
 
         pin_mmap_threshold()  # layer-by-layer temporaries go back to the kernel: peak ~ result + one layer
-        r = write_pruned(config, plan, source, a.out, dtype=getattr(torch, DTYPES[a.dtype]), seed=a.seed, overwrite=a.overwrite)
+        r = write_pruned(config, plan, source, a.out, dtype=getattr(torch, DTYPES[a.dtype]), seed=a.seed, overwrite=a.overwrite,
+                         inputs=inputs)
         rows = [("weights", "random" if source == "random" else source), ("parameters pruned", f"{r.params:,}"),
                 ("time", f"{r.seconds:.1f} s"), ("peak RSS", f"{r.peak_rss_gb:.2f} GB"), ("written", a.out)]
     s, e = plan.layers

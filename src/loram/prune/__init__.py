@@ -10,7 +10,7 @@ import torch
 
 from ..errors import LoramError
 from ..families import geometry
-from ..io import atomic_dir, check_output, load_model, load_tokenizer, resolve_model, safetensors_files
+from ..io import atomic_dir, check_output, load_model, load_tokenizer, releases_locks, resolve_model, safetensors_files
 from ..plan import PrunePlan, parse_layers
 from ..pruned import apply_plan, count_params, save_pruned
 from ..validate import check_knobs, check_ratio
@@ -99,6 +99,7 @@ def _check_against_config(model_name: str, ratio: float, layers: str | None) -> 
         raise LoramError(f"--ratio {ratio} would remove all {g.intermediate} MLP channels: use a smaller ratio")
 
 
+@releases_locks
 def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float | None = None, attn_ratio: float | None = None,
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
           calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
@@ -124,7 +125,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     attn_ratio = ratio if attn_ratio is None else attn_ratio
     check_ratio("--ratio", ratio, allow_zero=False)
     check_ratio("--attn-ratio", attn_ratio, allow_zero=True)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(model_name, calib_data))
     _check_against_config(model_name, ratio, layers)
     t0 = time.time()
     peak = PeakRSS()
@@ -149,6 +150,6 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     apply_plan(model, plan)
     n_pruned = count_params(model)
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "prune", (model_name, calib_data)) as tmp:
         save_pruned(model, tok, plan, tmp)
     return PruneReport(str(out), plan, n_orig, n_pruned, time.time() - t0, peak.gb())

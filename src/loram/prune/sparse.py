@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import LoramError
 from ..families import MODULE_OF_ROLE, ROLES, decoder_layers, geometry, layer_module
+from ..io import releases_locks
 from .pattern import Pattern, parse_pattern
 from .sparsegpt import Hessian, sparsegpt
 from .wanda import ColumnNorms, magnitude_mask, wanda_mask
@@ -219,6 +220,7 @@ def layer_errors(dense, pruned, layers: range, batches: list[torch.Tensor]) -> d
     return errs
 
 
+@releases_locks
 def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, ratio: float | None = None,
                  layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
                  calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled"):
@@ -233,7 +235,7 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
     if method not in METHODS:
         raise LoramError(f"--sparsity needs a sparse --method: choose one of {', '.join(METHODS)}")
     pattern = parse_pattern(sparsity, ratio)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(model_name, calib_data))
     start, end = parse_layers(layers, geometry(load_config(model_name)).n_layers)  # fail before loading weights
     t0, peak = time.time(), PeakRSS()
     tok = load_tokenizer(model_name)
@@ -254,7 +256,7 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
                 "modules": {n: round(f, 6) for n, f in achieved.items()}},
     )
     plan.extra = {"params_original": n_params, "params_pruned": n_params, "params_nonzero": n_params - zeros}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "prune", (model_name, calib_data)) as tmp:
         save_pruned(model, tok, plan, tmp)
     return PruneReport(str(out), plan, n_params, n_params, time.time() - t0, peak.gb(), params_nonzero=n_params - zeros)
 
