@@ -272,14 +272,18 @@ def test_disk_full_at_the_final_save_names_the_checkpoint_to_resume(capsys, tmp_
 
 
 def test_disk_full_anywhere_else_is_one_line(capsys, tmp_path, monkeypatch, arts):
-    """A full disk outside the atomic writers (here `inspect`'s JSON) is the same one line, not a traceback."""
+    """A full disk inside `inspect`'s atomic folder names the folder and leaves nothing; a full disk anywhere
+    outside the atomic writers (here a verb's own write) is the same one line from the CLI, not a traceback."""
+    import loram.cli.plan
     import loram.inspect_adapter
 
-    def full(path, obj):
+    def full(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(loram.inspect_adapter, "write_json", full)
     out = tmp_path / "norms"
-    err = fails(capsys, "inspect", arts.recovered, "-o", out, "--no-plots",
-                expect=f"disk full while writing {out / 'update_norms.json'}")
+    err = fails(capsys, "inspect", arts.recovered, "-o", out, "--no-plots", expect=f"disk full while writing {out}")
+    assert "free space on that disk" in err and not out.exists()
+    monkeypatch.setattr(loram.cli.plan, "run", lambda a: full(tmp_path / "report.json"))
+    err = fails(capsys, "plan", "smollm2", expect=f"disk full while writing {tmp_path / 'report.json'}")
     assert "free space on that disk" in err
