@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"loram.cli.{name.replace('-', '_')}").add(sub)  # verb import-plan -> import_plan.py
+    for verb in sub.choices.values():  # one flag for every verb, added here so each verb's add() need not
+        verb.add_argument("--quiet", action="store_true", help="no progress bars or status lines (results and errors still print)")
     return p
 
 
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         # inside the try: argument types (e.g. --ratio abc) raise LoramError too; argparse's own
         # usage errors exit 2 with its usage line
         args = parser.parse_args(argv)
+        _quiet_down(args, debug)
         rc = args.func(args)
         return int(rc or 0)
     except LoramError as e:
@@ -61,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("error: interrupted (Ctrl-C); no output was written (checkpoints already saved are kept)", file=sys.stderr)
         return 130
+
+
+def _quiet_down(args, debug: bool) -> None:
+    """Bars iff stderr is a terminal, no --quiet, no --json (loram.progress); hide the library warnings
+    a user cannot act on (each filter and the reason for it: progress.HIDDEN_WARNINGS); --debug shows them."""
+    from .. import progress
+
+    progress.configure(quiet=args.quiet, json=bool(getattr(args, "json", False)))
+    if not debug:
+        progress.filter_warnings()
 
 
 if __name__ == "__main__":
