@@ -140,6 +140,7 @@ def test_train_merge_and_eval_show_bars_and_quiet_silences_the_trainer(monkeypat
                                               "--overwrite", "--steps", "2", "--logging-steps", "1", "--seq-len", "64", "--quiet"])
     assert err == "", err  # no bar
     assert "{'loss'" not in out and "adapter written to" in out  # nor the Trainer's per-step log dicts in its place
+    assert progress.QUIET_ENV not in os.environ  # main() run in-process leaves no --quiet behind
 
     out, err = run_main(monkeypatch, capsys, ["merge", str(tiny_dir), str(ad), "-o", str(tmp_path / "m")])
     assert re.search(r"merged model written to \S+ \(\d+\.\d s, peak RSS \d+\.\d\d GB\)", out), out  # the summary line

@@ -35,12 +35,17 @@ def enabled() -> bool:
     return not quiet() and bool(isatty and isatty())
 
 
-def configure(quiet: bool = False, json: bool = False) -> None:
-    """Called by the CLI before a verb runs. Only ever makes output quieter (a nested call never undoes a parent's --quiet)."""
+ENV_VARS = (QUIET_ENV, "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def configure(quiet: bool = False, json: bool = False) -> dict:
+    """Called by the CLI before a verb runs. Only ever makes output quieter (a nested call never undoes a
+    parent's --quiet). Returns the environment it found, for restore() when the verb is done."""
+    saved = {k: os.environ.get(k) for k in ENV_VARS}
     if quiet or json:
         os.environ[QUIET_ENV] = "1"
     if enabled():
-        return
+        return saved
     # libraries' own bars: the environment variables for those not imported yet (and child processes)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers reads this too, at import
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
@@ -52,6 +57,16 @@ def configure(quiet: bool = False, json: bool = False) -> None:
         import datasets
 
         datasets.disable_progress_bars()
+    return saved
+
+
+def restore(saved: dict) -> None:
+    """Put back the environment configure() found (main() called in-process, as tests and `demo` do, leaves no trace)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _label(desc: str) -> str:

@@ -35,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
+    saved_env: dict = {}
     try:
         # inside the try: argument types (e.g. --ratio abc) raise LoramError too; argparse's own
         # usage errors exit 2 with its usage line
         args = parser.parse_args(argv)
-        _quiet_down(args, debug)
+        saved_env = _quiet_down(args, debug)
         rc = args.func(args)
         return int(rc or 0)
     except LoramError as e:
@@ -64,16 +65,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("error: interrupted (Ctrl-C); no output was written (checkpoints already saved are kept)", file=sys.stderr)
         return 130
+    finally:
+        from ..progress import restore
+
+        restore(saved_env)
 
 
-def _quiet_down(args, debug: bool) -> None:
+def _quiet_down(args, debug: bool) -> dict:
     """Bars iff stderr is a terminal, no --quiet, no --json (loram.progress); hide the library warnings
     a user cannot act on (each filter and the reason for it: progress.HIDDEN_WARNINGS); --debug shows them."""
     from .. import progress
 
-    progress.configure(quiet=args.quiet, json=bool(getattr(args, "json", False)))
+    saved = progress.configure(quiet=args.quiet, json=bool(getattr(args, "json", False)))
     if not debug:
         progress.filter_warnings()
+    return saved
 
 
 if __name__ == "__main__":
