@@ -152,6 +152,16 @@ def test_train_merge_and_eval_show_bars_and_quiet_silences_the_trainer(monkeypat
         assert re.search(re.escape(label) + rf": 100%.*{n}/{n} \[", err), (label, err)
 
 
+def test_recipe_says_stage_k_of_n_then_the_stage_bars(monkeypatch, capsys, tiny_dir, files, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {tiny_dir}\nworkdir: {tmp_path / 'w'}\nprune: {{method: magnitude, layers: '1:5'}}\n"
+                      f"train: {{data: [{files / 'a.json'}], steps: 2, seq_len: 64}}\n")
+    out, err = run_main(monkeypatch, capsys, ["run", str(recipe)])
+    assert [x.split(" running")[0] for x in out.splitlines() if " running: loram " in x] == \
+        ["[prune] stage 1/3", "[train] stage 2/3", "[recover] stage 3/3"], out
+    assert re.search(r"2/2 \[", err), err  # the train stage's own bar
+
+
 def test_every_verb_takes_quiet():
     from loram.cli import COMMANDS, build_parser
 
