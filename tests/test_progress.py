@@ -195,6 +195,23 @@ def test_library_warnings_a_user_cannot_act_on_are_hidden_by_the_cli_filter():
     assert [str(w.message) for w in seen] == ["a warning loram does not know stays visible"]
 
 
+def test_a_library_warning_that_asks_for_action_is_one_loram_line(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from loram.testing import tiny_model
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        progress.filter_warnings()
+        # the tiny llama-gqa ties lm_head to the embeddings: PEFT warns about weight tying when lm_head is targeted
+        get_peft_model(tiny_model("llama-gqa"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert log.getvalue() == ("warning: this model ties lm_head to its input embeddings and the adapter targets lm_head: "
+                              "merging the adapter changes the embeddings too; leave lm_head out of --targets to keep "
+                              "them as they are\n")
+
+
 def test_every_hidden_warning_says_why():
     for category, _message, module, why in progress.HIDDEN_WARNINGS:
         assert issubclass(category, Warning) and module and len(why) > 40

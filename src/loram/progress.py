@@ -15,6 +15,7 @@ bars too. When stderr is not a terminal (a log file, a pipe) no bar is drawn.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import warnings
@@ -149,6 +150,28 @@ HIDDEN_WARNINGS = [
 ]
 
 
+# library warnings that do ask something of the user: (category, message regex, the one loram line said instead)
+REWORDED = [
+    (UserWarning, r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
+     "this model ties lm_head to its input embeddings and the adapter targets lm_head: merging the adapter changes "
+     "the embeddings too; leave lm_head out of --targets to keep them as they are"),
+]
+
+
 def filter_warnings() -> None:
+    """Hide HIDDEN_WARNINGS and say REWORDED ones as `warning: <loram line>` (the CLI installs both)."""
     for category, message, module, _why in HIDDEN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    if getattr(warnings.showwarning, "loram", False):
+        return
+    show = warnings.showwarning
+
+    def reworded(message, category, filename, lineno, file=None, line=None):
+        for cat, pattern, text in REWORDED:
+            if issubclass(category, cat) and re.search(pattern, str(message)):
+                print(f"warning: {text}", file=sys.stderr)
+                return
+        show(message, category, filename, lineno, file, line)
+
+    reworded.loram = True
+    warnings.showwarning = reworded
