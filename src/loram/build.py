@@ -42,6 +42,7 @@ from .errors import LoramError
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLE_OF_PROJ, decoder_layers, geometry
 from .io import releases_locks
 from .plan import PrunePlan, parse_layers
+from .progress import track
 
 CHUNK_BYTES = 64 << 20  # row chunk read when selecting columns
 RANDOM_SCHEME = "random-init"
@@ -311,7 +312,7 @@ def build_pruned(config, plan: PrunePlan, source: str | Path = "random", quantiz
             continue
         if not (tied and mname == "lm_head"):
             _assign(mod, mname + ".", src, dtype)
-    for i, block in enumerate(layers):
+    for i, block in enumerate(track(layers, "build: layers", unit="layer")):
         _materialise_block(block, f"{pre}{i}.", src, dtype, quantize, compute_dtype)
     if tied:
         model.tie_weights()
@@ -369,7 +370,7 @@ def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, d
     n_shards = len(layers) + 1
     weight_map = {}
     with atomic_dir(out, overwrite, "build", (source, *inputs)) as tmp:
-        for k in range(n_shards):
+        for k in track(range(n_shards), "build: shards", unit="shard"):
             shard = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
             if k == 0:
                 tensors = {}

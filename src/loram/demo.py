@@ -95,6 +95,10 @@ class DemoResult:
 def _say(msg: str, t0: float) -> None:
     from rich.console import Console
 
+    from .progress import quiet
+
+    if quiet():  # --quiet / --json
+        return
     Console(stderr=True).print(f"[bold cyan][demo {time.time() - t0:6.1f}s][/] {msg}")
 
 
@@ -164,13 +168,17 @@ def train_adapter(model_dir: Path, data: Path, out: Path, cfg: DemoConfig) -> di
             "--seq-len", str(cfg.seq_len), "--seed", str(cfg.seed), "--logging-steps", str(max(1, cfg.steps // 30)),
             "--warmup", "0.05"] + (["--bf16"] if cfg.bf16 else [])
     if cfg.isolate:
-        r = subprocess.run([sys.executable, "-m", "loram", *args])
+        r = subprocess.run([sys.executable, "-m", "loram", *args], stdout=2)  # its summary to stderr: stdout is the demo's (--json)
         if r.returncode != 0:
             raise LoramError(f"training {out.name} failed (exit {r.returncode}): see the messages above")
     else:
+        from contextlib import redirect_stdout
+
         from .cli import main
 
-        if main(args) != 0:
+        with redirect_stdout(sys.stderr):  # as above: stdout is the demo's
+            rc = main(args)
+        if rc != 0:
             raise LoramError(f"training {out.name} failed: see the messages above")
     return json.loads((out / "train_report.json").read_text())
 

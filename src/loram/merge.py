@@ -23,6 +23,7 @@ from .adapter import STAGE_PRUNED, attach, check_adapter_dir, read_meta
 from .errors import LoramError
 from .io import atomic_dir, check_output, load_model, load_tokenizer, releases_locks
 from .plan import has_plan
+from .progress import enabled
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True,
@@ -81,7 +82,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
         from .prune.sparse import sparse_masks
 
         masks = sparse_masks(pm, plan)
-    merged = pm.merge_and_unload()
+    merged = pm.merge_and_unload(progressbar=enabled())  # PEFT's own tqdm bar, one step per module
     if plan is not None:
         with torch.no_grad():
             for name, m in masks.items():

@@ -382,11 +382,11 @@ def run_recipe(path: str | Path, dry_run: bool = False, echo=print) -> list[Step
     try:
         check_ownership(r, steps)  # again under the lock: another run may have written meanwhile
         r.workdir.mkdir(parents=True, exist_ok=True)
-        for st in steps:
+        for k, st in enumerate(steps, 1):
             if st.status == "skip":
                 echo(f"[{st.stage}] up to date, skipped ({st.out})")
                 continue
-            echo(f"[{st.stage}] running: {st.command}")
+            echo(f"[{st.stage}] stage {k}/{len(steps)} running: {st.command}")  # then the stage's own bars
             _run_stage(r, st, typed)
     finally:
         unlock_output(r.workdir)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from .adapter import ADAPTER_META, STAGE_PRUNED, write_adapter
 from .errors import LoramError
 from .io import (DiskFull, atomic_dir, check_checkpoint_dir, check_output, is_disk_full, load_model, load_tokenizer, releases_locks,
@@ -603,7 +604,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=cfg.bf16, use_cpu=cpu, report_to=[], disable_tqdm=False, remove_unused_columns=False,
+        bf16=cfg.bf16, use_cpu=cpu, report_to=[], disable_tqdm=not progress.enabled(), remove_unused_columns=False,
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", optim="adamw_torch",
         save_only_model=False, logging_nan_inf_filter=False, ddp_find_unused_parameters=False,
     )
@@ -614,6 +615,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding do not allow: drop --loss-chunk")
     trainer.loss_chunk = cfg.loss_chunk
     trainer.loram_settings = settings
+    progress.trainer_quiet(trainer)
     if resume_from is not None:  # restore the history so the report covers the whole run
         prev = json.loads((resume_from / "trainer_state.json").read_text())
         out["losses"] = [{"step": r["step"], "loss": float(r["loss"])} for r in prev.get("log_history", []) if "loss" in r]

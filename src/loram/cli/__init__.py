@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .common import name_numbers
 
     name_numbers(p)  # numeric flags name themselves in their error line
+    for verb in sub.choices.values():  # one flag for every verb, added here so each verb's add() need not
+        verb.add_argument("--quiet", action="store_true", help="no progress bars or status lines (results and errors still print)")
     return p
 
 
@@ -36,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
+    saved_env: dict = {}
     try:
         # inside the try: argument types (e.g. --ratio abc) raise LoramError too; argparse's own
         # usage errors exit 2 with its usage line
         args = parser.parse_args(argv)
+        saved_env = _quiet_down(args, debug)
         rc = args.func(args)
         return int(rc or 0)
     except LoramError as e:
@@ -72,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:  # the command is over: its output locks go (the process may live on, e.g. in tests)
         from ..io import unlock_all
+        from ..progress import restore
 
         unlock_all()
+        restore(saved_env)
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -85,6 +91,17 @@ def _disk_full(e: BaseException) -> bool:
     print(f"error: {disk_full(getattr(e, 'filename', None), what='the command stopped, its output was not written')}",
           file=sys.stderr)
     return True
+
+
+def _quiet_down(args, debug: bool) -> dict:
+    """Bars iff stderr is a terminal, no --quiet, no --json (loram.progress); hide the library warnings
+    a user cannot act on (each filter and the reason for it: progress.HIDDEN_WARNINGS); --debug shows them."""
+    from .. import progress
+
+    saved = progress.configure(quiet=args.quiet, json=bool(getattr(args, "json", False)))
+    if not debug:
+        progress.filter_warnings()
+    return saved
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def add(sub) -> None:
 
 def run(a) -> int:
     from ..merge import merge
+    from ..progress import Measure
 
+    m = Measure()
     out = merge(a.base, a.adapter, a.out, overwrite=a.overwrite, keep_sparse=a.keep_sparse, verify_base=a.verify_base)
-    print(f"merged model written to {out}")
+    print(m.line(f"merged model written to {out}"))
     return 0

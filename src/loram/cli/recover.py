@@ -18,8 +18,10 @@ def add(sub) -> None:
 
 
 def run(a) -> int:
+    from ..progress import Measure
     from ..recover import recover
 
+    m = Measure()
     out = recover(a.adapter, a.base, a.out, fill=a.fill, seed=a.seed, overwrite=a.overwrite, verify_base=a.verify_base)
-    print(f"recovered adapter for {a.base} written to {out} (loads with stock PeftModel.from_pretrained)")
+    print(m.line(f"recovered adapter for {a.base} written to {out}") + "; loads with stock PeftModel.from_pretrained")
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from math import comb
 
 from ..errors import LoramError
+from ..progress import track
 from .sandbox import require_sandbox, run_program
 from .scoring import generate_texts
 
@@ -58,7 +59,7 @@ def humaneval(model, tok, rows: list[dict], samples: int = 1, temperature: float
     outs = generate_texts(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=False,
                           stop=STOP, temperature=temp)
     per_task = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(track(rows, "running programs", unit="task")):
         c = sum(run_program(program_of(r, o), timeout=timeout, allow_unsandboxed=allow_unsandboxed).passed for o in outs[i * samples:(i + 1) * samples])
         per_task.append((r.get("task_id", str(i)), c))
     ks = [k for k in (1, 10, 100) if k <= samples]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..progress import stage
 from . import EvalResult
 
 
@@ -72,29 +73,33 @@ def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
 
     out: list[EvalResult] = []
     for name, path in req.ppl:
-        if path.suffix == ".txt":
-            from ..data import read_utf8
+        with stage(f"eval {name} (ppl)"):  # labels the scoring bar
+            if path.suffix == ".txt":
+                from ..data import read_utf8
 
-            text = read_utf8(path, "eval file")
-            p = perplexity_text(model, tok, text, seq_len=req.seq_len, stride=req.stride, batch_size=req.batch_size)
-        else:
-            p = perplexity_rows(model, tok, _rows(path, req.limit), seq_len=req.seq_len, batch_size=req.batch_size)
+                text = read_utf8(path, "eval file")
+                p = perplexity_text(model, tok, text, seq_len=req.seq_len, stride=req.stride, batch_size=req.batch_size)
+            else:
+                p = perplexity_rows(model, tok, _rows(path, req.limit), seq_len=req.seq_len, batch_size=req.batch_size)
         out.append(EvalResult(name, "ppl", p.ppl, p.sequences, {"nll": p.nll, "tokens": p.tokens, "truncated": p.truncated}))
     pool = _rows(req.fewshot_file, None) if req.fewshot_file else None
     for name, path in req.mc:
         rows = _rows(path, req.limit + req.shots if req.limit and pool is None else req.limit)
-        r = multiple_choice(model, tok, rows, shots=req.shots, fewshot_rows=pool, batch_size=req.batch_size, name=name)
+        with stage(f"eval {name} (mc)"):
+            r = multiple_choice(model, tok, rows, shots=req.shots, fewshot_rows=pool, batch_size=req.batch_size, name=name)
         out += [EvalResult(name, "acc", r.acc, r.n, {"shots": r.shots}),
                 EvalResult(name, "acc_norm", r.acc_norm, r.n, {"shots": r.shots})]
     if req.gsm8k:
-        g = gsm8k(model, tok, _rows(req.gsm8k, req.limit), max_new_tokens=req.max_new_tokens or 256, batch_size=req.batch_size)
+        with stage("eval gsm8k"):
+            g = gsm8k(model, tok, _rows(req.gsm8k, req.limit), max_new_tokens=req.max_new_tokens or 256, batch_size=req.batch_size)
         out.append(EvalResult("gsm8k", "exact_match", g.accuracy, g.n))
     if req.humaneval:
         from .humaneval import humaneval
 
-        h = humaneval(model, tok, _rows(req.humaneval, req.limit), samples=req.samples, temperature=req.temperature,
-                      timeout=req.timeout, max_new_tokens=req.max_new_tokens or 384, batch_size=req.batch_size,
-                      allow_unsandboxed=req.allow_unsandboxed_code)
+        with stage("eval humaneval"):
+            h = humaneval(model, tok, _rows(req.humaneval, req.limit), samples=req.samples, temperature=req.temperature,
+                          timeout=req.timeout, max_new_tokens=req.max_new_tokens or 384, batch_size=req.batch_size,
+                          allow_unsandboxed=req.allow_unsandboxed_code)
         out += [EvalResult("humaneval", f"pass@{k}", v, h.n, {"samples": req.samples, "sandbox": h.sandbox})
                 for k, v in h.pass_at.items()]
     if req.lm_eval:

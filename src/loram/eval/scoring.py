@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..progress import bar
+
 IGNORE = -100
 
 
@@ -36,7 +38,7 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], batch_size: 
     dev = _device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out: list[SeqScore | None] = [None] * len(seqs)
-    with torch.no_grad():
+    with torch.no_grad(), bar(len(seqs), "scoring", unit="seq") as b:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
             n = max(len(seqs[i][0]) for i in chunk)
@@ -58,6 +60,7 @@ def score_sequences(model, seqs: list[tuple[list[int], list[int]]], batch_size: 
             counts = keep.sum(1)
             for j, i in enumerate(chunk):
                 out[i] = SeqScore(float(sums[j]), int(counts[j]))
+            b.update(len(chunk))
     return out  # type: ignore[return-value]
 
 
@@ -82,7 +85,7 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int = 64, bat
     kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad)
     if temperature > 0:
         kw.update(temperature=temperature, top_p=1.0, top_k=0)
-    with torch.no_grad():
+    with torch.no_grad(), bar(len(enc), "generating", unit="prompt") as b:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
             n = max(len(enc[i]) for i in chunk)
@@ -96,6 +99,7 @@ def generate_texts(model, tok, prompts: list[str], max_new_tokens: int = 64, bat
             for j, i in enumerate(chunk):
                 text = tok.decode(gen[j, n:], skip_special_tokens=True)
                 out[i] = cut_at_stop(text, stop)
+            b.update(len(chunk))
     return out
 
 

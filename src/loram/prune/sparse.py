@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import LoramError
 from ..families import MODULE_OF_ROLE, ROLES, decoder_layers, geometry, layer_module
 from ..io import releases_locks
+from ..progress import track
 from .pattern import Pattern, parse_pattern
 from .sparsegpt import Hessian, sparsegpt
 from .wanda import ColumnNorms, magnitude_mask, wanda_mask
@@ -160,7 +161,7 @@ def sparsify(model, method: str, pattern: Pattern, layers: range, batches: list[
         raise LoramError(f"unknown sparse --method {method!r}: choose one of {', '.join(METHODS)}")
     achieved: dict[str, float] = {}
     if method == "magnitude":  # no data: each linear on its own
-        for i in layers:
+        for i in track(layers, "magnitude: layers", unit="layer"):
             for role in ROLES:
                 achieved[module_name(i, role)] = prune_linear(_linear(model, i, role), method, pattern)
         return achieved
@@ -168,7 +169,7 @@ def sparsify(model, method: str, pattern: Pattern, layers: range, batches: list[
         raise LoramError(f"--method {method} needs calibration data: pass --calib-samples >= 1")
     inputs = capture_inputs(model, layers.start, batches)
     blocks = decoder_layers(model)
-    for i in layers:
+    for i in track(layers, f"{method}: layers", unit="layer"):
         stats = collect_stats(model, i, inputs, method)
         if observer is not None:
             observer(i)

@@ -24,6 +24,7 @@ import torch
 from ..errors import LoramError
 from ..families import ATTN_ROLES, MLP_ROLES, Geometry, decoder_layers, geometry, layer_module
 from ..plan import LayerPlan, kept_kv_groups, kept_mlp_channels
+from ..progress import track
 
 METHODS = ("random", "magnitude", "taylor")
 BUILTIN_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
@@ -84,7 +85,7 @@ def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
                 p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     dev = next(model.parameters()).device
-    for ids in batches:  # stream: one sequence's graph at a time
+    for ids in track(batches, "taylor: calibration sequences", unit="seq"):  # stream: one sequence's graph at a time
         ids = ids.to(dev)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         if not torch.isfinite(out.loss):
