@@ -114,7 +114,7 @@ def test_cli_inspect_json_only(setup, tmp_path, capsys):
 
 
 def test_cli_inspect_refuses_existing_output(setup, tmp_path, capsys):
-    """-o EXISTING is refused (the user's file is kept) unless --overwrite, which replaces the folder."""
+    """-o EXISTING is refused (the user's file is kept); --overwrite replaces only a folder loram wrote."""
     from loram.cli import main
 
     config, g, plan, sd, full = setup
@@ -129,6 +129,13 @@ def test_cli_inspect_refuses_existing_output(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "already exists: choose another -o or pass --overwrite" in err
     assert (out / "notes.txt").read_text() == "keep me" and not (out / "update_norms.json").exists()
-    assert main(["inspect", str(ad), "-o", str(out), "--no-plots", "--overwrite"]) == 0
-    assert (out / "update_norms.json").exists() and not (out / "notes.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mine.")]
+    # --overwrite does not replace a folder loram did not write (the user's notes stay) ...
+    assert main(["inspect", str(ad), "-o", str(out), "--no-plots", "--overwrite"]) == 2
+    assert "was not written by loram" in capsys.readouterr().err and (out / "notes.txt").read_text() == "keep me"
+    # ... but replaces its own earlier output
+    mine = tmp_path / "norms"
+    assert main(["inspect", str(ad), "-o", str(mine), "--no-plots"]) == 0
+    (mine / "update_norms.json").write_text("stale")
+    assert main(["inspect", str(ad), "-o", str(mine), "--no-plots", "--overwrite"]) == 0
+    assert (mine / "update_norms.json").read_text() != "stale"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".mine.", ".norms."))]
