@@ -70,7 +70,8 @@ def test_general_data_is_shipped_with_its_source_and_license():
     assert "Persuasion" in lic and "Jane Austen" in lic and "public domain" in lic
     lic = CAPITALS.with_name("capitals.LICENSE.md").read_text()
     assert "bsdgames" in lic and "BSD-3-Clause" in lic and "The Regents of the University of California" in lic
-    patterns = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["loram"]
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["loram"]
     for f in ("general_text.txt", "general_text.LICENSE.md", "capitals.txt", "capitals.LICENSE.md"):
         assert any(fnmatch(f"data/{f}", p) for p in patterns), f
     # the smoke variant scores a prefix of the same text

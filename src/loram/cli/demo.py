@@ -43,8 +43,8 @@ def run(a) -> int:
     t = Table(title=f"loram demo: {cfg.model}, reverse 3-5 words (exact match, task perplexity on the {cfg.eval_split} "
                     "split); general: text perplexity, capital quiz acc_norm ± s.e.")
     quiz = f"capital quiz (n={res.config['quiz_n']})"
-    for c in ("model", "exact match", "task ppl", "general text ppl", quiz, "train peak RSS", "train tok/s", "params trained on",
-              "params served"):
+    for c in ("model", "exact match", "task ppl", "general text ppl", quiz, "train peak RSS", "train tok/s",
+              "params trained on", "params served"):
         t.add_column(c, justify="left" if c == "model" else "right")
     dash = lambda x, s: "—" if x is None else s.format(x)  # noqa: E731
     for r in res.rows:
