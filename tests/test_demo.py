@@ -2,8 +2,15 @@
 random model, in seconds. Its numbers mean nothing; the wiring, files and table are what is checked."""
 
 import json
+import math
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
 
+from loram.demo import DemoConfig
+from loram.demo_general import CAPITALS, GENERAL_TEXT, capital_quiz, capitals, general_text, standard_error
 from loram.demo_task import make_splits
+from loram.eval import load_for_eval, multiple_choice, perplexity_text
 
 
 def test_task_splits_are_disjoint_and_deterministic():
@@ -31,6 +38,20 @@ def test_demo_smoke(tmp_path, capsys):
     assert pruned["train_params"] < plain["train_params"] == loram["served_params"] == base["served_params"]
     assert loram["train_params"] == pruned["train_params"] and pruned["served_params"] == pruned["train_params"]
     assert all(r["ppl"] > 1 and 0 <= r["exact_match"] <= 1 for r in d["rows"])
+    # the general columns exist for every row, are finite, and are computed: the base row equals a direct
+    # evaluation of the base folder on the same text and quiz
+    assert all(math.isfinite(r["general_ppl"]) and r["general_ppl"] > 1 for r in d["rows"])
+    assert all(0 <= r["quiz_acc"] <= 1 and math.isfinite(r["quiz_se"]) for r in d["rows"])
+    cfg = DemoConfig.smoke_config()
+    m, tok = load_for_eval(str(out / "base"))
+    direct = perplexity_text(m, tok, general_text(cfg.general_lines), seq_len=cfg.general_seq_len)
+    assert math.isclose(base["general_ppl"], direct.ppl, rel_tol=1e-5) and d["config"]["general_tokens"] == direct.tokens
+    mc = multiple_choice(m, tok, capital_quiz(cfg.quiz_rows, seed=cfg.seed))
+    assert base["quiz_acc"] == mc.acc_norm and d["config"]["quiz_n"] == mc.n == cfg.quiz_rows
+    assert base["quiz_se"] == standard_error(mc.acc_norm, mc.n)
+    flat = " ".join(printed.split())  # the console wraps long lines
+    assert "general text ppl" in flat and "What the original kept" in flat and " ".join(d["closing"].split()) in flat
+    assert "| general text perplexity | capital quiz acc_norm" in (out / "results.md").read_text()
     for f in ("loss_curves.png", "inspect-loram/attn_heads.png", "inspect-loram/mlp_layers.png", "results.md",
               "adapter-recovered/adapter_model.safetensors", "data/test.jsonl"):
         assert (out / f).exists(), f
@@ -38,3 +59,39 @@ def test_demo_smoke(tmp_path, capsys):
     assert main(["demo", "--smoke", "--out", str(out), "--json"]) == 0
     assert len(json.loads((out / "demo.json").read_text())["rows"]) == 3
     assert '"timings"' in capsys.readouterr().out
+
+
+def test_general_data_is_shipped_with_its_source_and_license():
+    """The general text (a few hundred lines of prose) and the capitals each have their source and license
+    beside them, and all four files match the package-data patterns (so a wheel ships them)."""
+    lines = GENERAL_TEXT.read_text(encoding="utf-8").splitlines()
+    assert 300 <= len(lines) <= 600 and sum(len(x.split()) for x in lines) > 3000
+    lic = GENERAL_TEXT.with_name("general_text.LICENSE.md").read_text()
+    assert "Persuasion" in lic and "Jane Austen" in lic and "public domain" in lic
+    lic = CAPITALS.with_name("capitals.LICENSE.md").read_text()
+    assert "bsdgames" in lic and "BSD-3-Clause" in lic and "The Regents of the University of California" in lic
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["loram"]
+    for f in ("general_text.txt", "general_text.LICENSE.md", "capitals.txt", "capitals.LICENSE.md"):
+        assert any(fnmatch(f"data/{f}", p) for p in patterns), f
+    # the smoke variant scores a prefix of the same text
+    assert general_text(40).splitlines() == lines[:40]
+
+
+def test_capital_quiz_rows_are_valid_and_deterministic():
+    """Every place is asked once; its capital is among 4 distinct choices of its own region, at ``gold``."""
+    table = capitals()
+    assert len(table) == len({(r, p) for r, p, _ in table}) >= 200
+    region_caps = {}
+    for region, _, cap in table:
+        region_caps.setdefault(region, set()).add(cap)
+    quiz = capital_quiz()
+    assert quiz == capital_quiz() and len(quiz) == len(table)
+    for (region, place, cap), q in zip(table, quiz):
+        assert place in q["query"] and q["choices"][q["gold"]] == cap
+        assert len(set(q["choices"])) == 4 and set(q["choices"]) <= region_caps[region]
+    # the gold position is spread over the 4 slots (a position bias would inflate or deflate acc)
+    assert all(sum(q["gold"] == g for q in quiz) > len(quiz) / 8 for g in range(4))
+    sample = capital_quiz(8, seed=1)
+    assert len(sample) == 8 and sample == capital_quiz(8, seed=1) and sample != capital_quiz(8, seed=2)
+    assert math.isclose(standard_error(0.5, 100), 0.05)

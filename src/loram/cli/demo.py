@@ -42,18 +42,23 @@ def run(a) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"loram demo: {cfg.model}, reverse 3-5 words, exact match / perplexity on the {cfg.eval_split} split")
-    for c in ("model", "exact match", "perplexity", "train peak RSS", "train tok/s", "params trained on", "params served"):
+    t = Table(title=f"loram demo: {cfg.model}, reverse 3-5 words (exact match, task perplexity on the {cfg.eval_split} "
+                    "split); general: text perplexity, capital quiz acc_norm ± s.e.")
+    quiz = f"capital quiz (n={res.config['quiz_n']})"
+    for c in ("model", "exact match", "task ppl", "general text ppl", quiz, "train peak RSS", "train tok/s",
+              "params trained on", "params served"):
         t.add_column(c, justify="left" if c == "model" else "right")
     dash = lambda x, s: "—" if x is None else s.format(x)  # noqa: E731
     for r in res.rows:
-        t.add_row(r.name, f"{r.exact_match:.1%}", f"{r.ppl:.3f}", dash(r.train_peak_gb, "{:.2f} GB"),
+        t.add_row(r.name, f"{r.exact_match:.1%}", f"{r.ppl:.3f}", f"{r.general_ppl:.2f}",
+                  f"{r.quiz_acc:.1%} ± {r.quiz_se:.1%}", dash(r.train_peak_gb, "{:.2f} GB"),
                   dash(r.train_tokens_per_s, "{:.0f}"), dash(r.train_params and r.train_params / 1e6, "{:.1f} M"),
                   dash(r.served_params and r.served_params / 1e6, "{:.1f} M"))
     import sys
 
-    c = Console(width=None if sys.stdout.isatty() else 160)  # piped: keep one row per line
+    c = Console(width=None if sys.stdout.isatty() else 200)  # piped: keep one row per line
     c.print(t)
+    c.print(res.closing())
     c.print(f"total {res.timings['total']:.0f} s ({', '.join(f'{k} {v:.0f}s' for k, v in res.timings.items() if k != 'total')})")
     c.print(f"written to {cfg.out}: results.md, demo.json, " + ", ".join(res.files))
     return 0
