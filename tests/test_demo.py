@@ -95,3 +95,18 @@ def test_capital_quiz_rows_are_valid_and_deterministic():
     sample = capital_quiz(8, seed=1)
     assert len(sample) == 8 and sample == capital_quiz(8, seed=1) and sample != capital_quiz(8, seed=2)
     assert math.isclose(standard_error(0.5, 100), 0.05)
+
+
+def test_demo_never_writes_into_a_folder_it_did_not_write(tmp_path, capsys):
+    """A non-empty folder without demo.json is refused, --overwrite or not, before anything is written."""
+    from loram.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["demo", "--smoke", "-o", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not a demo folder (no demo.json)" in err
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"

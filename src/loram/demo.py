@@ -131,9 +131,17 @@ def _say(msg: str, t0: float) -> None:
 
 
 def _prepare_out(cfg: DemoConfig) -> Path:
+    from .io import lock_output
+
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not cfg.overwrite:
-        raise LoramError(f"{out} exists and is not a previous demo folder: choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise LoramError(f"{out} is a file, not a folder: choose another --out")
+    # loram replaces only what it wrote: a demo writes into a new or empty folder or a previous demo's
+    # (it carries demo.json), never into another folder, --overwrite or not
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise LoramError(f"{out} exists and is not a demo folder (no {MARKER}), so the demo will not write into it: "
+                         "choose another --out (a new or empty folder, or a previous demo's)")
+    lock_output(out, "--out")  # a second demo into the same folder refuses at once
     out.mkdir(parents=True, exist_ok=True)
     return out
 
