@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from loram.families import COL_PRUNED, ROLES, geometry
+from loram.families import COL_PRUNED, ROLES, geometry, is_tied_head, parse_name, weight_name
 from loram.plan import LayerPlan, PrunePlan
-from loram.pruned import apply_plan, zero_pruned
-from loram.recover import _parse, prune_tensors, recover_tensors
-from loram.testing import TINY, tiny_config, tiny_model
+from loram.pruned import apply_plan
+from loram.recover import recover_tensors
+from loram.testing import TINY, prune_tensors, tiny_config, tiny_model, zero_pruned
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -126,7 +126,7 @@ def test_recover_then_prune_is_identity_and_shapes_are_full(c):
     full = recover_tensors(sd, plan, config, fill=c["fill"], seed=c["seed"])
     for k, t in full.items():
         assert tuple(t.shape) == full_shape[k]
-        layer, role, ab, _ = _parse(k)
+        layer, role, ab, _ = parse_name(k)
         idx = plan.kept_index(layer, role, g)
         axis = 1 if role in COL_PRUNED else 0
         if idx is not None and (ab == "A") == (role in COL_PRUNED) and (c["fill"] == "zero" or role not in COL_PRUNED):
@@ -141,3 +141,25 @@ def _full(role: str, g) -> tuple[int, int]:
     return {"q": (g.n_heads * g.head_dim, g.hidden), "k": (g.n_kv_heads * g.head_dim, g.hidden),
             "v": (g.n_kv_heads * g.head_dim, g.hidden), "o": (g.hidden, g.n_heads * g.head_dim),
             "gate": (g.intermediate, g.hidden), "up": (g.intermediate, g.hidden), "down": (g.hidden, g.intermediate)}[role]
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(cases())
+def test_names_and_kept_along_describe_the_pruned_model(c):
+    """parse_name reads every projection tensor of a model (base and LoRA names) and round-trips with
+    weight_name, and the plan's kept_along selects exactly what apply_plan keeps of each tensor."""
+    original = tiny_model(c["family"], seed=1, **c["geo"])
+    g, plan = geometry(original.config), c["plan"]
+    pruned = apply_plan(copy.deepcopy(original), plan).state_dict()
+    for key, t in original.state_dict().items():
+        name = parse_name(key)
+        assert (name is not None) == key.endswith(("_proj.weight", "_proj.bias"))
+        if name is not None:
+            assert name.lora is None and weight_name(name.layer, name.role, name.kind) == key
+        kept = plan.kept_along(key, g)
+        assert torch.equal(pruned[key], t if kept is None else t.index_select(*kept))
+        assert is_tied_head(key, g.tied) == (g.tied and key == "lm_head.weight")
+    pm = get_peft_model(copy.deepcopy(original), LoraConfig(r=2, target_modules=c["targets"]))
+    for key in get_peft_model_state_dict(pm):
+        name = parse_name(key)
+        assert name is not None and name.lora in ("A", "B") and f"{name.role}_proj" in c["targets"]

@@ -13,9 +13,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from loram.families import geometry
 from loram.plan import PrunePlan
 from loram.prune.structured import select
-from loram.pruned import apply_plan, zero_pruned
-from loram.recover import prune_tensors, recover_tensors
-from loram.testing import TINY, tiny_model
+from loram.pruned import apply_plan
+from loram.recover import recover_tensors
+from loram.testing import TINY, prune_tensors, tiny_model, zero_pruned
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

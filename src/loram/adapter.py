@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoramError
-from .families import ROLE_OF_PROJ
+from .families import ROLE_OF_PROJ, UNPRUNED_MODULES
 from .io import read_json, write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -27,7 +27,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "loram_adapter.json"
 STAGE_PRUNED, STAGE_RECOVERED = "pruned", "recovered"
 # modules a LoRA may target in the model families loram supports (PEFT matches them by name suffix)
-LORA_MODULES = (*ROLE_OF_PROJ, "lm_head", "embed_tokens")
+LORA_MODULES = (*ROLE_OF_PROJ, *UNPRUNED_MODULES)
 
 
 def check_adapter_dir(path: str | Path) -> Path:

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import LoramError
 from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
+from .prune.sparse import sparse_masks
 from .train import (RunConfig, TrainReport, check_resume_settings, finish, fit, mix, param_counts, run_settings,
                     save_final)
 
@@ -55,20 +55,6 @@ def set_trainable(model, train_embeddings: bool, train_lm_head: bool) -> None:
     emb.weight.requires_grad_(train_embeddings or (tied and train_lm_head))
     if head is not None and not tied:
         head.weight.requires_grad_(train_lm_head)
-
-
-def sparse_masks(model, plan) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(weight, weight != 0) of every nn.Linear in the decoder layers of the plan's range."""
-    from .families import decoder_layers
-
-    layers = decoder_layers(model)
-    start, end = plan.layers
-    out = []
-    for i in range(start, end):
-        for m in layers[i].modules():
-            if isinstance(m, nn.Linear):
-                out.append((m.weight, m.weight.detach() != 0))
-    return out
 
 
 def _mask_callback(masks):
@@ -124,7 +110,8 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     set_trainable(model, cfg.train_embeddings, cfg.train_lm_head)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    masks = sparse_masks(model, plan) if plan.kind == "sparse" else []
+    # the weights and their masks, resolved once: the callback runs after every optimizer step
+    masks = [(model.get_parameter(n), m) for n, m in sparse_masks(model, plan).items()] if plan.kind == "sparse" else []
     cbs = ([_mask_callback(masks)] if masks else []) + list(callbacks or [])
     trainable, frozen = param_counts(model)
     r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, cbs,

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .families import is_tied_head, ties_embeddings
+
 SCHEME = "sampled-bf16-v1"
 VERIFY_MODES = ("sampled", "full")  # --verify-base
 DIGEST_CACHE = "full-digests.json"
@@ -71,10 +73,6 @@ def _tensor_sample(shape, get_row) -> bytes:
     return b"".join(_value_bytes(_sample_cols(get_row(r))) for r in _sample_rows(shape[0]))
 
 
-def _skip(name: str, tied: bool) -> bool:
-    return tied and name == "lm_head.weight"
-
-
 def _finish(config, items) -> dict:
     """items: iterable of (name, shape, sample_bytes) sorted by name."""
     shapes, weights = hashlib.sha256(), hashlib.sha256()
@@ -94,12 +92,11 @@ def _finish(config, items) -> dict:
 
 def fingerprint_state_dict(state_dict: dict, config) -> dict:
     """Fingerprint of in-memory tensors (a loaded model's state_dict, e.g. from GGUF)."""
-    tied = bool(getattr(config, "tie_word_embeddings", False) if not isinstance(config, dict)
-                else config.get("tie_word_embeddings", False))
+    tied = ties_embeddings(config)
 
     def items():
         for name in sorted(state_dict):
-            if _skip(name, tied):
+            if is_tied_head(name, tied):
                 continue
             t = state_dict[name]
             yield name, tuple(t.shape), _tensor_sample(t.shape, lambda r, t=t: t.reshape(-1) if r is None else t[r])
@@ -117,8 +114,7 @@ def fingerprint_safetensors(files: list[Path], config) -> dict:
 
     from .io import safetensors_headers
 
-    tied = bool(config.get("tie_word_embeddings", False) if isinstance(config, dict)
-                else getattr(config, "tie_word_embeddings", False))
+    tied = ties_embeddings(config)
     # a truncated or corrupt file, a tensor in two shards or a non-float dtype is a one-line user error
     headers = safetensors_headers(files)
     handles = {Path(f): safe_open(str(f), framework="pt") for f in files}
@@ -126,7 +122,7 @@ def fingerprint_safetensors(files: list[Path], config) -> dict:
 
     def items():
         for name in sorted(where):
-            if _skip(name, tied):
+            if is_tied_head(name, tied):
                 continue
             sl = where[name].get_slice(name)
             shape = tuple(sl.get_shape())

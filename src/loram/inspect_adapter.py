@@ -20,7 +20,6 @@ exactly zero after recovery - are null in the JSON and blank in the heatmaps.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +27,9 @@ import torch
 
 from .adapter import ADAPTER_CONFIG, read_meta, read_tensors
 from .errors import LoramError
-from .families import ATTN_ROLES, MLP_ROLES, ROLE_OF_PROJ, Geometry, geometry
+from .families import ATTN_ROLES, MLP_ROLES, Geometry, geometry, parse_name
 from .io import atomic_dir, check_output, read_json, write_json
 from .plan import PrunePlan, has_plan
-
-KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.[\w-]+)?\.weight$")
 
 
 @dataclass
@@ -72,12 +69,11 @@ def _kept_heads(plan: PrunePlan | None, layer: int, role: str, g: Geometry, n_pr
     total = g.n_kv_heads if role in ("k", "v") else g.n_heads
     if n_present == total:
         return list(range(total))
-    lp = plan.pruned.get(layer) if plan is not None else None
-    if lp is None or lp.kv_keep is None:
+    idx = plan.kept_index(layer, role, g) if plan is not None else None
+    if idx is None:
         raise LoramError(f"layer {layer} {role} has {n_present} heads but the model has {total} and no plan says why: "
                          "the adapter and its plan disagree")
-    per = 1 if role in ("k", "v") else g.group
-    return [grp * per + j for grp in lp.kv_keep for j in range(per)]
+    return (idx[:: g.head_dim] // g.head_dim).tolist()  # kept rows/columns come in whole heads
 
 
 def _head_norms(norms_sq: torch.Tensor, d: int) -> list[float]:
@@ -91,9 +87,9 @@ def update_norms(tensors: dict[str, torch.Tensor], lora_cfg: dict, config, plan:
     s = _scaling(lora_cfg)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
-        m = KEY.search(k)
-        if m and m.group(2) in ROLE_OF_PROJ:
-            pairs.setdefault((int(m.group(1)), ROLE_OF_PROJ[m.group(2)]), {})[m.group(3)] = t
+        name = parse_name(k)
+        if name is not None and name.lora is not None and name.kind == "weight":
+            pairs.setdefault((name.layer, name.role), {})[name.lora] = t
     res = UpdateNorms(stage, s, g.n_layers)
     for role in ATTN_ROLES:
         total = g.n_kv_heads if role in ("k", "v") else g.n_heads

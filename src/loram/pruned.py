@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import LoramError
-from .families import COL_PRUNED, ROLES, decoder_layers, geometry, layer_module, MODULE_OF_ROLE
+from .families import COL_PRUNED, ROLES, decoder_layers, geometry, is_tied_head, layer_module, MODULE_OF_ROLE, ties_embeddings
 from .plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan
 
 QUANTIZED_MARK = "loram_quantized"
@@ -96,29 +96,6 @@ def apply_plan(model, plan: PrunePlan) -> nn.Module:
     return model
 
 
-def zero_pruned(model, plan: PrunePlan) -> nn.Module:
-    """The original model with every pruned row/column (and bias) set to zero, shapes unchanged.
-
-    Exactness reference: with pruned v rows zero the dropped heads output zero, and with pruned
-    gate/up rows zero silu(0)*0 = 0, so this model computes what the pruned one computes.
-    """
-    g = geometry(model.config)
-    for i in plan.pruned:
-        for role in ROLES:
-            idx = plan.kept_index(i, role, g)
-            if idx is None:
-                continue
-            lin = layer_module(model, i, role)
-            dim = 1 if role in COL_PRUNED else 0
-            mask = torch.ones(lin.weight.shape[dim], dtype=torch.bool)
-            mask[idx] = False
-            with torch.no_grad():
-                lin.weight.index_fill_(dim, mask.nonzero().squeeze(1), 0.0)
-                if lin.bias is not None and dim == 0:
-                    lin.bias.index_fill_(0, mask.nonzero().squeeze(1), 0.0)
-    return model
-
-
 def count_params(model) -> int:
     seen, n = set(), 0
     for p in model.parameters():
@@ -171,8 +148,8 @@ def _read_state_dict(folder: Path, dtype) -> dict:
 def load_state_into(model, sd: dict, where: str) -> None:
     """Assign tensors into a meta skeleton; every key must match in name and shape."""
     own = model.state_dict()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    missing = [k for k in own if k not in sd and not (tied and k == "lm_head.weight")]
+    tied = ties_embeddings(model.config)
+    missing = [k for k in own if k not in sd and not is_tied_head(k, tied)]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or wrong:

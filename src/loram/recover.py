@@ -13,41 +13,25 @@ A; it only adds B A_noise x for inputs x on pruned channels, which the pruned mo
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
-from .adapter import (ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta,
+from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta,
                       read_tensors, write_adapter)
 from .errors import LoramError
-from .families import COL_PRUNED, ROLE_OF_PROJ, Geometry, geometry
+from .families import COL_PRUNED, UNPRUNED_MODULES, geometry, parse_name
 from .io import atomic_dir, check_output, read_json, releases_locks
 from .plan import PrunePlan, has_plan
 from .pruned import check_plan_binding
 
-LORA_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_(A|B)(?:\.[\w-]+)?\.(weight|bias)$")
 FILLS = ("zero", "normal")
 
 
 def _parse(key: str):
-    m = LORA_KEY.search(key)
-    if not m or m.group(2) not in ROLE_OF_PROJ:
-        return None
-    return int(m.group(1)), ROLE_OF_PROJ[m.group(2)], m.group(3), m.group(4)
-
-
-def _full_dim(role: str, g: Geometry) -> int:
-    """Full size of the pruned dimension of ``role``."""
-    return {"q": g.n_heads * g.head_dim, "o": g.n_heads * g.head_dim, "k": g.n_kv_heads * g.head_dim,
-            "v": g.n_kv_heads * g.head_dim, "gate": g.intermediate, "up": g.intermediate, "down": g.intermediate}[role]
-
-
-def _pruned_axis(role: str, ab: str, kind: str) -> int | None:
-    """Which axis of this lora tensor lives in the pruned space, or None."""
-    if role in COL_PRUNED:
-        return 1 if (ab == "A" and kind == "weight") else None
-    return 0 if ab == "B" else None
+    """The LoRA factor a key names, or None (lm_head, embeddings, modules_to_save: never pruned)."""
+    t = parse_name(key)
+    return t if t is not None and t.lora is not None else None
 
 
 def recover_tensors(pruned: dict[str, torch.Tensor], plan: PrunePlan, config, fill: str = "zero",
@@ -64,16 +48,13 @@ def recover_tensors(pruned: dict[str, torch.Tensor], plan: PrunePlan, config, fi
     out = {}
     for key, t in pruned.items():
         p = _parse(key)
-        if p is None:
-            out[key] = t  # lm_head, embeddings, modules_to_save: never pruned (shared, not copied)
+        kept = None if p is None else plan.kept_along(p, g)
+        if kept is None:
+            out[key] = t  # lm_head, embeddings, modules_to_save, unpruned axes: shared with the input, not copied
             continue
-        layer, role, ab, kind = p
-        axis = _pruned_axis(role, ab, kind)
-        idx = plan.kept_index(layer, role, g)
-        if axis is None or idx is None:
-            out[key] = t  # unchanged by recovery: shared with the input, not copied
-            continue
-        full = _full_dim(role, g)
+        axis, idx = kept
+        role = p.role
+        full = g.shape(role)[axis]
         if t.shape[axis] != len(idx):
             hint = ("is a plain (unpruned) LoRA adapter: it already fits the original, use it directly"
                     if t.shape[axis] == full else "was trained on another plan or model")
@@ -90,21 +71,6 @@ def recover_tensors(pruned: dict[str, torch.Tensor], plan: PrunePlan, config, fi
     return out
 
 
-def prune_tensors(full: dict[str, torch.Tensor], plan: PrunePlan, config) -> dict[str, torch.Tensor]:
-    """Inverse of recover_tensors: select the kept coordinates (recover then prune is the identity)."""
-    g = geometry(config)
-    out = {}
-    for key, t in full.items():
-        p = _parse(key)
-        idx = None if p is None else plan.kept_index(p[0], p[1], g)
-        axis = None if p is None else _pruned_axis(p[1], p[2], p[3])
-        out[key] = t.clone() if idx is None or axis is None else t.index_select(axis, idx)
-    return out
-
-
-UNPRUNED_MODULES = ("lm_head", "embed_tokens")  # LoRA targets outside the decoder layers: never pruned
-
-
 def check_targets(tensors: dict[str, torch.Tensor], lora_cfg: dict) -> None:
     """Every tensor must belong to a module the plan's model has and adapter_config targets, and
     every listed target must have tensors: otherwise PEFT would load the adapter partially."""
@@ -112,7 +78,7 @@ def check_targets(tensors: dict[str, torch.Tensor], lora_cfg: dict) -> None:
     for key in tensors:
         p = _parse(key)
         if p is not None:
-            found.add(f"{p[1]}_proj")
+            found.add(f"{p.role}_proj")
             continue
         mod = next((m for m in UNPRUNED_MODULES if f"{m}.lora_" in key), None)
         if mod is None:
@@ -135,9 +101,9 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
     rank = lora_cfg.get("r")
     for key, t in tensors.items():
         p = _parse(key)
-        if p is None or p[3] != "weight":
+        if p is None or p.kind != "weight":
             continue
-        layer, role, ab, _ = p
+        layer, role, ab = p.layer, p.role, p.lora
         out_f, in_f = plan.pruned_dim(layer, role, g)
         if layer >= g.n_layers:
             raise LoramError(f"adapter targets layer {layer} but the plan's model has {g.n_layers} layers: this adapter was made for another model")
@@ -145,7 +111,7 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
         if rank is not None and t.shape[r_axis] != rank and not lora_cfg.get("rank_pattern"):
             raise LoramError(f"adapter tensor {key} has rank {t.shape[r_axis]} but adapter_config says r={rank}: the adapter is inconsistent, re-create it with `loram train`")
         # the pruned axis of a pruned layer is checked (with a better hint) by recover_tensors
-        on_pruned_axis = _pruned_axis(role, ab, "weight") is not None and plan.kept_index(layer, role, g) is not None
+        on_pruned_axis = plan.kept_along(p, g) is not None
         if t.shape[other_axis] != other and not on_pruned_axis:
             raise LoramError(f"adapter tensor {key} has shape {tuple(t.shape)}, which does not fit the plan's model "
                              f"({role} is {out_f}x{in_f} in layer {layer}): this adapter was trained on another plan or model")

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised models of every supported family, built from configs in code.
+"""Tiny randomly initialised models of every supported family, built from configs in code, and the
+reference helpers the tests compare loram's results with.
 
 Used by the tests and by `loram demo --smoke`: seconds per model, no downloads.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from .families import COL_PRUNED, ROLES, geometry, layer_module, parse_name
 
 # name -> (model_type, config overrides). Widths are small but keep the real structure:
 # GQA groups > 1, several KV heads to prune, biases where the family has them.
@@ -71,3 +74,38 @@ def save_tiny(folder: str | Path, name: str = "llama-gqa", seed: int = 0, **over
     model.save_pretrained(str(folder), safe_serialization=True)
     tiny_tokenizer(model.config.vocab_size).save_pretrained(str(folder))
     return folder
+
+
+# ---- exactness references (tests only) -------------------------------------------------------
+def zero_pruned(model, plan):
+    """The original model with every pruned row/column (and bias) set to zero, shapes unchanged.
+
+    Exactness reference: with pruned v rows zero the dropped heads output zero, and with pruned
+    gate/up rows zero silu(0)*0 = 0, so this model computes what the pruned one computes.
+    """
+    g = geometry(model.config)
+    for i in plan.pruned:
+        for role in ROLES:
+            idx = plan.kept_index(i, role, g)
+            if idx is None:
+                continue
+            lin = layer_module(model, i, role)
+            dim = 1 if role in COL_PRUNED else 0
+            mask = torch.ones(lin.weight.shape[dim], dtype=torch.bool)
+            mask[idx] = False
+            with torch.no_grad():
+                lin.weight.index_fill_(dim, mask.nonzero().squeeze(1), 0.0)
+                if lin.bias is not None and dim == 0:
+                    lin.bias.index_fill_(0, mask.nonzero().squeeze(1), 0.0)
+    return model
+
+
+def prune_tensors(full: dict[str, torch.Tensor], plan, config) -> dict[str, torch.Tensor]:
+    """Inverse of recover.recover_tensors: select the kept coordinates (recover then prune is the identity)."""
+    g = geometry(config)
+    out = {}
+    for key, t in full.items():
+        name = parse_name(key)
+        kept = plan.kept_along(name, g) if name is not None and name.lora is not None else None
+        out[key] = t.clone() if kept is None else t.index_select(*kept)
+    return out

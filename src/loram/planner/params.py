@@ -76,8 +76,6 @@ def layer_widths(config, spec: PruneSpec | PrunePlan | None) -> list[LayerWidths
         return full
     start, end = parse_layers(spec.layers, g.n_layers)
     f, k = kept_mlp_channels(g.intermediate, spec.ratio), kept_kv_groups(g.n_kv_heads, spec.attn())
-    if f < 1:
-        raise LoramError(f"--ratio {spec.ratio} would remove all {g.intermediate} MLP channels: use a smaller ratio")
     for i in range(start, end):
         full[i] = LayerWidths(f, k)
     return full
@@ -94,9 +92,7 @@ def check_spec(spec: PruneSpec) -> None:
 
 def linear_shapes(g: Geometry, w: LayerWidths) -> dict[str, tuple[int, int]]:
     """(out, in) of each role's nn.Linear in a layer with widths ``w``."""
-    q, kv = w.kv_groups * g.group * g.head_dim, w.kv_groups * g.head_dim
-    return {"q": (q, g.hidden), "k": (kv, g.hidden), "v": (kv, g.hidden), "o": (g.hidden, q),
-            "gate": (w.mlp, g.hidden), "up": (w.mlp, g.hidden), "down": (g.hidden, w.mlp)}
+    return {r: g.shape(r, w.mlp, w.kv_groups) for r in ROLES}
 
 
 @dataclass

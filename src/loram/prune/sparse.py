@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import LoramError
-from ..families import MODULE_OF_ROLE, ROLES, decoder_layers, geometry, layer_module
+from ..families import ROLES, decoder_layers, geometry, layer_module, module_name, weight_name
 from ..io import releases_locks
 from ..progress import track
 from .pattern import Pattern, parse_pattern
@@ -73,10 +73,6 @@ class Captured:
 
 class _Stop(Exception):
     pass
-
-
-def module_name(layer: int, role: str) -> str:
-    return f"model.layers.{layer}.{MODULE_OF_ROLE[role]}"
 
 
 def capture_inputs(model, layer: int, batches: list[torch.Tensor]) -> list[Captured]:
@@ -193,8 +189,7 @@ def sparse_masks(model, plan=None) -> dict[str, torch.Tensor]:
     if plan is None:
         raise LoramError("no prune plan for this model: load it with loram.load_pruned or pass plan=")
     start, end = plan.layers
-    return {f"{module_name(i, r)}.weight": _linear(model, i, r).weight.detach() != 0
-            for i in range(start, end) for r in ROLES}
+    return {weight_name(i, r): _linear(model, i, r).weight.detach() != 0 for i in range(start, end) for r in ROLES}
 
 
 def layer_errors(dense, pruned, layers: range, batches: list[torch.Tensor]) -> dict[int, float]:

@@ -136,8 +136,6 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
 def select(g: Geometry, method: str, layers: range, mlp_ratio: float, attn_ratio: float, seed: int,
            scores: dict | None = None) -> dict[int, LayerPlan]:
     n_ch, n_grp = kept_mlp_channels(g.intermediate, mlp_ratio), kept_kv_groups(g.n_kv_heads, attn_ratio)
-    if n_ch < 1:
-        raise LoramError(f"--ratio {mlp_ratio} would remove all {g.intermediate} MLP channels: use a smaller ratio")
     gen = torch.Generator().manual_seed(seed)
     plans = {}
     for i in layers:
