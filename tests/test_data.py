@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from loram.data import IGNORE, chunk_tokens, encode, encode_all, pack, read_rows, read_texts
+from loram.data import IGNORE, build_dataset, chunk_tokens, encode, encode_all, mix, pack, read_rows, read_texts
 from loram.errors import LoramError
 from loram.testing import tiny_tokenizer
-from loram.train import TrainConfig, build_dataset, mix
+from loram.train import TrainConfig
 
 EOS = 2
 

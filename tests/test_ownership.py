@@ -22,7 +22,7 @@ import pytest
 from loram import io as lio
 from loram.cli import main
 from loram.errors import LoramError
-from loram.train import CHECKPOINT_MARK
+from loram.training import CHECKPOINT_MARK
 
 
 def fails(capsys, *argv, expect: str) -> str:

@@ -12,7 +12,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from loram.train import CHECKPOINT_MARK, TrainConfig, complete_checkpoints, train
+from loram.train import TrainConfig, train
+from loram.training import CHECKPOINT_MARK, complete_checkpoints
 
 STEPS, SAVE = 40, 4
 

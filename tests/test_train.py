@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from loram.adapter import read_meta
 from loram.errors import LoramError
 from loram.plan import PrunePlan
-from loram.train import TrainConfig, TrainingInterrupted, complete_checkpoints, train
+from loram.train import TrainConfig, train
+from loram.training import TrainingInterrupted, complete_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ unchanged, so the adapter's plan id still matches).
               taken at start; after every optimizer step W <- W * M, so pruned zeros stay exactly 0
 
 Output: a pruned model folder (same plan, ``extra["aligned"]`` records data, steps, tokens, lr),
-loadable by ``loram.load_pruned``. Uses the same Trainer setup as `loram train` (train.fit):
+loadable by ``loram.load_pruned``. Uses the same Trainer setup as `loram train` (loram.training.fit):
 checkpoints, exact --resume, torchrun/accelerate, non-finite-loss and Ctrl-C handling.
 """
 
@@ -26,11 +26,14 @@ from pathlib import Path
 
 import torch
 
+from .data import ListDataset, chunk_tokens, collate, mix, read_texts
 from .errors import LoramError
 from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
+from .plan import has_plan
 from .prune.sparse import sparse_masks
-from .train import (RunConfig, TrainReport, check_resume_settings, finish, fit, mix, param_counts, run_settings,
-                    save_final)
+from .training import (RunConfig, TrainReport, check_resume_settings, finish, fit, param_counts, run_settings,
+                       save_final)
+from .validate import check_config
 
 
 @dataclass
@@ -72,8 +75,6 @@ def _mask_callback(masks):
 
 
 def corpus_blocks(tok, cfg: AlignConfig) -> list:
-    from .data import chunk_tokens, read_texts
-
     sources = [chunk_tokens(tok, read_texts(src), cfg.seq_len, name=f"corpus {src}") for src in cfg.data]
     return mix(sources, cfg.data_weights, cfg.seed)
 
@@ -82,10 +83,7 @@ def corpus_blocks(tok, cfg: AlignConfig) -> list:
 def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = False, overwrite: bool = False,
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
     """Continual pre-training of a pruned model folder; writes an aligned pruned model folder."""
-    from .data import ListDataset, chunk_tokens, collate, read_texts
-    from .plan import has_plan
-    from .pruned import load_pruned, save_pruned
-    from .validate import check_config
+    from .pruned import load_pruned, save_pruned  # looked up per call: tests swap load_pruned to prove errors come first
 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):

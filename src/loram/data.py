@@ -21,6 +21,9 @@ format, role names or --seq-len, not a few bad rows. Files must be UTF-8.
 Raw corpora (`loram align`): .txt (one document per non-empty line) or rows with "text"; each
 document is tokenized, closed with EOS, concatenated and cut into blocks of exactly seq_len
 tokens (the tail shorter than a block is dropped), every token labelled.
+
+Mixtures: several --data sources (rows or corpora) are drawn from in proportion to their weights
+(``mix``); ``build_dataset`` / ``eval_sets`` turn a run's --data / --eval into encoded examples.
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import LoramError
+
+if TYPE_CHECKING:  # annotations only: loram.train imports this module
+    from .train import TrainConfig
+    from .training import RunConfig
 
 IGNORE = -100
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -374,3 +382,50 @@ def collate(pad_id: int):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     return fn
+
+
+# ---- mixtures ------------------------------------------------------------------------------------
+def mix(sources: list[list], weights: list[float] | None, seed: int) -> list:
+    """One list drawing from each source in proportion to its weight (total = sum of sizes).
+
+    Source i gets round(total * w_i / sum w) items: a random subset when that is fewer than it
+    has, sampled with replacement (upsampling) when more.
+    """
+    weights = weights or [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise LoramError(f"{len(weights)} mixture weights for {len(sources)} datasets: give one weight per --data")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise LoramError(f"mixture weights {weights} must be >= 0 with a positive sum: e.g. --data a.jsonl=0.7 --data b.jsonl=0.3")
+    g = torch.Generator().manual_seed(seed)
+    total, out = sum(len(s) for s in sources), []
+    for s, w in zip(sources, weights):
+        n = round(total * w / sum(weights))
+        if n == 0:
+            continue
+        idx = torch.randint(len(s), (n,), generator=g).tolist() if n > len(s) else \
+            torch.randperm(len(s), generator=g)[:n].tolist()
+        out += [s[i] for i in idx]
+    return out
+
+
+def with_total(skipped: dict[str, int]) -> dict[str, int]:
+    return dict(skipped) | {"total": sum(skipped.values())}
+
+
+def build_dataset(tok, cfg: TrainConfig):
+    """(ListDataset, rows skipped: reason -> count and "total") of the training mixture."""
+    encoded = [encode_all(tok, read_rows(src), cfg.seq_len, cfg.train_on_inputs, name=f"--data {src}") for src in cfg.data]
+    parts = mix([e.examples for e in encoded], cfg.data_weights, cfg.seed)
+    if cfg.packing:
+        parts = pack(parts, cfg.seq_len)
+    skipped: dict[str, int] = {}
+    for e in encoded:
+        for reason, n in e.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return ListDataset(parts), with_total(skipped)
+
+
+def eval_sets(tok, cfg: RunConfig) -> tuple[dict, dict]:
+    """(name -> examples of each --eval set, same formatting and masking as training; name -> rows skipped)."""
+    enc = {name: encode_all(tok, read_rows(src), cfg.seq_len, False, name=f"--eval {name}") for name, src in cfg.eval.items()}
+    return {n: e.examples for n, e in enc.items()}, {n: with_total(e.skipped) for n, e in enc.items()}

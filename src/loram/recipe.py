@@ -461,7 +461,7 @@ def _run_stage(r: Recipe, st: Step, typed: dict) -> None:
 def _resume_args(st: Step) -> dict:
     """Resume from this stage's checkpoints when they come from the same config, else start clean."""
     from .io import check_replace, write_marker
-    from .train import last_checkpoint
+    from .training import last_checkpoint
 
     ckpt = Path(f"{st.out}-checkpoints")
     same = stored_hash(ckpt) == st.hash and last_checkpoint(ckpt) is not None

@@ -21,7 +21,7 @@ def add(sub) -> None:
 
 def run(a) -> int:
     from ..align import AlignConfig, align
-    from ..train import TrainingInterrupted
+    from ..training import TrainingInterrupted
 
     cfg = AlignConfig(**run_kwargs(a), tokens=a.tokens, train_embeddings=a.train_embeddings, train_lm_head=a.train_lm_head)
     try:

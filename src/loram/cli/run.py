@@ -12,7 +12,7 @@ def add(sub) -> None:
 
 def run(a) -> int:
     from ..recipe import run_recipe
-    from ..train import TrainingInterrupted
+    from ..training import TrainingInterrupted
     from .train import interrupted
 
     try:

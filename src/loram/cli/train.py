@@ -101,7 +101,8 @@ def interrupted(e) -> int:
 
 def run(a) -> int:
     from ..data import skip_summary
-    from ..train import TrainConfig, TrainingInterrupted, train
+    from ..train import TrainConfig, train
+    from ..training import TrainingInterrupted
 
     cfg = TrainConfig(**run_kwargs(a), rank=a.rank, alpha=a.alpha, dropout=a.dropout,
                       targets=tuple(t.strip() for t in a.targets.split(",") if t.strip()), quantize=a.quantize,

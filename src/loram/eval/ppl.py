@@ -11,6 +11,9 @@ after the previous one; a window scores only the tokens no earlier window scored
 token but the first is scored exactly once, with at least seq_len - stride tokens of context
 (stride = seq_len, the default: nearly disjoint windows; smaller strides: more context, more
 compute). Windows overlap by at least one token, so no token is scored without context.
+
+Training's held-out sets (`loram train/align --eval`) are already encoded examples: they go
+through ``perplexity_examples``, the same scoring, in eval mode and the run's precision.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
+from ..data import encode
 from ..errors import LoramError
 from .scoring import IGNORE, score_sequences
 
@@ -41,8 +47,6 @@ def _result(scores, truncated: int = 0) -> Perplexity:
 
 def instruction_sequences(tok, rows: list[dict], seq_len: int = 1024) -> tuple[list, int]:
     """(input_ids, labels) of each row as formatted for training, and how many were truncated."""
-    from ..data import encode
-
     seqs, cut = [], 0
     for r in rows:
         ids, labels = encode(tok, r)
@@ -57,6 +61,22 @@ def perplexity_rows(model, tok, rows: list[dict], seq_len: int = 1024, batch_siz
     """Perplexity of the response tokens of instruction / chat rows (text rows: all tokens)."""
     seqs, cut = instruction_sequences(tok, rows, seq_len)
     return _result(score_sequences(model, seqs, batch_size, _pad(tok)), cut)
+
+
+def perplexity_examples(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 4,
+                        bf16: bool = False) -> float:
+    """Perplexity of encoded (input_ids, labels) examples, scored in eval mode (bf16 autocast if asked);
+    the model's train / eval mode is restored after."""
+    was = model.training
+    model.eval()
+    try:
+        dev = next(model.parameters()).device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            scores = score_sequences(model, examples, batch_size, pad_id)
+    finally:
+        model.train(was)
+    # a set with no scored token reads as ppl 1 (as it always has) rather than failing a finished run
+    return _result(scores).ppl if any(s.tokens for s in scores) else 1.0
 
 
 def text_windows(ids: list[int], seq_len: int, stride: int) -> list[tuple[list[int], list[int]]]:

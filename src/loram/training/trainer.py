@@ -1,0 +1,257 @@
+"""``fit``: the one Trainer setup shared by `loram train` (LoRA) and `loram align` (continual pre-training).
+
+The Trainer subclass stops on a non-finite loss (every rank at once), checkpoints only finite
+weights, marks complete checkpoints (checkpoint.py), keeps optimizer / scheduler / RNG state
+pickle-free (state.py) and can compute the loss in chunks (loram.loss). Resume is exact: the
+optimizer, scheduler and every RNG are restored and the Trainer skips the batches already seen
+(the sampler is seeded by --seed), so k steps + resume = one run. Held-out perplexity
+(``--eval NAME=FILE``) is token-weighted: exp(sum NLL / scored tokens), loram.eval.ppl.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import progress
+from ..errors import LoramError
+from ..eval.ppl import perplexity_examples
+from ..io import is_disk_full, write_json, write_marker
+from ..loss import chunked_causal_lm_loss, hidden_states_as_logits
+from ..memory import PeakRSS
+from ..pruned import count_params
+from .checkpoint import disk_full_in_checkpoint, is_main, last_checkpoint, mark_complete, prepare_checkpoint_dir
+from .config import RunConfig
+from .state import (OPTIMIZER_JSON, SCHEDULER_JSON, load_optimizer_state, load_rng_state, plain, save_optimizer_state,
+                    save_rng_state)
+
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+class NonFiniteLoss(LoramError):
+    pass
+
+
+class TrainingInterrupted(LoramError):
+    pass
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(trainable, frozen) logical parameter counts (NF4 weights count as their full shape)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, count_params(model) - trainable
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class LoramTrainer(Trainer):
+        """Trainer that stops on a non-finite loss (on every rank at once), marks complete checkpoints,
+        and keeps optimizer / scheduler / RNG state in safetensors + JSON (resume never unpickles)."""
+
+        def _plain_states(self) -> bool:
+            return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            sched = self.lr_scheduler.state_dict()
+            if not (self._plain_states() and plain(sched)):
+                return super()._save_optimizer_and_scheduler(output_dir)
+            if self.args.should_save:
+                d = Path(output_dir)
+                d.mkdir(parents=True, exist_ok=True)
+                if not save_optimizer_state(self.optimizer.state_dict(), d):
+                    return super()._save_optimizer_and_scheduler(output_dir)
+                write_json(d / SCHEDULER_JSON, sched)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            d = Path(checkpoint) if checkpoint else None
+            if d is None or not (d / OPTIMIZER_JSON).exists():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            self.optimizer.load_state_dict(load_optimizer_state(d))
+            self.lr_scheduler.load_state_dict(json.loads((d / SCHEDULER_JSON).read_text()))
+
+        def _save_rng_state(self, output_dir):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_rng_state(Path(output_dir), self.args.process_index)
+
+        def _load_rng_state(self, checkpoint):
+            if checkpoint is not None and not load_rng_state(Path(checkpoint), self.args.process_index):
+                super()._load_rng_state(checkpoint)
+
+        loss_chunk = 0  # RunConfig.loss_chunk, set by fit
+        loram_settings = None  # run_settings(...), recorded in each checkpoint's marker for --resume to compare
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            chunk = self.loss_chunk
+            if not chunk or "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            with hidden_states_as_logits(causal_lm_of(self.accelerator.unwrap_model(model))) as head:
+                outputs = model(**inputs)
+            loss = chunked_causal_lm_loss(outputs.logits, head, labels, chunk, num_items=num_items_in_batch)
+            # the stock path's rule: with num_items_in_batch the loss is a share of the accumulated
+            # batch's mean (Trainer skips its own /grad_accum); across ranks it is summed back
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+            if self.args.world_size > 1:  # all ranks must stop together or the next all-reduce hangs
+                torch.distributed.all_reduce(bad)
+            if bad.item() > 0:
+                last = last_checkpoint(Path(self.args.output_dir))
+                kept = f"last good checkpoint {last} kept" if last else "no checkpoint was saved yet"
+                raise NonFiniteLoss(f"loss became non-finite at step {self.state.global_step + 1}, training stopped ({kept}): "
+                                    "lower --lr, use fp32 instead of --bf16, or check the data")
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                raise NonFiniteLoss(f"weights became non-finite at step {self.state.global_step}, not checkpointed "
+                                    f"(last good checkpoint {last_checkpoint(Path(self.args.output_dir))} kept): lower --lr")
+            super()._save_checkpoint(model, trial)
+            if self.args.world_size > 1:  # every rank's RNG file is on disk before the marker says "complete"
+                torch.distributed.barrier()
+            if self.args.should_save:
+                mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}", self.state.global_step,
+                              self.loram_settings)
+
+    return LoramTrainer
+
+
+def causal_lm_of(model):
+    """The *ForCausalLM module inside a PEFT wrapper (the one that owns lm_head); DDP is unwrapped by the caller."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(m, "lm_head"):
+        raise LoramError(f"--loss-chunk needs a causal LM with an lm_head, got {type(m).__name__}")
+    return m
+
+
+def _eval_ppl(model, evals: dict, pad_id: int, cfg: RunConfig) -> dict:
+    """name -> perplexity of each held-out set."""
+    out = {}
+    for n, ex in evals.items():
+        with progress.stage(f"eval {n}"):
+            out[n] = perplexity_examples(model, ex, pad_id, cfg.micro_batch, cfg.bf16)
+    return out
+
+
+def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig):
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        """Loss per logging step and held-out perplexity every eval_steps, kept in the report."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                state_out["losses"].append({"step": state.global_step, "loss": float(logs["loss"])})
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            every = cfg.eval_steps or cfg.save_steps
+            if evals and every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                row = {"step": state.global_step} | _eval_ppl(model, evals, pad_id, cfg)
+                state_out["eval_history"].append(row)
+                state.log_history.append({f"eval_{n}_ppl": v for n, v in row.items() if n != "step"} | {"step": row["step"]})
+                if state.is_world_process_zero:
+                    print("eval " + ", ".join(f"{n} ppl {v:.3f}" for n, v in row.items() if n != "step") + f" (step {row['step']})",
+                          flush=True)
+
+    return [Record()]
+
+
+@dataclass
+class FitResult:
+    trainer: object
+    steps: int
+    wall_s: float
+    tokens: int
+    peak_rss_gb: float
+    peak_cuda_gb: float | None
+    losses: list
+    eval_ppl: dict
+    eval_history: list
+    resumed_from: str | None
+
+
+def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, overwrite: bool, evals: dict | None = None,
+        pad_id: int = 0, callbacks: list | None = None, settings: dict | None = None) -> FitResult:
+    """Run transformers' Trainer on ``model`` (LoRA-wrapped or with its own requires_grad set).
+
+    Works unchanged under torchrun / accelerate launch (DDP; FSDP and DeepSpeed through accelerate's
+    config): the Trainer reads the launcher's environment. On a CPU-only machine it must be told
+    use_cpu=True, else each rank trains alone with no error.
+    """
+    from transformers import TrainingArguments
+
+    if cfg.schedule not in SCHEDULES:
+        raise LoramError(f"unknown schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if cfg.steps < 1 and cfg.epochs is None:
+        raise LoramError(f"--steps {cfg.steps} must be >= 1 (or give --epochs)")
+    if cfg.loss_chunk < 0:
+        raise LoramError(f"--loss-chunk {cfg.loss_chunk} must be >= 0 (0: the stock loss)")
+    if len(dataset) == 0:
+        raise LoramError("the training set is empty after formatting: give rows with text to learn")
+    ckpt = Path(ckpt)
+    resume_from = prepare_checkpoint_dir(ckpt, resume, overwrite, is_main())
+    fresh = not ckpt.exists() or not any(ckpt.iterdir())  # never mark a folder that holds someone else's files
+    if is_main() and (cfg.save_steps or ckpt.exists()) and fresh:  # mark it loram's: a later --overwrite may empty it
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_marker(ckpt, "checkpoints")
+    cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(ckpt), max_steps=cfg.steps if cfg.epochs is None else -1,
+        num_train_epochs=cfg.epochs or 1, per_device_train_batch_size=cfg.micro_batch,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule,
+        warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=cfg.bf16, use_cpu=cpu, report_to=[], disable_tqdm=not progress.enabled(), remove_unused_columns=False,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", optim="adamw_torch",
+        save_only_model=False, logging_nan_inf_filter=False, ddp_find_unused_parameters=False,
+    )
+    out = {"losses": [], "eval_history": []}
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                               callbacks=_callbacks(out, evals or {}, pad_id, cfg) + list(callbacks or []))
+    if cfg.loss_chunk and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding do not allow: drop --loss-chunk")
+    trainer.loss_chunk = cfg.loss_chunk
+    trainer.loram_settings = settings
+    progress.trainer_quiet(trainer)
+    if resume_from is not None:  # restore the history so the report covers the whole run
+        prev = json.loads((resume_from / "trainer_state.json").read_text())
+        out["losses"] = [{"step": r["step"], "loss": float(r["loss"])} for r in prev.get("log_history", []) if "loss" in r]
+        out["eval_history"] = [{"step": r["step"]} | {k[5:-4]: v for k, v in r.items() if k.endswith("_ppl")}
+                               for r in prev.get("log_history", []) if any(k.endswith("_ppl") for k in r)]
+    peak = PeakRSS()
+    t0 = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        last = last_checkpoint(ckpt)
+        kept = f"checkpoint {last} kept, continue with --resume" if last else "no checkpoint saved yet (use --save-steps)"
+        raise TrainingInterrupted(f"interrupted (Ctrl-C) at step {trainer.state.global_step}: {kept}") from None
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full_in_checkpoint(ckpt, trainer.state.global_step) from None
+    wall = time.time() - t0
+    final = _eval_ppl(trainer.model, evals or {}, pad_id, cfg)
+    if final:
+        out["eval_history"].append({"step": trainer.state.global_step} | final)
+    tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+    return FitResult(trainer, trainer.state.global_step, wall, tokens, peak.gb(), PeakRSS.cuda_gb(), out["losses"], final,
+                     out["eval_history"], str(resume_from) if resume_from else None)
+
+
+def finish(trainer) -> None:
+    """Let every rank reach this point before any returns (rank 0 may still be writing)."""
+    if trainer.args.world_size > 1:
+        torch.distributed.barrier()
