@@ -204,11 +204,12 @@ def stage_configs(r: Recipe) -> dict:
         cfg = dict(r.stages[s])
         if s in ("align", "train"):
             cfg["data"] = _data_list(cfg.get("data"), s)
+        out[s] = settings.record(s, cfg)  # mixture weights are checked here, before the files
+        if s in ("align", "train"):
             for f in cfg["data"]:
                 _check_local(f, f"recipe {s}")
             for name, f in (cfg.get("eval") or {}).items():
                 _check_local(str(f), f"recipe {s}.eval {name}")
-        out[s] = settings.record(s, cfg)
     for name, f in list((r.stages.get("eval") or {}).get("ppl", {}).items()) + list((r.stages.get("eval") or {}).get("mc", {}).items()):
         _check_local(str(f), f"recipe eval {name}")
     return out

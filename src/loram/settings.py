@@ -105,11 +105,13 @@ class EvalSettings:
     """``loram eval`` / a recipe's ``eval:``. The command line names sets as repeated NAME=FILE, a recipe
     as a mapping; ``loram.eval.runner.EvalRequest`` takes (name, path) pairs."""
 
-    ppl: list = knob([], repeat=True, metavar="NAME=FILE",
+    # knob() returns a dataclasses.field (a default_factory for lists)
+    ppl: list = knob([], repeat=True, metavar="NAME=FILE",  # noqa: RUF009
                      help="perplexity: .json/.jsonl instruction rows (response tokens) or .txt raw text; repeatable")
     seq_len: int = knob(1024, check=SEQ_LEN, help="ppl: window length for .txt / cut-off for rows")
     stride: int | None = knob(None, check=COUNT, help="ppl on .txt: window start every STRIDE tokens (default --seq-len)")
-    mc: list = knob([], repeat=True, metavar="NAME=FILE", help='multiple choice: .jsonl rows {"query","choices","gold"}; repeatable')
+    mc: list = knob([], repeat=True, metavar="NAME=FILE",  # noqa: RUF009
+                    help='multiple choice: .jsonl rows {"query","choices","gold"}; repeatable')
     shots: int = knob(0, check=Number(int, min=0), help="mc: few-shot examples per row")
     fewshot_file: str | None = knob(None, help="mc: pool of few-shot rows (default: the first --shots rows of the file)")
     gsm8k: str | None = knob(None, metavar="FILE", help="GSM8K jsonl (question, answer): exact match of the final number")

@@ -126,7 +126,8 @@ def check_ratio(name: str, r: float, allow_zero: bool) -> None:
 def check_knobs(verb: str, **values) -> None:
     """Library check of keyword arguments named like the knobs of stage ``verb`` (loram.settings), by
     their validators (None: the default). Python callers get the CLI's ranges and messages."""
-    from .settings import knobs  # settings declares its knobs with the validators defined here
+    # here, not at the top: settings declares its knobs with the validators defined in this module
+    from .settings import knobs
 
     table = knobs(verb)
     for k, v in values.items():
