@@ -209,8 +209,9 @@ def test_dry_run_checks_what_the_run_checks(tmp_path, section, match):
 
 def numeric_knobs():
     """(stage, knob, flag action) for every recipe knob that is a numeric flag: generated like test_cli_numbers."""
-    from loram.recipe import _allowed
-    from loram.validate import Number, flag_actions
+    from loram.cli import flag_actions
+    from loram.settings import recipe_keys as _allowed
+    from loram.validate import Number
 
     return [(s, k, flag_actions(s)[k]) for s in ("prune", "align", "train", "recover", "eval") for k in sorted(_allowed(s))
             if k in flag_actions(s) and isinstance(flag_actions(s)[k].type, Number)]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import settings
 from .errors import LoramError
 
 MARKER = "demo.json"
@@ -209,24 +210,22 @@ def _row(name: str, scores: dict, **cols) -> DemoRow:
 
 
 def train_adapter(model_dir: Path, data: Path, out: Path, cfg: DemoConfig) -> dict:
-    """Train LoRA with `loram train` (a child process unless cfg.isolate is off); returns its train report."""
-    args = ["train", str(model_dir), "--data", str(data), "-o", str(out), "--overwrite", "--steps", str(cfg.steps),
-            "--lr", str(cfg.lr), "--rank", str(cfg.rank), "--alpha", str(cfg.alpha), "--micro-batch", str(cfg.micro_batch),
-            "--seq-len", str(cfg.seq_len), "--seed", str(cfg.seed), "--logging-steps", str(max(1, cfg.steps // 30)),
-            "--warmup", "0.05"] + (["--bf16"] if cfg.bf16 else [])
+    """Train LoRA as `loram train` does (a child process unless cfg.isolate is off); returns its train report."""
+    knobs = {"data": [str(data)], "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank, "alpha": cfg.alpha,
+             "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "seed": cfg.seed,
+             "logging_steps": max(1, cfg.steps // 30), "warmup": 0.05, "bf16": cfg.bf16}
     if cfg.isolate:
+        args = ["train", str(model_dir), "-o", str(out), "--overwrite", *settings.argv("train", knobs)]
         r = subprocess.run([sys.executable, "-m", "loram", *args], stdout=2)  # its summary to stderr: stdout is the demo's (--json)
         if r.returncode != 0:
             raise LoramError(f"training {out.name} failed (exit {r.returncode}): see the messages above")
     else:
         from contextlib import redirect_stdout
 
-        from .cli import main
+        from .train import train
 
         with redirect_stdout(sys.stderr):  # as above: stdout is the demo's
-            rc = main(args)
-        if rc != 0:
-            raise LoramError(f"training {out.name} failed: see the messages above")
+            train(model_dir, out, settings.record("train", knobs), overwrite=True)
     return json.loads((out / "train_report.json").read_text())
 
 

@@ -20,7 +20,8 @@ and its ``loram_stage.json`` holds the same hash, where
 so changing a knob re-runs that stage and everything after it. A train stage whose checkpoints
 carry the same hash resumes from them (a killed recipe continues where it stopped).
 
-Every knob is checked by the validator of its command-line flag (``loram train --lr`` checks
+Each section is the stage's settings record (``loram.settings``), the one its command's flags come
+from: the same names, and every knob checked by the same validator (``loram train --lr`` checks
 ``train.lr``): the same types and ranges, a quoted number read as the flag reads its text
 (``ratio: "0.5"`` is 0.5), and ``--dry-run`` runs exactly the checks of a real run.
 """
@@ -32,24 +33,19 @@ import hashlib
 import json
 import re
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import settings
+from .data import split_slice
 from .errors import LoramError
+from .settings import STAGES
 
-STAGES = ("prune", "align", "train", "recover", "merge", "eval")
 OUTPUT = {"prune": "pruned", "align": "aligned", "train": "adapter", "recover": "recovered", "merge": "merged", "eval": "eval"}
 STAGE_FILE = "loram_stage.json"
-PRUNE_KEYS = {"method", "ratio", "attn_ratio", "layers", "seed", "calib_data", "calib_samples", "calib_seq_len"}
-RECOVER_KEYS = {"fill", "seed"}
-MERGE_KEYS: set[str] = set()
-EVAL_KEYS = {"ppl", "mc", "shots", "fewshot_file", "gsm8k", "humaneval", "samples", "temperature", "timeout", "limit",
-             "max_new_tokens", "seq_len", "stride", "lm_eval", "lm_eval_include", "num_fewshot", "batch_size", "target",
-             "allow_unsandboxed_code"}
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe names files and knobs; 1 MB is far more than any needs
 MAX_DEPTH = 16  # a recipe nests 3-4 levels (stage -> eval -> name: file)
-EVAL_TARGETS = ("merged", "adapter", "base")
 
 
 @dataclass
@@ -69,19 +65,6 @@ class Recipe:
     base: str
     workdir: Path
     stages: dict[str, dict] = field(default_factory=dict)
-
-
-def _keys_of(cls) -> set[str]:
-    return {f.name for f in fields(cls)}
-
-
-def _allowed(stage: str) -> set[str]:
-    from .align import AlignConfig
-    from .train import TrainConfig
-
-    return {"prune": PRUNE_KEYS, "align": _keys_of(AlignConfig) - {"data_weights"},
-            "train": _keys_of(TrainConfig) - {"data_weights", "extra"}, "recover": RECOVER_KEYS, "merge": MERGE_KEYS,
-            "eval": EVAL_KEYS}[stage]
 
 
 class _Refused(Exception):
@@ -141,31 +124,6 @@ def read_yaml(p: Path):
         raise LoramError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
 
 
-def _checked_knobs(stage: str, cfg: dict) -> dict:
-    """``cfg`` with every knob checked by its flag's validator; quoted numbers become numbers."""
-    from .validate import NO_FLAG, Number, flag_actions
-
-    out = dict(cfg)
-    for k, v in cfg.items():
-        where, a = f"{stage}.{k}", flag_actions(stage).get(k)  # each stage is a verb of the CLI
-        check = NO_FLAG.get(k) if a is None else a.type
-        if v is None:
-            if a is not None and a.default is not None:
-                raise LoramError(f"{where} is empty: give a value or delete the line (default {a.default})")
-        elif isinstance(check, Number):
-            parsed = check.named(where).value(v)
-            out[k] = parsed if isinstance(v, str) else v  # numbers as written: the stage hash stays the same
-        elif a is not None and a.nargs == 0 and a.const is True and not isinstance(v, bool):
-            raise LoramError(f"{where} = {v!r} is not a boolean: write true or false")
-        elif a is not None and a.choices is not None and v not in a.choices:
-            raise LoramError(f"{where} = {v!r} is not one of {', '.join(map(str, a.choices))}: pick one")
-    if stage == "prune" and cfg.get("layers") is not None and not isinstance(cfg["layers"], str):
-        raise LoramError(f"prune.layers {cfg['layers']!r} is not START:END text: write e.g. layers: \"4:28\"")
-    if stage == "eval" and cfg.get("target", "merged") not in EVAL_TARGETS:
-        raise LoramError(f"eval.target {cfg['target']!r} is unknown: use {', '.join(EVAL_TARGETS)}")
-    return out
-
-
 def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     if not p.is_file():
@@ -186,11 +144,12 @@ def load_recipe(path: str | Path) -> Recipe:
         cfg = doc[s] or {}
         if not isinstance(cfg, dict):
             raise LoramError(f"recipe {p}: `{s}` must be a mapping of knobs (or {{}})")
-        bad = set(cfg) - _allowed(s)
+        allowed = settings.recipe_keys(s)  # the stage's settings record: the same names as its flags
+        bad = set(cfg) - allowed
         if bad:
-            raise LoramError(f"recipe {p}: unknown {s} knob(s) {sorted(bad)}: allowed {', '.join(sorted(_allowed(s)))}")
+            raise LoramError(f"recipe {p}: unknown {s} knob(s) {sorted(bad)}: allowed {', '.join(sorted(allowed))}")
         try:
-            stages[s] = _checked_knobs(s, cfg)
+            stages[s] = settings.check_recipe_section(s, cfg)
         except LoramError as e:
             raise LoramError(f"recipe {p}: {e}") from None
     if "align" in stages and "prune" not in stages:
@@ -233,36 +192,24 @@ def _data_list(spec, stage: str) -> list[str]:
 
 def _check_local(spec: str, what: str) -> None:
     """A path that looks local must exist; hub ids are checked when the stage runs."""
-    from .data import split_slice
-
     path, _ = split_slice(spec.rpartition("=")[0] if "=" in spec and not Path(spec).exists() else spec)
     if (path.endswith(DATA_SUFFIXES) or path.startswith((".", "/"))) and not Path(path).exists():
         raise LoramError(f"{what}: data file {path} does not exist: fix the path (relative paths start at the current directory)")
 
 
-def stage_configs(r: Recipe):
-    """Typed configs of the train/align stages (validates every knob's type and value)."""
-    from .align import AlignConfig
-    from .cli.train import parse_data
-    from .train import TrainConfig
-
+def stage_configs(r: Recipe) -> dict:
+    """Each stage's settings record (validates what only the record knows; local data files exist)."""
     out = {}
-    for s, cls in (("align", AlignConfig), ("train", TrainConfig)):
-        if s not in r.stages:
-            continue
+    for s in r.stages:
         cfg = dict(r.stages[s])
-        files, weights = parse_data(_data_list(cfg.pop("data", None), s))
-        for f in _data_list(r.stages[s]["data"], s):
-            _check_local(f, f"recipe {s}")
-        for name, f in (cfg.get("eval") or {}).items():
-            _check_local(str(f), f"recipe {s}.eval {name}")
-        if "targets" in cfg:
-            t = cfg["targets"]
-            cfg["targets"] = tuple(x.strip() for x in (t.split(",") if isinstance(t, str) else t))
-        try:  # the knobs were checked by load_recipe; this catches what only the config class knows
-            out[s] = cls(data=files, data_weights=weights, **cfg)
-        except TypeError as e:
-            raise LoramError(f"recipe {s}: {e}") from None
+        if s in ("align", "train"):
+            cfg["data"] = _data_list(cfg.get("data"), s)
+        out[s] = settings.record(s, cfg)  # mixture weights are checked here, before the files
+        if s in ("align", "train"):
+            for f in cfg["data"]:
+                _check_local(f, f"recipe {s}")
+            for name, f in (cfg.get("eval") or {}).items():
+                _check_local(str(f), f"recipe {s}.eval {name}")
     for name, f in list((r.stages.get("eval") or {}).get("ppl", {}).items()) + list((r.stages.get("eval") or {}).get("mc", {}).items()):
         _check_local(str(f), f"recipe eval {name}")
     return out
@@ -272,15 +219,15 @@ def plan_steps(r: Recipe) -> list[Step]:
     """The stages to run, in order, with their hashes and status."""
     steps, upstream, model = [], _hash("base", {"base": r.base}, ""), r.base
     train_in = upstream
-    cmd = {
-        "prune": lambda c: f"loram prune {r.base} -o {r.workdir / 'pruned'} " + _flags(c),
-        "align": lambda c: f"loram align {r.workdir / 'pruned'} -o {r.workdir / 'aligned'} " + _flags(c),
-        "train": lambda c: f"loram train {model} -o {r.workdir / 'adapter'} " + _flags(c),
-        "recover": lambda c: f"loram recover {r.workdir / 'adapter'} --base {r.base} -o {r.workdir / 'recovered'} " + _flags(c),
-        "merge": lambda c: f"loram merge {r.base} {adapter_for_merge} -o {r.workdir / 'merged'}",
-        "eval": lambda c: "loram eval ... " + _flags(c),
+    cmd = {  # the command each stage corresponds to, shown by the dry run
+        "prune": lambda: f"loram prune {r.base} -o {r.workdir / 'pruned'}",
+        "align": lambda: f"loram align {r.workdir / 'pruned'} -o {r.workdir / 'aligned'}",
+        "train": lambda: f"loram train {model} -o {r.workdir / 'adapter'}",
+        "recover": lambda: f"loram recover {r.workdir / 'adapter'} --base {r.base} -o {r.workdir / 'recovered'}",
+        "merge": lambda: f"loram merge {r.base} {adapter_for_merge} -o {r.workdir / 'merged'}",
+        "eval": lambda: "loram eval ...",
     }
-    adapter_for_merge = r.workdir / ("recovered" if "prune" in r.stages else "adapter")
+    adapter_for_merge = _adapter(r)
     for s in STAGES:
         if s not in r.stages:
             continue
@@ -291,7 +238,7 @@ def plan_steps(r: Recipe) -> list[Step]:
         st = Step(s, cfg, r.workdir / OUTPUT[s], inp)
         st.hash = _hash(s, cfg, inp)
         st.status = _status(st.out, st.hash)
-        st.command = cmd[s](cfg).strip()
+        st.command = " ".join([cmd[s](), *settings.argv(s, cfg)])
         steps.append(st)
         upstream = st.hash
         if s in ("prune", "align"):
@@ -303,21 +250,6 @@ def plan_steps(r: Recipe) -> list[Step]:
             st.status = "rerun"
         dirty = dirty or st.status != "skip"
     return steps
-
-
-def _flags(cfg: dict) -> str:
-    parts = []
-    for k, v in cfg.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            parts += [flag] if v else []
-        elif isinstance(v, list):
-            parts += [f"{flag} {x}" for x in v]
-        elif isinstance(v, dict):
-            parts += [f"{flag} {n}={x}" for n, x in v.items()]
-        else:
-            parts.append(f"{flag} {v}")
-    return " ".join(parts)
 
 
 def base_geometry(base: str):
@@ -429,33 +361,55 @@ def check_ownership(r: Recipe, steps: list[Step]) -> None:
             check_replace(f, recipe_inputs(r), what="recipe stage output", flag="workdir")
 
 
+def _adapter(r: Recipe) -> Path:
+    """The adapter for the original model: recovered when the recipe prunes."""
+    return r.workdir / ("recovered" if "prune" in r.stages else "adapter")
+
+
+# each stage's library function, called with its settings record (the library modules load torch: imported when run)
+def _prune(r: Recipe, st: Step, s: settings.PruneSettings) -> bool:
+    from .prune import prune
+
+    prune(r.base, st.out, overwrite=True, **asdict(s))
+    return True
+
+
+def _align(r: Recipe, st: Step, cfg) -> bool:
+    from .align import align
+
+    align(r.workdir / "pruned", st.out, cfg, **_resume_args(st))
+    return True
+
+
+def _train(r: Recipe, st: Step, cfg) -> bool:
+    from .train import train
+
+    model = r.workdir / "aligned" if "align" in r.stages else r.workdir / "pruned" if "prune" in r.stages else r.base
+    train(model, st.out, cfg, **_resume_args(st))
+    return True
+
+
+def _recover(r: Recipe, st: Step, s: settings.RecoverSettings) -> bool:
+    from .recover import recover
+
+    recover(r.workdir / "adapter", r.base, st.out, overwrite=True, **asdict(s))
+    return True
+
+
+def _merge(r: Recipe, st: Step, s: settings.MergeSettings) -> bool:
+    from .merge import merge
+
+    merge(r.base, _adapter(r), st.out, overwrite=True, **asdict(s))
+    return True
+
+
+RUNNERS = {"prune": _prune, "align": _align, "train": _train, "recover": _recover, "merge": _merge}
+
+
 def _run_stage(r: Recipe, st: Step, typed: dict) -> None:
-    c, w = st.config, r.workdir
-    if st.stage == "prune":
-        from .prune import prune
-
-        prune(r.base, st.out, overwrite=True, **c)
-    elif st.stage == "align":
-        from .align import align
-
-        align(w / "pruned", st.out, typed["align"], **_resume_args(st))
-    elif st.stage == "train":
-        from .train import train
-
-        model = w / "aligned" if "align" in r.stages else w / "pruned" if "prune" in r.stages else r.base
-        train(model, st.out, typed["train"], **_resume_args(st))
-    elif st.stage == "recover":
-        from .recover import recover
-
-        recover(w / "adapter", r.base, st.out, overwrite=True, **c)
-    elif st.stage == "merge":
-        from .merge import merge
-
-        merge(r.base, w / ("recovered" if "prune" in r.stages else "adapter"), st.out, overwrite=True)
-    elif st.stage == "eval":
-        if not _run_eval(r, st):
-            return
-    _write_stage(st.out, st)
+    run = RUNNERS.get(st.stage, _run_eval)
+    if run(r, st, typed[st.stage]):  # eval returns False when loram.eval is not installed: nothing written
+        _write_stage(st.out, st)
 
 
 def _resume_args(st: Step) -> dict:
@@ -474,7 +428,7 @@ def _resume_args(st: Step) -> dict:
     return {"resume": same, "overwrite": True}
 
 
-def _run_eval(r: Recipe, st: Step) -> bool:
+def _run_eval(r: Recipe, st: Step, s: settings.EvalSettings) -> bool:
     """Evaluate with loram.eval when it is installed; otherwise say so and skip."""
     try:
         from .eval import load_for_eval
@@ -482,23 +436,16 @@ def _run_eval(r: Recipe, st: Step) -> bool:
     except ImportError:
         print(f"[eval] skipped: loram.eval is not available in this install ({st.out} not written)")
         return False
-    from dataclasses import asdict
-
     from .io import atomic_dir, write_json
 
-    c = dict(st.config)
-    # `target`, not `on`: YAML 1.1 reads a bare `on:` key as True
-    on = c.pop("target", "merged" if "merge" in r.stages else "adapter")
-    c["ppl"] = [(n, Path(f)) for n, f in (c.get("ppl") or {}).items()]
-    c["mc"] = [(n, Path(f)) for n, f in (c.get("mc") or {}).items()]
-    if isinstance(c.get("lm_eval"), str):
-        c["lm_eval"] = [t.strip() for t in c["lm_eval"].split(",") if t.strip()]
-    req = EvalRequest(**c)
+    on = s.target or ("merged" if "merge" in r.stages else "adapter")
+    req = EvalRequest(**s.request_fields(ppl=[(n, Path(f)) for n, f in (s.ppl or {}).items()],
+                                         mc=[(n, Path(f)) for n, f in (s.mc or {}).items()]))
     req.check_sandbox()
     if on == "merged":
         model, tok = load_for_eval(str(r.workdir / "merged"))
     elif on == "adapter":
-        model, tok = load_for_eval(r.base, str(r.workdir / ("recovered" if "prune" in r.stages else "adapter")))
+        model, tok = load_for_eval(r.base, str(_adapter(r)))
     elif on == "base":
         model, tok = load_for_eval(r.base)
     else:

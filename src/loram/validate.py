@@ -1,7 +1,7 @@
 """Typed ranges for numeric arguments: one validator per knob, shared by the CLI and the library.
 
 A :class:`Number` is the argparse ``type=`` of every numeric flag (``loram.cli``), checks the
-same knob in a recipe (``loram.recipe``, which finds it through the flag) and in the library
+same knob in a recipe (``loram.recipe``, through the stage's knobs in ``loram.settings``) and in the library
 functions that check their arguments. It parses text or checks a value and raises LoramError
 with one line naming the flag, the value and the valid range, e.g.
 
@@ -13,7 +13,6 @@ NaN and infinity are never valid: no knob means anything by them.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -124,36 +123,30 @@ def check_ratio(name: str, r: float, allow_zero: bool) -> None:
     Ratio.allowing_zero(allow_zero).named(name).check(r)
 
 
-@functools.cache
-def flag_actions(verb: str) -> dict:
-    """dest -> argparse action of each option of `loram VERB` (the single place a knob's range is declared)."""
-    import argparse
-
-    from .cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in sub.choices[verb]._actions if a.option_strings}
-
-
 def check_knobs(verb: str, **values) -> None:
-    """Library check of keyword arguments named like the numeric flags of `loram VERB`, by those
-    flags' validators (None: the default). Python callers get the CLI's ranges and messages."""
-    actions = flag_actions(verb)
+    """Library check of keyword arguments named like the knobs of stage ``verb`` (loram.settings), by
+    their validators (None: the default). Python callers get the CLI's ranges and messages."""
+    # here, not at the top: settings declares its knobs with the validators defined in this module
+    from .settings import knobs
+
+    table = knobs(verb)
     for k, v in values.items():
-        a = actions.get(k)
-        if a is not None and isinstance(a.type, Number) and v is not None:
-            a.type.check(v)
+        if k in table and table[k].flag and table[k].check is not None and v is not None:
+            table[k].checker(k).check(v)
 
 
 def check_config(cfg, verb: str) -> None:
     """check_knobs on a config dataclass (TrainConfig, AlignConfig, EvalRequest) before anything is loaded,
-    plus what has no flag: mixture weights and max_grad_norm > 0."""
-    check_knobs(verb, **{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+    plus what has no flag: mixture weights and knobs such as max_grad_norm > 0."""
+    from .settings import knobs
+
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    check_knobs(verb, **values)
     for w in getattr(cfg, "data_weights", None) or []:
         POSITIVE.named("mixture weight").check(w)
-    for name, v in NO_FLAG.items():
-        if hasattr(cfg, name):
-            v.check(getattr(cfg, name))
+    for name, k in knobs(verb).items():
+        if not k.flag and k.check is not None and name in values:
+            k.checker(name).check(values[name])
 
 
 # ---- the ranges used by several flags ----------------------------------------------------------
@@ -166,4 +159,3 @@ NON_NEGATIVE = Number(float, min=0.0)
 DROPOUT = Number(float, min=0.0, max=1.0, max_open=True)
 RATIO = Ratio.allowing_zero(False)
 ATTN_RATIO = Ratio.allowing_zero(True)
-NO_FLAG = {"max_grad_norm": POSITIVE.named("max_grad_norm")}  # config fields (recipes, Python API) with no flag

@@ -8,6 +8,7 @@ underscores in its module name: import-plan -> import_plan.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -29,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in sub.choices.values():  # one flag for every verb, added here so each verb's add() need not
         verb.add_argument("--quiet", action="store_true", help="no progress bars or status lines (results and errors still print)")
     return p
+
+
+@functools.cache
+def flag_actions(verb: str) -> dict:
+    """dest -> argparse action of each option of `loram VERB` (what the flags derived from loram.settings became)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices[verb]._actions if a.option_strings}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .common import SEED, add_out, add_verify_base
+from dataclasses import asdict
+
+from ..settings import add_flags, from_args
+from .common import add_out, add_verify_base
 
 
 def add(sub) -> None:
@@ -10,9 +13,7 @@ def add(sub) -> None:
     p.add_argument("adapter", help="adapter folder written by `loram train` on a pruned model")
     p.add_argument("--base", required=True, help="the original model the plan was made from (checked by fingerprint)")
     add_out(p, "recovered adapter folder")
-    p.add_argument("--fill", default="zero", choices=["zero", "normal"],
-                   help="pruned columns of lora_A (o/down): zero (exact) or N(0,1/r) noise (the paper's normA)")
-    p.add_argument("--seed", type=SEED, default=0, help="seed for --fill normal")
+    add_flags(p, "recover")  # loram.settings.RecoverSettings
     add_verify_base(p, record=False)
     p.set_defaults(func=run)
 
@@ -22,6 +23,6 @@ def run(a) -> int:
     from ..recover import recover
 
     m = Measure()
-    out = recover(a.adapter, a.base, a.out, fill=a.fill, seed=a.seed, overwrite=a.overwrite, verify_base=a.verify_base)
+    out = recover(a.adapter, a.base, a.out, **asdict(from_args("recover", a)), overwrite=a.overwrite, verify_base=a.verify_base)
     print(m.line(f"recovered adapter for {a.base} written to {out}") + "; loads with stock PeftModel.from_pretrained")
     return 0

@@ -1,0 +1,339 @@
+"""One settings record per stage: the single place its knobs are declared.
+
+Each stage of the pipeline (prune, align, train, recover, merge, eval) has a table of knobs, one
+:class:`Knob` per field of its settings record: its help text, its validator (``loram.validate``),
+its choices, whether it is a switch or repeatable, whether it has a command-line flag and whether a
+recipe may set it. From that table derive
+
+* the verb's flags: ``add_flags(parser, stage)`` (``--micro-batch`` for field ``micro_batch``);
+* the recipe schema: ``recipe_keys(stage)`` and ``check_recipe_section`` (same names, underscores);
+* the library's checks: ``validate.check_knobs`` / ``check_config`` look ranges up here;
+* the record itself: ``record(stage, values)`` from parsed flags or a recipe section.
+
+Prune, recover, merge and eval records are dataclasses defined here, their knobs in field metadata.
+Train and align use ``TrainConfig`` / ``AlignConfig`` (loram.train, loram.align: imported only when a
+record is built, they load torch); their knobs are tables keyed by field name, with the flags'
+defaults (a test checks they equal the dataclasses' defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, replace
+
+from .errors import LoramError
+from .validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, RATIO, SEED, SEQ_LEN, Number
+
+STAGES = ("prune", "align", "train", "recover", "merge", "eval")
+EVAL_TARGETS = ("merged", "adapter", "base")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """How one setting is given: on the command line (``--name-with-dashes``) and in a recipe (``name``)."""
+
+    default: object = None  # the flag's default (for a dataclass record: its field's)
+    help: str | None = None
+    check: Number | None = None  # argparse type= and the recipe's validator
+    choices: tuple | None = None
+    switch: bool = False  # store_true flag; a recipe writes true/false
+    repeat: bool = False  # repeatable flag (action=append); a recipe writes a list
+    metavar: str | None = None
+    required: bool = False
+    flag: bool = True  # False: recipes and the Python API only (no flag)
+    recipe: bool = True  # False: command line only
+
+    def checker(self, name: str) -> Number | None:
+        """The validator, named as its messages name it: the flag (``--lr``) or, without one, the field."""
+        return self.check.named(flag_name(name) if self.flag else name) if self.check is not None else None
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def knob(default=None, **kw):
+    """A dataclass field with its Knob (a list default becomes a default_factory)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"knob": Knob(**kw)})
+    return field(default=default, metadata={"knob": Knob(**kw)})
+
+
+# ---- prune, recover, merge, eval: records defined here ------------------------------------------
+CALIB = "taylor/sparsegpt/wanda: "
+
+
+@dataclass
+class PruneSettings:
+    """``loram prune`` / a recipe's ``prune:`` (the keyword arguments of ``loram.prune.prune``)."""
+
+    method: str = knob("taylor", help="structured: random | magnitude | taylor (default); sparse: sparsegpt | wanda | "
+                                      "magnitude with --sparsity")
+    sparsity: str | None = knob(None, recipe=False,
+                                help="non-structured pruning: unstructured | N:M (N of every M input weights kept, e.g. 2:4); "
+                                     "without it pruning is structured")
+    ratio: float | None = knob(None, check=RATIO,
+                               help="fraction removed per pruned layer, 0<R<1 (default 0.5): MLP channels, or weights with "
+                                    "--sparsity unstructured; implied by N:M")
+    attn_ratio: float | None = knob(None, check=ATTN_RATIO, help="fraction of KV groups removed (default: --ratio; 0 keeps attention)")
+    layers: str | None = knob(None, help="START:END layers to prune (default: skip first 4 and last 2)")
+    seed: int = knob(0, check=SEED)
+    calib_data: str | None = knob(None, help=CALIB + ".txt or .jsonl {text} file (default: built-in text)")
+    calib_samples: int = knob(8, check=COUNT, help=CALIB + "number of calibration sequences")
+    calib_seq_len: int = knob(128, check=SEQ_LEN, help=CALIB + "tokens per calibration sequence")
+
+
+@dataclass
+class RecoverSettings:
+    """``loram recover`` / a recipe's ``recover:``."""
+
+    fill: str = knob("zero", choices=("zero", "normal"),
+                     help="pruned columns of lora_A (o/down): zero (exact) or N(0,1/r) noise (the paper's normA)")
+    seed: int = knob(0, check=SEED, help="seed for --fill normal")
+
+
+@dataclass
+class MergeSettings:
+    """``loram merge`` / a recipe's ``merge:`` (no recipe knobs: the recipe merges what it trained)."""
+
+    keep_sparse: bool = knob(False, switch=True, recipe=False,
+                             help="sparse plans: BASE is the sparse pruned folder and the update is masked to its non-zeros, "
+                                  "so the merged model keeps its zeros (default: full update, as the paper)")
+
+
+@dataclass
+class EvalSettings:
+    """``loram eval`` / a recipe's ``eval:``. The command line names sets as repeated NAME=FILE, a recipe
+    as a mapping; ``loram.eval.runner.EvalRequest`` takes (name, path) pairs."""
+
+    # knob() returns a dataclasses.field (a default_factory for lists)
+    ppl: list = knob([], repeat=True, metavar="NAME=FILE",  # noqa: RUF009
+                     help="perplexity: .json/.jsonl instruction rows (response tokens) or .txt raw text; repeatable")
+    seq_len: int = knob(1024, check=SEQ_LEN, help="ppl: window length for .txt / cut-off for rows")
+    stride: int | None = knob(None, check=COUNT, help="ppl on .txt: window start every STRIDE tokens (default --seq-len)")
+    mc: list = knob([], repeat=True, metavar="NAME=FILE",  # noqa: RUF009
+                    help='multiple choice: .jsonl rows {"query","choices","gold"}; repeatable')
+    shots: int = knob(0, check=Number(int, min=0), help="mc: few-shot examples per row")
+    fewshot_file: str | None = knob(None, help="mc: pool of few-shot rows (default: the first --shots rows of the file)")
+    gsm8k: str | None = knob(None, metavar="FILE", help="GSM8K jsonl (question, answer): exact match of the final number")
+    humaneval: str | None = knob(None, metavar="FILE", help="HumanEval jsonl: pass@k, run in a sandboxed subprocess")
+    samples: int = knob(1, check=COUNT, help="humaneval: completions per task (1 = greedy)")
+    temperature: float = knob(0.8, check=POSITIVE, help="humaneval: sampling temperature when --samples > 1")
+    timeout: float = knob(10.0, check=POSITIVE, help="humaneval: seconds per program")
+    allow_unsandboxed_code: bool = knob(False, switch=True,
+                                        help="humaneval: run generated code even where the namespace sandbox is unavailable (limits only)")
+    limit: int | None = knob(None, check=COUNT, help="evaluate only the first N rows of each task")
+    max_new_tokens: int | None = knob(None, check=COUNT, help="generation tasks (default gsm8k 256, humaneval 384)")
+    lm_eval: str | None = knob(None, metavar="TASKS", help="comma list of lm-evaluation-harness tasks")
+    lm_eval_include: str | None = knob(None, metavar="DIR", help="folder of local lm-eval task YAMLs")
+    num_fewshot: int | None = knob(None, check=Number(int, min=0), help="lm-eval: few-shot examples")
+    batch_size: int = knob(8, check=COUNT)
+    bf16: bool = knob(False, switch=True, recipe=False,
+                      help="load the weights in bfloat16 (faster on bf16 CPUs/GPUs, less exact)")
+    # `target`, not `on`: YAML 1.1 reads a bare `on:` key as True. None: merged if the recipe merges, else adapter
+    target: str | None = knob(None, flag=False)
+
+    def request_fields(self, ppl: list, mc: list) -> dict:
+        """EvalRequest's keyword arguments, given the (name, path) pairs of ``ppl`` and ``mc``."""
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bf16", "target")}
+        tasks = [t.strip() for t in self.lm_eval.split(",") if t.strip()] if isinstance(self.lm_eval, str) else self.lm_eval
+        return {**shared, "ppl": ppl, "mc": mc, "lm_eval": tasks or []}
+
+
+# ---- train and align: knobs of TrainConfig / AlignConfig fields, keyed by field name -------------
+def _run_knobs(lr: float) -> dict[str, Knob]:
+    """Optimisation, checkpoint and eval knobs shared by `train` and `align` (in `--help` order)."""
+    return {
+        "lr": Knob(lr, check=POSITIVE),
+        "schedule": Knob("cosine", help="cosine | linear | constant | constant_with_warmup"),
+        "warmup": Knob(0.03, check=NON_NEGATIVE, help="fraction of steps (<1) or number of steps"),
+        "steps": Knob(100, check=COUNT),
+        "epochs": Knob(None, check=POSITIVE, help="train for epochs instead of --steps"),
+        "micro_batch": Knob(4, check=COUNT, help="sequences per device per forward"),
+        "grad_accum": Knob(1, check=COUNT, help="micro-batches per optimizer step"),
+        "seq_len": Knob(512, check=SEQ_LEN),
+        "grad_checkpointing": Knob(False, switch=True, help="recompute activations (less memory, ~30%% slower)"),
+        "bf16": Knob(False, switch=True, help="bf16 autocast (~1.2-1.3x faster on a bf16 CPU)"),
+        "weight_decay": Knob(0.0, check=NON_NEGATIVE),
+        "loss_chunk": Knob(0, check=COUNT_OR_OFF, metavar="N",
+                           help="cross-entropy N positions at a time, never the full logits (same loss, less memory; "
+                                "e.g. 128; 0: transformers' loss). Not with FSDP/DeepSpeed"),
+        "seed": Knob(0, check=SEED),
+        "save_steps": Knob(0, check=COUNT_OR_OFF, help="checkpoint every N steps (to OUT-checkpoints)"),
+        # how a run is carried out, not what it trains: flags only (a recipe picks them itself)
+        "checkpoint_dir": Knob(None, recipe=False, help="where checkpoints go (default OUT-checkpoints)"),
+        "resume": Knob(False, switch=True, recipe=False, help="continue from the last complete checkpoint (exact)"),
+        "logging_steps": Knob(10, check=COUNT),
+        "eval": Knob([], repeat=True, metavar="NAME=FILE", help="held-out set, perplexity logged by name (repeatable)"),
+        "eval_steps": Knob(0, check=Number(int, min=0, zero="0: at each checkpoint and at the end"),
+                           help="evaluate every N steps (default: at each checkpoint, and at the end)"),
+        "max_grad_norm": Knob(1.0, check=POSITIVE, flag=False),
+    }
+
+
+TRAIN_KNOBS = {
+    "data": Knob(None, repeat=True, required=True,
+                 help="FILE (.json/.jsonl/.parquet) or hub id, optionally FILE=WEIGHT for mixtures; repeatable"),
+    "rank": Knob(8, check=COUNT),
+    "alpha": Knob(16, check=COUNT),
+    "dropout": Knob(0.05, check=DROPOUT),
+    "targets": Knob("q,k,v,o,gate,up,down", help="comma list of q,k,v,o,gate,up,down,lm_head"),
+    "quantize": Knob(None, choices=("nf4",), help="QLoRAM: NF4 + double quant base (needs bitsandbytes)"),
+    "train_on_inputs": Knob(False, switch=True, help="loss on prompt tokens too"),
+    "packing": Knob(False, switch=True, help="concatenate rows into full --seq-len sequences"),
+    **_run_knobs(lr=2e-4),
+}
+ALIGN_KNOBS = {
+    "data": Knob(None, repeat=True, required=True,
+                 help="corpus: .txt (one document per line), .jsonl/.json/.parquet with `text`, or hub id; FILE=WEIGHT mixes"),
+    "tokens": Knob(None, check=COUNT, help="token budget (sets --steps from batch and sequence length)"),
+    "train_embeddings": Knob(False, switch=True, help="also train embed_tokens (frozen by default)"),
+    "train_lm_head": Knob(False, switch=True, help="also train lm_head (frozen by default, as the paper)"),
+    **_run_knobs(lr=2e-5),
+}
+RECORDS = {"prune": PruneSettings, "recover": RecoverSettings, "merge": MergeSettings, "eval": EvalSettings}
+
+
+def knobs(stage: str) -> dict[str, Knob]:
+    """name -> Knob of a stage, in flag order."""
+    if stage == "train":
+        return TRAIN_KNOBS
+    if stage == "align":
+        return ALIGN_KNOBS
+    out = {}
+    for f in fields(RECORDS[stage]):
+        out[f.name] = replace(f.metadata["knob"], default=f.default_factory() if f.default is MISSING else f.default)
+    return out
+
+
+def recipe_keys(stage: str) -> set[str]:
+    """The knobs a recipe's section for ``stage`` may set."""
+    return {n for n, k in knobs(stage).items() if k.recipe}
+
+
+def record_class(stage: str):
+    if stage == "train":
+        from .train import TrainConfig
+
+        return TrainConfig
+    if stage == "align":
+        from .align import AlignConfig
+
+        return AlignConfig
+    return RECORDS[stage]
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def add_flags(parser, stage: str) -> None:
+    """Add a stage's flags to its verb's parser (help, default, validator, choices from the knobs)."""
+    for name, k in knobs(stage).items():
+        if not k.flag:
+            continue
+        kw = {"default": k.default, "help": k.help}
+        if k.switch:
+            kw["action"] = "store_true"
+        if k.repeat:
+            kw["action"] = "append"
+        kw.update({a: v for a, v in (("type", k.check), ("choices", k.choices), ("metavar", k.metavar)) if v is not None})
+        if k.required:
+            kw["required"] = True
+        parser.add_argument(flag_name(name), **kw)
+
+
+def from_args(stage: str, args):
+    """The stage's record from parsed flags."""
+    return record(stage, {n: getattr(args, n) for n, k in knobs(stage).items() if k.flag})
+
+
+def argv(stage: str, values: dict) -> list[str]:
+    """The flags (tokens) that give ``values``: the command a recipe stage or the demo corresponds to."""
+    out = []
+    for name, v in values.items():
+        flag = flag_name(name)
+        if isinstance(v, bool):
+            out += [flag] if v else []
+        elif isinstance(v, list):
+            out += [t for x in v for t in (flag, str(x))]
+        elif isinstance(v, dict):
+            out += [t for n, x in v.items() for t in (flag, f"{n}={x}")]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+# ---- records from flag or recipe values ------------------------------------------------------------
+def parse_data(specs: list[str]) -> tuple[list[str], list[float] | None]:
+    """``--data FILE[=WEIGHT]`` entries -> (files, weights or None); every entry weighted or none."""
+    files, weights = [], []
+    for s in specs:
+        f, eq, w = s.rpartition("=")
+        if eq and f:
+            weights.append(POSITIVE.named(f"--data {f} mixture weight")(w))  # finite and > 0, e.g. FILE=0.5
+            files.append(f)
+        else:
+            files.append(s)
+            weights.append(None)
+    if all(w is None for w in weights):
+        return files, None
+    if any(w is None for w in weights):
+        raise LoramError("give a mixture weight to every --data (FILE=WEIGHT) or to none")
+    return files, weights
+
+
+def parse_evals(specs: list[str]) -> dict[str, str]:
+    """``--eval NAME=FILE`` entries -> {name: file}."""
+    out = {}
+    for s in specs:
+        name, eq, f = s.partition("=")
+        if not eq or not name or not f:
+            raise LoramError(f"--eval {s!r} is not NAME=FILE: e.g. --eval alpaca=held_out.json")
+        if name in out:
+            raise LoramError(f"--eval name {name!r} given twice: give each held-out set its own name")
+        out[name] = f
+    return out
+
+
+def record(stage: str, values: dict):
+    """The stage's record from knob values as flags give them or as a (checked) recipe section holds them.
+
+    Train/align: ``data`` is a list of FILE[=WEIGHT] specs, ``eval`` NAME=FILE specs (flags) or a
+    mapping (recipe), ``targets`` comma text or a list. Knobs that are not record fields (--resume)
+    are left to the caller."""
+    cls = record_class(stage)
+    names = {f.name for f in fields(cls)}
+    v = {k: x for k, x in values.items() if k in names}
+    if stage in ("train", "align"):
+        v["data"], v["data_weights"] = parse_data(v["data"])
+        if isinstance(v.get("eval"), list):
+            v["eval"] = parse_evals(v["eval"])
+        if "targets" in v:
+            t = v["targets"]
+            v["targets"] = tuple(x.strip() for x in (t.split(",") if isinstance(t, str) else t) if x.strip())
+    try:  # a recipe's knobs were checked by check_recipe_section; this catches what only the record knows
+        return cls(**v)
+    except TypeError as e:
+        raise LoramError(f"recipe {stage}: {e}") from None
+
+
+# ---- a recipe section ------------------------------------------------------------------------------
+def check_recipe_section(stage: str, cfg: dict) -> dict:
+    """``cfg`` with every knob checked by its flag's validator; quoted numbers become numbers.
+    Unknown knobs are refused by the caller (it names the recipe)."""
+    table = knobs(stage)
+    out = dict(cfg)
+    for name, v in cfg.items():
+        where, k = f"{stage}.{name}", table[name]
+        if v is None:
+            if k.flag and k.default is not None:
+                raise LoramError(f"{where} is empty: give a value or delete the line (default {k.default})")
+        elif k.check is not None:
+            parsed = k.check.named(where).value(v)
+            out[name] = parsed if isinstance(v, str) else v  # numbers as written: the stage hash stays the same
+        elif k.switch and not isinstance(v, bool):
+            raise LoramError(f"{where} = {v!r} is not a boolean: write true or false")
+        elif k.choices is not None and v not in k.choices:
+            raise LoramError(f"{where} = {v!r} is not one of {', '.join(map(str, k.choices))}: pick one")
+    if stage == "prune" and cfg.get("layers") is not None and not isinstance(cfg["layers"], str):
+        raise LoramError(f"prune.layers {cfg['layers']!r} is not START:END text: write e.g. layers: \"4:28\"")
+    if stage == "eval" and cfg.get("target", "merged") not in EVAL_TARGETS:
+        raise LoramError(f"eval.target {cfg['target']!r} is unknown: use {', '.join(EVAL_TARGETS)}")
+    return out
