@@ -98,7 +98,8 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     """Continual pre-training of a pruned model folder; writes an aligned pruned model folder."""
     from .data import ListDataset, chunk_tokens, collate, read_texts
     from .plan import has_plan
-    from .pruned import load_pruned, save_pruned
+    from .loading import load_pruned_model
+    from .pruned import save_pruned
     from .validate import check_config
 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
@@ -117,8 +118,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
         cfg.steps, cfg.epochs = steps_for_tokens(cfg.tokens, cfg, int(os.environ.get("WORLD_SIZE", "1"))), None
     evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
     torch.manual_seed(cfg.seed)
-    model = load_pruned(pruned, dtype=torch.float32, device_map="auto")
-    plan = model.loram_plan
+    model, plan = load_pruned_model(pruned, dtype=torch.float32, device_map="auto")
     model.train()
     model.config.use_cache = False
     set_trainable(model, cfg.train_embeddings, cfg.train_lm_head)
