@@ -1,4 +1,4 @@
-"""Reading models safely and writing folders atomically.
+"""Locating models safely and writing folders atomically (weights: weights.py; loading: loading.py).
 
 Rules: safetensors, GGUF and JSON only (never torch.load / pickle), no trust_remote_code unless
 the user asks, and every output folder appears complete or not at all:

@@ -26,7 +26,7 @@ from torch import nn
 from .errors import LoramError, warn
 from .families import COL_PRUNED, ROLES, decoder_layers, geometry, layer_module, MODULE_OF_ROLE
 from .plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan
-from .weights import safetensors_files, safetensors_metadata, write_safetensors_metadata
+from .weights import mismatch, safetensors_files, safetensors_metadata, write_safetensors_metadata
 
 
 # ---- binding weights to their plan ------------------------------------------------------------
@@ -153,12 +153,12 @@ def materialize_buffers(model, device="cpu") -> None:
 
 def load_state_into(model, sd: dict, where: str) -> None:
     """Assign tensors into a meta skeleton; every key must match in name and shape."""
-    own = model.state_dict()
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in sd.items()}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    missing = [k for k in own if k not in sd and not (tied and k == "lm_head.weight")]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
+    m = mismatch(have, own, tied, ignore=None)
+    missing, unexpected, wrong = m.missing, m.unexpected, [f"{k} {have[k]} vs {own[k]}" for k in m.wrong]
+    if m:
         detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "") + \
                  (f" wrong shape {wrong[:3]}" if wrong else "")
         raise LoramError(f"config/plan and weights in {where} disagree ({detail.strip()}): the folder is inconsistent, re-create it")
