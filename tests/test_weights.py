@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from loram import nf4
 from loram.errors import LoramError
-from loram.testing import tiny_model, tiny_tokenizer
+from loram.testing import tiny_model
 from loram.weights import INDEX_FILE, ShardWriter, Weights, safetensors_metadata
 
 
@@ -93,7 +93,7 @@ def test_nf4_round_trip_of_the_installed_bitsandbytes():
 def test_nf4_refuses_a_bitsandbytes_that_quantises_wrongly(monkeypatch):
     import bitsandbytes.functional as F
 
-    nf4.require_bnb.cache_clear()
+    nf4.check_round_trip.cache_clear()
     monkeypatch.setattr(F, "dequantize_4bit", lambda q, state: torch.zeros(state.shape))  # what a broken build returns
     try:
         with pytest.raises(LoramError) as e:
@@ -101,13 +101,13 @@ def test_nf4_refuses_a_bitsandbytes_that_quantises_wrongly(monkeypatch):
         msg = str(e.value)
         assert "\n" not in msg and "100% relative error" in msg and msg.endswith("pip install 'bitsandbytes<0.49'")
     finally:
-        nf4.require_bnb.cache_clear()
+        nf4.check_round_trip.cache_clear()
 
 
 def test_nf4_check_runs_once_per_process(monkeypatch):
     calls = []
     real = nf4.round_trip_error
-    nf4.require_bnb.cache_clear()
+    nf4.check_round_trip.cache_clear()
     monkeypatch.setattr(nf4, "round_trip_error", lambda: calls.append(1) or real())
     lin = torch.nn.Linear(64, 8, bias=False)
     nf4.nf4_linear(lin.weight.data, None)

@@ -30,18 +30,23 @@ ABSMAX_SIGMAS = 2.5  # E[max |x|] over 64 N(0, s^2) draws ~ 2.4 s
 ROUND_TRIP_OK = 0.15
 
 
-@functools.cache
 def require_bnb():
     """bitsandbytes, imported and checked (see module doc); one line naming the fix otherwise."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise LoramError("--quantize nf4 needs bitsandbytes: pip install 'loram[nf4]' (or pip install bitsandbytes)") from None
+    check_round_trip(bnb.__version__)
+    return bnb
+
+
+@functools.cache
+def check_round_trip(version: str) -> None:
+    """Refuse a bitsandbytes whose NF4 round trip is off; runs once per process (a failure is not cached)."""
     err = round_trip_error()
     if not err <= ROUND_TRIP_OK:
-        raise LoramError(f"bitsandbytes {bnb.__version__} quantises NF4 wrongly here (a 64x64 Gaussian comes back with "
+        raise LoramError(f"bitsandbytes {version} quantises NF4 wrongly here (a 64x64 Gaussian comes back with "
                          f"{err:.0%} relative error, expected ~9%): pip install 'bitsandbytes<0.49'")
-    return bnb
 
 
 def round_trip_error() -> float:
