@@ -4,7 +4,7 @@
     MLP 28672, vocab 128256, untied)  ->  random structured plan, ratio 0.85 on layers 4:78
     ->  loram.build.build_pruned(quantize="nf4", dtype=bf16): built layer by layer, NF4 + double
         quant decoder linears, bf16 embeddings / lm_head / norms, never the 70B
-    ->  loram.build.trial_steps: LoRA r 8 on q,k,v,o,gate,up,down, batch 1, gradient checkpointing,
+    ->  loram.planner.trial.trial_steps: LoRA r 8 on q,k,v,o,gate,up,down, batch 1, gradient checkpointing,
         AdamW, fp32 compute over the NF4/bf16 storage (see build.py for why on this CPU)
 
 Each sequence length runs in a fresh child process under a hard timeout, one at a time, and only
@@ -48,7 +48,9 @@ def child(cfg: dict) -> dict:
     pin_mmap_threshold()  # the planner's convention (see loram.memory): freed buffers leave RSS
     baseline = rss_gb()
 
-    from loram.build import build_pruned, random_plan, trial_steps
+    from loram.build import build_pruned
+    from loram.planner.trial import trial_steps
+    from loram.prune.random_plan import random_plan
     from loram.planner import TrainSettings, predict, preset_config
 
     preset, layers = cfg.get("preset", PRESET), cfg.get("layers", LAYERS)

@@ -4,7 +4,7 @@
     nice -n 5 python benchmarks/memory_speed.py --only tinyllama-lora-stock tinyllama-loram-stock
 
 Pairs (LoRA on the original vs LoRA on its pruned copy), weights stored in bf16:
-    smollm2     SmolLM2-135M-Instruct (`loram.io.load_model("smollm2")`) vs its random structured
+    smollm2     SmolLM2-135M-Instruct (`loram.loading.load_model("smollm2")`) vs its random structured
                 prune, ratio 0.5 on layers 4:28 (`loram prune smollm2 --method random --ratio 0.5
                 --layers 4:28`, loaded with `loram.load_pruned`): 1.41x fewer parameters
     tinyllama   TinyLlama-1.1B geometry (hidden 2048, 22 layers, 32 / 4 KV heads, MLP 5632, vocab
@@ -70,12 +70,13 @@ def build(cfg: dict):
 
     if cfg["model"] == "smollm2":
         from loram import load_pruned
-        from loram.io import load_model
+        from loram.loading import load_model
 
         return load_model("smollm2", dtype=torch.bfloat16) if cfg["scheme"] == "lora" else load_pruned(PRUNED_SMOLLM2, dtype=torch.bfloat16)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loram.build import build_pruned, random_plan
+    from loram.build import build_pruned
+    from loram.prune.random_plan import random_plan
 
     config = LlamaConfig(**TINYLLAMA)
     if cfg["scheme"] == "loram":
@@ -93,7 +94,7 @@ def _stock_bf16(config):
     from loram.pruned import materialize_buffers, skeleton
 
     model = skeleton(config, None, dtype=torch.bfloat16)
-    src = _Source("random", None, config, seed=0)
+    src = _Source(None, None, config, seed=0)  # no weights: random
     for name, mod in list(model.named_modules()):
         if any(True for _ in mod.parameters(recurse=False)):
             _assign(mod, name + ".", src, torch.bfloat16)
@@ -107,7 +108,7 @@ def fp32_over_bf16(model) -> None:
 
     import torch
 
-    from loram.build import _ChunkedLinear  # the chunked cast `loram plan --try` uses for NF4/bf16 storage
+    from loram.planner.trial import _ChunkedLinear  # the chunked cast `loram plan --try` uses for NF4/bf16 storage
 
     def fwd(mod, x):
         y = _ChunkedLinear.apply(x.float(), mod.weight, CHUNK_ROWS)

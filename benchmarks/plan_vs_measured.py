@@ -65,7 +65,7 @@ def build(cfg: dict):
     DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loram.io import load_model
+    from loram.loading import load_model
 
     if cfg["model"] == "smollm2":
         return load_model("smollm2", dtype=DTYPE[cfg["precision"]])

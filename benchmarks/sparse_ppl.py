@@ -76,7 +76,8 @@ def main() -> None:
 
     import transformers
 
-    from loram.io import load_model, load_tokenizer
+    from loram.io import load_tokenizer
+    from loram.loading import load_model
     from loram.prune.pattern import parse_pattern
     from loram.prune.sparse import layer_errors, sparsify
     from loram.prune.structured import calibration_batches

@@ -157,7 +157,7 @@ def _kill_when_writing(proc: subprocess.Popen, parent: Path, name: str, extra_s:
 
 def _check_absent_or_complete(out: Path) -> str:
     """What a later command sees: no folder, or one that loads completely."""
-    from loram.pruned import load_pruned
+    from loram.loading import load_pruned
 
     if not out.exists():
         return "absent"

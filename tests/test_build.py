@@ -10,7 +10,11 @@ from loram import build as B
 from loram.errors import LoramError
 from loram.plan import PrunePlan
 from loram.prune import prune
-from loram.pruned import count_params, load_pruned
+from loram import weights as W
+from loram.loading import load_pruned
+from loram.planner import trial as T
+from loram.prune import random_plan as R
+from loram.pruned import count_params
 from loram.testing import tiny_model, tiny_tokenizer
 
 
@@ -62,7 +66,7 @@ def test_reads_only_kept_slices_one_tensor_at_a_time(sharded, monkeypatch):
     plan = PrunePlan.load(pruned)
     g = B.geometry(plan.base_config())
     reads, open_now, max_open = [], [0], [0]
-    real = B.safe_open
+    real = W.safe_open
 
     class Handle:
         def __init__(self, f, framework):
@@ -93,8 +97,8 @@ def test_reads_only_kept_slices_one_tensor_at_a_time(sharded, monkeypatch):
                     return t
             return Slice()
 
-    monkeypatch.setattr(B, "safe_open", Handle)
-    monkeypatch.setattr(B, "CHUNK_BYTES", 4 * 48 * 4)  # column selection: 4-row chunks of down_proj [48, 40]
+    monkeypatch.setattr(W, "safe_open", Handle)
+    monkeypatch.setattr(W, "CHUNK_BYTES", 4 * 48 * 4)  # column selection: 4-row chunks of down_proj [48, 40]
     B.build_pruned(None, plan, source=base, dtype=torch.float32)
     assert max_open[0] == 1  # one shard handle at a time
     pruned_names = {n for n in {r[0] for r in reads} if B.kept_indices(plan, g, n) != (None, None)}
@@ -107,7 +111,7 @@ def test_reads_only_kept_slices_one_tensor_at_a_time(sharded, monkeypatch):
         if rows is not None:  # only kept rows are read
             assert sum(n for _, n, _ in mine) == len(rows) * full // mine[0][2][0]
         else:  # row chunks of <= CHUNK_BYTES
-            assert len(mine) > 1 and all(n * 4 <= B.CHUNK_BYTES for _, n, _ in mine)
+            assert len(mine) > 1 and all(n * 4 <= W.CHUNK_BYTES for _, n, _ in mine)
 
 
 def test_cli_writes_a_folder_load_pruned_reads(sharded, tmp_path):
@@ -137,7 +141,7 @@ def test_random_build_from_config_alone(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     assert _cli([str(tmp_path / "config.json"), "--ratio", "0.5", "--layers", "1:5", "--plan-only", "-o", str(tmp_path / "p")]) == 0
     plan = PrunePlan.load(tmp_path / "p")
-    assert plan.base["fingerprint"]["scheme"] == B.RANDOM_SCHEME and plan.method == "random"
+    assert plan.base["fingerprint"]["scheme"] == R.RANDOM_SCHEME and plan.method == "random"
     ids = torch.randint(3, 256, (1, 8))
     for quantize in (None, "nf4"):
         m = B.build_pruned(cfg, plan, quantize=quantize)
@@ -157,7 +161,7 @@ def test_refuses_mismatched_sources(sharded, tmp_path):
     other = _sharded(tmp_path / "other", seed=7)
     with pytest.raises(LoramError, match="not the model the plan was made for"):
         B.build_pruned(None, plan, source=other)
-    rplan = B.random_plan(plan.base_config(), 0.5)
+    rplan = R.random_plan(plan.base_config(), 0.5)
     with pytest.raises(LoramError, match="made for random weights"):
         B.build_pruned(None, rplan, source=base)
     with pytest.raises(LoramError, match="config differs"):
@@ -168,7 +172,7 @@ def test_refuses_mismatched_sources(sharded, tmp_path):
 
 def test_frozen_linear_matches_linear_without_copying_the_weight():
     lin = torch.nn.Linear(12, 30, bias=False).to(torch.bfloat16)
-    fl = B.FrozenLinear(lin.weight, chunk_rows=7)  # chunks that do not divide the rows
+    fl = T.FrozenLinear(lin.weight, chunk_rows=7)  # chunks that do not divide the rows
     x = torch.randn(2, 5, 12, requires_grad=True)
     y = fl(x)
     ref_w = lin.weight.detach().float()
@@ -183,12 +187,12 @@ def test_trial_steps_and_plan_try_on_a_tiny_config():
 
     cfg = tiny_model("llama-bias").config
     cfg.tie_word_embeddings = False
-    plan = B.random_plan(cfg, 0.5)
-    r = B.try_plan(cfg, plan, TrainSettings(seq_len=16, grad_checkpointing=True), "nf4", steps=2)
+    plan = R.random_plan(cfg, 0.5)
+    r = T.try_plan(cfg, plan, TrainSettings(seq_len=16, grad_checkpointing=True), "nf4", steps=2)
     assert r["scheme"] == "QLoRAM" and r["precision"] == "fp32" and r["params"] == plan.extra["params_pruned"]
     assert isinstance(r["measured_gb"], float) and r["predicted_gb"] > 0 and r["s_per_step"] > 0
     m = B.build_pruned(cfg, plan, dtype=torch.float32)
-    t = B.trial_steps(m, 16, steps=2, grad_checkpointing=False)
+    t = T.trial_steps(m, 16, steps=2, grad_checkpointing=False)
     assert len(t.losses) == 2 and all(map(lambda v: v == v, t.losses)) and t.trainable_params > 0
 
 
@@ -211,7 +215,7 @@ def test_random_nf4_build_holds_only_its_packed_codes():
     """Each random NF4 linear stores ceil(n/2) code bytes (+ < 8 bytes of its int64 draw buffer):
     no second layer-sized copy is made and freed (such copies fragment glibc's heap, see memory.py)."""
     cfg = tiny_model("llama-gqa").config
-    plan = B.random_plan(cfg, 0.5, layers="1:3")
+    plan = R.random_plan(cfg, 0.5, layers="1:3")
     q = B.build_pruned(cfg, plan, quantize="nf4")
     w = q.model.layers[1].mlp.up_proj.weight
     n = w.quant_state.shape.numel()

@@ -29,7 +29,7 @@ def make_pruned_adapter(pruned_dir: Path, out: Path, rank: int = 4, seed: int = 
     """What `loram train` writes, without training: random non-zero lora_A/B on the pruned model."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from loram.pruned import load_pruned
+    from loram.loading import load_pruned
 
     model = load_pruned(pruned_dir)
     pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0))
@@ -396,13 +396,13 @@ def test_output_not_writable(capsys, w, tmp_path):
 def no_weights(monkeypatch):
     """Loading a model fails the test: these errors must come first."""
     import loram.eval
-    import loram.pruned
+    import loram.loading
     import loram.train
 
     def refuse(*a, **kw):
         raise AssertionError("the weights were loaded before the error")
 
-    for mod, name in ((loram.train, "load_base"), (loram.pruned, "load_pruned"), (loram.eval, "load_for_eval")):
+    for mod, name in ((loram.train, "load_base"), (loram.loading, "load_pruned_model"), (loram.eval, "load_for_eval")):
         monkeypatch.setattr(mod, name, refuse)
 
 
@@ -513,7 +513,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the adapter was checked")
 
     monkeypatch.setattr(loram.merge, "load_model", refuse)
-    monkeypatch.setattr("loram.pruned.load_pruned", refuse)
+    monkeypatch.setattr("loram.loading.load_pruned_model", refuse)
 
 
 def test_adapter_config_rank_zero(capsys, w, tmp_path):

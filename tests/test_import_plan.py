@@ -13,7 +13,8 @@ from loram.prune import base_fingerprint
 from loram.prune.pattern import parse_pattern
 from loram.prune.structured import select
 from loram.prune.wanda import magnitude_mask
-from loram.pruned import apply_plan, load_pruned
+from loram.loading import load_pruned
+from loram.pruned import apply_plan
 from loram.testing import tiny_model, tiny_tokenizer
 
 

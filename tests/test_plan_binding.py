@@ -16,7 +16,7 @@ from loram.adapter import ADAPTER_META, ADAPTER_WEIGHTS
 from loram.cli import main
 from loram.errors import LoramError
 from loram.families import ROLES, geometry
-from loram.io import safetensors_files, safetensors_metadata
+from loram.weights import safetensors_files, safetensors_metadata
 from loram.plan import META_PLAN_DIGEST, META_PLAN_ID, PLAN_FILE, PrunePlan
 from test_errors import edit_json, fails, make_pruned_adapter
 
@@ -50,7 +50,7 @@ def header(f: Path) -> dict:
 
 def patch_header(f: Path, fn) -> None:
     """Rewrite the JSON header of ``f`` in place (tensor bytes untouched); ``fn`` edits the dict."""
-    from loram.io import write_safetensors_metadata
+    from loram.weights import write_safetensors_metadata
 
     write_safetensors_metadata(f, f, {})  # normalise (our writer), then edit the dict by hand
     b = f.read_bytes()
@@ -100,7 +100,7 @@ def test_writers_bind_plan(w, tmp_path):
 
 
 def test_swapped_plan_refused_by_loader(w, tmp_path):
-    from loram.pruned import load_pruned
+    from loram.loading import load_pruned
 
     p = copy(w.pruned, tmp_path / "P")
     swap_plan(p, w.pruned2)
@@ -132,7 +132,7 @@ def test_adapter_with_swapped_plan_of_same_widths(capsys, w, tmp_path):
 
 def test_shards_with_different_plans(capsys, w, tmp_path):
     p = copy(w.pruned, tmp_path / "P")
-    from loram.io import write_safetensors_metadata
+    from loram.weights import write_safetensors_metadata
 
     write_safetensors_metadata(p / "model.safetensors", p / "model.safetensors", {META_PLAN_DIGEST: "0" * 16})
     fails(capsys, "generate", p, "--prompt", "hi", expect="loram_plan.json does not describe the weights in")
@@ -140,7 +140,7 @@ def test_shards_with_different_plans(capsys, w, tmp_path):
 
 def test_legacy_folder_loads_with_warning(capsys, w, tmp_path):
     """Folders written before the binding (no metadata) still load, with one warning naming the risk."""
-    from loram.pruned import load_pruned
+    from loram.loading import load_pruned
 
     p = copy(w.pruned, tmp_path / "P")
     strip_binding(p / "model.safetensors")
@@ -195,12 +195,12 @@ def test_i32_header_in_base(capsys, w, tmp_path):
 
 
 def test_i32_header_in_checkpoint_for_build(w, tmp_path):
-    from loram.build import Checkpoint
+    from loram.weights import Weights
 
     b = copy(w.base, tmp_path / "b")
     patch_header(b / "model.safetensors", _i32("model.norm.weight"))
     with pytest.raises(LoramError, match="is stored as I32"):
-        Checkpoint(b)
+        Weights(b, use_index=True)
 
 
 # ---- a tensor stored twice across shards -------------------------------------------------------------
@@ -226,8 +226,8 @@ def test_tensor_twice_in_pruned_folder(capsys, w, tmp_path):
 
 
 def test_index_disagrees_with_shards(w, tmp_path):
-    """build's Checkpoint trusts the index only where the shards' headers agree with it."""
-    from loram.build import Checkpoint
+    """build's weight reader trusts the index only where the shards' headers agree with it."""
+    from loram.weights import Weights
 
     b = copy(w.base, tmp_path / "b")
     (b / "model.safetensors").rename(b / "model-00001-of-00001.safetensors")
@@ -239,7 +239,7 @@ def test_index_disagrees_with_shards(w, tmp_path):
     wm["model.norm.weight"] = "model-00002-of-00002.safetensors"
     (b / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     with pytest.raises(LoramError, match="puts model.norm.weight in model-00002-of-00002.safetensors, which does not hold it"):
-        Checkpoint(b)
+        Weights(b, use_index=True)
 
 
 # ---- item 10: one plan loader validates every field ------------------------------------------------

@@ -54,7 +54,7 @@ def test_closed_form_equals_meta_build(family):
 def test_equals_the_model_loram_prune_writes(family, tmp_path):
     from loram.io import load_config
     from loram.prune import prune
-    from loram.pruned import load_pruned
+    from loram.loading import load_pruned
 
     base = save_tiny(tmp_path / "base", family)
     config = load_config(base)

@@ -8,10 +8,11 @@ import torch
 
 from loram.families import geometry, layer_module
 from loram.fingerprint import fingerprint_model, fingerprint_safetensors, same_model
-from loram.io import safetensors_files
+from loram.weights import safetensors_files
 from loram.plan import PLAN_FILE, PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
 from loram.prune import prune
-from loram.pruned import count_params, load_pruned
+from loram.loading import load_pruned
+from loram.pruned import count_params
 from loram.testing import TINY, save_tiny, tiny_model
 
 

@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 
 
 def load_pruned(path, quantize=None, dtype=None, device_map="cpu"):
-    """Load a pruned model folder in one call (see loram.pruned.load_pruned)."""
+    """Load a pruned model folder in one call (see loram.loading.load_pruned)."""
     import torch
 
-    from .pruned import load_pruned as _load
+    from .loading import load_pruned as _load
 
     return _load(path, quantize=quantize, dtype=dtype or torch.float32, device_map=device_map)
 

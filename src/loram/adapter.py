@@ -85,7 +85,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .io import safetensors_headers
+    from .weights import safetensors_headers
 
     p = check_adapter_dir(path) / ADAPTER_WEIGHTS
     safetensors_headers([p])  # headers first: a non-float dtype would be read as integers

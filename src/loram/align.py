@@ -83,7 +83,8 @@ def corpus_blocks(tok, cfg: AlignConfig) -> list:
 def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = False, overwrite: bool = False,
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
     """Continual pre-training of a pruned model folder; writes an aligned pruned model folder."""
-    from .pruned import load_pruned, save_pruned  # looked up per call: tests swap load_pruned to prove errors come first
+    from .loading import load_pruned_model  # looked up per call: tests swap it to prove errors come first
+    from .pruned import save_pruned
 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
@@ -101,8 +102,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
         cfg.steps, cfg.epochs = steps_for_tokens(cfg.tokens, cfg, int(os.environ.get("WORLD_SIZE", "1"))), None
     evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
     torch.manual_seed(cfg.seed)
-    model = load_pruned(pruned, dtype=torch.float32, device_map="auto")
-    plan = model.loram_plan
+    model, plan = load_pruned_model(pruned, dtype=torch.float32, device_map="auto")
     model.train()
     model.config.use_cache = False
     set_trainable(model, cfg.train_embeddings, cfg.train_lm_head)

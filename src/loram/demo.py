@@ -161,7 +161,8 @@ def write_task(out: Path, cfg: DemoConfig):
 def prepare_base(out: Path, cfg: DemoConfig):
     """(base folder, model, tokenizer): a plain safetensors copy of the model, so every later stage
     loads in seconds and fingerprints without re-reading the GGUF."""
-    from .io import load_model, load_tokenizer
+    from .io import load_tokenizer
+    from .loading import load_model
 
     base = out / "base"
     if cfg.smoke:

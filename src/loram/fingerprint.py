@@ -30,7 +30,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import LoramError
 from .families import is_tied_head, ties_embeddings
+from .io import load_config, resolve_model
+from .loading import load_model
+from .weights import safetensors_files, safetensors_headers
 
 SCHEME = "sampled-bf16-v1"
 VERIFY_MODES = ("sampled", "full")  # --verify-base
@@ -112,8 +116,6 @@ def fingerprint_safetensors(files: list[Path], config) -> dict:
     """Fingerprint of a safetensors checkpoint, reading only the sampled rows (no full load)."""
     from safetensors import safe_open
 
-    from .io import safetensors_headers
-
     tied = ties_embeddings(config)
     # a truncated or corrupt file, a tensor in two shards or a non-float dtype is a one-line user error
     headers = safetensors_headers(files)
@@ -129,6 +131,26 @@ def fingerprint_safetensors(files: list[Path], config) -> dict:
             yield name, shape, _tensor_sample(shape, lambda r, sl=sl: sl[:] if r is None else sl[r : r + 1])
 
     return _finish(config, items())
+
+
+def base_fingerprint(name: str | Path, model=None, verify: str = "sampled") -> dict:
+    """Fingerprint of an original model: from its safetensors files when it is a local folder
+    (no load needed, fast for 70B), else from the loaded tensors (GGUF, hub).
+    verify="full" also records the digest of every byte of its weight files (fingerprint["full"])."""
+    check_verify(verify)
+    path, gguf = resolve_model(name)
+    if gguf is None and Path(path).is_dir():
+        fp = fingerprint_safetensors(safetensors_files(path), load_config(name).to_dict())
+    else:
+        fp = fingerprint_model(model if model is not None else load_model(name))
+    if verify == "full":
+        fp["full"] = full_digest(weight_files(name))  # outside fp["id"]: sampled and full plans share their id
+    return fp
+
+
+def check_verify(verify: str) -> None:
+    if verify not in VERIFY_MODES:
+        raise LoramError(f"--verify-base {verify!r} is unknown: use {' or '.join(VERIFY_MODES)}")
 
 
 def same_model(a: dict, b: dict) -> bool:
@@ -189,3 +211,27 @@ def full_digest(files: list[Path]) -> str:
     if changed:
         _write_cache(path, cache)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def weight_files(name: str | Path) -> list[Path]:
+    """The files holding a local model's weights (safetensors shards or the .gguf) for a full digest."""
+    path, gguf = resolve_model(name)
+    if gguf is not None:
+        return [Path(path) / gguf]
+    if not Path(path).is_dir():
+        raise LoramError(f"--verify-base full hashes local files, and {name} is a hub id: download it and pass the folder")
+    return safetensors_files(path)
+
+
+def check_base_full(expected: dict, base: str | Path, subject: str, made: str) -> None:
+    """--verify-base full: every byte of ``base``'s weight files must be the ones recorded in ``expected``
+    (``subject`` ``made``: e.g. "this adapter's plan" "was made from", for the messages)."""
+    want = expected.get("full")
+    if not want:
+        raise LoramError(f"{subject} records no full digest of its base (it was made without --verify-base full): "
+                         "re-create the plan with `loram prune ... --verify-base full`, or drop --verify-base full "
+                         "to check the sampled fingerprint")
+    got = full_digest(weight_files(base))
+    if got != want:
+        raise LoramError(f"base {base} is not byte for byte the model {subject} {made} (full digest {got[:16]}, "
+                         f"expected {want[:16]}): pass the original model, unmodified")

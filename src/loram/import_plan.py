@@ -43,10 +43,12 @@ import torch
 
 from .errors import LoramError
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, geometry
-from .fingerprint import config_digest
-from .io import (atomic_dir, check_output, load_config, load_model, refuse_pickle_only, releases_locks, resolve_model,
-                 safetensors_files, safetensors_headers, safetensors_shapes)
+from .fingerprint import base_fingerprint, check_verify, config_digest
+from .io import atomic_dir, check_output, load_config, load_tokenizer, refuse_pickle_only, releases_locks, resolve_model
+from .loading import load_model
 from .plan import LayerPlan, PrunePlan
+from .pruned import skeleton_shapes
+from .weights import Weights, mismatch, write_safetensors_metadata
 
 NM_GROUPS = (4, 8)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -54,35 +56,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 # ---- reading checkpoints one tensor at a time --------------------------------------------------
-class Tensors:
-    """Named tensors of a checkpoint: lazily from a local safetensors folder, else from a loaded model."""
-
-    def __init__(self, name: str | Path, need_config: bool = True):
-        self.name = str(name)
-        p = Path(self.name)
-        if p.is_dir() and not need_config:
-            refuse_pickle_only(p)
-            self._files = safetensors_files(p)
-        else:
-            path, gguf = resolve_model(name)  # refuses pickles with a conversion hint
-            self._files = safetensors_files(path) if gguf is None and Path(path).is_dir() else None
-        if self._files is not None:
-            headers = safetensors_headers(self._files)
-            self.shapes = {k: h.shape for k, h in headers.items()}
-            self._where = {k: h.file for k, h in headers.items()}
-            self._sd = None
-        else:
-            model = load_model(name)
-            self._sd = model.state_dict()
-            self.shapes = {k: tuple(v.shape) for k, v in self._sd.items()}
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._sd is not None:
-            return self._sd[key]
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[key]), framework="pt") as h:
-            return h.get_tensor(key)
+def open_weights(name: str | Path, need_config: bool = True) -> Weights:
+    """A checkpoint's tensors: lazily from a local safetensors folder, else (GGUF, hub) from the loaded model."""
+    p = Path(str(name))
+    if p.is_dir() and not need_config:
+        refuse_pickle_only(p)
+        return Weights(p)
+    path, gguf = resolve_model(name)  # refuses pickles with a conversion hint
+    if gguf is None and Path(path).is_dir():
+        return Weights(path)
+    return Weights.from_state_dict(load_model(name).state_dict(), str(name))
 
 
 def _weight_key(layer: int, role: str, what: str = "weight") -> str:
@@ -90,8 +73,8 @@ def _weight_key(layer: int, role: str, what: str = "weight") -> str:
 
 
 def _check_names(have: dict, want: dict, where: str, tied: bool) -> None:
-    missing = [k for k in want if k not in have and not (tied and k == "lm_head.weight")]
-    unexpected = [k for k in have if k not in want and not k.endswith("rotary_emb.inv_freq")]
+    m = mismatch(have, want, tied)
+    missing, unexpected = m.missing, m.unexpected
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise LoramError(f"the tensors of {where} do not match the original's architecture ({len(missing)} missing, "
@@ -107,14 +90,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a.float(), b.float(), rtol=eps, atol=1e-12)
 
 
-def _write_folder(tmp: Path, src: Tensors, config, tokenizer_from: list[str | Path], plan: PrunePlan) -> None:
+def _write_folder(tmp: Path, src: Weights, config, tokenizer_from: list[str | Path], plan: PrunePlan) -> None:
     """Copy the weight files (tensor bytes unchanged, the plan binding added to their header); write the
     original config, a tokenizer and the plan."""
-    from .io import load_tokenizer, write_safetensors_metadata
-
-    for f in src._files:
+    for f in src.files:
         write_safetensors_metadata(f, tmp / f.name, plan.metadata())
-    idx = Path(src._files[0]).parent / "model.safetensors.index.json"
+    idx = Path(src.files[0]).parent / "model.safetensors.index.json"
     if idx.exists():
         shutil.copy(idx, tmp / idx.name)
     d = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}  # GGUF originals carry it
@@ -132,20 +113,16 @@ def _write_folder(tmp: Path, src: Tensors, config, tokenizer_from: list[str | Pa
 
 
 def _base_record(base, config, verify_base: str = "sampled") -> dict:
-    from .prune import base_fingerprint
-
     d = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
     return {"name": str(base), "config": d, "fingerprint": base_fingerprint(base, verify=verify_base)}
 
 
 def _verify_loadable(out: Path, plan: PrunePlan, config) -> None:
     """Every tensor name and shape of the written folder matches the plan's model (headers only)."""
-    from .pruned import skeleton
-
-    want = {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
-    have = safetensors_shapes(safetensors_files(out))
+    want = skeleton_shapes(config, plan)
+    have = Weights(out).shapes
     _check_names(have, want, str(out), bool(getattr(config, "tie_word_embeddings", False)))
-    wrong = [f"{k} {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    wrong = [f"{k} {have[k]} vs {want[k]}" for k in mismatch(have, want, False).wrong]
     if wrong:
         raise LoramError(f"{len(wrong)} tensors do not have the shape the plan gives (e.g. {wrong[0]}): the kept-index "
                          "lists do not describe this checkpoint")
@@ -173,8 +150,6 @@ def nm_pattern(group_maxima: list[dict[int, int]]) -> tuple[int, int] | None:
 @releases_locks
 def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrite: bool = False,
                   verify_base: str = "sampled") -> PrunePlan:
-    from .prune import check_verify
-
     check_output(out, overwrite, inputs=(model, base))
     check_verify(verify_base)
     config = load_config(base)
@@ -182,11 +157,11 @@ def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrit
     if config_digest(load_config(model)) != config_digest(config):
         raise LoramError(f"{model} does not have the architecture of {base} (config differs): a sparse model keeps the "
                          "original's shapes; for a structurally pruned model pass --kept-index")
-    src, orig = Tensors(model), Tensors(base)
-    if src._files is None:
+    src, orig = open_weights(model), open_weights(base)
+    if src.files is None:
         raise LoramError(f"{model} is not a local safetensors folder: save the sparse model with save_pretrained first")
     _check_names(src.shapes, orig.shapes, str(model), g.tied)
-    wrong = [k for k in orig.shapes if k in src.shapes and src.shapes[k] != orig.shapes[k]]
+    wrong = mismatch(src.shapes, orig.shapes, g.tied).wrong
     if wrong:
         raise LoramError(f"{model} changes the shape of {wrong[0]}: a sparse model keeps every shape; for a structurally "
                          "pruned model pass --kept-index")
@@ -250,7 +225,7 @@ def read_kept(path: str | Path) -> dict[int, LayerPlan]:
     return out
 
 
-def _expected(orig: Tensors, key: str, plan: PrunePlan, g) -> torch.Tensor:
+def _expected(orig: Weights, key: str, plan: PrunePlan, g) -> torch.Tensor:
     """The original's tensor restricted to the plan's kept rows/columns."""
     t = orig.get(key)
     parts = key.split(".")
@@ -269,8 +244,6 @@ def _expected(orig: Tensors, key: str, plan: PrunePlan, g) -> torch.Tensor:
 @releases_locks
 def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, out: str | Path,
                       allow_retrained: bool = False, overwrite: bool = False, verify_base: str = "sampled") -> PrunePlan:
-    from .prune import check_verify
-
     check_output(out, overwrite, inputs=(pruned, base, kept))
     check_verify(verify_base)
     config = load_config(base)
@@ -283,12 +256,10 @@ def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, ou
     kept_gr = [len(lp.kv_keep) for lp in layers.values() if lp.kv_keep is not None]
     plan.mlp_ratio = round(1 - sum(kept_ch) / (g.intermediate * len(kept_ch)), 6) if kept_ch else 0.0
     plan.attn_ratio = round(1 - sum(kept_gr) / (g.n_kv_heads * len(kept_gr)), 6) if kept_gr else 0.0
-    src, orig = Tensors(pruned, need_config=False), Tensors(base)
-    from .pruned import skeleton
-
-    want = {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
-    _check_names(src.shapes, want, str(pruned), g.tied)
-    wrong = [f"{k} {src.shapes[k]} vs {want[k]}" for k in want if k in src.shapes and src.shapes[k] != want[k]]
+    src, orig = open_weights(pruned, need_config=False), open_weights(base)
+    want, have = skeleton_shapes(config, plan), src.shapes
+    _check_names(have, want, str(pruned), g.tied)
+    wrong = [f"{k} {have[k]} vs {want[k]}" for k in mismatch(have, want, g.tied).wrong]
     if wrong:
         raise LoramError(f"{len(wrong)} tensors of {pruned} do not have the shape the kept-index lists give (e.g. "
                          f"{wrong[0]}): the lists do not describe this checkpoint")

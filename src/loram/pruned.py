@@ -1,4 +1,4 @@
-"""The pruned model: shrinking modules by a plan, saving, and loading in one call.
+"""The pruned model: shrinking modules by a plan, binding weights to their plan, saving.
 
 A pruned model folder is a normal HF folder plus the plan:
 
@@ -8,8 +8,9 @@ A pruned model folder is a normal HF folder plus the plan:
     tokenizer*, generation_config.json
     loram_plan.json              what was removed (see plan.py)
 
-``load_pruned`` builds the model on the meta device (no memory), shrinks the modules the plan
-names, then assigns the tensors from the safetensors files: the full-size model never exists.
+``skeleton`` builds the model on the meta device (no memory) and shrinks the modules the plan
+names; loading.load_pruned then assigns the tensors from the safetensors files, so the full-size
+model never exists.
 transformers >= 5 has ``per_layer_config`` on configs, but the Llama/Mistral/Qwen2 modeling code
 raises AmbiguousGlobalPerLayerAttributeError when widths vary by layer (checked on 5.24), so the
 plan, not the config, carries the widths.
@@ -22,18 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import LoramError
-from .families import COL_PRUNED, ROLES, decoder_layers, geometry, is_tied_head, layer_module, MODULE_OF_ROLE, ties_embeddings
+from .errors import LoramError, warn
+from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, decoder_layers, geometry, layer_module, ties_embeddings
 from .plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan
-
-QUANTIZED_MARK = "loram_quantized"
+from .weights import mismatch, safetensors_files, safetensors_metadata, write_safetensors_metadata
 
 
 # ---- binding weights to their plan ------------------------------------------------------------
 def bind_plan(files: list[Path], plan: PrunePlan) -> None:
     """Record ``plan``'s id and weights digest in the ``__metadata__`` of each safetensors file (in place)."""
-    from .io import write_safetensors_metadata
-
     for f in files:
         write_safetensors_metadata(f, f, plan.metadata())
 
@@ -45,9 +43,6 @@ def check_plan_binding(files: list[Path], plan: PrunePlan, where: str, fix: str)
     time tells them apart; without this check recovery would scatter the update onto the wrong
     channels. Files written before loram recorded the binding are accepted with a warning.
     """
-    from .errors import warn
-    from .io import safetensors_metadata
-
     bound = {(m.get(META_PLAN_ID), m.get(META_PLAN_DIGEST)) for m in map(safetensors_metadata, files)}
     if bound == {(None, None)}:
         warn(f"the weights in {where} record no plan (written by an older loram): loram cannot check that its "
@@ -119,6 +114,11 @@ def skeleton(config, plan: PrunePlan | None, dtype=torch.float32):
     return model
 
 
+def skeleton_shapes(config, plan: PrunePlan | None) -> dict[str, tuple]:
+    """{tensor name: shape} of the (pruned) model, from the meta skeleton: what its weights must hold."""
+    return {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
+
+
 def materialize_buffers(model, device="cpu") -> None:
     """Non-persistent buffers (rotary inv_freq) are computed at init; recompute them off meta."""
     inner = model.model
@@ -128,31 +128,14 @@ def materialize_buffers(model, device="cpu") -> None:
             inner.rotary_emb = type(rot)(config=model.config)
 
 
-def _read_state_dict(folder: Path, dtype) -> dict:
-    from safetensors import SafetensorError, safe_open
-
-    from .io import safetensors_files
-
-    sd = {}
-    for f in safetensors_files(folder):
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    t = h.get_tensor(k)
-                    sd[k] = t.to(dtype) if t.is_floating_point() else t
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise LoramError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}): re-create or re-download it") from None
-    return sd
-
-
 def load_state_into(model, sd: dict, where: str) -> None:
     """Assign tensors into a meta skeleton; every key must match in name and shape."""
-    own = model.state_dict()
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in sd.items()}
     tied = ties_embeddings(model.config)
-    missing = [k for k in own if k not in sd and not is_tied_head(k, tied)]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
+    m = mismatch(have, own, tied, ignore=None)
+    missing, unexpected, wrong = m.missing, m.unexpected, [f"{k} {have[k]} vs {own[k]}" for k in m.wrong]
+    if m:
         detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "") + \
                  (f" wrong shape {wrong[:3]}" if wrong else "")
         raise LoramError(f"config/plan and weights in {where} disagree ({detail.strip()}): the folder is inconsistent, re-create it")
@@ -161,109 +144,9 @@ def load_state_into(model, sd: dict, where: str) -> None:
         model.tie_weights()
 
 
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise LoramError("--quantize nf4 needs bitsandbytes: pip install 'loram[nf4]' (or pip install bitsandbytes)") from None
-    return bnb
-
-
-def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.bfloat16, device="cpu") -> nn.Module:
-    """A bitsandbytes NF4 (+ double quant) Linear4bit holding ``weight`` [out, in] (quantised from fp32)."""
-    bnb = _bnb()
-    with torch.device("meta"):  # no full-size fp32 init: the weight is replaced below
-        q = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(weight.to("cpu", torch.float32).contiguous(), requires_grad=False,
-                                 compress_statistics=True, quant_type="nf4")
-    if bias is not None:
-        q.bias = nn.Parameter(bias.to("cpu", compute_dtype), requires_grad=False)
-    q = q.to(device)  # .to() performs the quantisation
-    if not getattr(q.weight, "bnb_quantized", False):
-        q.weight = q.weight._quantize(q.weight.device) if hasattr(q.weight, "_quantize") else q.weight
-    return q
-
-
-def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> None:
-    """Replace the nn.Linear modules of one decoder layer by NF4 Linear4bit, one at a time."""
-    for parent_name in ("self_attn", "mlp"):
-        parent = getattr(block, parent_name)
-        for name, lin in list(parent.named_children()):
-            if not isinstance(lin, nn.Linear) or name in skip:
-                continue
-            dev = lin.weight.device
-            q = nf4_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, compute_dtype,
-                           dev if dev.type != "meta" else "cpu")
-            setattr(parent, name, q)
-
-
-def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.Module:
-    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit."""
-    _bnb()
-    for block in decoder_layers(model):
-        quantize_block_nf4(block, compute_dtype, skip)
-    setattr(model, QUANTIZED_MARK, "nf4")
-    return model
-
-
-def _resolve_device(device_map) -> str:
-    if device_map in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(device_map, str):
-        return device_map
-    raise LoramError("device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N' for pruned models")
-
-
-def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu"):
-    """Load a pruned model folder written by `loram prune` (or `loram align`) in one call.
-
-    quantize: None or "nf4" (bitsandbytes NF4 + double quant on the decoder linears, QLoRAM).
-    Returns a stock transformers model (LlamaForCausalLM, ...) with smaller modules.
-    """
-    from transformers import AutoConfig
-
-    from .io import check_checkpoint, read_json, safetensors_files
-
-    path = Path(path)
-    if quantize not in (None, "nf4"):
-        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
-    if quantize == "nf4":
-        _bnb()  # fail fast with the install hint, before reading any weights
-    if not path.is_dir():
-        raise LoramError(f"pruned model folder {path} does not exist: check the path (create it with `loram prune`)")
-    if not (path / "config.json").exists():
-        raise LoramError(f"{path} is not a model folder (no config.json): pass a folder written by `loram prune`")
-    read_json(path / "config.json")
-    plan = PrunePlan.load(path)
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise LoramError(f"cannot read {path / 'config.json'} ({str(e).splitlines()[0]}): re-create the folder with `loram prune`") from None
-    geometry(config)
-    # headers only, before any weight is read: names, shapes and dtypes fit config + plan, and the
-    # plan is the one these weights were written with
-    check_checkpoint(path, config, plan)
-    check_plan_binding(safetensors_files(path), plan, str(path), "re-run `loram prune`")
-    model = skeleton(config, plan, dtype=dtype)
-    load_state_into(model, _read_state_dict(path, dtype), str(path))
-    device = _resolve_device(device_map)
-    materialize_buffers(model, "cpu")
-    if quantize == "nf4":
-        quantize_nf4(model, compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
-    elif quantize is not None:
-        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
-    model.to(device)
-    model.eval()
-    model.loram_plan = plan
-    return model
-
-
 def save_pruned(model, tokenizer, plan: PrunePlan, out: str | Path) -> None:
     """Write a pruned model folder (call inside io.atomic_dir)."""
     out = Path(out)
-    from .io import safetensors_files
-
     model.save_pretrained(str(out), safe_serialization=True)
     bind_plan(safetensors_files(out), plan)
     if tokenizer is not None:

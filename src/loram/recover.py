@@ -123,7 +123,7 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
 
     verify_base="full": also compare every byte of ``base`` with the digest the plan recorded."""
-    from .prune import base_fingerprint, check_base_full, check_verify
+    from .fingerprint import base_fingerprint, check_base_full, check_verify
     from .fingerprint import describe_difference, same_model
 
     adapter = Path(adapter)

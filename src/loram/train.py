@@ -23,7 +23,8 @@ import torch
 from .adapter import ADAPTER_META, STAGE_PRUNED, write_adapter
 from .data import build_dataset, eval_sets, skip_summary
 from .errors import LoramError
-from .io import atomic_dir, check_checkpoint_dir, check_output, load_model, load_tokenizer, releases_locks, write_json
+from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
+from .loading import load_model
 from .plan import has_plan
 from .training import (RunConfig, TrainReport, check_resume_settings, finish, fit, is_main, param_counts, run_settings,
                        save_final)
@@ -47,25 +48,26 @@ class TrainConfig(RunConfig):
 
 # ---- model and LoRA ---------------------------------------------------------------------------
 def load_base(model: str | Path, quantize: str | None, bf16: bool):
-    """(model, plan or None) for a pruned folder or an ordinary model (the tokenizer is loaded first, by train)."""
-    from .pruned import load_pruned, quantize_nf4
+    """(model, plan or None, base fingerprint) for a pruned folder or an ordinary model (the tokenizer is
+    loaded first, by train)."""
+    from .fingerprint import base_fingerprint
+    from .loading import load_pruned_model
+    from .nf4 import quantize_nf4
 
     dtype = torch.bfloat16 if bf16 and quantize is None else torch.float32
     if Path(str(model)).is_dir() and has_plan(model):
-        m = load_pruned(model, quantize=quantize, dtype=dtype, device_map="auto")
-        return m, m.loram_plan
+        m, plan = load_pruned_model(model, quantize=quantize, dtype=dtype, device_map="auto")
+        return m, plan, plan.base["fingerprint"]
     m = load_model(model, dtype=dtype)
-    from .prune import base_fingerprint
-
     # fingerprint the original now: after NF4 or PEFT wrapping the state dict no longer shows its weights
-    m.loram_base_fingerprint = base_fingerprint(model, m)
+    fp = base_fingerprint(model, m)
     if quantize == "nf4":
         quantize_nf4(m)
     elif quantize is not None:
         raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
     if torch.cuda.is_available():
         m.to("cuda")
-    return m, None
+    return m, None, fp
 
 
 def lora_config(cfg: TrainConfig):
@@ -104,7 +106,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
             if skipped["total"]:
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
     torch.manual_seed(cfg.seed)
-    model, plan = load_base(model_name, cfg.quantize, cfg.bf16)
+    model, plan, base_fp = load_base(model_name, cfg.quantize, cfg.bf16)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -115,15 +117,17 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from, eval_dropped)
     if r.trainer.args.process_index == 0:
-        save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs))
+        save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs, base_fp))
     finish(r.trainer)
     return report
 
 
-def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainReport, overwrite: bool, inputs=()) -> None:
+def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainReport, overwrite: bool, inputs=(),
+                 base_fp: dict | None = None) -> None:
+    """``base_fp``: the original's fingerprint taken at load time (load_base), for an adapter of an original."""
     from peft import get_peft_model_state_dict
 
-    from .prune import base_fingerprint
+    from .fingerprint import base_fingerprint
 
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(pm, save_embedding_layers=False).items()}
     lcfg = pm.peft_config["default"].to_dict()
@@ -133,8 +137,7 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
         meta = {"stage": STAGE_PRUNED, "plan_id": plan.id, "base_fingerprint": plan.base["fingerprint"],
                 "base_name": plan.base.get("name"), "trained_on": str(model_name)}
     else:
-        meta = {"stage": "original", "base_fingerprint": getattr(pm.get_base_model(), "loram_base_fingerprint", None)
-                or base_fingerprint(model_name),
+        meta = {"stage": "original", "base_fingerprint": base_fp or base_fingerprint(model_name),
                 "base_name": str(model_name)}
     meta["train"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
     with atomic_dir(out, overwrite, "train", inputs) as tmp:

@@ -54,10 +54,11 @@ def _source(path: str):
 def run(a) -> int:
     import torch
 
-    from ..build import random_plan, write_pruned
+    from ..build import write_pruned
     from ..errors import LoramError
     from ..io import atomic_dir, check_output
     from ..plan import PrunePlan
+    from ..prune.random_plan import random_plan
 
     config, source = _source(a.source)
     inputs = (a.source, a.plan)
@@ -67,7 +68,7 @@ def run(a) -> int:
     elif a.ratio is not None:
         fp = None
         if source != "random":
-            from ..prune import base_fingerprint
+            from ..fingerprint import base_fingerprint
 
             fp = base_fingerprint(source)
         plan = random_plan(config, a.ratio, a.attn_ratio, a.layers, a.seed, name=a.source, fingerprint=fp)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LoramError
 from ..families import geometry
-from ..io import atomic_dir, check_output, load_model, load_tokenizer, releases_locks, resolve_model, safetensors_files
+from ..fingerprint import base_fingerprint, check_verify
+from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
+from ..loading import load_model
 from ..plan import PrunePlan, parse_layers
 from ..pruned import apply_plan, count_params, save_pruned
 from ..validate import check_knobs, check_ratio
+from .report import PruneReport
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured import calibration_batches, importance, select
 from .sparse import METHODS as SPARSE_METHODS
@@ -22,75 +24,8 @@ from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
 
 
-@dataclass
-class PruneReport:
-    out: str
-    plan: PrunePlan
-    params_original: int
-    params_pruned: int
-    seconds: float
-    peak_rss_gb: float
-    params_nonzero: int | None = None  # sparse plans: shapes are kept, zeros in the targeted linears are not counted
-
-    @property
-    def param_reduction(self) -> float:
-        return self.params_original / (self.params_nonzero or self.params_pruned)
-
-
-def base_fingerprint(name: str | Path, model=None, verify: str = "sampled") -> dict:
-    """Fingerprint of an original model: from its safetensors files when it is a local folder
-    (no load needed, fast for 70B), else from the loaded tensors (GGUF, hub).
-    verify="full" also records the digest of every byte of its weight files (fingerprint["full"])."""
-    from ..fingerprint import fingerprint_model, fingerprint_safetensors, full_digest
-    from ..io import load_config
-
-    check_verify(verify)
-    path, gguf = resolve_model(name)
-    if gguf is None and Path(path).is_dir():
-        fp = fingerprint_safetensors(safetensors_files(path), load_config(name).to_dict())
-    else:
-        fp = fingerprint_model(model if model is not None else load_model(name))
-    if verify == "full":
-        fp["full"] = full_digest(weight_files(name))  # outside fp["id"]: sampled and full plans share their id
-    return fp
-
-
-def check_verify(verify: str) -> None:
-    from ..fingerprint import VERIFY_MODES
-
-    if verify not in VERIFY_MODES:
-        raise LoramError(f"--verify-base {verify!r} is unknown: use {' or '.join(VERIFY_MODES)}")
-
-
-def weight_files(name: str | Path) -> list[Path]:
-    """The files holding a local model's weights (safetensors shards or the .gguf) for a full digest."""
-    path, gguf = resolve_model(name)
-    if gguf is not None:
-        return [Path(path) / gguf]
-    if not Path(path).is_dir():
-        raise LoramError(f"--verify-base full hashes local files, and {name} is a hub id: download it and pass the folder")
-    return safetensors_files(path)
-
-
-def check_base_full(expected: dict, base: str | Path, subject: str, made: str) -> None:
-    """--verify-base full: every byte of ``base``'s weight files must be the ones recorded in ``expected``
-    (``subject`` ``made``: e.g. "this adapter's plan" "was made from", for the messages)."""
-    from ..fingerprint import full_digest
-
-    want = expected.get("full")
-    if not want:
-        raise LoramError(f"{subject} records no full digest of its base (it was made without --verify-base full): "
-                         "re-create the plan with `loram prune ... --verify-base full`, or drop --verify-base full "
-                         "to check the sampled fingerprint")
-    got = full_digest(weight_files(base))
-    if got != want:
-        raise LoramError(f"base {base} is not byte for byte the model {subject} {made} (full digest {got[:16]}, "
-                         f"expected {want[:16]}): pass the original model, unmodified")
-
-
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
     """Fail fast, from config.json alone, on --layers / --ratio that cannot fit the model (before loading weights)."""
-    from ..io import load_config
     from ..plan import kept_mlp_channels
 
     g = geometry(load_config(model_name))

@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import LoramError
 from ..families import ROLES, decoder_layers, geometry, layer_module, module_name, weight_name
 from ..io import releases_locks
+from ..loading import PLAN_ATTR
 from ..progress import track
 from .pattern import Pattern, parse_pattern
 from .sparsegpt import Hessian, sparsegpt
@@ -182,10 +183,11 @@ def sparsify(model, method: str, pattern: Pattern, layers: range, batches: list[
 def sparse_masks(model, plan=None) -> dict[str, torch.Tensor]:
     """{"model.layers.{i}.{attn|mlp}.{proj}.weight": weight != 0} for the targeted linears of the plan's layers.
 
-    ``plan`` defaults to ``model.loram_plan`` (set by load_pruned). Works through PEFT wrappers;
-    the model must not be quantized (an NF4 weight has no element-wise zeros to read).
+    loram passes ``plan``; the default, for users of ``loram.load_pruned``, is the plan that loader
+    hangs on the model. Works through PEFT wrappers; the model must not be quantized (an NF4 weight
+    has no element-wise zeros to read).
     """
-    plan = plan if plan is not None else getattr(model, "loram_plan", None)
+    plan = plan if plan is not None else getattr(model, PLAN_ATTR, None)
     if plan is None:
         raise LoramError("no prune plan for this model: load it with loram.load_pruned or pass plan=")
     start, end = plan.layers
@@ -221,11 +223,13 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
                  layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
                  calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled"):
     """`loram prune --sparsity ...`: write a sparse pruned model folder; returns a PruneReport."""
-    from ..io import atomic_dir, check_output, load_config, load_model, load_tokenizer
+    from ..fingerprint import base_fingerprint
+    from ..io import atomic_dir, check_output, load_config, load_tokenizer
+    from ..loading import load_model
     from ..memory import PeakRSS
     from ..plan import PrunePlan, parse_layers
     from ..pruned import count_params, save_pruned
-    from . import PruneReport, base_fingerprint
+    from .report import PruneReport
     from .structured import calibration_batches, check_finite
 
     if method not in METHODS:

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..data import source_digest
 from ..errors import LoramError
 from ..io import DiskFull, disk_full, resolve_model
-from ..prune import base_fingerprint
+from ..fingerprint import base_fingerprint
 from .config import RunConfig
 
 CHECKPOINT_MARK = "loram_checkpoint.json"

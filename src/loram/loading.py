@@ -1,0 +1,154 @@
+"""Loading models: an original (folder, .gguf, alias, hub id) or a pruned model folder.
+
+Sits above pruned.py (it builds pruned skeletons) and below every command. Loaders return what they
+loaded: ``load_pruned_model`` gives ``PrunedModel(model, plan)``, so no caller has to find the
+plan on the model. ``load_pruned`` (``loram.load_pruned``, the public one-call loader) returns the
+model alone and, for users, also hangs the plan on it as ``model.loram_plan``; loram itself never
+reads that attribute.
+
+Every local folder's safetensors headers are checked against its config (+ plan) before a weight
+is read (``check_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import LoramError
+from .families import family_of, geometry, ties_embeddings
+from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
+from .nf4 import quantize_nf4, require_bnb
+from .plan import PrunePlan
+from .pruned import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
+from .weights import Weights, mismatch, safetensors_files, safetensors_shapes
+
+PLAN_ATTR = "loram_plan"  # set by the public load_pruned only, for users (see module doc)
+
+
+class PrunedModel(NamedTuple):
+    model: nn.Module
+    plan: PrunePlan
+
+
+def check_checkpoint(folder: str | Path, config, plan=None) -> None:
+    """Refuse a local folder whose safetensors do not match its config.json (and plan, for a pruned
+    folder): names, shapes and float dtypes.
+
+    Reads headers only, before any weight is used. Without this, transformers fails with a long
+    report on a shape mismatch and, worse, initialises *missing* tensors randomly with only a warning.
+    """
+    want = skeleton_shapes(config, plan)
+    have = safetensors_shapes(safetensors_files(folder))
+    m = mismatch(have, want, ties_embeddings(config))
+    if m:
+        wrong = [f"{k} {have[k]} vs config {want[k]}" for k in m.wrong]
+        detail = "; ".join(x for x in (f"wrong shape: {wrong[0]}" if wrong else "", f"missing: {m.missing[0]}" if m.missing else "",
+                                       f"unexpected: {m.unexpected[0]}" if m.unexpected else "") if x)
+        what = "config.json and loram_plan.json" if plan is not None else "config.json"
+        raise LoramError(f"{what} and the weights in {folder} disagree ({len(wrong)} wrong shape, {len(m.missing)} missing, "
+                         f"{len(m.unexpected)} unexpected tensors; {detail}): the folder is inconsistent, re-create or re-download it")
+
+
+# ---- an original model ------------------------------------------------------------------------
+def _strip_gguf_quantization(model) -> None:
+    # a GGUF load dequantises to a plain model but keeps quantization_config, which save_pretrained refuses
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, None)
+    with contextlib.suppress(AttributeError):
+        model.is_quantized = False
+
+
+def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, device: str | None = None):
+    """Load an original (unpruned) causal LM from a folder, a .gguf, the `smollm2` alias or a hub id."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name, trust_remote_code)
+    family_of(config)  # refuse unsupported architectures before loading weights
+    path, gguf = resolve_model(name)
+    if gguf is None and Path(path).is_dir():
+        check_checkpoint(path, config)
+    dtype = dtype or torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if gguf else True,
+        )
+    except ImportError as e:
+        raise _gguf_hint(e) from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoramError(f"cannot load model {name} ({msg}): check that the folder or file is complete, or re-download it") from None
+    if gguf:
+        _strip_gguf_quantization(model)
+        model.config.name_or_path = str(name) if str(name) == SMOLLM2_ALIAS else str(Path(path) / gguf)
+    if device:
+        model.to(device)
+    model.eval()
+    return model
+
+
+# ---- a pruned model folder ----------------------------------------------------------------------
+def _resolve_device(device_map) -> str:
+    if device_map in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, str):
+        return device_map
+    raise LoramError("device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N' for pruned models")
+
+
+def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu") -> PrunedModel:
+    """(model, plan) of a pruned model folder written by `loram prune` (or align, build, import-plan).
+
+    The model is built on the meta device with the plan's smaller modules, then the tensors are
+    assigned: the full-size model never exists. quantize: None or "nf4" (bitsandbytes NF4 + double
+    quant on the decoder linears, QLoRAM).
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if quantize not in (None, "nf4"):
+        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
+    if quantize == "nf4":
+        require_bnb()  # fail fast with the install hint, before reading any weights
+    if not path.is_dir():
+        raise LoramError(f"pruned model folder {path} does not exist: check the path (create it with `loram prune`)")
+    if not (path / "config.json").exists():
+        raise LoramError(f"{path} is not a model folder (no config.json): pass a folder written by `loram prune`")
+    read_json(path / "config.json")
+    plan = PrunePlan.load(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise LoramError(f"cannot read {path / 'config.json'} ({str(e).splitlines()[0]}): re-create the folder with `loram prune`") from None
+    geometry(config)
+    # headers only, before any weight is read: names, shapes and dtypes fit config + plan, and the
+    # plan is the one these weights were written with
+    check_checkpoint(path, config, plan)
+    check_plan_binding(safetensors_files(path), plan, str(path), "re-run `loram prune`")
+    model = skeleton(config, plan, dtype=dtype)
+    load_state_into(model, Weights(path).state_dict(dtype), str(path))
+    device = _resolve_device(device_map)
+    materialize_buffers(model, "cpu")
+    if quantize == "nf4":
+        quantize_nf4(model, compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+    model.to(device)
+    model.eval()
+    return PrunedModel(model, plan)
+
+
+def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu"):
+    """Load a pruned model folder in one call: a stock transformers model (LlamaForCausalLM, ...)
+    with smaller modules, its plan at ``model.loram_plan`` (see ``load_pruned_model``)."""
+    model, plan = load_pruned_model(path, quantize, dtype, device_map)
+    setattr(model, PLAN_ATTR, plan)
+    return model

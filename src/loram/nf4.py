@@ -1,0 +1,127 @@
+"""NF4 (QLoRAM): bitsandbytes 4-bit NormalFloat + double quant on the decoder linears.
+
+    require_bnb()          import bitsandbytes (install hint if absent) and check, once per process,
+                           that it quantises correctly here: bitsandbytes 0.49/0.50 quantise wrongly
+                           on CPU under torch 2.13, which a round trip of a Gaussian shows at once
+    nf4_linear(w, b)       one Linear4bit quantised from a float weight
+    quantize_nf4(model)    every decoder-layer linear, one at a time
+    random_nf4_linear      a Linear4bit drawn directly as random NF4 codes and block scales (build's
+                           random weights: same tensors, dtypes and kernels as a quantised checkpoint,
+                           without running the slow CPU quantiser on values that do not matter)
+
+bitsandbytes is imported only here and only when NF4 is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import LoramError
+from .families import decoder_layers
+
+QUANTIZED_MARK = "loram_quantized"  # model attribute: "nf4" once its decoder linears are quantised
+NF4_BLOCK = 64
+ABSMAX_SIGMAS = 2.5  # E[max |x|] over 64 N(0, s^2) draws ~ 2.4 s
+# relative error of an NF4 round trip of a Gaussian: ~0.09 when bitsandbytes works
+ROUND_TRIP_OK = 0.15
+
+
+def require_bnb():
+    """bitsandbytes, imported and checked (see module doc); one line naming the fix otherwise."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LoramError("--quantize nf4 needs bitsandbytes: pip install 'loram[nf4]' (or pip install bitsandbytes)") from None
+    check_round_trip(bnb.__version__)
+    return bnb
+
+
+@functools.cache
+def check_round_trip(version: str) -> None:
+    """Refuse a bitsandbytes whose NF4 round trip is off; runs once per process (a failure is not cached)."""
+    err = round_trip_error()
+    if not err <= ROUND_TRIP_OK:
+        raise LoramError(f"bitsandbytes {version} quantises NF4 wrongly here (a 64x64 Gaussian comes back with "
+                         f"{err:.0%} relative error, expected ~9%): pip install 'bitsandbytes<0.49'")
+
+
+def round_trip_error() -> float:
+    """||dequant(quant(W)) - W|| / ||W|| for a fixed 64x64 N(0, 1) W, NF4 with double quant, on CPU."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # bitsandbytes' own deprecation noise
+        q, state = F.quantize_4bit(w, blocksize=NF4_BLOCK, quant_type="nf4", compress_statistics=True)
+        back = F.dequantize_4bit(q, state).float()
+    return float((back - w).norm() / w.norm())
+
+
+def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.bfloat16, device="cpu") -> nn.Module:
+    """A bitsandbytes NF4 (+ double quant) Linear4bit holding ``weight`` [out, in] (quantised from fp32)."""
+    bnb = require_bnb()
+    with torch.device("meta"):  # no full-size fp32 init: the weight is replaced below
+        q = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(weight.to("cpu", torch.float32).contiguous(), requires_grad=False,
+                                 compress_statistics=True, quant_type="nf4")
+    if bias is not None:
+        q.bias = nn.Parameter(bias.to("cpu", compute_dtype), requires_grad=False)
+    q = q.to(device)  # .to() performs the quantisation
+    if not getattr(q.weight, "bnb_quantized", False):
+        q.weight = q.weight._quantize(q.weight.device) if hasattr(q.weight, "_quantize") else q.weight
+    return q
+
+
+def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> None:
+    """Replace the nn.Linear modules of one decoder layer by NF4 Linear4bit, one at a time."""
+    for parent_name in ("self_attn", "mlp"):
+        parent = getattr(block, parent_name)
+        for name, lin in list(parent.named_children()):
+            if not isinstance(lin, nn.Linear) or name in skip:
+                continue
+            dev = lin.weight.device
+            q = nf4_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, compute_dtype,
+                           dev if dev.type != "meta" else "cpu")
+            setattr(parent, name, q)
+
+
+def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.Module:
+    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit."""
+    require_bnb()
+    for block in decoder_layers(model):
+        quantize_block_nf4(block, compute_dtype, skip)
+    setattr(model, QUANTIZED_MARK, "nf4")
+    return model
+
+
+def random_nf4_linear(shape: tuple, bias: bool, compute_dtype, std: float, gen: torch.Generator) -> nn.Module:
+    """A Linear4bit [out, in] with random NF4 codes and block absmax ~ ABSMAX_SIGMAS * std (the expected
+    max of 64 Gaussians), double-quantised by bitsandbytes exactly as its quantiser does."""
+    bnb = require_bnb()
+    import bitsandbytes.functional as F
+
+    out_f, in_f = shape
+    n = out_f * in_f
+    n_bytes = (n + 1) // 2
+    # random bytes = two random 4-bit codes each; drawn as int64 for speed (8 bytes per draw) and
+    # kept as a uint8 view of that buffer: a copy would free a layer-sized temporary per linear
+    codes = torch.empty(-(-n_bytes // 8), dtype=torch.int64).random_(generator=gen).view(torch.uint8)
+    codes = codes[:n_bytes].unsqueeze(1)
+    blocks = -(-n // NF4_BLOCK)
+    absmax = torch.empty(blocks, dtype=torch.float32).normal_(ABSMAX_SIGMAS * std, 0.3 * std, generator=gen).abs_()
+    offset = absmax.mean()
+    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+    qs = F.QuantState(absmax=qabsmax, shape=torch.Size(shape), dtype=torch.float32, blocksize=NF4_BLOCK,
+                      code=F.get_4bit_type("nf4", device="cpu"), quant_type="nf4", offset=offset, state2=state2)
+    with torch.device("meta"):
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(codes, requires_grad=False, quant_state=qs, blocksize=NF4_BLOCK, compress_statistics=True,
+                                 quant_type="nf4", quant_storage=torch.uint8, module=q, bnb_quantized=True)
+    if bias:
+        q.bias = nn.Parameter(torch.zeros(out_f, dtype=compute_dtype), requires_grad=False)
+    return q
