@@ -49,9 +49,9 @@ def child(cfg: dict) -> dict:
     baseline = rss_gb()
 
     from loram.build import build_pruned
+    from loram.planner import TrainSettings, predict, preset_config
     from loram.planner.trial import trial_steps
     from loram.prune.random_plan import random_plan
-    from loram.planner import TrainSettings, predict, preset_config
 
     preset, layers = cfg.get("preset", PRESET), cfg.get("layers", LAYERS)
     config = preset_config(preset)

@@ -73,7 +73,7 @@ def build(cfg: dict):
         from loram.loading import load_model
 
         return load_model("smollm2", dtype=torch.bfloat16) if cfg["scheme"] == "lora" else load_pruned(PRUNED_SMOLLM2, dtype=torch.bfloat16)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     from loram.build import build_pruned
     from loram.prune.random_plan import random_plan

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from loram.families import ROLES, MODULE_OF_ROLE, geometry
+from loram.families import MODULE_OF_ROLE, ROLES, geometry
 from loram.plan import PrunePlan, parse_layers
 from loram.planner.presets import preset_config
 from loram.prune.structured import select

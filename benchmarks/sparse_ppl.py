@@ -73,7 +73,6 @@ def main() -> None:
         print(f"skipped: {CALIB} / {WIKI} not found (benchmarks need ../shared/data)")
         return
     import torch
-
     import transformers
 
     from loram.io import load_tokenizer

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from loram import build as B
-from loram.errors import LoramError
-from loram.plan import PrunePlan
-from loram.prune import prune
 from loram import weights as W
+from loram.errors import LoramError
 from loram.loading import load_pruned
+from loram.plan import PrunePlan
 from loram.planner import trial as T
+from loram.prune import prune
 from loram.prune import random_plan as R
 from loram.pruned import count_params
 from loram.testing import tiny_model, tiny_tokenizer

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-
 SCRIPT = textwrap.dedent('''
     import hashlib, json, math, os, sys
     import torch

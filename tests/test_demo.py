@@ -3,9 +3,10 @@ random model, in seconds. Its numbers mean nothing; the wiring, files and table 
 
 import json
 import math
-import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
+
+import tomllib
 
 from loram.demo import DemoConfig
 from loram.demo_general import CAPITALS, GENERAL_TEXT, capital_quiz, capitals, general_text, standard_error

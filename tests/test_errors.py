@@ -451,7 +451,8 @@ def test_malformed_tokenizer_json(capsys, w, tmp_path, no_weights):
 
 def test_unsafe_chat_template(capsys, w, tmp_path, no_weights):
     m = copy(w.base, tmp_path / "m")
-    (m / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}{% for x in messages %}{{ x.content }}{% endfor %}")
+    (m / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}"
+                                           "{% for x in messages %}{{ x.content }}{% endfor %}")
     fails(capsys, "train", m, "--data", w.data, "-o", tmp_path / "o", expect="chat template is unsafe, the sandbox refused it",
           out=tmp_path / "o")
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_errors import edit_json, fails, make_pruned_adapter
 
 from loram.adapter import ADAPTER_META, ADAPTER_WEIGHTS
 from loram.cli import main
 from loram.errors import LoramError
 from loram.families import ROLES, geometry
-from loram.weights import safetensors_files, safetensors_metadata
 from loram.plan import META_PLAN_DIGEST, META_PLAN_ID, PLAN_FILE, PrunePlan
-from test_errors import edit_json, fails, make_pruned_adapter
+from loram.weights import safetensors_files, safetensors_metadata
 
 
 @pytest.fixture(scope="module")

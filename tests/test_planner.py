@@ -10,8 +10,7 @@ import torch
 
 from loram.families import geometry
 from loram.plan import PrunePlan, parse_layers
-from loram.planner import (PruneSpec, TrainSettings, count, layer_widths, predict, preset_config, preset_names,
-                           smallest_ratio, storage)
+from loram.planner import PruneSpec, TrainSettings, count, layer_widths, predict, preset_config, preset_names, smallest_ratio, storage
 from loram.planner.memory import layer_saved_bytes
 from loram.planner.params import LayerWidths, nf4_constant_bytes
 from loram.prune.structured import select
@@ -53,8 +52,8 @@ def test_closed_form_equals_meta_build(family):
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_equals_the_model_loram_prune_writes(family, tmp_path):
     from loram.io import load_config
-    from loram.prune import prune
     from loram.loading import load_pruned
+    from loram.prune import prune
 
     base = save_tiny(tmp_path / "base", family)
     config = load_config(base)

@@ -178,7 +178,7 @@ def _library_warnings():
     from loram.testing import tiny_model
 
     get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path="runs/pruned"))
-    warnings.warn("a warning loram does not know stays visible", UserWarning)
+    warnings.warn("a warning loram does not know stays visible", UserWarning, stacklevel=1)
 
 
 def test_library_warnings_a_user_cannot_act_on_are_hidden_by_the_cli_filter():

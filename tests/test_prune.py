@@ -8,12 +8,12 @@ import torch
 
 from loram.families import geometry, layer_module
 from loram.fingerprint import fingerprint_model, fingerprint_safetensors, same_model
-from loram.weights import safetensors_files
+from loram.loading import load_pruned
 from loram.plan import PLAN_FILE, PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
 from loram.prune import prune
-from loram.loading import load_pruned
 from loram.pruned import count_params
 from loram.testing import TINY, save_tiny, tiny_model
+from loram.weights import safetensors_files
 
 
 def test_rounding_follows_the_paper():
@@ -40,8 +40,9 @@ def test_prune_save_reload_same_logits(tmp_path, family, method):
     m = load_pruned(tmp_path / "p")
     assert count_params(m) == r.params_pruned == plan.extra["params_pruned"] < r.params_original
     # in-memory pruned model (the one prune saved) == reloaded model
-    from loram.pruned import apply_plan
     from transformers import AutoModelForCausalLM
+
+    from loram.pruned import apply_plan
 
     ref = apply_plan(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), plan).eval()
     x = torch.randint(3, 256, (2, 16))

@@ -17,9 +17,9 @@ import tokenize
 from pathlib import Path
 
 import pytest
+from test_errors import fails, make_pruned_adapter
 
 import loram
-from test_errors import fails, make_pruned_adapter
 
 SRC = Path(loram.__file__).resolve().parent
 FORBIDDEN = {

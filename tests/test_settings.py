@@ -1,7 +1,6 @@
 """loram.settings is the one declaration of each stage's knobs: the verbs' flags, the recipe schema and
 the library's checks derive from it, and the library never imports the command line."""
 
-import ast
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -58,22 +57,3 @@ def test_record_from_flags_and_from_recipe_agree():
     assert settings.from_args("train", a) == settings.record("train", section)
     assert settings.argv("train", {"data": ["a.json=0.7"], "packing": True, "lr": 0.001}) == [
         "--data", "a.json=0.7", "--packing", "--lr", "0.001"]
-
-
-def test_library_does_not_import_the_cli():
-    """Nothing below loram/cli imports loram.cli (the library is usable, and testable, without it)."""
-    offenders = []
-    for py in SRC.rglob("*.py"):
-        rel = py.relative_to(SRC)
-        if rel.parts[0] == "cli" or rel.name == "__main__.py":  # `python -m loram` is the command line
-            continue
-        for node in ast.walk(ast.parse(py.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                mod = "." * node.level + (node.module or "")
-                names = [a.name for a in node.names]
-                if mod.lstrip(".").split(".")[0] == "cli" or mod == "loram.cli" or mod.startswith("loram.cli.") \
-                        or (mod.strip(".") in ("", "loram") and "cli" in names):
-                    offenders.append(f"{rel}: from {mod} import {', '.join(names)}")
-            elif isinstance(node, ast.Import):
-                offenders += [f"{rel}: import {a.name}" for a in node.names if a.name.startswith("loram.cli")]
-    assert offenders == []

@@ -100,9 +100,9 @@ def test_pattern_errors():
 
 
 def test_prune_folder_loads_with_zeros_nf4_and_masks(tmp_path, tiny_dir):
+    from loram.loading import load_pruned
     from loram.plan import PrunePlan
     from loram.prune import base_fingerprint, prune
-    from loram.loading import load_pruned
 
     r = prune(str(tiny_dir), tmp_path / "P", method="sparsegpt", sparsity="2:4", layers="1:5", calib_samples=4, calib_seq_len=32)
     plan = PrunePlan.load(tmp_path / "P")
@@ -136,9 +136,9 @@ def test_train_recover_identity_fingerprint_and_merges(tmp_path, tiny_dir, alpac
     from safetensors.torch import load_file
 
     from loram.adapter import read_meta
+    from loram.loading import load_pruned
     from loram.merge import merge
     from loram.prune import base_fingerprint, prune
-    from loram.loading import load_pruned
     from loram.recover import recover
     from loram.train import TrainConfig, train
 

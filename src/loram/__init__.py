@@ -6,10 +6,9 @@
     merge   -> merged original model                       loram.merge.merge
 """
 
+from ._version import __version__
 from .errors import LoramError
 from .plan import PrunePlan
-
-__version__ = "0.1.0"
 
 
 def load_pruned(path, quantize=None, dtype=None, device_map="cpu"):

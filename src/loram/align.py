@@ -21,27 +21,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from .configs import AlignConfig, RunConfig
 from .data import ListDataset, chunk_tokens, collate, mix, read_texts
 from .errors import LoramError
 from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
 from .plan import has_plan
 from .prune.sparse import sparse_masks
-from .training import (RunConfig, TrainReport, check_resume_settings, finish, fit, param_counts, run_settings,
-                       save_final)
-from .validate import check_config
-
-
-@dataclass
-class AlignConfig(RunConfig):
-    lr: float = 2e-5
-    tokens: int | None = None  # token budget (overrides steps)
-    train_embeddings: bool = False
-    train_lm_head: bool = False
+from .settings import check_config
+from .training import TrainReport, check_resume_settings, finish, fit, param_counts, run_settings, save_final
 
 
 def steps_for_tokens(tokens: int, cfg: RunConfig, world: int) -> int:

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from .errors import LoramError
-from .families import COL_PRUNED, ROLE_OF_PROJ, decoder_layers, geometry
+from .families import ROLE_OF_PROJ, decoder_layers, geometry, is_tied_head, ties_embeddings
 from .fingerprint import config_digest, describe_difference, fingerprint_safetensors, same_model
-from .io import atomic_dir, releases_locks
+from .io import TOKENIZER_FILES, atomic_dir, releases_locks
 from .loading import PLAN_ATTR
 from .memory import PeakRSS
 from .nf4 import QUANTIZED_MARK, nf4_linear, random_nf4_linear
@@ -58,17 +58,11 @@ class BuildReport:
 # ---- where each kept tensor comes from ------------------------------------------------------
 def kept_indices(plan: PrunePlan, g, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(kept rows, kept columns) of the original tensor ``name``; None = all."""
-    parts = name.split(".")
-    if "layers" not in parts or not name.endswith(("_proj.weight", "_proj.bias")):
+    kept = plan.kept_along(name, g)  # the plan and the family table know names, axes and indices
+    if kept is None:
         return None, None
-    layer = int(parts[parts.index("layers") + 1])
-    role = ROLE_OF_PROJ[parts[-2]]
-    idx = plan.kept_index(layer, role, g)
-    if idx is None:
-        return None, None
-    if role in COL_PRUNED:
-        return (None, idx) if parts[-1] == "weight" else (None, None)  # o/down bias is per output row: kept
-    return idx, None
+    axis, idx = kept
+    return (idx, None) if axis == 0 else (None, idx)
 
 
 # ---- materialising tensors ----------------------------------------------------------------
@@ -172,11 +166,11 @@ def build_pruned_report(config, plan: PrunePlan, source: str | Path = "random", 
     model = skeleton(config, plan, dtype=dtype)
     src = _Source(weights, plan, config, seed)
     layers, pre = decoder_layers(model), _layers_prefix(model)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = ties_embeddings(config)
     for mname, mod in list(model.named_modules()):  # embeddings, final norm, lm_head
         if mname.startswith(pre) or not any(True for _ in mod.parameters(recurse=False)):
             continue
-        if not (tied and mname == "lm_head"):
+        if not is_tied_head(mname, tied):
             _assign(mod, mname + ".", src, dtype)
     for i, block in enumerate(track(layers, "build: layers", unit="layer")):
         _materialise_block(block, f"{pre}{i}.", src, dtype, quantize, compute_dtype)
@@ -211,8 +205,6 @@ def _layers_prefix(model) -> str:
 
 
 # ---- writing a pruned folder without the full model ------------------------------------------
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")
 
 
 @releases_locks
@@ -230,9 +222,9 @@ def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, d
     n_params = count_params(model)
     src = _Source(weights, plan, config, seed)
     layers, pre = decoder_layers(model), _layers_prefix(model)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = ties_embeddings(config)
     top = [(n, m) for n, m in model.named_modules() if not n.startswith(pre) and any(True for _ in m.parameters(recurse=False))
-           and not (tied and n == "lm_head")]
+           and not is_tied_head(n, tied)]
     n_shards = len(layers) + 1
     with atomic_dir(out, overwrite, "build", (source, *inputs)) as tmp:
         writer = ShardWriter(tmp, n_shards, plan.metadata())

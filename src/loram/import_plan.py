@@ -42,17 +42,15 @@ from pathlib import Path
 import torch
 
 from .errors import LoramError
-from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, geometry
+from .families import ROLES, geometry, is_tied_head, module_name, ties_embeddings, weight_name
 from .fingerprint import base_fingerprint, check_verify, config_digest
-from .io import atomic_dir, check_output, load_config, load_tokenizer, refuse_pickle_only, releases_locks, resolve_model
+from .io import TOKENIZER_FILES, atomic_dir, check_output, load_config, load_tokenizer, refuse_pickle_only, releases_locks, resolve_model
 from .loading import load_model
 from .plan import LayerPlan, PrunePlan
 from .pruned import skeleton_shapes
 from .weights import Weights, mismatch, write_safetensors_metadata
 
 NM_GROUPS = (4, 8)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
 # ---- reading checkpoints one tensor at a time --------------------------------------------------
@@ -66,10 +64,6 @@ def open_weights(name: str | Path, need_config: bool = True) -> Weights:
     if gguf is None and Path(path).is_dir():
         return Weights(path)
     return Weights.from_state_dict(load_model(name).state_dict(), str(name))
-
-
-def _weight_key(layer: int, role: str, what: str = "weight") -> str:
-    return f"model.layers.{layer}.{MODULE_OF_ROLE[role]}.{what}"
 
 
 def _check_names(have: dict, want: dict, where: str, tied: bool) -> None:
@@ -121,7 +115,7 @@ def _verify_loadable(out: Path, plan: PrunePlan, config) -> None:
     """Every tensor name and shape of the written folder matches the plan's model (headers only)."""
     want = skeleton_shapes(config, plan)
     have = Weights(out).shapes
-    _check_names(have, want, str(out), bool(getattr(config, "tie_word_embeddings", False)))
+    _check_names(have, want, str(out), ties_embeddings(config))
     wrong = [f"{k} {have[k]} vs {want[k]}" for k in mismatch(have, want, False).wrong]
     if wrong:
         raise LoramError(f"{len(wrong)} tensors do not have the shape the plan gives (e.g. {wrong[0]}): the kept-index "
@@ -168,7 +162,7 @@ def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrit
     stats = {}  # (layer, role) -> (zeros, numel, {M: group max}, pruned here?): one tensor pair in memory at a time
     for i in range(g.n_layers):
         for role in ROLES:
-            key = _weight_key(i, role)
+            key = weight_name(i, role)
             w, w0 = src.get(key), orig.get(key)
             stats[(i, role)] = (int((w == 0).sum()), w.numel(), {m: group_max(w, m) for m in NM_GROUPS},
                                 bool(((w == 0) & (w0 != 0)).any()))
@@ -177,7 +171,7 @@ def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrit
         raise LoramError(f"{model} has no zeros where {base} has non-zeros: it is not a sparse version of that model")
     start, end = pruned_layers[0], pruned_layers[-1] + 1
     inside = [((i, r), stats[(i, r)]) for i in range(start, end) for r in ROLES]
-    modules = {f"model.layers.{i}.{MODULE_OF_ROLE[r]}": round(st[0] / st[1], 6) for (i, r), st in inside}
+    modules = {module_name(i, r): round(st[0] / st[1], 6) for (i, r), st in inside}
     sparsity = sum(st[0] for _, st in inside) / sum(st[1] for _, st in inside)
     nm = nm_pattern([st[2] for _, st in inside])
     pattern = f"{nm[0]}:{nm[1]}" if nm else "unstructured"
@@ -228,17 +222,8 @@ def read_kept(path: str | Path) -> dict[int, LayerPlan]:
 def _expected(orig: Weights, key: str, plan: PrunePlan, g) -> torch.Tensor:
     """The original's tensor restricted to the plan's kept rows/columns."""
     t = orig.get(key)
-    parts = key.split(".")
-    if len(parts) >= 6 and parts[0] == "model" and parts[1] == "layers" and parts[4].endswith("_proj"):
-        from .families import ROLE_OF_PROJ
-
-        role = ROLE_OF_PROJ.get(parts[4])
-        idx = None if role is None else plan.kept_index(int(parts[2]), role, g)
-        if idx is not None:
-            if role in COL_PRUNED:
-                return t.index_select(1, idx) if parts[5] == "weight" else t
-            return t.index_select(0, idx)
-    return t
+    kept = plan.kept_along(key, g)
+    return t if kept is None else t.index_select(*kept)
 
 
 @releases_locks
@@ -271,8 +256,8 @@ def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, ou
                 raise LoramError(f"{key} of {pruned} is not the original's kept rows/columns: the kept-index lists do "
                                  "not match the checkpoint (or it was retrained after pruning: pass --allow-retrained "
                                  "to check the shapes only)")
-    plan.extra["params_original"] = sum(math.prod(s) for k, s in orig.shapes.items() if not (g.tied and k == "lm_head.weight"))
-    plan.extra["params_pruned"] = sum(math.prod(s) for k, s in want.items() if not (g.tied and k == "lm_head.weight"))
+    plan.extra["params_original"] = sum(math.prod(s) for k, s in orig.shapes.items() if not is_tied_head(k, g.tied))
+    plan.extra["params_pruned"] = sum(math.prod(s) for k, s in want.items() if not is_tied_head(k, g.tied))
     plan.extra["validated"] = "shapes" if allow_retrained else "shapes+values"
     with atomic_dir(out, overwrite, "import-plan", (pruned, base, kept)) as tmp:
         _write_folder(tmp, src, config, [pruned, base], plan)

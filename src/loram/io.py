@@ -35,7 +35,7 @@ MARKER = "loram_output.json"  # written into every folder loram writes; --overwr
 def write_marker(folder: str | Path, command: str) -> None:
     from datetime import datetime, timezone
 
-    from . import __version__
+    from ._version import __version__
 
     write_json(Path(folder) / MARKER, {"command": command, "loram_version": __version__,
                                        "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -127,7 +127,8 @@ def lock_output(path: str | Path, flag: str = "-o") -> None:
             pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             _remove_empty(created)
-            raise LoramError(f"{path} is being written by another loram process (pid {pid}): wait for it or choose another {flag}") from None
+            raise LoramError(f"{path} is being written by another loram process (pid {pid}): "
+                             f"wait for it or choose another {flag}") from None
         try:  # the holder may have unlinked the file between our open and flock: then lock the new one
             st, cur = os.fstat(fd), os.stat(lock)
             if (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino):

@@ -129,7 +129,8 @@ def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
-        raise LoramError(f"cannot read {path / 'config.json'} ({str(e).splitlines()[0]}): re-create the folder with `loram prune`") from None
+        raise LoramError(f"cannot read {path / 'config.json'} ({str(e).splitlines()[0]}): "
+                         "re-create the folder with `loram prune`") from None
     geometry(config)
     # headers only, before any weight is read: names, shapes and dtypes fit config + plan, and the
     # plan is the one these weights were written with

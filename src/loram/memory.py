@@ -9,7 +9,6 @@ from __future__ import annotations
 import resource
 import sys
 
-
 # glibc serves allocations below its mmap threshold from the heap and keeps freed holes resident; the
 # threshold also grows (up to 32 MiB) each time a large block is freed. A layer-by-layer build or a
 # training step frees many 1-30 MB temporaries, so RSS then exceeds the live tensors (2.35 GB over

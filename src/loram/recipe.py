@@ -357,7 +357,8 @@ def check_ownership(r: Recipe, steps: list[Step]) -> None:
         for f in folders:
             if f.exists() and not has_marker(f) and not (f.is_dir() and not any(f.iterdir())):
                 raise LoramError(f"recipe stage output {f} exists but was not written by loram (no loram_output.json; "
-                                 "loram before this check wrote none), so the recipe will not replace it: move or delete it yourself, or choose another workdir")
+                                 "loram before this check wrote none), so the recipe will not replace it: "
+                                 "move or delete it yourself, or choose another workdir")
             check_replace(f, recipe_inputs(r), what="recipe stage output", flag="workdir")
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta,
-                      read_tensors, write_adapter)
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors, write_adapter
 from .errors import LoramError
 from .families import COL_PRUNED, UNPRUNED_MODULES, geometry, parse_name
 from .io import atomic_dir, check_output, read_json, releases_locks
@@ -106,10 +105,12 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
         layer, role, ab = p.layer, p.role, p.lora
         out_f, in_f = plan.pruned_dim(layer, role, g)
         if layer >= g.n_layers:
-            raise LoramError(f"adapter targets layer {layer} but the plan's model has {g.n_layers} layers: this adapter was made for another model")
+            raise LoramError(f"adapter targets layer {layer} but the plan's model has {g.n_layers} layers: "
+                             "this adapter was made for another model")
         r_axis, other_axis, other = (0, 1, in_f) if ab == "A" else (1, 0, out_f)
         if rank is not None and t.shape[r_axis] != rank and not lora_cfg.get("rank_pattern"):
-            raise LoramError(f"adapter tensor {key} has rank {t.shape[r_axis]} but adapter_config says r={rank}: the adapter is inconsistent, re-create it with `loram train`")
+            raise LoramError(f"adapter tensor {key} has rank {t.shape[r_axis]} but adapter_config says r={rank}: "
+                             "the adapter is inconsistent, re-create it with `loram train`")
         # the pruned axis of a pruned layer is checked (with a better hint) by recover_tensors
         on_pruned_axis = plan.kept_along(p, g) is not None
         if t.shape[other_axis] != other and not on_pruned_axis:
@@ -123,8 +124,7 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
 
     verify_base="full": also compare every byte of ``base`` with the digest the plan recorded."""
-    from .fingerprint import base_fingerprint, check_base_full, check_verify
-    from .fingerprint import describe_difference, same_model
+    from .fingerprint import base_fingerprint, check_base_full, check_verify, describe_difference, same_model
 
     adapter = Path(adapter)
     check_output(out, overwrite, inputs=(adapter, base))

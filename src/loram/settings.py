@@ -7,7 +7,7 @@ recipe may set it. From that table derive
 
 * the verb's flags: ``add_flags(parser, stage)`` (``--micro-batch`` for field ``micro_batch``);
 * the recipe schema: ``recipe_keys(stage)`` and ``check_recipe_section`` (same names, underscores);
-* the library's checks: ``validate.check_knobs`` / ``check_config`` look ranges up here;
+* the library's checks: ``check_knobs`` / ``check_config`` (below) look ranges up here;
 * the record itself: ``record(stage, values)`` from parsed flags or a recipe section.
 
 Prune, recover, merge and eval records are dataclasses defined here, their knobs in field metadata.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields, replace
 
+from .configs import AlignConfig, TrainConfig
 from .errors import LoramError
 from .validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, RATIO, SEED, SEQ_LEN, Number
 
@@ -211,15 +212,7 @@ def recipe_keys(stage: str) -> set[str]:
 
 
 def record_class(stage: str):
-    if stage == "train":
-        from .train import TrainConfig
-
-        return TrainConfig
-    if stage == "align":
-        from .align import AlignConfig
-
-        return AlignConfig
-    return RECORDS[stage]
+    return {"train": TrainConfig, "align": AlignConfig}.get(stage) or RECORDS[stage]
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -337,3 +330,25 @@ def check_recipe_section(stage: str, cfg: dict) -> dict:
     if stage == "eval" and cfg.get("target", "merged") not in EVAL_TARGETS:
         raise LoramError(f"eval.target {cfg['target']!r} is unknown: use {', '.join(EVAL_TARGETS)}")
     return out
+
+
+# ---- library checks: Python callers get the CLI's ranges and messages ----------------------------
+def check_knobs(verb: str, **values) -> None:
+    """Library check of keyword arguments named like the knobs of stage ``verb`` (loram.settings), by
+    their validators (None: the default). Python callers get the CLI's ranges and messages."""
+    table = knobs(verb)
+    for k, v in values.items():
+        if k in table and table[k].flag and table[k].check is not None and v is not None:
+            table[k].checker(k).check(v)
+
+
+def check_config(cfg, verb: str) -> None:
+    """check_knobs on a config dataclass (TrainConfig, AlignConfig, EvalRequest) before anything is loaded,
+    plus what has no flag: mixture weights and knobs such as max_grad_norm > 0."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    check_knobs(verb, **values)
+    for w in getattr(cfg, "data_weights", None) or []:
+        POSITIVE.named("mixture weight").check(w)
+    for name, k in knobs(verb).items():
+        if not k.flag and k.check is not None and name in values:
+            k.checker(name).check(values[name])

@@ -15,35 +15,20 @@ needs nothing else. The Trainer loop, checkpoints and --resume are loram.trainin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .adapter import ADAPTER_META, STAGE_PRUNED, write_adapter
+from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, skip_summary
 from .errors import LoramError
 from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
 from .loading import load_model
 from .plan import has_plan
-from .training import (RunConfig, TrainReport, check_resume_settings, finish, fit, is_main, param_counts, run_settings,
-                       save_final)
-from .validate import check_config
-
-DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-TARGET_MODULES = {r: f"{r}_proj" for r in DEFAULT_TARGETS} | {"lm_head": "lm_head"}
-
-
-@dataclass
-class TrainConfig(RunConfig):
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    quantize: str | None = None
-    train_on_inputs: bool = False
-    packing: bool = False
-    extra: dict = field(default_factory=dict)
+from .settings import check_config
+from .training import TrainReport, check_resume_settings, finish, fit, is_main, param_counts, run_settings, save_final
 
 
 # ---- model and LoRA ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ NaN and infinity are never valid: no knob means anything by them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from .errors import LoramError
 
@@ -121,32 +121,6 @@ class Ratio(Number):
 def check_ratio(name: str, r: float, allow_zero: bool) -> None:
     """Library check of a pruning ratio (same rule and message as the --ratio / --attn-ratio flags)."""
     Ratio.allowing_zero(allow_zero).named(name).check(r)
-
-
-def check_knobs(verb: str, **values) -> None:
-    """Library check of keyword arguments named like the knobs of stage ``verb`` (loram.settings), by
-    their validators (None: the default). Python callers get the CLI's ranges and messages."""
-    # here, not at the top: settings declares its knobs with the validators defined in this module
-    from .settings import knobs
-
-    table = knobs(verb)
-    for k, v in values.items():
-        if k in table and table[k].flag and table[k].check is not None and v is not None:
-            table[k].checker(k).check(v)
-
-
-def check_config(cfg, verb: str) -> None:
-    """check_knobs on a config dataclass (TrainConfig, AlignConfig, EvalRequest) before anything is loaded,
-    plus what has no flag: mixture weights and knobs such as max_grad_norm > 0."""
-    from .settings import knobs
-
-    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    check_knobs(verb, **values)
-    for w in getattr(cfg, "data_weights", None) or []:
-        POSITIVE.named("mixture weight").check(w)
-    for name, k in knobs(verb).items():
-        if not k.flag and k.check is not None and name in values:
-            k.checker(name).check(values[name])
 
 
 # ---- the ranges used by several flags ----------------------------------------------------------

@@ -18,7 +18,8 @@ def add(sub) -> None:
     p.add_argument("--eval-split", default="test", choices=["dev", "test"], help="dev: for choosing settings")
     p.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then includes the rest)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help="accepted for compatibility: a previous demo in --out is always replaced, any other non-empty folder never")
+    p.add_argument("--overwrite", action="store_true", help="accepted for compatibility: a previous demo in --out is always replaced, "
+                        "any other non-empty folder never")
     p.set_defaults(func=run)
 
 

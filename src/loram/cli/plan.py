@@ -111,10 +111,10 @@ def show(pred, searched, a) -> None:
 
 def try_it(a, src, spec, settings) -> int:
     """--try: measure the plan (see loram.planner.trial.try_plan)."""
-    from ..planner.trial import try_plan
-    from ..prune.random_plan import random_plan
     from ..errors import LoramError
     from ..plan import PrunePlan
+    from ..planner.trial import try_plan
+    from ..prune.random_plan import random_plan
 
     if isinstance(spec, PrunePlan):
         plan = spec

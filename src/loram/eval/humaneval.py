@@ -60,7 +60,8 @@ def humaneval(model, tok, rows: list[dict], samples: int = 1, temperature: float
                           stop=STOP, temperature=temp)
     per_task = []
     for i, r in enumerate(track(rows, "running programs", unit="task")):
-        c = sum(run_program(program_of(r, o), timeout=timeout, allow_unsandboxed=allow_unsandboxed).passed for o in outs[i * samples:(i + 1) * samples])
+        c = sum(run_program(program_of(r, o), timeout=timeout, allow_unsandboxed=allow_unsandboxed).passed
+                for o in outs[i * samples:(i + 1) * samples])
         per_task.append((r.get("task_id", str(i)), c))
     ks = [k for k in (1, 10, 100) if k <= samples]
     pass_at = {k: sum(pass_at_k(samples, c, k) for _, c in per_task) / len(rows) for k in ks}

@@ -31,7 +31,7 @@ class EvalRequest:
     allow_unsandboxed_code: bool = False
 
     def __post_init__(self):
-        from ..validate import check_config
+        from ..settings import check_config
 
         check_config(self, "eval")  # the ranges of `loram eval`'s flags, before any model is loaded
 

@@ -104,7 +104,7 @@ def trial_steps(model, seq_len: int, steps: int = 2, batch: int = 1, rank: int =
     """
     from peft import LoraConfig, get_peft_model
 
-    from ..train import DEFAULT_TARGETS, TARGET_MODULES
+    from ..configs import DEFAULT_TARGETS, TARGET_MODULES
 
     dev = next(p.device for p in model.parameters() if p.device.type != "meta")
     fp32 = dev.type == "cpu" and getattr(model, QUANTIZED_MARK, None) == "nf4"
@@ -156,5 +156,6 @@ def try_plan(config, plan: PrunePlan, settings, quantize: str | None, steps: int
     # a tiny trial can peak at the baseline itself (nothing measurable above it): no error then
     measured = r.peak_rss_gb - baseline
     return {"scheme": scheme, "precision": s.precision, "build_s": built.seconds, "params": built.params,
-            "measured_gb": measured, "predicted_gb": pred, "error": (pred - measured) / measured if measured > 0 else None, "s_per_step": r.s_per_step,
+            "measured_gb": measured, "predicted_gb": pred, "error": (pred - measured) / measured if measured > 0 else None,
+            "s_per_step": r.s_per_step,
             "tokens_per_s": r.tokens_per_s, "peak_rss_gb": r.peak_rss_gb, "peak_cuda_gb": r.peak_cuda_gb, "steps": r.steps}

@@ -14,12 +14,13 @@ from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases
 from ..loading import load_model
 from ..plan import PrunePlan, parse_layers
 from ..pruned import apply_plan, count_params, save_pruned
-from ..validate import check_knobs, check_ratio
+from ..settings import check_knobs
+from ..validate import check_ratio
 from .report import PruneReport
-from .structured import METHODS as STRUCTURED_METHODS
-from .structured import calibration_batches, importance, select
 from .sparse import METHODS as SPARSE_METHODS
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
+from .structured import METHODS as STRUCTURED_METHODS
+from .structured import calibration_batches, importance, select
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
 

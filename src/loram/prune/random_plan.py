@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from ..families import geometry
+from ..families import geometry, is_tied_head, ties_embeddings
 from ..fingerprint import config_digest
 from ..plan import PrunePlan, parse_layers
 from ..pruned import skeleton_shapes
@@ -47,5 +47,5 @@ def random_plan(config, ratio: float, attn_ratio: float | None = None, layers: s
 
 
 def _numel(shapes: dict, config) -> int:
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    return sum(torch.Size(s).numel() for k, s in shapes.items() if not (tied and k == "lm_head.weight"))
+    tied = ties_embeddings(config)
+    return sum(torch.Size(s).numel() for k, s in shapes.items() if not is_tied_head(k, tied))

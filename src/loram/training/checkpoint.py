@@ -19,11 +19,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from ..configs import RunConfig
 from ..data import source_digest
 from ..errors import LoramError
-from ..io import DiskFull, disk_full, resolve_model
 from ..fingerprint import base_fingerprint
-from .config import RunConfig
+from ..io import DiskFull, disk_full, resolve_model
 
 CHECKPOINT_MARK = "loram_checkpoint.json"
 
@@ -147,7 +147,8 @@ def check_resume_settings(ckpt: Path, settings: dict) -> None:
     if diffs:
         safe = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_SAFE)
         raise LoramError(f"--resume with other settings than {last.name} was trained with ({'; '.join(diffs)}): give the "
-                         f"original values (only {safe} and --checkpoint-dir may change), or start a new run (no --resume, with --overwrite)")
+                         f"original values (only {safe} and --checkpoint-dir may change), "
+                         "or start a new run (no --resume, with --overwrite)")
 
 
 # ---- a full disk ---------------------------------------------------------------------------------

@@ -1,37 +1,8 @@
-"""What `loram train` and `loram align` share: the optimisation knobs and the report they write."""
+"""The report `loram train` and `loram align` write (their knobs: loram.configs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-
-@dataclass
-class RunConfig:
-    """Optimisation knobs shared by `loram train` and `loram align`."""
-
-    data: list[str]
-    data_weights: list[float] | None = None
-    lr: float = 2e-4
-    schedule: str = "cosine"
-    warmup: float = 0.03  # fraction of steps (< 1) or a step count (>= 1)
-    steps: int = 100
-    epochs: float | None = None
-    micro_batch: int = 4
-    grad_accum: int = 1
-    seq_len: int = 512
-    grad_checkpointing: bool = False
-    bf16: bool = False
-    seed: int = 0
-    save_steps: int = 0
-    logging_steps: int = 10
-    eval: dict[str, str] = field(default_factory=dict)  # name -> held-out file
-    eval_steps: int = 0  # 0: every --save-steps, else only at the end
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # 0: transformers' loss (full fp32 logits: batch x seq x vocab x 4 B, ~4 live copies with their
-    # gradients: 0.1 GB each per 512 tokens at vocab 49152). N: lm_head + cross-entropy N positions at a time (loram.loss), the
-    # same value; costs one extra lm_head matmul per token. Pays off when the base is small (pruned).
-    loss_chunk: int = 0
 
 
 @dataclass

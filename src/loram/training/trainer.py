@@ -26,8 +26,7 @@ from ..memory import PeakRSS
 from ..pruned import count_params
 from .checkpoint import disk_full_in_checkpoint, is_main, last_checkpoint, mark_complete, prepare_checkpoint_dir
 from .config import RunConfig
-from .state import (OPTIMIZER_JSON, SCHEDULER_JSON, load_optimizer_state, load_rng_state, plain, save_optimizer_state,
-                    save_rng_state)
+from .state import OPTIMIZER_JSON, SCHEDULER_JSON, load_optimizer_state, load_rng_state, plain, save_optimizer_state, save_rng_state
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
@@ -221,7 +220,8 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                callbacks=_callbacks(out, evals or {}, pad_id, cfg) + list(callbacks or []))
     if cfg.loss_chunk and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding do not allow: drop --loss-chunk")
+        raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding "
+                         "do not allow: drop --loss-chunk")
     trainer.loss_chunk = cfg.loss_chunk
     trainer.loram_settings = settings
     progress.trainer_quiet(trainer)
