@@ -41,8 +41,7 @@ import torch
 from .errors import LoramError
 
 if TYPE_CHECKING:  # annotations only: loram.train imports this module
-    from .train import TrainConfig
-    from .training import RunConfig
+    from .configs import RunConfig, TrainConfig
 
 IGNORE = -100
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
