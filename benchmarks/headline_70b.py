@@ -42,10 +42,10 @@ def child(cfg: dict) -> dict:
     import transformers  # noqa: F401
 
     import loram.build  # noqa: F401
-    from loram.memory import peak_rss_gb, pin_mmap_threshold, reset_peak, rss_gb
+    from loram.procmem import peak_rss_gb, pin_mmap_threshold, reset_peak, rss_gb
 
     torch.set_num_threads(cfg["threads"])
-    pin_mmap_threshold()  # the planner's convention (see loram.memory): freed buffers leave RSS
+    pin_mmap_threshold()  # the planner's convention (see loram.procmem): freed buffers leave RSS
     baseline = rss_gb()
 
     from loram.build import build_pruned
@@ -126,7 +126,7 @@ def write(rows: list[dict], command: str, results: Path = RESULTS) -> None:
              f"{out['setup']}. Hardware: {out['hardware']}. Versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items()) + ".",
              f"Command: `{command}`. Peak RSS = process high-water mark during the training steps; "
              "measured = that minus the post-import baseline (the planner's convention). Allocator: glibc mmap threshold "
-             "pinned at 128 KiB (`loram.memory.pin_mmap_threshold`).", "",
+             "pinned at 128 KiB (`loram.procmem.pin_mmap_threshold`).", "",
              "| seq | threads | parameters | build s | build peak RSS GB | train peak RSS GB | measured GB | predicted GB | error | s/step | tokens/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     def f(r, k, fmt):

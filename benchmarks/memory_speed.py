@@ -29,9 +29,9 @@ Loss. "stock": the model's own loss (full-vocabulary fp32 logits + log-softmax a
 each chunk checkpointed): the same value, without the full logits.
 
 Measurement (each run in a fresh child process, JSON out): glibc mmap threshold pinned
-(`loram.memory.pin_mmap_threshold`, the planner's convention: freed buffers leave RSS), baseline =
+(`loram.procmem.pin_mmap_threshold`, the planner's convention: freed buffers leave RSS), baseline =
 RSS after imports, model built, PEFT-wrapped, malloc_trim, then the RSS high-water mark is reset
-(`loram.memory.reset_peak`) and the steps run. peak = high-water mark - baseline (weights included);
+(`loram.procmem.reset_peak`) and the steps run. peak = high-water mark - baseline (weights included);
 after_build = weights as resident; persistent = RSS after the steps (weights + LoRA + AdamW states).
 OMP_NUM_THREADS=1 (a shared 2-core machine; tokens/s carry that noise, the ratios less so).
 Ratios: memory = LoRA peak / LoRAM peak, tokens/s = LoRAM / LoRA, params = original / pruned.
@@ -62,7 +62,7 @@ PROBES = [dict(name=f"probe-smollm2-lora-{c}-seq64", model="smollm2", scheme="lo
 CHUNK_ROWS = 1024  # rows of a bf16 weight cast to fp32 at once: <= 23 MB transient on these shapes
 
 
-from loram.memory import malloc_trim  # noqa: E402
+from loram.procmem import malloc_trim  # noqa: E402
 
 
 def build(cfg: dict):
@@ -91,7 +91,7 @@ def _stock_bf16(config):
     import torch
 
     from loram.build import _assign, _Source
-    from loram.pruned import materialize_buffers, skeleton
+    from loram.pruned_model import materialize_buffers, skeleton
 
     model = skeleton(config, None, dtype=torch.bfloat16)
     src = _Source(None, None, config, seed=0)  # no weights: random
@@ -121,7 +121,7 @@ def fp32_over_bf16(model) -> None:
 
 
 def child(cfg: dict) -> dict:
-    from loram.memory import peak_rss_gb, pin_mmap_threshold, reset_peak, rss_gb
+    from loram.procmem import peak_rss_gb, pin_mmap_threshold, reset_peak, rss_gb
 
     pin_mmap_threshold()  # before the imports allocate: the planner's convention
     import gc
@@ -133,7 +133,7 @@ def child(cfg: dict) -> dict:
 
     import loram.build  # noqa: F401
     from loram.loss import chunked_causal_lm_loss
-    from loram.pruned import count_params
+    from loram.pruned_model import count_params
 
     torch.set_num_threads(1)
     gc.collect()

@@ -56,7 +56,7 @@ CONFIGS = [
 ]
 
 
-from loram.memory import malloc_trim  # noqa: E402
+from loram.procmem import malloc_trim  # noqa: E402
 
 
 def build(cfg: dict):
@@ -85,11 +85,11 @@ def run_one(cfg: dict) -> dict:
 
     from loram.data import collate
     from loram.families import geometry
-    from loram.memory import peak_rss_gb, reset_peak, rss_gb
-    from loram.plan import PrunePlan, parse_layers
     from loram.planner import TrainSettings, predict
+    from loram.procmem import peak_rss_gb, reset_peak, rss_gb
     from loram.prune.structured import select
-    from loram.pruned import apply_plan
+    from loram.prune_plan import PrunePlan, parse_layers
+    from loram.pruned_model import apply_plan
     from loram.train import TrainConfig, lora_config
 
     gc.collect()

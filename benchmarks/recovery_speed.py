@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from loram.families import MODULE_OF_ROLE, ROLES, geometry
-from loram.plan import PrunePlan, parse_layers
 from loram.planner.presets import preset_config
 from loram.prune.structured import select
+from loram.prune_plan import PrunePlan, parse_layers
 from loram.recover import recover_tensors
 
 RANK = 8

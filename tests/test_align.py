@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from loram import load_pruned
 from loram.align import AlignConfig, align, steps_for_tokens
 from loram.errors import LoramError
-from loram.plan import PrunePlan
+from loram.prune_plan import PrunePlan
 
 
 @pytest.fixture(scope="module")

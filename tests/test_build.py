@@ -10,11 +10,11 @@ from loram import build as B
 from loram import weights as W
 from loram.errors import LoramError
 from loram.loading import load_pruned
-from loram.plan import PrunePlan
 from loram.planner import trial as T
 from loram.prune import prune
 from loram.prune import random_plan as R
-from loram.pruned import count_params
+from loram.prune_plan import PrunePlan
+from loram.pruned_model import count_params
 from loram.testing import tiny_model, tiny_tokenizer
 
 
@@ -226,6 +226,6 @@ def test_random_nf4_build_holds_only_its_packed_codes():
 def test_pin_mmap_threshold_on_glibc():
     import platform
 
-    from loram.memory import pin_mmap_threshold
+    from loram.procmem import pin_mmap_threshold
 
     assert pin_mmap_threshold() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -18,7 +18,7 @@ import torch
 from loram.adapter import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, STAGE_PRUNED, write_adapter
 from loram.cli import main
 from loram.errors import LoramError
-from loram.plan import PLAN_FILE, PrunePlan
+from loram.prune_plan import PLAN_FILE, PrunePlan
 from loram.testing import save_tiny
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

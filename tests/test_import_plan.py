@@ -9,12 +9,12 @@ from loram.errors import LoramError
 from loram.families import ROLES, geometry, layer_module
 from loram.import_plan import import_sparse, import_structured
 from loram.loading import load_pruned
-from loram.plan import PrunePlan
 from loram.prune import base_fingerprint
 from loram.prune.pattern import parse_pattern
 from loram.prune.structured import select
 from loram.prune.wanda import magnitude_mask
-from loram.pruned import apply_plan
+from loram.prune_plan import PrunePlan
+from loram.pruned_model import apply_plan
 from loram.testing import tiny_model, tiny_tokenizer
 
 

@@ -10,9 +10,9 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from loram.adapter import write_adapter
 from loram.families import geometry
 from loram.inspect_adapter import adapter_norms, inspect, update_norms
-from loram.plan import PrunePlan
 from loram.prune.structured import select
-from loram.pruned import apply_plan
+from loram.prune_plan import PrunePlan
+from loram.pruned_model import apply_plan
 from loram.recover import recover_tensors
 from loram.testing import tiny_model
 

@@ -17,7 +17,7 @@ from loram.adapter import ADAPTER_META, ADAPTER_WEIGHTS
 from loram.cli import main
 from loram.errors import LoramError
 from loram.families import ROLES, geometry
-from loram.plan import META_PLAN_DIGEST, META_PLAN_ID, PLAN_FILE, PrunePlan
+from loram.prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PLAN_FILE, PrunePlan
 from loram.weights import safetensors_files, safetensors_metadata
 
 
@@ -316,9 +316,9 @@ def test_bad_plan_refused_by_loader(w, case):
 
 def test_plan_methods_cover_prune_methods():
     """plan.METHODS lists every method a writer can record (so no valid plan is refused)."""
-    from loram.plan import METHODS
     from loram.prune.sparse import METHODS as SPARSE
     from loram.prune.structured import METHODS as STRUCTURED
+    from loram.prune_plan import METHODS
 
     assert set(STRUCTURED) | set(SPARSE) | {"imported"} == set(METHODS)
 

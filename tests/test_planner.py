@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from loram.families import geometry
-from loram.plan import PrunePlan, parse_layers
 from loram.planner import PruneSpec, TrainSettings, count, layer_widths, predict, preset_config, preset_names, smallest_ratio, storage
 from loram.planner.memory import layer_saved_bytes
 from loram.planner.params import LayerWidths, nf4_constant_bytes
 from loram.prune.structured import select
-from loram.pruned import count_params, skeleton
+from loram.prune_plan import PrunePlan, parse_layers
+from loram.pruned_model import count_params, skeleton
 from loram.testing import TINY, save_tiny, tiny_config
 
 

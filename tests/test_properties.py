@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from loram.families import COL_PRUNED, ROLES, geometry, is_tied_head, parse_name, weight_name
-from loram.plan import LayerPlan, PrunePlan
-from loram.pruned import apply_plan
+from loram.prune_plan import LayerPlan, PrunePlan
+from loram.pruned_model import apply_plan
 from loram.recover import recover_tensors
 from loram.testing import TINY, prune_tensors, tiny_config, tiny_model, zero_pruned
 

@@ -9,9 +9,9 @@ import torch
 from loram.families import geometry, layer_module
 from loram.fingerprint import fingerprint_model, fingerprint_safetensors, same_model
 from loram.loading import load_pruned
-from loram.plan import PLAN_FILE, PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
 from loram.prune import prune
-from loram.pruned import count_params
+from loram.prune_plan import PLAN_FILE, PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
+from loram.pruned_model import count_params
 from loram.testing import TINY, save_tiny, tiny_model
 from loram.weights import safetensors_files
 
@@ -42,7 +42,7 @@ def test_prune_save_reload_same_logits(tmp_path, family, method):
     # in-memory pruned model (the one prune saved) == reloaded model
     from transformers import AutoModelForCausalLM
 
-    from loram.pruned import apply_plan
+    from loram.pruned_model import apply_plan
 
     ref = apply_plan(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), plan).eval()
     x = torch.randint(3, 256, (2, 16))

@@ -11,9 +11,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from loram.families import geometry
-from loram.plan import PrunePlan
 from loram.prune.structured import select
-from loram.pruned import apply_plan
+from loram.prune_plan import PrunePlan
+from loram.pruned_model import apply_plan
 from loram.recover import recover_tensors
 from loram.testing import TINY, prune_tensors, tiny_model, zero_pruned
 

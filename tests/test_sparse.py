@@ -101,8 +101,8 @@ def test_pattern_errors():
 
 def test_prune_folder_loads_with_zeros_nf4_and_masks(tmp_path, tiny_dir):
     from loram.loading import load_pruned
-    from loram.plan import PrunePlan
     from loram.prune import base_fingerprint, prune
+    from loram.prune_plan import PrunePlan
 
     r = prune(str(tiny_dir), tmp_path / "P", method="sparsegpt", sparsity="2:4", layers="1:5", calib_samples=4, calib_seq_len=32)
     plan = PrunePlan.load(tmp_path / "P")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from loram.adapter import read_meta
 from loram.errors import LoramError
-from loram.plan import PrunePlan
+from loram.prune_plan import PrunePlan
 from loram.train import TrainConfig, train
 from loram.training import TrainingInterrupted, complete_checkpoints
 

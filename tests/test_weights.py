@@ -119,8 +119,8 @@ def test_nf4_check_runs_once_per_process(monkeypatch):
 def test_loaders_return_the_plan_and_the_fingerprint(tmp_path, tiny_dir):
     from loram.fingerprint import base_fingerprint
     from loram.loading import PLAN_ATTR, load_pruned, load_pruned_model
-    from loram.plan import PrunePlan
     from loram.prune import prune
+    from loram.prune_plan import PrunePlan
     from loram.train import load_base
 
     prune(str(tiny_dir), tmp_path / "P", method="random", ratio=0.5)

@@ -8,7 +8,7 @@
 
 from ._version import __version__
 from .errors import LoramError
-from .plan import PrunePlan
+from .prune_plan import PrunePlan
 
 
 def load_pruned(path, quantize=None, dtype=None, device_map="cpu"):

@@ -37,12 +37,12 @@ from .families import ROLE_OF_PROJ, decoder_layers, geometry, is_tied_head, ties
 from .fingerprint import config_digest, describe_difference, fingerprint_safetensors, same_model
 from .io import TOKENIZER_FILES, atomic_dir, releases_locks
 from .loading import PLAN_ATTR
-from .memory import PeakRSS
 from .nf4 import QUANTIZED_MARK, nf4_linear, random_nf4_linear
-from .plan import PrunePlan
+from .procmem import PeakRSS
 from .progress import track
 from .prune.random_plan import RANDOM_SCHEME
-from .pruned import count_params, materialize_buffers, skeleton, skeleton_shapes
+from .prune_plan import PrunePlan
+from .pruned_model import count_params, materialize_buffers, skeleton, skeleton_shapes
 from .weights import ShardWriter, Weights
 
 

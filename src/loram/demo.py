@@ -254,9 +254,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from .demo_general import GENERAL_SOURCE, QUIZ_SOURCE, capital_quiz, general_text
     from .eval import load_for_eval
     from .inspect_adapter import inspect
-    from .plan import PrunePlan
     from .prune import prune
-    from .pruned import count_params
+    from .prune_plan import PrunePlan
+    from .pruned_model import count_params
     from .recover import recover
 
     t0 = time.time()

@@ -23,7 +23,7 @@
 
     A KV group is one KV head with its query heads (for multi-head attention: one head).
     Validation against the two checkpoints: every tensor of PRUNED must have exactly the shape
-    the plan gives (index arithmetic in plan.py), and must equal the original's kept rows/columns
+    the plan gives (index arithmetic in prune_plan.py), and must equal the original's kept rows/columns
     (every other tensor the original's), within the rounding of the coarser dtype. A model
     retrained after pruning fails the value check: --allow-retrained checks the shapes only.
 
@@ -46,8 +46,8 @@ from .families import ROLES, geometry, is_tied_head, module_name, ties_embedding
 from .fingerprint import base_fingerprint, check_verify, config_digest
 from .io import TOKENIZER_FILES, atomic_dir, check_output, load_config, load_tokenizer, refuse_pickle_only, releases_locks, resolve_model
 from .loading import load_model
-from .plan import LayerPlan, PrunePlan
-from .pruned import skeleton_shapes
+from .prune_plan import LayerPlan, PrunePlan
+from .pruned_model import skeleton_shapes
 from .weights import Weights, mismatch, write_safetensors_metadata
 
 NM_GROUPS = (4, 8)

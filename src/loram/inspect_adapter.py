@@ -29,7 +29,7 @@ from .adapter import ADAPTER_CONFIG, read_meta, read_tensors
 from .errors import LoramError
 from .families import ATTN_ROLES, MLP_ROLES, Geometry, geometry, parse_name
 from .io import atomic_dir, check_output, read_json, write_json
-from .plan import PrunePlan, has_plan
+from .prune_plan import PrunePlan, has_plan
 
 
 @dataclass

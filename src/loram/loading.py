@@ -1,6 +1,6 @@
 """Loading models: an original (folder, .gguf, alias, hub id) or a pruned model folder.
 
-Sits above pruned.py (it builds pruned skeletons) and below every command. Loaders return what they
+Sits above pruned_model.py (it builds pruned skeletons) and below every command. Loaders return what they
 loaded: ``load_pruned_model`` gives ``PrunedModel(model, plan)``, so no caller has to find the
 plan on the model. ``load_pruned`` (``loram.load_pruned``, the public one-call loader) returns the
 model alone and, for users, also hangs the plan on it as ``model.loram_plan``; loram itself never
@@ -23,8 +23,8 @@ from .errors import LoramError
 from .families import family_of, geometry, ties_embeddings
 from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
 from .nf4 import quantize_nf4, require_bnb
-from .plan import PrunePlan
-from .pruned import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
+from .prune_plan import PrunePlan
+from .pruned_model import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
 from .weights import Weights, mismatch, safetensors_files, safetensors_shapes
 
 PLAN_ATTR = "loram_plan"  # set by the public load_pruned only, for users (see module doc)

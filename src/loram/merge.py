@@ -23,9 +23,9 @@ from .adapter import STAGE_PRUNED, attach, check_adapter_dir, read_meta
 from .errors import LoramError
 from .io import atomic_dir, check_output, load_tokenizer, releases_locks
 from .loading import load_model
-from .plan import has_plan
 from .progress import enabled
 from .prune.sparse import sparse_masks
+from .prune_plan import has_plan
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True,
@@ -92,8 +92,8 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
         if has_plan(base):  # a merged pruned model is still a pruned model folder, bound to the same plan
             import shutil
 
-            from .plan import PLAN_FILE, PrunePlan
-            from .pruned import bind_plan
+            from .prune_plan import PLAN_FILE, PrunePlan
+            from .pruned_model import bind_plan
             from .weights import safetensors_files
 
             shutil.copy(Path(base) / PLAN_FILE, Path(tmp) / PLAN_FILE)
@@ -102,7 +102,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
 
 
 def _sparse_plan(base):
-    from .plan import PrunePlan
+    from .prune_plan import PrunePlan
 
     plan = PrunePlan.load(base) if Path(str(base)).is_dir() and has_plan(base) else None
     if plan is None or plan.kind != "sparse":

@@ -123,7 +123,7 @@ class Measure:
     """Time and peak RSS of a long stage, for its closing line: ``print(m.line("merged model written to X"))``."""
 
     def __init__(self):
-        from .memory import PeakRSS
+        from .procmem import PeakRSS
 
         self.t0, self.peak = time.time(), PeakRSS()
 

@@ -215,7 +215,7 @@ def stage_configs(r: Recipe) -> dict:
     return out
 
 
-def plan_steps(r: Recipe) -> list[Step]:
+def stage_steps(r: Recipe) -> list[Step]:
     """The stages to run, in order, with their hashes and status."""
     steps, upstream, model = [], _hash("base", {"base": r.base}, ""), r.base
     train_in = upstream
@@ -285,7 +285,7 @@ def check_prune_against_base(r: Recipe) -> None:
     g = base_geometry(r.base)[0] if "prune" in r.stages else None
     if g is None:
         return
-    from .plan import parse_layers
+    from .prune_plan import parse_layers
 
     try:
         parse_layers(r.stages["prune"].get("layers"), g.n_layers)
@@ -301,7 +301,7 @@ def run_recipe(path: str | Path, dry_run: bool = False, echo=print) -> list[Step
     r = load_recipe(path)
     typed = stage_configs(r)
     check_prune_against_base(r)  # the checks `loram prune` makes first, so --dry-run catches them too
-    steps = plan_steps(r)
+    steps = stage_steps(r)
     echo(f"recipe {r.path}: base {r.base} ({config_summary(r.base) if dry_run else 'checked when loaded'}), workdir {r.workdir}")
     for st in steps:
         echo(f"  {st.stage:8s} {st.status:6s} -> {st.out}    ({st.command})")

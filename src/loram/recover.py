@@ -21,8 +21,8 @@ from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVE
 from .errors import LoramError
 from .families import COL_PRUNED, UNPRUNED_MODULES, geometry, parse_name
 from .io import atomic_dir, check_output, read_json, releases_locks
-from .plan import PrunePlan, has_plan
-from .pruned import check_plan_binding
+from .prune_plan import PrunePlan, has_plan
+from .pruned_model import check_plan_binding
 
 FILLS = ("zero", "normal")
 

@@ -26,7 +26,7 @@ from .data import build_dataset, eval_sets, skip_summary
 from .errors import LoramError
 from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
 from .loading import load_model
-from .plan import has_plan
+from .prune_plan import has_plan
 from .settings import check_config
 from .training import TrainReport, check_resume_settings, finish, fit, is_main, param_counts, run_settings, save_final
 

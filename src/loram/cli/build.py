@@ -57,8 +57,8 @@ def run(a) -> int:
     from ..build import write_pruned
     from ..errors import LoramError
     from ..io import atomic_dir, check_output
-    from ..plan import PrunePlan
     from ..prune.random_plan import random_plan
+    from ..prune_plan import PrunePlan
 
     config, source = _source(a.source)
     inputs = (a.source, a.plan)
@@ -79,7 +79,7 @@ def run(a) -> int:
             plan.save(tmp)
         rows = [("plan", f"{a.out}/loram_plan.json")]
     else:
-        from ..memory import pin_mmap_threshold
+        from ..procmem import pin_mmap_threshold
 
         pin_mmap_threshold()  # layer-by-layer temporaries go back to the kernel: peak ~ result + one layer
         r = write_pruned(config, plan, source, a.out, dtype=getattr(torch, DTYPES[a.dtype]), seed=a.seed, overwrite=a.overwrite,

@@ -112,9 +112,9 @@ def show(pred, searched, a) -> None:
 def try_it(a, src, spec, settings) -> int:
     """--try: measure the plan (see loram.planner.trial.try_plan)."""
     from ..errors import LoramError
-    from ..plan import PrunePlan
     from ..planner.trial import try_plan
     from ..prune.random_plan import random_plan
+    from ..prune_plan import PrunePlan
 
     if isinstance(spec, PrunePlan):
         plan = spec
@@ -122,7 +122,7 @@ def try_it(a, src, spec, settings) -> int:
         raise LoramError("--try builds structured plans only: use --method structured (or random/taylor/magnitude)")
     else:  # the kept channels do not change memory or speed: a random plan of the same ratios
         plan = random_plan(src.config, spec.ratio, spec.attn_ratio, spec.layers, name=src.name)
-    from ..memory import pin_mmap_threshold
+    from ..procmem import pin_mmap_threshold
 
     pin_mmap_threshold()  # measure on the planner's convention: freed temporaries leave RSS
     r = try_plan(src.config, plan, settings, a.quantize, a.try_steps)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LoramError
 from ..families import ROLES, Geometry, geometry
-from ..plan import PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
+from ..prune_plan import PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
 
 STRUCTURED = ("structured", "random", "taylor", "magnitude")
 SPARSE = ("sparsegpt", "wanda")

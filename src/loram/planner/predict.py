@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import LoramError
 from ..families import geometry
-from ..plan import PrunePlan
+from ..prune_plan import PrunePlan
 from .memory import MemoryEstimate, TrainSettings, estimate
 from .params import ParamCounts, PruneSpec, count, layer_widths, sparse_nonzeros, storage
 

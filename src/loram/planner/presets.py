@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoramError
-from ..plan import PLAN_FILE, PrunePlan
+from ..prune_plan import PLAN_FILE, PrunePlan
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from ..build import build_pruned_report
-from ..memory import PeakRSS, rss_gb
 from ..nf4 import QUANTIZED_MARK
-from ..plan import PrunePlan
+from ..procmem import PeakRSS, rss_gb
+from ..prune_plan import PrunePlan
 from .predict import predict
 
 

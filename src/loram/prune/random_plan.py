@@ -14,8 +14,8 @@ import torch
 
 from ..families import geometry, is_tied_head, ties_embeddings
 from ..fingerprint import config_digest
-from ..plan import PrunePlan, parse_layers
-from ..pruned import skeleton_shapes
+from ..prune_plan import PrunePlan, parse_layers
+from ..pruned_model import skeleton_shapes
 from ..validate import check_ratio
 from .structured import select
 

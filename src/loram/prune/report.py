@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan import PrunePlan
+from ..prune_plan import PrunePlan
 
 
 @dataclass

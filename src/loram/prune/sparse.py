@@ -226,9 +226,9 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
     from ..fingerprint import base_fingerprint
     from ..io import atomic_dir, check_output, load_config, load_tokenizer
     from ..loading import load_model
-    from ..memory import PeakRSS
-    from ..plan import PrunePlan, parse_layers
-    from ..pruned import count_params, save_pruned
+    from ..procmem import PeakRSS
+    from ..prune_plan import PrunePlan, parse_layers
+    from ..pruned_model import count_params, save_pruned
     from .report import PruneReport
     from .structured import calibration_batches, check_finite
 

@@ -23,8 +23,8 @@ import torch
 
 from ..errors import LoramError
 from ..families import ATTN_ROLES, MLP_ROLES, Geometry, decoder_layers, geometry, layer_module
-from ..plan import LayerPlan, kept_kv_groups, kept_mlp_channels
 from ..progress import track
+from ..prune_plan import LayerPlan, kept_kv_groups, kept_mlp_channels
 
 METHODS = ("random", "magnitude", "taylor")
 BUILTIN_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"

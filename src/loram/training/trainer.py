@@ -23,8 +23,8 @@ from ..errors import LoramError
 from ..eval.ppl import perplexity_examples
 from ..io import is_disk_full, write_json, write_marker
 from ..loss import chunked_causal_lm_loss, hidden_states_as_logits
-from ..memory import PeakRSS
-from ..pruned import count_params
+from ..procmem import PeakRSS
+from ..pruned_model import count_params
 from .checkpoint import disk_full_in_checkpoint, is_main, last_checkpoint, mark_complete, prepare_checkpoint_dir
 from .state import OPTIMIZER_JSON, SCHEDULER_JSON, load_optimizer_state, load_rng_state, plain, save_optimizer_state, save_rng_state
 

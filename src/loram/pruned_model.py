@@ -6,7 +6,7 @@ A pruned model folder is a normal HF folder plus the plan:
                                  with a size-mismatch error, never load them silently)
     model*.safetensors           the pruned tensors (smaller q/k/v/o/gate/up/down in pruned layers)
     tokenizer*, generation_config.json
-    loram_plan.json              what was removed (see plan.py)
+    loram_plan.json              what was removed (see prune_plan.py)
 
 ``skeleton`` builds the model on the meta device (no memory) and shrinks the modules the plan
 names; loading.load_pruned then assigns the tensors from the safetensors files, so the full-size
@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import LoramError, warn
 from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, decoder_layers, geometry, layer_module, ties_embeddings
-from .plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan
+from .prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan
 from .weights import mismatch, safetensors_files, safetensors_metadata, write_safetensors_metadata
 
 
