@@ -21,6 +21,7 @@ import torch
 from .errors import LoramError
 from .families import ROLE_OF_PROJ, UNPRUNED_MODULES
 from .io import read_json, write_json
+from .weights import safetensors_headers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -85,7 +86,6 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .weights import safetensors_headers
 
     p = check_adapter_dir(path) / ADAPTER_WEIGHTS
     safetensors_headers([p])  # headers first: a non-float dtype would be read as integers

@@ -32,6 +32,7 @@ from .errors import LoramError
 from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
 from .prune.sparse import sparse_masks
 from .prune_plan import has_plan
+from .pruned_model import save_pruned
 from .settings import check_config
 from .training import TrainReport, check_resume_settings, finish, fit, param_counts, run_settings, save_final
 
@@ -76,7 +77,6 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
     """Continual pre-training of a pruned model folder; writes an aligned pruned model folder."""
     from .loading import load_pruned_model  # looked up per call: tests swap it to prove errors come first
-    from .pruned_model import save_pruned
 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):

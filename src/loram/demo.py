@@ -28,7 +28,18 @@ from pathlib import Path
 import torch
 
 from . import settings
+from .demo_general import GENERAL_SOURCE, QUIZ_SOURCE, capital_quiz, general_text, standard_error
+from .demo_task import make_splits
 from .errors import LoramError
+from .eval import exact_match, load_for_eval, multiple_choice, perplexity_rows, perplexity_text
+from .inspect_adapter import inspect
+from .io import load_tokenizer, lock_output
+from .loading import load_model
+from .progress import quiet
+from .prune import prune
+from .prune_plan import PrunePlan
+from .pruned_model import count_params
+from .recover import recover
 
 MARKER = "demo.json"
 
@@ -124,7 +135,6 @@ class DemoResult:
 def _say(msg: str, t0: float) -> None:
     from rich.console import Console
 
-    from .progress import quiet
 
     if quiet():  # --quiet / --json
         return
@@ -132,7 +142,6 @@ def _say(msg: str, t0: float) -> None:
 
 
 def _prepare_out(cfg: DemoConfig) -> Path:
-    from .io import lock_output
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -148,7 +157,6 @@ def _prepare_out(cfg: DemoConfig) -> Path:
 
 
 def write_task(out: Path, cfg: DemoConfig):
-    from .demo_task import make_splits
 
     splits = make_splits(cfg.n_train, cfg.n_dev, cfg.n_test, seed=cfg.seed)
     d = out / "data"
@@ -161,8 +169,6 @@ def write_task(out: Path, cfg: DemoConfig):
 def prepare_base(out: Path, cfg: DemoConfig):
     """(base folder, model, tokenizer): a plain safetensors copy of the model, so every later stage
     loads in seconds and fingerprints without re-reading the GGUF."""
-    from .io import load_tokenizer
-    from .loading import load_model
 
     base = out / "base"
     if cfg.smoke:
@@ -190,8 +196,6 @@ def evaluate(model, tok, rows: list[dict], cfg: DemoConfig, text: str, quiz: lis
     """The row's scores: exact match and response perplexity on the task ``rows`` (what the adapter
     learned); perplexity on the general ``text`` and accuracy on the ``quiz`` (what the model kept),
     with how many tokens / questions those scored."""
-    from .demo_general import standard_error
-    from .eval import exact_match, multiple_choice, perplexity_rows, perplexity_text
 
     targets = [r["output"] for r in rows]
     # the longest answer + end-of-turn: longer generations cannot match anyway, and decoding dominates eval time
@@ -251,13 +255,6 @@ def plot_losses(reports: dict[str, dict], path: Path) -> Path:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    from .demo_general import GENERAL_SOURCE, QUIZ_SOURCE, capital_quiz, general_text
-    from .eval import load_for_eval
-    from .inspect_adapter import inspect
-    from .prune import prune
-    from .prune_plan import PrunePlan
-    from .pruned_model import count_params
-    from .recover import recover
 
     t0 = time.time()
     timings: dict[str, float] = {}

@@ -28,7 +28,7 @@ import torch
 from .adapter import ADAPTER_CONFIG, read_meta, read_tensors
 from .errors import LoramError
 from .families import ATTN_ROLES, MLP_ROLES, Geometry, geometry, parse_name
-from .io import atomic_dir, check_output, read_json, write_json
+from .io import atomic_dir, check_output, load_config, read_json, write_json
 from .prune_plan import PrunePlan, has_plan
 
 
@@ -117,7 +117,6 @@ def update_norms(tensors: dict[str, torch.Tensor], lora_cfg: dict, config, plan:
 
 def adapter_norms(adapter: str | Path, base: str | None = None) -> UpdateNorms:
     """UpdateNorms of an adapter folder (pruned, recovered or plain; plain ones need ``base`` for the config)."""
-    from .io import load_config
 
     adapter = Path(adapter)
     tensors = read_tensors(adapter)

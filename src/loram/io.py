@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ._version import __version__
 from .errors import LoramError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -35,7 +36,6 @@ MARKER = "loram_output.json"  # written into every folder loram writes; --overwr
 def write_marker(folder: str | Path, command: str) -> None:
     from datetime import datetime, timezone
 
-    from ._version import __version__
 
     write_json(Path(folder) / MARKER, {"command": command, "loram_version": __version__,
                                        "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -21,11 +21,12 @@ import torch
 
 from .adapter import STAGE_PRUNED, attach, check_adapter_dir, read_meta
 from .errors import LoramError
+from .fingerprint import check_verify, describe_difference, same_model
 from .io import atomic_dir, check_output, load_tokenizer, releases_locks
-from .loading import load_model
+from .loading import load_model, load_pruned_model
 from .progress import enabled
 from .prune.sparse import sparse_masks
-from .prune_plan import has_plan
+from .prune_plan import PrunePlan, has_plan
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True,
@@ -33,8 +34,6 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     """(model, tokenizer) for an original model or a pruned folder, with an adapter attached if given.
 
     verify_base="full": compare every byte of ``base`` with the digest the adapter's plan recorded."""
-    from .fingerprint import check_verify, describe_difference, same_model
-    from .loading import load_pruned_model
 
     check_verify(verify_base)
     if adapter is not None:
@@ -102,7 +101,6 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
 
 
 def _sparse_plan(base):
-    from .prune_plan import PrunePlan
 
     plan = PrunePlan.load(base) if Path(str(base)).is_dir() and has_plan(base) else None
     if plan is None or plan.kind != "sparse":

@@ -21,6 +21,8 @@ import time
 import warnings
 from contextlib import contextmanager
 
+from .procmem import PeakRSS
+
 QUIET_ENV = "LORAM_QUIET"  # "1": a parent loram process was asked for --quiet or --json
 _stages: list[str] = []  # descriptions of the enclosing stages (e.g. "eval arc"), prefixed to bar labels
 
@@ -123,7 +125,6 @@ class Measure:
     """Time and peak RSS of a long stage, for its closing line: ``print(m.line("merged model written to X"))``."""
 
     def __init__(self):
-        from .procmem import PeakRSS
 
         self.t0, self.peak = time.time(), PeakRSS()
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoramError
-from .families import COL_PRUNED, Geometry, TensorName, parse_name, pruned_axis
+from .families import COL_PRUNED, Geometry, TensorName, geometry, parse_name, pruned_axis
 
 PLAN_FILE = "loram_plan.json"
 PLAN_FORMAT = "loram-plan"
@@ -214,7 +214,6 @@ class PrunePlan:
         """Geometry of the plan's own base config, or None when the plan has none (hand-made plans)."""
         from types import SimpleNamespace
 
-        from .families import geometry
 
         cfg = self.base.get("config") or {}
         if not cfg:

@@ -37,9 +37,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import settings
+from .align import align
 from .data import split_slice
 from .errors import LoramError
+from .io import _local_inputs, _real, atomic_dir, check_replace, has_marker, lock_output, unlock_output, write_json, write_marker
+from .merge import merge
+from .prune import prune
+from .prune_plan import parse_layers
+from .recover import recover
 from .settings import STAGES
+from .train import train
+from .training import last_checkpoint
 
 OUTPUT = {"prune": "pruned", "align": "aligned", "train": "adapter", "recover": "recovered", "merge": "merged", "eval": "eval"}
 STAGE_FILE = "loram_stage.json"
@@ -285,7 +293,6 @@ def check_prune_against_base(r: Recipe) -> None:
     g = base_geometry(r.base)[0] if "prune" in r.stages else None
     if g is None:
         return
-    from .prune_plan import parse_layers
 
     try:
         parse_layers(r.stages["prune"].get("layers"), g.n_layers)
@@ -308,7 +315,6 @@ def run_recipe(path: str | Path, dry_run: bool = False, echo=print) -> list[Step
     check_ownership(r, steps)
     if dry_run:
         return steps
-    from .io import lock_output, unlock_output
 
     lock_output(r.workdir, "workdir")  # one recipe per workdir at a time
     try:
@@ -340,7 +346,6 @@ def recipe_inputs(r: Recipe) -> list[str]:
 
 def check_ownership(r: Recipe, steps: list[Step]) -> None:
     """Before any stage runs: a recipe replaces only the stage outputs (and checkpoints) it wrote."""
-    from .io import _local_inputs, _real, check_replace, has_marker
 
     wd = _real(r.workdir)
     if wd == Path("/") or wd == _real(Path.home()):
@@ -369,21 +374,18 @@ def _adapter(r: Recipe) -> Path:
 
 # each stage's library function, called with its settings record (the library modules load torch: imported when run)
 def _prune(r: Recipe, st: Step, s: settings.PruneSettings) -> bool:
-    from .prune import prune
 
     prune(r.base, st.out, overwrite=True, **asdict(s))
     return True
 
 
 def _align(r: Recipe, st: Step, cfg) -> bool:
-    from .align import align
 
     align(r.workdir / "pruned", st.out, cfg, **_resume_args(st))
     return True
 
 
 def _train(r: Recipe, st: Step, cfg) -> bool:
-    from .train import train
 
     model = r.workdir / "aligned" if "align" in r.stages else r.workdir / "pruned" if "prune" in r.stages else r.base
     train(model, st.out, cfg, **_resume_args(st))
@@ -391,14 +393,12 @@ def _train(r: Recipe, st: Step, cfg) -> bool:
 
 
 def _recover(r: Recipe, st: Step, s: settings.RecoverSettings) -> bool:
-    from .recover import recover
 
     recover(r.workdir / "adapter", r.base, st.out, overwrite=True, **asdict(s))
     return True
 
 
 def _merge(r: Recipe, st: Step, s: settings.MergeSettings) -> bool:
-    from .merge import merge
 
     merge(r.base, _adapter(r), st.out, overwrite=True, **asdict(s))
     return True
@@ -415,8 +415,6 @@ def _run_stage(r: Recipe, st: Step, typed: dict) -> None:
 
 def _resume_args(st: Step) -> dict:
     """Resume from this stage's checkpoints when they come from the same config, else start clean."""
-    from .io import check_replace, write_marker
-    from .training import last_checkpoint
 
     ckpt = Path(f"{st.out}-checkpoints")
     same = stored_hash(ckpt) == st.hash and last_checkpoint(ckpt) is not None
@@ -437,7 +435,6 @@ def _run_eval(r: Recipe, st: Step, s: settings.EvalSettings) -> bool:
     except ImportError:
         print(f"[eval] skipped: loram.eval is not available in this install ({st.out} not written)")
         return False
-    from .io import atomic_dir, write_json
 
     on = s.target or ("merged" if "merge" in r.stages else "adapter")
     req = EvalRequest(**s.request_fields(ppl=[(n, Path(f)) for n, f in (s.ppl or {}).items()],

@@ -20,6 +20,7 @@ import torch
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors, write_adapter
 from .errors import LoramError
 from .families import COL_PRUNED, UNPRUNED_MODULES, geometry, parse_name
+from .fingerprint import base_fingerprint, check_base_full, check_verify, describe_difference, same_model
 from .io import atomic_dir, check_output, read_json, releases_locks
 from .prune_plan import PrunePlan, has_plan
 from .pruned_model import check_plan_binding
@@ -124,7 +125,6 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
 
     verify_base="full": also compare every byte of ``base`` with the digest the plan recorded."""
-    from .fingerprint import base_fingerprint, check_base_full, check_verify, describe_difference, same_model
 
     adapter = Path(adapter)
     check_output(out, overwrite, inputs=(adapter, base))

@@ -24,8 +24,10 @@ from .adapter import ADAPTER_META, STAGE_PRUNED, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, skip_summary
 from .errors import LoramError
+from .fingerprint import base_fingerprint
 from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
-from .loading import load_model
+from .loading import load_model, load_pruned_model
+from .nf4 import quantize_nf4
 from .prune_plan import has_plan
 from .settings import check_config
 from .training import TrainReport, check_resume_settings, finish, fit, is_main, param_counts, run_settings, save_final
@@ -35,9 +37,6 @@ from .training import TrainReport, check_resume_settings, finish, fit, is_main, 
 def load_base(model: str | Path, quantize: str | None, bf16: bool):
     """(model, plan or None, base fingerprint) for a pruned folder or an ordinary model (the tokenizer is
     loaded first, by train)."""
-    from .fingerprint import base_fingerprint
-    from .loading import load_pruned_model
-    from .nf4 import quantize_nf4
 
     dtype = torch.bfloat16 if bf16 and quantize is None else torch.float32
     if Path(str(model)).is_dir() and has_plan(model):
@@ -112,7 +111,6 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
     """``base_fp``: the original's fingerprint taken at load time (load_base), for an adapter of an original."""
     from peft import get_peft_model_state_dict
 
-    from .fingerprint import base_fingerprint
 
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(pm, save_embedding_layers=False).items()}
     lcfg = pm.peft_config["default"].to_dict()

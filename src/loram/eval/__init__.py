@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..merge import load_with_adapter
 from .generation import GenResult, exact_match, gsm8k
 from .mc import MCResult, multiple_choice
 from .ppl import Perplexity, perplexity_rows, perplexity_text
@@ -36,7 +37,6 @@ class EvalResult:
 
 def load_for_eval(model: str, adapter: str | None = None, dtype=torch.float32, merge: bool = True):
     """(model, tokenizer) ready for scoring: the adapter is merged into the weights (same outputs, faster)."""
-    from ..merge import load_with_adapter
 
     m, tok = load_with_adapter(model, adapter, dtype=dtype)
     if adapter is not None and merge:

@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import read_rows, read_utf8
 from ..progress import stage
+from ..settings import check_config
 from . import EvalResult
+from .generation import gsm8k
+from .mc import multiple_choice
+from .ppl import perplexity_rows, perplexity_text
 
 
 @dataclass
@@ -31,7 +36,6 @@ class EvalRequest:
     allow_unsandboxed_code: bool = False
 
     def __post_init__(self):
-        from ..settings import check_config
 
         check_config(self, "eval")  # the ranges of `loram eval`'s flags, before any model is loaded
 
@@ -47,7 +51,6 @@ class EvalRequest:
 
 
 def _rows(path, limit: int | None) -> list[dict]:
-    from ..data import read_rows
 
     rows = read_rows(str(path))
     return rows[:limit] if limit else rows
@@ -56,7 +59,6 @@ def _rows(path, limit: int | None) -> list[dict]:
 def check_files(req: EvalRequest) -> None:
     """Read every local input file once before the model loads: a non-UTF-8, malformed or corrupt
     file is a one-line error in seconds, not after minutes of loading."""
-    from ..data import read_rows, read_utf8
 
     files = [p for _, p in req.ppl + req.mc] + [Path(f) for f in (req.fewshot_file, req.gsm8k, req.humaneval) if f]
     for p in files:
@@ -67,9 +69,6 @@ def check_files(req: EvalRequest) -> None:
 
 
 def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
-    from .generation import gsm8k
-    from .mc import multiple_choice
-    from .ppl import perplexity_rows, perplexity_text
 
     out: list[EvalResult] = []
     for name, path in req.ppl:

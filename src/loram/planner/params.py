@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from ..errors import LoramError
 from ..families import ROLES, Geometry, geometry
 from ..prune_plan import PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
+from ..validate import check_ratio
 
 STRUCTURED = ("structured", "random", "taylor", "magnitude")
 SPARSE = ("sparsegpt", "wanda")
@@ -84,7 +85,6 @@ def layer_widths(config, spec: PruneSpec | PrunePlan | None) -> list[LayerWidths
 def check_spec(spec: PruneSpec) -> None:
     if spec.method not in METHODS:
         raise LoramError(f"unknown --method {spec.method!r}: choose one of {', '.join(METHODS)}")
-    from ..validate import check_ratio
 
     for name, r in (("--ratio", spec.ratio), ("--attn-ratio", spec.attn())):
         check_ratio(name, r, allow_zero=True)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoramError
+from ..io import SMOLLM2_ALIAS, load_config, read_json
 from ..prune_plan import PLAN_FILE, PrunePlan
+from ..validate import Number
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -30,7 +32,6 @@ OPTIONAL_SIZE_LIMITS = {"num_key_value_heads": 8192, "head_dim": 8192}
 
 def check_sizes(d: dict, where: str = "config.json") -> None:
     """Positive integer sizes within SIZE_LIMITS, heads dividing hidden, KV heads dividing heads (one line each)."""
-    from ..validate import Number
 
     for key, limit in {**SIZE_LIMITS, **OPTIONAL_SIZE_LIMITS}.items():
         if key not in d or d[key] is None and key in OPTIONAL_SIZE_LIMITS:
@@ -74,7 +75,6 @@ class Source:
 
 def resolve(model: str) -> Source:
     """Config (and plan) of MODEL without loading any weight."""
-    from ..io import SMOLLM2_ALIAS, load_config, read_json
 
     lower = {n.lower(): n for n in preset_names()}
     if model.lower() in lower:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..build import build_pruned_report
+from ..configs import DEFAULT_TARGETS, TARGET_MODULES
 from ..nf4 import QUANTIZED_MARK
 from ..procmem import PeakRSS, rss_gb
 from ..prune_plan import PrunePlan
@@ -104,7 +105,6 @@ def trial_steps(model, seq_len: int, steps: int = 2, batch: int = 1, rank: int =
     """
     from peft import LoraConfig, get_peft_model
 
-    from ..configs import DEFAULT_TARGETS, TARGET_MODULES
 
     dev = next(p.device for p in model.parameters() if p.device.type != "meta")
     fp32 = dev.type == "cpu" and getattr(model, QUANTIZED_MARK, None) == "nf4"

@@ -12,7 +12,8 @@ from ..families import geometry
 from ..fingerprint import base_fingerprint, check_verify
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
 from ..loading import load_model
-from ..prune_plan import PrunePlan, parse_layers
+from ..procmem import PeakRSS
+from ..prune_plan import PrunePlan, kept_mlp_channels, parse_layers
 from ..pruned_model import apply_plan, count_params, save_pruned
 from ..settings import check_knobs
 from ..validate import check_ratio
@@ -27,7 +28,6 @@ SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsit
 
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
     """Fail fast, from config.json alone, on --layers / --ratio that cannot fit the model (before loading weights)."""
-    from ..prune_plan import kept_mlp_channels
 
     g = geometry(load_config(model_name))
     parse_layers(layers, g.n_layers)
@@ -44,7 +44,6 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
     the pruning is structured (ratio defaults to 0.5). ``verify_base="full"`` records the digest of
     every byte of the base in the plan, for `loram recover/merge --verify-base full`."""
-    from ..procmem import PeakRSS
 
     check_verify(verify_base)
     check_knobs("prune", seed=seed, calib_samples=calib_samples, calib_seq_len=calib_seq_len)  # the flags' ranges

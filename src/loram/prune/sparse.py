@@ -39,11 +39,17 @@ from torch import nn
 
 from ..errors import LoramError
 from ..families import ROLES, decoder_layers, geometry, layer_module, module_name, weight_name
-from ..io import releases_locks
-from ..loading import PLAN_ATTR
+from ..fingerprint import base_fingerprint
+from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
+from ..loading import PLAN_ATTR, load_model
+from ..procmem import PeakRSS
 from ..progress import track
+from ..prune_plan import PrunePlan, parse_layers
+from ..pruned_model import count_params, save_pruned
 from .pattern import Pattern, parse_pattern
+from .report import PruneReport
 from .sparsegpt import Hessian, sparsegpt
+from .structured import calibration_batches, check_finite
 from .wanda import ColumnNorms, magnitude_mask, wanda_mask
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -223,14 +229,6 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
                  layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
                  calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled"):
     """`loram prune --sparsity ...`: write a sparse pruned model folder; returns a PruneReport."""
-    from ..fingerprint import base_fingerprint
-    from ..io import atomic_dir, check_output, load_config, load_tokenizer
-    from ..loading import load_model
-    from ..procmem import PeakRSS
-    from ..prune_plan import PrunePlan, parse_layers
-    from ..pruned_model import count_params, save_pruned
-    from .report import PruneReport
-    from .structured import calibration_batches, check_finite
 
     if method not in METHODS:
         raise LoramError(f"--sparsity needs a sparse --method: choose one of {', '.join(METHODS)}")
