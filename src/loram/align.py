@@ -29,12 +29,12 @@ import torch
 from .configs import AlignConfig, RunConfig
 from .data import ListDataset, chunk_tokens, collate, mix, read_texts
 from .errors import LoramError
-from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
+from .io import atomic_dir, load_tokenizer, releases_locks, write_json
 from .prune.sparse import sparse_masks
 from .prune_plan import has_plan
 from .pruned_model import save_pruned
 from .settings import check_config
-from .training import TrainReport, check_resume_settings, finish, fit, param_counts, run_settings, save_final
+from .training import TrainReport, claim_run, finish, fit, param_counts, save_final
 
 
 def steps_for_tokens(tokens: int, cfg: RunConfig, world: int) -> int:
@@ -81,12 +81,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
-    inputs = (pruned, *cfg.data, *(cfg.eval or {}).values())
-    check_output(out, overwrite, inputs)
-    ckpt = check_checkpoint_dir(checkpoint_dir or f"{out}-checkpoints", resume, overwrite, inputs)
-    settings = run_settings(cfg, pruned) if resume or cfg.save_steps else None  # only checkpoints need them
-    if resume:
-        check_resume_settings(ckpt, settings)
+    inputs, ckpt, settings = claim_run(cfg, pruned, out, overwrite, checkpoint_dir, resume)
     # tokenizer and corpus before the weights: a bad file fails in seconds
     tok = load_tokenizer(pruned)
     blocks = corpus_blocks(tok, cfg)

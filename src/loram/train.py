@@ -25,12 +25,12 @@ from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401 
 from .data import build_dataset, eval_sets, skip_summary
 from .errors import LoramError
 from .fingerprint import base_fingerprint
-from .io import atomic_dir, check_checkpoint_dir, check_output, load_tokenizer, releases_locks, write_json
+from .io import atomic_dir, load_tokenizer, releases_locks, write_json
 from .loading import load_model, load_pruned_model
 from .nf4 import quantize_nf4
 from .prune_plan import has_plan
 from .settings import check_config
-from .training import TrainReport, check_resume_settings, finish, fit, is_main, param_counts, run_settings, save_final
+from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, save_final
 
 
 # ---- model and LoRA ---------------------------------------------------------------------------
@@ -75,12 +75,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from .data import collate  # looked up per call: tests/test_ddp.py swaps it to record each rank's batches
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
-    inputs = (model_name, *cfg.data, *(cfg.eval or {}).values())
-    check_output(out, overwrite, inputs)
-    ckpt = check_checkpoint_dir(checkpoint_dir or f"{out}-checkpoints", resume, overwrite, inputs)
-    settings = run_settings(cfg, model_name) if resume or cfg.save_steps else None  # only checkpoints need them
-    if resume:
-        check_resume_settings(ckpt, settings)
+    inputs, ckpt, settings = claim_run(cfg, model_name, out, overwrite, checkpoint_dir, resume)
     # tokenizer and data before the weights: a bad file, row or chat template fails in seconds
     tok = load_tokenizer(model_name)
     dataset, dropped = build_dataset(tok, cfg)

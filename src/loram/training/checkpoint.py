@@ -174,3 +174,17 @@ def save_final(ckpt: Path, save) -> None:
         if is_main() and ckpt.is_dir() and not any(ckpt.glob("checkpoint-*")):  # nothing to resume from: leave nothing
             shutil.rmtree(ckpt, ignore_errors=True)
         raise DiskFull(f"{e}; {_kept(ckpt)}") from None
+
+
+def claim_run(cfg: RunConfig, model: str | Path, out: str | Path, overwrite: bool, checkpoint_dir, resume: bool):
+    """What train and align settle before loading anything: the output and checkpoint folders (ownership
+    rules, locks) and --resume's settings check. Returns (inputs, checkpoint folder, run settings or None)."""
+    from ..io import check_checkpoint_dir, check_output
+
+    inputs = (model, *cfg.data, *(cfg.eval or {}).values())
+    check_output(out, overwrite, inputs)
+    ckpt = check_checkpoint_dir(checkpoint_dir or f"{out}-checkpoints", resume, overwrite, inputs)
+    settings = run_settings(cfg, model) if resume or cfg.save_steps else None  # only checkpoints need them
+    if resume:
+        check_resume_settings(ckpt, settings)
+    return inputs, ckpt, settings
