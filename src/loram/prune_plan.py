@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoramError
-from .families import COL_PRUNED, Geometry, TensorName, geometry, parse_name, pruned_axis
+from .families import COL_PRUNED, ROLES, Geometry, TensorName, geometry, parse_name, pruned_axis
 
 PLAN_FILE = "loram_plan.json"
 PLAN_FORMAT = "loram-plan"
@@ -99,6 +99,14 @@ class PrunePlan:
     extra: dict = field(default_factory=dict)
 
     # ---- index arithmetic -------------------------------------------------------------
+    def pruned_modules(self, g: Geometry):
+        """(layer, role, kept indices) of every projection this plan prunes, in layer order."""
+        for i in self.pruned:
+            for role in ROLES:
+                idx = self.kept_index(i, role, g)
+                if idx is not None:
+                    yield i, role, idx
+
     def kept_index(self, layer: int, role: str, g: Geometry) -> torch.Tensor | None:
         """Kept rows (q/k/v/gate/up) or columns (o/down) of ``role`` in ``layer``; None if whole."""
         lp = self.pruned.get(layer)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import LoramError, warn
-from .families import COL_PRUNED, MODULE_OF_ROLE, ROLES, decoder_layers, geometry, layer_module, ties_embeddings
+from .families import COL_PRUNED, MODULE_OF_ROLE, decoder_layers, geometry, layer_module, ties_embeddings
 from .prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan
 from .weights import mismatch, safetensors_files, safetensors_metadata, write_safetensors_metadata
 
@@ -79,15 +79,11 @@ def apply_plan(model, plan: PrunePlan) -> nn.Module:
     g = geometry(model.config)
     plan.validate(g)
     layers = decoder_layers(model)
-    for i in plan.pruned:
-        for role in ROLES:
-            idx = plan.kept_index(i, role, g)
-            if idx is None:
-                continue
-            lin = layer_module(model, i, role)
-            new = _shrunk_linear(lin, None if role in COL_PRUNED else idx, idx if role in COL_PRUNED else None)
-            parent, proj = MODULE_OF_ROLE[role].split(".")
-            setattr(getattr(layers[i], parent), proj, new)
+    for i, role, idx in plan.pruned_modules(g):
+        lin = layer_module(model, i, role)
+        new = _shrunk_linear(lin, None if role in COL_PRUNED else idx, idx if role in COL_PRUNED else None)
+        parent, proj = MODULE_OF_ROLE[role].split(".")
+        setattr(getattr(layers[i], parent), proj, new)
     return model
 
 

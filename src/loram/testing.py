@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .families import COL_PRUNED, ROLES, geometry, layer_module, parse_name
+from .families import COL_PRUNED, geometry, layer_module, parse_name
 
 # name -> (model_type, config overrides). Widths are small but keep the real structure:
 # GQA groups > 1, several KV heads to prune, biases where the family has them.
@@ -84,19 +84,15 @@ def zero_pruned(model, plan):
     gate/up rows zero silu(0)*0 = 0, so this model computes what the pruned one computes.
     """
     g = geometry(model.config)
-    for i in plan.pruned:
-        for role in ROLES:
-            idx = plan.kept_index(i, role, g)
-            if idx is None:
-                continue
-            lin = layer_module(model, i, role)
-            dim = 1 if role in COL_PRUNED else 0
-            mask = torch.ones(lin.weight.shape[dim], dtype=torch.bool)
-            mask[idx] = False
-            with torch.no_grad():
-                lin.weight.index_fill_(dim, mask.nonzero().squeeze(1), 0.0)
-                if lin.bias is not None and dim == 0:
-                    lin.bias.index_fill_(0, mask.nonzero().squeeze(1), 0.0)
+    for i, role, idx in plan.pruned_modules(g):
+        lin = layer_module(model, i, role)
+        dim = 1 if role in COL_PRUNED else 0
+        mask = torch.ones(lin.weight.shape[dim], dtype=torch.bool)
+        mask[idx] = False
+        with torch.no_grad():
+            lin.weight.index_fill_(dim, mask.nonzero().squeeze(1), 0.0)
+            if lin.bias is not None and dim == 0:
+                lin.bias.index_fill_(0, mask.nonzero().squeeze(1), 0.0)
     return model
 
 
