@@ -1,6 +1,6 @@
 """Bad inputs: every command fails fast with one line `error: <what is wrong>: <what to do>`, exit 2.
 
-Each test here is one row of the README `reliability` table. The CLI runs in-process
+Each test here is one row of the reliability table in docs/reliability.md. The CLI runs in-process
 (`loram.cli.main`) with stderr captured; one test runs a real subprocess to check that the
 user sees no traceback, and one checks that --debug does show it.
 """

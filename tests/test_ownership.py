@@ -4,7 +4,7 @@ one line with nothing half-written left.
 Every folder loram writes carries a marker (io.MARKER); --overwrite replaces a folder only if it
 carries it (or is empty), and never one that is, contains or lies inside an input of the command,
 or contains the current folder. Refusals come before anything is loaded. Each test is one row of the
-README reliability table.
+reliability table in docs/reliability.md.
 """
 
 import errno
@@ -15,9 +15,9 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from test_errors import w  # noqa: F401  (the shared workspace fixture)
 
 from loram import io as lio
 from loram.cli import main
@@ -43,18 +43,9 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def arts(tmp_path_factory, tiny_dir):
-    """A pruned model, a pruned adapter and its recovered adapter (all written by loram)."""
-    from test_errors import make_pruned_adapter
-
-    from loram.prune import prune
-    from loram.recover import recover
-
-    root = tmp_path_factory.mktemp("own")
-    pruned = Path(prune(str(tiny_dir), root / "P", method="random", ratio=0.5).out)
-    adapter = make_pruned_adapter(pruned, root / "A")
-    recovered = recover(adapter, tiny_dir, root / "R")
-    return SimpleNamespace(base=tiny_dir, pruned=pruned, adapter=adapter, recovered=recovered)
+def arts(w):
+    """test_errors' workspace: base, a pruned model, a pruned adapter and its recovered adapter (all written by loram)."""
+    return w
 
 
 # ---- --overwrite and the inputs ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Issue 13 (items 4, 7, 10 and three message cases): plans bound to their weights, one validating
 plan loader, safetensors headers checked before use, tensors stored twice, --verify-base full.
 
-Each test is a row of the README reliability table (messages via ``fails`` from test_errors).
+Each test is a row of the reliability table in docs/reliability.md (messages via ``fails`` from test_errors).
 """
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_errors import edit_json, fails, make_pruned_adapter
+from test_errors import copy, edit_json, fails, make_pruned_adapter, w  # noqa: F401  (w: test_errors's workspace fixture)
 
 from loram.adapter import ADAPTER_META, ADAPTER_WEIGHTS
 from loram.cli import main
@@ -19,27 +19,6 @@ from loram.errors import LoramError
 from loram.families import ROLES, geometry
 from loram.prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PLAN_FILE, PrunePlan
 from loram.weights import safetensors_files, safetensors_metadata
-
-
-@pytest.fixture(scope="module")
-def w(tmp_path_factory, tiny_dir):
-    from loram.prune import prune
-
-    root = tmp_path_factory.mktemp("binding")
-    ns = type("W", (), {})()
-    ns.root, ns.base = root, tiny_dir
-    ns.pruned = Path(prune(str(tiny_dir), root / "P", method="random", ratio=0.5).out)
-    ns.pruned2 = Path(prune(str(tiny_dir), root / "P2", method="random", ratio=0.5, seed=7).out)  # same widths
-    ns.adapter = make_pruned_adapter(ns.pruned, root / "A")
-    ns.data = root / "d.jsonl"
-    ns.data.write_text("".join(json.dumps({"instruction": f"add {a} {b}", "input": "", "output": str(a + b)}) + "\n"
-                               for a in range(4) for b in range(4)))
-    return ns
-
-
-def copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def header(f: Path) -> dict:
