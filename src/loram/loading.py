@@ -25,7 +25,7 @@ from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
 from .nf4 import quantize_nf4, require_bnb
 from .prune_plan import PrunePlan
 from .pruned_model import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
-from .weights import Weights, mismatch, safetensors_files, safetensors_shapes
+from .weights import Weights, mismatch
 
 PLAN_ATTR = "loram_plan"  # set by the public load_pruned only, for users (see module doc)
 
@@ -35,15 +35,16 @@ class PrunedModel(NamedTuple):
     plan: PrunePlan
 
 
-def check_checkpoint(folder: str | Path, config, plan=None) -> None:
+def check_checkpoint(folder: str | Path, config, plan=None) -> Weights:
     """Refuse a local folder whose safetensors do not match its config.json (and plan, for a pruned
-    folder): names, shapes and float dtypes.
+    folder): names, shapes and float dtypes. Returns the folder's ``Weights`` (headers already read).
 
     Reads headers only, before any weight is used. Without this, transformers fails with a long
     report on a shape mismatch and, worse, initialises *missing* tensors randomly with only a warning.
     """
     want = skeleton_shapes(config, plan)
-    have = safetensors_shapes(safetensors_files(folder))
+    weights = Weights(folder)
+    have = weights.shapes
     m = mismatch(have, want, ties_embeddings(config))
     if m:
         wrong = [f"{k} {have[k]} vs config {want[k]}" for k in m.wrong]
@@ -52,6 +53,7 @@ def check_checkpoint(folder: str | Path, config, plan=None) -> None:
         what = "config.json and loram_plan.json" if plan is not None else "config.json"
         raise LoramError(f"{what} and the weights in {folder} disagree ({len(wrong)} wrong shape, {len(m.missing)} missing, "
                          f"{len(m.unexpected)} unexpected tensors; {detail}): the folder is inconsistent, re-create or re-download it")
+    return weights
 
 
 # ---- an original model ------------------------------------------------------------------------
@@ -134,10 +136,10 @@ def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch
     geometry(config)
     # headers only, before any weight is read: names, shapes and dtypes fit config + plan, and the
     # plan is the one these weights were written with
-    check_checkpoint(path, config, plan)
-    check_plan_binding(safetensors_files(path), plan, str(path), "re-run `loram prune`")
+    weights = check_checkpoint(path, config, plan)
+    check_plan_binding(weights.files, plan, str(path), "re-run `loram prune`")
     model = skeleton(config, plan, dtype=dtype)
-    load_state_into(model, Weights(path).state_dict(dtype), str(path))
+    load_state_into(model, weights.state_dict(dtype), str(path))
     device = _resolve_device(device_map)
     materialize_buffers(model, "cpu")
     if quantize == "nf4":

@@ -40,12 +40,12 @@ from . import settings
 from .align import align
 from .data import split_slice
 from .errors import LoramError
-from .io import _local_inputs, _real, atomic_dir, check_replace, has_marker, lock_output, unlock_output, write_json, write_marker
+from .io import _local_inputs, _real, atomic_dir, check_replace, lock_output, unlock_output, write_json, write_marker
 from .merge import merge
 from .prune import prune
 from .prune_plan import parse_layers
 from .recover import recover
-from .settings import STAGES
+from .settings import STAGES, data_source
 from .train import train
 from .training import last_checkpoint
 
@@ -200,7 +200,7 @@ def _data_list(spec, stage: str) -> list[str]:
 
 def _check_local(spec: str, what: str) -> None:
     """A path that looks local must exist; hub ids are checked when the stage runs."""
-    path, _ = split_slice(spec.rpartition("=")[0] if "=" in spec and not Path(spec).exists() else spec)
+    path, _ = split_slice(data_source(spec)[0])
     if (path.endswith(DATA_SUFFIXES) or path.startswith((".", "/"))) and not Path(path).exists():
         raise LoramError(f"{what}: data file {path} does not exist: fix the path (relative paths start at the current directory)")
 
@@ -336,7 +336,7 @@ def recipe_inputs(r: Recipe) -> list[str]:
     found = [r.base]
     for s, cfg in r.stages.items():
         if cfg.get("data") is not None:
-            found += [d.rpartition("=")[0] if "=" in d and not Path(d).exists() else d for d in _data_list(cfg["data"], s)]
+            found += [data_source(d)[0] for d in _data_list(cfg["data"], s)]
         for key in ("eval", "ppl", "mc"):
             if isinstance(cfg.get(key), dict):
                 found += [str(f) for f in cfg[key].values()]
@@ -351,7 +351,8 @@ def check_ownership(r: Recipe, steps: list[Step]) -> None:
     if wd == Path("/") or wd == _real(Path.home()):
         raise LoramError(f"recipe workdir {r.workdir} is {'/' if wd == Path('/') else 'your home folder'}: "
                          "give the recipe a folder of its own, e.g. runs/NAME")
-    for i in _local_inputs(recipe_inputs(r)):
+    inputs = recipe_inputs(r)
+    for i in _local_inputs(inputs):
         if wd == _real(i) or wd in _real(i).parents:
             raise LoramError(f"recipe workdir {r.workdir} contains the input {i}: give the recipe a folder of its own "
                              "(e.g. runs/NAME), away from its model and data")
@@ -359,12 +360,8 @@ def check_ownership(r: Recipe, steps: list[Step]) -> None:
         if st.status == "skip":
             continue
         folders = [st.out] + ([Path(f"{st.out}-checkpoints")] if st.stage in ("align", "train") else [])
-        for f in folders:
-            if f.exists() and not has_marker(f) and not (f.is_dir() and not any(f.iterdir())):
-                raise LoramError(f"recipe stage output {f} exists but was not written by loram (no loram_output.json; "
-                                 "loram before this check wrote none), so the recipe will not replace it: "
-                                 "move or delete it yourself, or choose another workdir")
-            check_replace(f, recipe_inputs(r), what="recipe stage output", flag="workdir")
+        for f in folders:  # the rule every writer follows (io.check_replace), with the recipe's wording
+            check_replace(f, inputs, what="recipe stage output", flag="workdir")
 
 
 def _adapter(r: Recipe) -> Path:

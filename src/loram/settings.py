@@ -18,6 +18,7 @@ defaults (a test checks they equal the dataclasses' defaults).
 
 from __future__ import annotations
 
+from pathlib import Path
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .configs import AlignConfig, TrainConfig
@@ -254,17 +255,20 @@ def argv(stage: str, values: dict) -> list[str]:
 
 
 # ---- records from flag or recipe values ------------------------------------------------------------
+def data_source(spec: str) -> tuple[str, str | None]:
+    """``FILE[=WEIGHT]`` -> (FILE, WEIGHT text or None). A spec naming an existing file is that file, so a
+    file whose name contains '=' still works."""
+    f, eq, w = spec.rpartition("=")
+    return (f, w) if eq and f and not Path(spec).exists() else (spec, None)
+
+
 def parse_data(specs: list[str]) -> tuple[list[str], list[float] | None]:
     """``--data FILE[=WEIGHT]`` entries -> (files, weights or None); every entry weighted or none."""
     files, weights = [], []
     for s in specs:
-        f, eq, w = s.rpartition("=")
-        if eq and f:
-            weights.append(POSITIVE.named(f"--data {f} mixture weight")(w))  # finite and > 0, e.g. FILE=0.5
-            files.append(f)
-        else:
-            files.append(s)
-            weights.append(None)
+        f, w = data_source(s)
+        files.append(f)
+        weights.append(None if w is None else POSITIVE.named(f"--data {f} mixture weight")(w))  # finite, > 0
     if all(w is None for w in weights):
         return files, None
     if any(w is None for w in weights):
