@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .device import default_device
 from .errors import LoramError
 from .families import family_of, geometry, ties_embeddings
 from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
@@ -102,7 +103,7 @@ def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, de
 # ---- a pruned model folder ----------------------------------------------------------------------
 def _resolve_device(device_map) -> str:
     if device_map in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(default_device())  # cuda:LOCAL_RANK: under torchrun each rank on its own GPU
     if isinstance(device_map, str):
         return device_map
     raise LoramError("device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N' for pruned models")
