@@ -90,10 +90,11 @@ def zero_pruned(model, plan):
         dim = 1 if role in COL_PRUNED else 0
         mask = torch.ones(lin.weight.shape[dim], dtype=torch.bool)
         mask[idx] = False
+        drop = mask.nonzero().squeeze(1).to(lin.weight.device)  # the weight may live on a GPU
         with torch.no_grad():
-            lin.weight.index_fill_(dim, mask.nonzero().squeeze(1), 0.0)
+            lin.weight.index_fill_(dim, drop, 0.0)
             if lin.bias is not None and dim == 0:
-                lin.bias.index_fill_(0, mask.nonzero().squeeze(1), 0.0)
+                lin.bias.index_fill_(0, drop, 0.0)
     return model
 
 
