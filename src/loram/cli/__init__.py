@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # inside the try: argument types (e.g. --ratio abc) raise LoramError too; argparse's own
         # usage errors exit 2 with its usage line
-        args = parser.parse_args(argv)
+        from .common import parse_with_config
+
+        args = parse_with_config(parser, argv)  # --config FILE (train, align): knobs the flags leave out
         saved_env = _quiet_down(args, debug)
         rc = args.func(args)
         return int(rc or 0)
