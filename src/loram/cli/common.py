@@ -7,8 +7,13 @@ from ..validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, P
 
 
 def add_out(p, what: str = "output folder") -> None:
+    from ..hub import PUSH_VERBS
+
     p.add_argument("-o", "--out", required=True, help=f"{what} (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    if p.prog.split()[-1] in PUSH_VERBS:
+        p.add_argument("--push-to-hub", metavar="REPO_ID", help=f"then upload the {what} (model card included) to this "
+                       "Hugging Face Hub repo (created private if new)")
 
 
 def add_verify_base(p, record: bool) -> None:
