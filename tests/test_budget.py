@@ -166,3 +166,57 @@ def test_a_process_under_memcap_sees_the_cap(tmp_path):
     got, source = r.stdout.split("\n")[:2]
     assert source == "cgroup v1 memory.limit_in_bytes"
     assert 0.5 * GiB < int(got) < 1.5 * GiB  # the imports (torch comes with loram) use a few hundred MB of the cap
+
+
+# ---- the --max-memory flag of the stages that stream -----------------------------------------------------
+@pytest.mark.parametrize("verb", ["prune", "merge", "eval"])
+def test_max_memory_flag_reaches_the_record(verb, tmp_path):
+    """--max-memory is a knob of prune, merge and eval (loram.settings): parsed by the POSITIVE validator,
+    carried in the record the command hands to the library as keywords."""
+    from loram.cli import build_parser
+    from loram.settings import from_args
+
+    from test_cli_numbers import required_argv, verbs
+
+    ns = build_parser().parse_args([verb, *required_argv(verbs()[verb], tmp_path), "--max-memory", "12"])
+    assert from_args(verb, ns).max_memory == 12.0
+    assert from_args(verb, build_parser().parse_args([verb, *required_argv(verbs()[verb], tmp_path)])).max_memory is None
+
+
+def test_library_entry_points_take_max_memory():
+    """The functions the verbs and recipes call accept max_memory= (the streamed code decides with it)."""
+    import inspect
+
+    from loram.eval import load_for_eval
+    from loram.merge import merge
+    from loram.prune import prune
+    from loram.prune.sparse import prune_sparse
+
+    for f in (prune, prune_sparse, merge, load_for_eval):
+        p = inspect.signature(f).parameters["max_memory"]
+        assert p.default is None and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, f.__name__
+
+
+def test_prune_with_max_memory_runs(tiny_dir, tmp_path):
+    from loram.cli import main
+
+    assert main(["prune", str(tiny_dir), "-o", str(tmp_path / "P"), "--method", "random", "--ratio", "0.4", "--max-memory", "12"]) == 0
+    assert (tmp_path / "P" / "loram_plan.json").exists()
+
+
+def test_recipe_budget_does_not_change_stage_hashes(tmp_path):
+    """A recipe may set max_memory in prune, merge and eval; giving a run more or less memory changes how
+    the stages run, not what they write, so finished stages are not re-run."""
+    from loram.recipe import load_recipe, stage_steps
+
+    def hashes(prune: str, merge: str) -> list[str]:
+        p = tmp_path / "r.yaml"
+        p.write_text(f"base: x\nworkdir: w\nprune: {{{prune}}}\ntrain: {{data: [owner/set]}}\nmerge: {{{merge}}}\n"
+                     "eval: {max_memory: 3, limit: 2}\n")
+        return [s.hash for s in stage_steps(load_recipe(p))]
+
+    plain = hashes("ratio: 0.5", "")
+    assert hashes("ratio: 0.5, max_memory: 4", "max_memory: 2.5") == plain
+    assert hashes("ratio: 0.6, max_memory: 4", "")[0] != plain[0]  # a knob that changes the result still counts
+    with pytest.raises(LoramError, match=r"prune.max_memory 0 is out of range: use a number > 0"):
+        hashes("max_memory: 0", "")
