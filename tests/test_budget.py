@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loram.budget import SAFETY_MARGIN, V1_UNLIMITED, Budget, choose_streaming, memory_budget
+from loram.budget import SAFETY_MARGIN, V1_UNLIMITED, Budget, choose_streaming, memory_budget, physical_memory
 from loram.errors import LoramError
 
 GiB = 1 << 30
@@ -121,9 +121,14 @@ def test_nothing_readable_asks_for_max_memory(tmp_path):
         memory_budget(root=root)
 
 
+SOURCES = ("MemAvailable", "cgroup v2 memory.max", "cgroup v1 memory.limit_in_bytes", "physical memory")
+
+
 def test_this_machine_has_a_budget():
     b = memory_budget()
-    assert b.bytes > 0 and b.source in ("MemAvailable", "cgroup v2 memory.max", "cgroup v1 memory.limit_in_bytes")
+    assert b.bytes > 0 and b.source in SOURCES
+    total = physical_memory()  # the fallback where /proc/meminfo has no MemAvailable (macOS)
+    assert total is None or b.bytes <= total
 
 
 # ---- choose_streaming --------------------------------------------------------------------------------

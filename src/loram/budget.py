@@ -21,13 +21,16 @@ The budget, in order:
    stage adds. The result is capped by MemAvailable: a limit above the machine's free memory
    does not make that memory exist.
 3. MemAvailable from /proc/meminfo (the kernel's estimate of what can be allocated without swapping).
+4. Where there is neither (macOS), the physical memory (sysconf): the stages then stream only on
+   machines too small for the model at all, as before this budget existed.
 
-Every path is read under ``root`` (default "/"), so tests build fake /proc and /sys trees. Nothing
-here imports torch.
+Every path is read under ``root`` (default "/"), so tests build fake /proc and /sys trees; the
+sysconf fallback is the running machine's, so it is used only with the real root.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,7 @@ class Budget:
     """Bytes a stage may use, and where that number came from, in words."""
 
     bytes: int
-    source: str  # "--max-memory 12", "cgroup v2 memory.max", "cgroup v1 memory.limit_in_bytes", "MemAvailable"
+    source: str  # "--max-memory 12", "cgroup v2 memory.max", "cgroup v1 memory.limit_in_bytes", "MemAvailable", "physical memory"
 
     @property
     def gb(self) -> float:
@@ -70,10 +73,21 @@ def memory_budget(max_memory_gb: float | None = None, root: str | Path = "/") ->
     limited = cgroup_headroom(root)
     if limited is not None and (available is None or limited.bytes < available):
         return limited
-    if available is None:
+    if available is not None:
+        return Budget(available, "MemAvailable")
+    total = physical_memory() if root == Path("/") else None
+    if total is None:
         raise LoramError("cannot tell how much memory is free (no cgroup limit, no MemAvailable in /proc/meminfo): "
                          "pass --max-memory GB")
-    return Budget(available, "MemAvailable")
+    return Budget(total, "physical memory")
+
+
+def physical_memory() -> int | None:
+    """Total physical memory from sysconf, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def mem_available(root: Path) -> int | None:
