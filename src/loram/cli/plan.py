@@ -93,16 +93,17 @@ def show_stages(budget, peaks) -> None:
     from ..planner.memory import GB
 
     t = Table(title=f"stage memory, GB (budget {budget.gb:.1f} GB: {budget.source})")
-    for col in ("stage", "predicted for", "in memory", "streamed", "under the budget"):
+    for col in ("stage", "predicted for", "in memory", "streamed", "runs", "fits"):
         t.add_column(col, justify="right" if col in ("in memory", "streamed") else "left")
     for p in peaks:
-        how = "streams layer by layer" if p.streams(budget) else "in memory"
+        how = "-" if p.streamed_bytes is None else "streamed" if p.streams(budget) else "in memory"
         t.add_row(p.stage, p.detail, f"{p.in_memory_bytes / GB:.2f}", "-" if p.streamed_bytes is None else f"{p.streamed_bytes / GB:.2f}",
-                  how + ("" if p.fits(budget) else ", does not fit"))
+                  how, "yes" if p.fits(budget) else "no")
     c = Console()
     c.print(t)
-    c.print(f"prune, merge and eval stream when the in-memory peak exceeds {1 - SAFETY_MARGIN:.0%} of the budget (loram.budget); "
-            "merge and eval are predicted on the original shapes.")
+    c.print(f"prune, merge and eval stream when the in-memory peak exceeds {1 - SAFETY_MARGIN:.0%} of the budget (loram.budget; "
+            "build always works layer by layer); fits: the peak of the path taken is within that share. Merge and eval are "
+            "predicted on the original shapes.")
 
 
 def show(pred, searched, a) -> None:
