@@ -191,7 +191,7 @@ def stage_steps(r: Recipe) -> list[Step]:
         if s == "recover":
             inp = _hash("recover-input", {"base": r.base}, upstream)
         st = Step(s, cfg, r.workdir / OUTPUT[s], inp)
-        st.hash = _hash(s, cfg, inp)
+        st.hash = _hash(s, settings.outcome_values(s, cfg), inp)  # a memory budget changes how, not what
         st.status = _status(st.out, st.hash)
         st.command = " ".join([cmd[s](), *settings.argv(s, cfg)])
         steps.append(st)
@@ -385,11 +385,11 @@ def _run_eval(r: Recipe, st: Step, s: settings.EvalSettings) -> bool:
                                          mc=[(n, Path(f)) for n, f in (s.mc or {}).items()]))
     req.check_sandbox()
     if on == "merged":
-        model, tok = load_for_eval(str(r.workdir / "merged"))
+        model, tok = load_for_eval(str(r.workdir / "merged"), max_memory=s.max_memory)
     elif on == "adapter":
-        model, tok = load_for_eval(r.base, str(_adapter(r)))
+        model, tok = load_for_eval(r.base, str(_adapter(r)), max_memory=s.max_memory)
     elif on == "base":
-        model, tok = load_for_eval(r.base)
+        model, tok = load_for_eval(r.base, max_memory=s.max_memory)
     else:
         raise LoramError(f"recipe eval.target {on!r} is unknown: use merged, adapter or base")
     results = run_tasks(model, tok, req)

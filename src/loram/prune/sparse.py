@@ -185,7 +185,8 @@ def layer_errors(dense, pruned, layers: range, batches: list[torch.Tensor]) -> d
 @releases_locks
 def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, ratio: float | None = None,
                  layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
-                 calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled"):
+                 calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled",
+                 max_memory: float | None = None):
     """`loram prune --sparsity ...`: write a sparse pruned model folder; returns a PruneReport."""
 
     if method not in METHODS:
