@@ -85,7 +85,8 @@ def dataset(folder: Path) -> tuple[Path, Path]:
 
 
 def predictions(orig: Path, cap: float | None, timeout: int) -> tuple[dict, dict]:
-    args = ["plan", str(orig), "--method", "taylor", "--ratio", "0.5", "--quantize", "nf4", "--seq-len", "64", "--json"]
+    args = ["plan", str(orig), "--method", "taylor", "--ratio", "0.5", "--quantize", "nf4", "--seq-len", "64", "--micro-batch", "1",
+            "--rank", "8", "--json"]
     if cap is not None:
         args += ["--max-memory", str(cap * 2**30 / 1e9)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
@@ -95,7 +96,7 @@ def predictions(orig: Path, cap: float | None, timeout: int) -> tuple[dict, dict
         stages = json.loads(p.stdout).get("stages", {})
     except json.JSONDecodeError:
         stages = {}
-    return row, stages if isinstance(stages, dict) else {s.get("stage"): s for s in stages}
+    return row, {s.get("stage"): s for s in stages} if isinstance(stages, list) else stages
 
 
 def chain(args, work: Path) -> list[dict]:
@@ -123,8 +124,8 @@ def chain(args, work: Path) -> list[dict]:
     for stage, cmd in steps:
         row = run(stage, cmd, cap, to)
         p = pred.get(stage) or {}
-        row["predicted_in_memory_gb"] = _gb(p.get("in_memory_bytes"))
-        row["predicted_streamed_gb"] = _gb(p.get("streamed_bytes"))
+        row["predicted_in_memory_gb"] = _gb(p.get("in_memory_gb"))
+        row["predicted_streamed_gb"] = _gb(p.get("streamed_gb"))
         rows.append(row)
         if row["rc"] != 0:
             break
@@ -161,8 +162,8 @@ def compare(args, work: Path) -> list[dict]:
     return rows
 
 
-def _gb(b) -> float | None:
-    return round(b / 1e9, 2) if isinstance(b, (int, float)) else None
+def _gb(x) -> float | None:
+    return round(x, 2) if isinstance(x, (int, float)) else None
 
 
 def write(args, rows: list[dict], seconds: float) -> None:
