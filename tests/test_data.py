@@ -220,7 +220,7 @@ def test_build_dataset_mixes_files(tmp_path, tok):
 def test_packing_fills_sequences(tok):
     ex = [(b("abc"), b("abc"))] * 5
     packed = pack(ex, 7)
-    assert [len(i) for i, _ in packed] == [6, 6, 3]
+    assert [len(i) for i, *_ in packed] == [6, 6, 3]
 
 
 def test_corpus_txt_and_jsonl_chunked_into_blocks(tmp_path, tok):

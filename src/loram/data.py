@@ -24,6 +24,9 @@ tokens (the tail shorter than a block is dropped), every token labelled.
 
 Mixtures: several --data sources (rows or corpora) are drawn from in proportion to their weights
 (``mix``); ``build_dataset`` / ``eval_sets`` turn a run's --data / --eval into encoded examples.
+
+Packing (--packing): rows are grouped into --seq-len sequences that keep their boundaries (``pack``):
+positions restart per row and attention stays inside each row, so the loss equals the rows' own.
 """
 
 from __future__ import annotations
@@ -343,16 +346,32 @@ def chunk_tokens(tok, docs: list[str], seq_len: int, name: str = "corpus") -> li
 
 
 def pack(examples, seq_len: int):
-    """Concatenate examples into full seq_len rows (labels kept; fewer pad tokens, faster)."""
-    packed, cur_i, cur_l = [], [], []
+    """Rows grouped, in order, into sequences of at most seq_len tokens, with their boundaries kept.
+
+    Each packed sequence is (input_ids, labels, position_ids) as transformers' DataCollatorWithFlattening
+    (TRL's padding-free packing) lays rows out: position ids restart at 0 for every row and the label of each
+    row's first token is IGNORE, so no token is predicted from the row before it. Given position ids and no
+    2-D attention mask, transformers attends within each row only (masking_utils finds the restarts and builds
+    a block-diagonal mask for sdpa/eager; flash-attention runs varlen), so a packed sequence trains exactly as
+    its rows one by one (tests/test_packing.py) with fewer pad tokens. ``collate`` keeps that layout.
+    """
+    from transformers import DataCollatorWithFlattening
+
+    flatten = DataCollatorWithFlattening(return_tensors="np", separator_id=IGNORE)
+    groups, cur, n = [], [], 0
     for ids, labels in examples:
-        if len(cur_i) + len(ids) > seq_len and cur_i:
-            packed.append((cur_i, cur_l))
-            cur_i, cur_l = [], []
-        cur_i, cur_l = cur_i + ids, cur_l + labels
-    if cur_i:
-        packed.append((cur_i, cur_l))
-    return packed
+        if n + len(ids) > seq_len and cur:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append({"input_ids": ids, "labels": labels})
+        n += len(ids)
+    if cur:
+        groups.append(cur)
+    out = []
+    for rows in groups:
+        b = flatten(rows)
+        out.append(tuple(b[k][0].tolist() for k in ("input_ids", "labels", "position_ids")))
+    return out
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -363,11 +382,15 @@ class ListDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i):
-        ids, labels = self.examples[i]
-        return {"input_ids": ids, "labels": labels}
+        ids, labels, *positions = self.examples[i]  # packed sequences carry their position ids (``pack``)
+        return {"input_ids": ids, "labels": labels} | ({"position_ids": positions[0]} if positions else {})
 
 
 def collate(pad_id: int):
+    """Pad a batch to its longest sequence. Packed sequences (``pack``) keep their position ids and get no
+    attention mask: a 2-D mask would turn off transformers' per-row attention (see ``pack``); the padding gets
+    positions of its own, 0, 1, ..., so it is a separate (unlabelled) row that no real token attends to.
+    """
     def fn(batch):
         n = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
@@ -378,7 +401,15 @@ def collate(pad_id: int):
             ids[i, :k] = torch.tensor(b["input_ids"])
             labels[i, :k] = torch.tensor(b["labels"])
             mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "position_ids" not in batch[0]:
+            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        pos = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            pos[i, :k] = torch.tensor(b["position_ids"])
+            pos[i, k:] = torch.arange(n - k)
+        # use_cache=False: with a cache, transformers does not look for row boundaries in the position ids
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
 
     return fn
 

@@ -194,7 +194,8 @@ TRAIN_KNOBS = {
     "targets": Knob("q,k,v,o,gate,up,down", help="comma list of q,k,v,o,gate,up,down,lm_head"),
     "quantize": Knob(None, choices=("nf4",), help="QLoRAM: NF4 + double quant base (needs bitsandbytes)"),
     "train_on_inputs": Knob(False, switch=True, help="loss on prompt tokens too"),
-    "packing": Knob(False, switch=True, help="concatenate rows into full --seq-len sequences"),
+    "packing": Knob(False, switch=True, help="pack rows into --seq-len sequences, each row attending only to itself "
+                                            "(positions restart per row; same loss as unpacked, fewer pad tokens)"),
     **_run_knobs(lr=2e-4),
 }
 ALIGN_KNOBS = {
