@@ -140,6 +140,9 @@ class EvalSettings:
     lm_eval: str | None = knob(None, metavar="TASKS", help="comma list of lm-evaluation-harness tasks")
     lm_eval_include: str | None = knob(None, metavar="DIR", help="folder of local lm-eval task YAMLs")
     num_fewshot: int | None = knob(None, check=Number(int, min=0), help="lm-eval: few-shot examples")
+    allow_code_execution: bool = knob(False, switch=True,
+                                      help="lm-eval: run tasks marked unsafe (humaneval, mbpp): they execute the model's "
+                                           "generated code on this machine, without loram's sandbox")
     batch_size: int = knob(8, check=COUNT)
     bf16: bool = knob(False, switch=True, recipe=False,
                       help="load the weights in bfloat16 (faster on bf16 CPUs/GPUs, less exact)")

@@ -34,6 +34,7 @@ class EvalRequest:
     num_fewshot: int | None = None
     batch_size: int = 8
     allow_unsandboxed_code: bool = False
+    allow_code_execution: bool = False  # lm-eval tasks marked unsafe_code (harness.check_tasks)
 
     def __post_init__(self):
 
@@ -43,11 +44,16 @@ class EvalRequest:
         return not (self.ppl or self.mc or self.gsm8k or self.humaneval or self.lm_eval)
 
     def check_sandbox(self) -> None:
-        """HumanEval runs generated code: refuse before loading the model where it cannot be sandboxed."""
+        """Generated code runs only where allowed, refused before the model loads: HumanEval where it cannot be
+        sandboxed; lm-eval tasks marked unsafe without --allow-code-execution (and unknown lm-eval names)."""
         if self.humaneval:
             from .sandbox import require_sandbox
 
             require_sandbox(self.allow_unsandboxed_code)
+        if self.lm_eval:
+            from .harness import check_tasks
+
+            check_tasks(self.lm_eval, self.lm_eval_include, self.allow_code_execution)
 
 
 def _rows(path, limit: int | None) -> list[dict]:
@@ -105,7 +111,8 @@ def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
         from .harness import lm_eval_tasks
 
         for task, metrics in lm_eval_tasks(model, tok, req.lm_eval, include=req.lm_eval_include, limit=req.limit,
-                                           num_fewshot=req.num_fewshot, batch_size=req.batch_size).items():
+                                           num_fewshot=req.num_fewshot, batch_size=req.batch_size,
+                                           allow_code_execution=req.allow_code_execution).items():
             for metric, (value, n) in metrics.items():
                 out.append(EvalResult(task, metric, value, n, {"source": "lm-eval"}))
     return out
