@@ -37,6 +37,7 @@ class RunConfig:
     # gradients: 0.1 GB each per 512 tokens at vocab 49152). N: lm_head + cross-entropy N positions at a time (loram.loss), the
     # same value; costs one extra lm_head matmul per token. Pays off when the base is small (pruned).
     loss_chunk: int = 0
+    report_to: str = "none"  # comma list of Trainer trackers (tensorboard, wandb, mlflow): loram.training.tracking
 
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")

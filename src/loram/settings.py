@@ -185,6 +185,9 @@ def _run_knobs(lr: float) -> dict[str, Knob]:
         "eval_steps": Knob(0, check=Number(int, min=0, zero="0: at each checkpoint and at the end"),
                            help="evaluate every N steps (default: at each checkpoint, and at the end)"),
         "max_grad_norm": Knob(1.0, check=POSITIVE, flag=False),
+        "report_to": Knob("none", metavar="TRACKER",
+                          help="log losses and --eval perplexities to tensorboard, wandb or mlflow (comma list; default "
+                               "none). TensorBoard files go to the checkpoint folder's runs/"),
     }
 
 

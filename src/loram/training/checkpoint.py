@@ -24,6 +24,7 @@ from ..data import source_digest
 from ..errors import LoramError
 from ..fingerprint import base_fingerprint
 from ..io import DiskFull, disk_full, resolve_model
+from .tracking import report_targets
 
 CHECKPOINT_MARK = "loram_checkpoint.json"
 
@@ -91,7 +92,8 @@ def prepare_checkpoint_dir(ckpt: Path, resume: bool, overwrite: bool, is_main: b
 # Safe: these extend the run or change what is saved, logged or evaluated, not the path the weights
 # take. Everything else (lr, schedule, data, rank, seed, ...) must equal the checkpoint's run: a
 # resume with other values is neither run, and its adapter would record settings it was not trained with.
-RESUME_SAFE = ("steps", "epochs", "tokens", "save_steps", "logging_steps", "eval", "eval_steps", "grad_checkpointing")
+RESUME_SAFE = ("steps", "epochs", "tokens", "save_steps", "logging_steps", "eval", "eval_steps", "grad_checkpointing",
+               "report_to")
 
 
 def model_identity(model: str | Path) -> str:
@@ -181,6 +183,7 @@ def claim_run(cfg: RunConfig, model: str | Path, out: str | Path, overwrite: boo
     rules, locks) and --resume's settings check. Returns (inputs, checkpoint folder, run settings or None)."""
     from ..io import check_checkpoint_dir, check_output
 
+    report_targets(cfg.report_to)  # an unknown tracker or a missing package fails now, not after the load
     inputs = (model, *cfg.data, *(cfg.eval or {}).values())
     check_output(out, overwrite, inputs)
     ckpt = check_checkpoint_dir(checkpoint_dir or f"{out}-checkpoints", resume, overwrite, inputs)

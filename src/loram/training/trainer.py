@@ -27,6 +27,7 @@ from ..procmem import PeakRSS
 from ..pruned_model import count_params
 from .checkpoint import disk_full_in_checkpoint, is_main, last_checkpoint, mark_complete, prepare_checkpoint_dir
 from .state import OPTIMIZER_JSON, SCHEDULER_JSON, load_optimizer_state, load_rng_state, plain, save_optimizer_state, save_rng_state
+from .tracking import report_targets
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
@@ -147,7 +148,10 @@ def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig):
     from transformers import TrainerCallback
 
     class Record(TrainerCallback):
-        """Loss per logging step and held-out perplexity every eval_steps, kept in the report."""
+        """Loss per logging step and held-out perplexity every eval_steps and at the last step, kept in the report
+        and logged through the Trainer (its log history, so --resume restores it, and every --report-to tracker)."""
+
+        trainer = None  # set by fit once the Trainer exists: its log() feeds the trackers
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -155,10 +159,15 @@ def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig):
 
         def on_step_end(self, args, state, control, model=None, **kw):
             every = cfg.eval_steps or cfg.save_steps
-            if evals and every and state.global_step % every == 0 and state.global_step < state.max_steps:
+            last = state.global_step >= state.max_steps  # evaluated here, while the trackers are still open
+            if evals and (last or every and state.global_step % every == 0):
                 row = {"step": state.global_step} | _eval_ppl(model, evals, pad_id, cfg)
                 state_out["eval_history"].append(row)
-                state.log_history.append({f"eval_{n}_ppl": v for n, v in row.items() if n != "step"} | {"step": row["step"]})
+                if last:
+                    state_out["final"] = {n: v for n, v in row.items() if n != "step"}
+                should_log = control.should_log  # Trainer.log clears it: this step's loss must still be logged
+                self.trainer.log({f"eval_{n}_ppl": v for n, v in row.items() if n != "step"})
+                control.should_log = should_log
                 if state.is_world_process_zero:
                     print("eval " + ", ".join(f"{n} ppl {v:.3f}" for n, v in row.items() if n != "step") + f" (step {row['step']})",
                           flush=True)
@@ -201,7 +210,8 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     ckpt = Path(ckpt)
     resume_from = prepare_checkpoint_dir(ckpt, resume, overwrite, is_main())
     fresh = not ckpt.exists() or not any(ckpt.iterdir())  # never mark a folder that holds someone else's files
-    if is_main() and (cfg.save_steps or ckpt.exists()) and fresh:  # mark it loram's: a later --overwrite may empty it
+    report_to = report_targets(cfg.report_to)  # tensorboard writes under the checkpoint folder (tracking.py)
+    if is_main() and (cfg.save_steps or ckpt.exists() or "tensorboard" in report_to) and fresh:  # loram's: --overwrite may empty it
         ckpt.mkdir(parents=True, exist_ok=True)
         write_marker(ckpt, "checkpoints")
     cpu = not torch.cuda.is_available()
@@ -212,13 +222,15 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=cfg.bf16, use_cpu=cpu, report_to=[], disable_tqdm=not progress.enabled(), remove_unused_columns=False,
+        bf16=cfg.bf16, use_cpu=cpu, report_to=report_to, disable_tqdm=not progress.enabled(), remove_unused_columns=False,
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", optim="adamw_torch",
         save_only_model=False, logging_nan_inf_filter=False, ddp_find_unused_parameters=False,
     )
     out = {"losses": [], "eval_history": []}
+    record = _callbacks(out, evals or {}, pad_id, cfg)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                               callbacks=_callbacks(out, evals or {}, pad_id, cfg) + list(callbacks or []))
+                               callbacks=record + list(callbacks or []))
+    record[0].trainer = trainer
     if cfg.loss_chunk and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding "
                          "do not allow: drop --loss-chunk")
@@ -243,9 +255,11 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
             raise
         raise disk_full_in_checkpoint(ckpt, trainer.state.global_step) from None
     wall = time.time() - t0
-    final = _eval_ppl(trainer.model, evals or {}, pad_id, cfg)
-    if final:
-        out["eval_history"].append({"step": trainer.state.global_step} | final)
+    final = out.get("final")
+    if final is None:  # no step ran (resumed at the end) or no --eval: evaluate the weights as they are
+        final = _eval_ppl(trainer.model, evals or {}, pad_id, cfg)
+        if final:
+            out["eval_history"].append({"step": trainer.state.global_step} | final)
     tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     return FitResult(trainer, trainer.state.global_step, wall, tokens, peak.gb(), PeakRSS.cuda_gb(), out["losses"], final,
                      out["eval_history"], str(resume_from) if resume_from else None)
