@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoramError
+from .errors import LoramError, warn
 from .families import ROLE_OF_PROJ, UNPRUNED_MODULES
 from .io import read_json, write_json
 from .weights import safetensors_headers
@@ -29,6 +29,16 @@ ADAPTER_META = "loram_adapter.json"
 STAGE_PRUNED, STAGE_RECOVERED = "pruned", "recovered"
 # modules a LoRA may target in the model families loram supports (PEFT matches them by name suffix)
 LORA_MODULES = (*ROLE_OF_PROJ, *UNPRUNED_MODULES)
+
+
+def warn_lm_head_serving(names, merge_cmd: str) -> bool:
+    """One warning line when ``lm_head`` is a LoRA target (``names``: --targets or adapter tensor keys): vLLM
+    serves LoRA on the decoder's projections but refuses lm_head, so such an adapter is served merged."""
+    if not any("lm_head" in str(n).split(".") for n in names):
+        return False
+    warn(f"lm_head is a LoRA target: vLLM does not serve LoRA on lm_head, so this adapter cannot be served there as a "
+         f"LoRA: merge it first ({merge_cmd}) and serve the merged folder (vllm serve MERGED); docs/serving.md")
+    return True
 
 
 def check_adapter_dir(path: str | Path) -> Path:

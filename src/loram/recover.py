@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors, write_adapter
+from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors, warn_lm_head_serving,
+                      write_adapter)
 from .errors import LoramError
 from .families import COL_PRUNED, UNPRUNED_MODULES, geometry, parse_name
 from .fingerprint import base_fingerprint, check_base_full, check_verify, describe_difference, same_model
@@ -166,4 +167,5 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
                     recovered_from=str(adapter))
     with atomic_dir(out, overwrite, "recover", (adapter, base)) as tmp:
         write_adapter(tmp, full, lora_cfg, new_meta, plan)
+    warn_lm_head_serving(full, f"`loram merge {base} {out} -o MERGED`")
     return Path(out)

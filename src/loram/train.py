@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import ADAPTER_META, STAGE_PRUNED, write_adapter
+from .adapter import ADAPTER_META, STAGE_PRUNED, warn_lm_head_serving, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, skip_summary
 from .device import default_device
@@ -77,6 +77,10 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
     inputs, ckpt, settings = claim_run(cfg, model_name, out, overwrite, checkpoint_dir, resume)
+    if is_main():
+        pruned = Path(str(model_name)).is_dir() and has_plan(model_name)
+        warn_lm_head_serving(cfg.targets, f"`loram recover {out} --base ORIGINAL -o R`, then `loram merge ORIGINAL R -o MERGED`"
+                             if pruned else f"`loram merge {model_name} {out} -o MERGED`")
     # tokenizer and data before the weights: a bad file, row or chat template fails in seconds
     tok = load_tokenizer(model_name)
     dataset, dropped = build_dataset(tok, cfg)
