@@ -11,6 +11,7 @@ import pytest
 from loram.cli import main
 from loram.errors import LoramError
 from loram.testing import tiny_model, tiny_tokenizer
+from test_errors import fails, no_weights  # noqa: F401  (no_weights: loading a model fails the test)
 
 pytest.importorskip("lm_eval")
 
@@ -36,16 +37,6 @@ def tasks(tmp_path_factory):
     return d
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    import loram.eval
-
-    def refuse(*a, **kw):
-        raise AssertionError("the model was loaded before the error")
-
-    monkeypatch.setattr(loram.eval, "load_for_eval", refuse)
-
-
 def test_unsafe_tasks_are_found_from_their_configs(tasks):
     from loram.eval.harness import unsafe_tasks
 
@@ -55,11 +46,10 @@ def test_unsafe_tasks_are_found_from_their_configs(tasks):
 
 
 @pytest.mark.parametrize("task", ["humaneval", "loram_group"])
-def test_eval_refuses_code_tasks_without_the_flag(task, tasks, tiny_dir, capsys, no_load):
-    rc = main(["eval", str(tiny_dir), "--lm-eval", task, "--lm-eval-include", str(tasks)])
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith(f"error: lm-eval task(s) ['{task}'] execute the model's generated code") and "--allow-code-execution" in err
+def test_eval_refuses_code_tasks_without_the_flag(task, tasks, tiny_dir, capsys, no_weights):
+    msg = fails(capsys, "eval", tiny_dir, "--lm-eval", task, "--lm-eval-include", tasks,
+                expect=f"lm-eval task(s) ['{task}'] execute the model's generated code")
+    assert "pass --allow-code-execution" in msg
 
 
 def test_allow_code_execution_runs_an_unsafe_task(tasks):

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from loram.cli import main
 from loram.train import TrainConfig, train
 from loram.training.tracking import TRACKERS
+from test_errors import fails, no_weights  # noqa: F401  (no_weights: loading a model fails the test)
 
 def cfg(data, **kw):
     return TrainConfig(**(dict(data=[str(data)], steps=3, lr=1e-2, micro_batch=2, logging_steps=1, seq_len=64,
@@ -29,18 +30,6 @@ def pruned_dir(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pr") / "pruned"
     prune(str(tiny_dir), out, method="magnitude", ratio=0.5)
     return out
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    import loram.loading
-    import loram.train
-
-    def refuse(*a, **kw):
-        raise AssertionError("the weights were loaded before the error")
-
-    monkeypatch.setattr(loram.train, "load_base", refuse)
-    monkeypatch.setattr(loram.loading, "load_pruned_model", refuse)
 
 
 def test_eval_perplexity_reaches_the_trackers(tiny_dir, alpaca_file, tmp_path):
@@ -86,19 +75,14 @@ def test_report_to_tensorboard_writes_event_files(verb, tiny_dir, pruned_dir, al
 
 @pytest.mark.parametrize("verb", ["train", "align"])
 def test_report_to_unknown_tracker_is_one_line(verb, tiny_dir, pruned_dir, alpaca_file, tmp_path, capsys, no_weights):
-    rc = main([verb, str(tiny_dir if verb == "train" else pruned_dir), "--data", str(alpaca_file), "-o", str(tmp_path / "o"),
-               "--report-to", "tensorbord"])
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: --report-to 'tensorbord' is not a tracker loram knows: use none, tensorboard, wandb, mlflow")
-    assert not (tmp_path / "o").exists()
+    fails(capsys, verb, tiny_dir if verb == "train" else pruned_dir, "--data", alpaca_file, "-o", tmp_path / "o",
+          "--report-to", "tensorbord", expect="--report-to 'tensorbord' is not a tracker loram knows: use none, tensorboard, wandb, mlflow",
+          out=tmp_path / "o")
 
 
 def test_report_to_missing_package_is_one_line(tiny_dir, alpaca_file, tmp_path, capsys, no_weights):
     absent = next((t for t in TRACKERS if not installed(t)), None)
     if absent is None:
         pytest.skip("every tracker is installed here")
-    rc = main(["train", str(tiny_dir), "--data", str(alpaca_file), "-o", str(tmp_path / "o"), "--report-to", absent])
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"error: --report-to {absent} needs the {absent} package, which is not installed: pip install {absent}")
+    fails(capsys, "train", tiny_dir, "--data", alpaca_file, "-o", tmp_path / "o", "--report-to", absent,
+          expect=f"--report-to {absent} needs the {absent} package, which is not installed: pip install {absent}", out=tmp_path / "o")
