@@ -414,6 +414,14 @@ def collate(pad_id: int):
     return fn
 
 
+def packed_padding(input_ids: torch.Tensor, position_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Where ``collate`` padded a batch of packed sequences (bool, same shape): the last row of each sequence
+    when it is all pad ids (its positions restart at 0 like a row's). The Trainer counts the other tokens."""
+    seg = (position_ids == 0).cumsum(-1)
+    last = seg == seg[:, -1:]
+    return last & ((input_ids == pad_id) | ~last).all(-1, keepdim=True)
+
+
 # ---- mixtures ------------------------------------------------------------------------------------
 def mix(sources: list[list], weights: list[float] | None, seed: int) -> list:
     """One list drawing from each source in proportion to its weight (total = sum of sizes).

@@ -19,6 +19,7 @@ import torch
 
 from .. import progress
 from ..configs import RunConfig
+from ..data import packed_padding
 from ..errors import LoramError
 from ..eval.ppl import perplexity_examples
 from ..io import is_disk_full, write_json, write_marker
@@ -83,6 +84,12 @@ def _trainer_class():
                 super()._load_rng_state(checkpoint)
 
         loss_chunk = 0  # RunConfig.loss_chunk, set by fit
+        pad_id = 0  # the tokenizer's, set by fit
+
+        def _track_num_input_tokens(self, inputs):
+            if "position_ids" in inputs and "attention_mask" not in inputs:  # packed (data.collate): no 2-D mask to count by
+                inputs = dict(inputs, attention_mask=~packed_padding(inputs["input_ids"], inputs["position_ids"], self.pad_id))
+            super()._track_num_input_tokens(inputs)
         loram_settings = None  # run_settings(...), recorded in each checkpoint's marker for --resume to compare
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -235,6 +242,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding "
                          "do not allow: drop --loss-chunk")
     trainer.loss_chunk = cfg.loss_chunk
+    trainer.pad_id = pad_id
     trainer.loram_settings = settings
     progress.trainer_quiet(trainer)
     if resume_from is not None:  # restore the history so the report covers the whole run
