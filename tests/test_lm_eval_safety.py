@@ -17,13 +17,13 @@ pytest.importorskip("lm_eval")
 
 
 def mc_task(folder, name: str, unsafe: bool):
-    """A local multiple-choice task (offline); ``unsafe`` marks it as lm-eval marks code tasks."""
+    """A local multiple-choice task (offline) tagged loram_tag; ``unsafe`` marks it as lm-eval marks code tasks."""
     rng = random.Random(0)
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps({"query": f"Item {i}?", "choices": ["red", "blue"], "gold": rng.randrange(2)}) + "\n"
                             for i in range(4)))
     (folder / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"task: {name}\ntag: loram_tag\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         f"{'unsafe_code: true' + chr(10) if unsafe else ''}test_split: test\noutput_type: multiple_choice\n"
         "doc_to_text: '{{query}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\nmetric_list:\n  - metric: acc\n")
 
@@ -42,7 +42,9 @@ def test_unsafe_tasks_are_found_from_their_configs(tasks):
 
     # lm-eval's own code tasks, a task that includes one (humaneval_64 includes humaneval.yaml), a local group
     assert unsafe_tasks(["humaneval", "mbpp", "humaneval_64", "arc_easy"]) == ["humaneval", "mbpp", "humaneval_64"]
-    assert unsafe_tasks(["loram_safe", "loram_unsafe", "loram_group"], str(tasks)) == ["loram_unsafe", "loram_group"]
+    # a tag holding an unsafe task is unsafe; a safe task sharing that tag is not
+    assert unsafe_tasks(["loram_safe", "loram_unsafe", "loram_group", "loram_tag"], str(tasks)) == [
+        "loram_unsafe", "loram_group", "loram_tag"]
 
 
 @pytest.mark.parametrize("task", ["humaneval", "loram_group"])

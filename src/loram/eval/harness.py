@@ -46,10 +46,11 @@ def _unsafe(index: dict, name, seen: set) -> bool:
     seen.add(name)
     entry = index[name]
     cfg = entry.cfg or {}
-    members = cfg.get("task") if "group" in cfg else None
-    members = members if isinstance(members, list) else [members] if members else []
-    return bool(cfg.get("unsafe_code")) or any(_unsafe(index, m, seen) for m in [*members, *sorted(entry.tags)]
-                                               if m != name)
+    # members: a group's task list, a tag's tasks (a task's or group's own ``tags`` are its labels, not members)
+    kind = entry.kind.name
+    members = cfg.get("task") if kind == "GROUP" else sorted(entry.tags) if kind == "TAG" else []
+    members = members if isinstance(members, list) else [members]
+    return bool(cfg.get("unsafe_code")) or any(_unsafe(index, m, seen) for m in members)
 
 
 def unsafe_tasks(tasks: list[str], include: str | None = None) -> list[str]:
