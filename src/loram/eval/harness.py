@@ -15,6 +15,7 @@ the stderr entries dropped.
 from __future__ import annotations
 
 from ..errors import LoramError
+from ..progress import library_bars
 
 
 def lm_eval_tasks(model, tok, tasks: list[str], include: str | None = None, limit: int | None = None,
@@ -32,8 +33,9 @@ def lm_eval_tasks(model, tok, tasks: list[str], include: str | None = None, limi
     if unknown:
         raise LoramError(f"lm-eval does not know the task(s) {unknown}: check the names (lm-eval ls tasks) or pass "
                          "--lm-eval-include DIR with their YAMLs")
-    res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                          log_samples=False, bootstrap_iters=0)
+    with library_bars():  # lm-eval's own tqdm bars: none with --quiet, --json or stderr not a terminal
+        res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+                              log_samples=False, bootstrap_iters=0)
     if res is None:  # non-zero ranks in distributed runs
         return {}
     counts = res.get("n-samples", {})
