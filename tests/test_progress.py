@@ -145,6 +145,9 @@ def test_train_merge_and_eval_show_bars_and_quiet_silences_the_trainer(monkeypat
     assert err == "", err  # no bar
     assert "{'loss'" not in out and "adapter written to" in out  # nor the Trainer's per-step log dicts in its place
     assert progress.QUIET_ENV not in os.environ  # main() run in-process leaves no --quiet behind
+    from transformers.utils import logging as tlog
+
+    assert tlog.is_progress_bar_enabled()  # nor transformers' bars switched off (the next run on a terminal draws them)
 
     out, err = run_main(monkeypatch, capsys, ["merge", str(tiny_dir), str(ad), "-o", str(tmp_path / "m")])
     assert re.search(r"merged model written to \S+ \(\d+\.\d s, peak RSS \d+\.\d\d GB\)", out), out  # the summary line
@@ -219,6 +222,8 @@ def test_a_library_warning_that_asks_for_action_is_one_loram_line(monkeypatch):
 def test_every_hidden_warning_says_why():
     for category, _message, module, why in progress.HIDDEN_WARNINGS:
         assert issubclass(category, Warning) and module and len(why) > 40
+    for logger, message, why in progress.HIDDEN_LOG_LINES:
+        assert logger and message and len(why) > 40
 
 
 # ---- every verb of the CLI, enumerated from its argparse tree ------------------------------------------
@@ -226,11 +231,13 @@ def test_every_hidden_warning_says_why():
 class Verb:
     """How the progress tests run one verb on the tiny model: ``args(work, out)`` -> argv (``work`` holds the
     shared inputs, ``out`` is a fresh folder); ``progress``: regex of its progress line on a terminal (stderr,
-    or stdout for recipe stage lines); ``None`` for a verb that never runs long, ``why`` saying why."""
+    or stdout for recipe stage lines); ``None`` for a verb that never runs long, ``why`` saying why;
+    ``summary``: it ends with the time and peak RSS (a closing line or table rows)."""
 
     args: Callable[[Path, Path], list[str]]
     progress: str | None
     why: str = ""
+    summary: bool = True
 
 
 def _recipe(w: Path, o: Path) -> list[str]:
@@ -251,16 +258,19 @@ VERBS = {
                                 "--seq-len", "64"], r"100%.*2/2 \["),
     "recover": Verb(lambda w, o: ["recover", f"{w}/adapter", "--base", f"{w}/base", "-o", str(o)], None,
                     "reads the adapter and the base's sampled fingerprint (8 rows per tensor) and scatters the LoRA "
-                    "matrices: seconds even for a 70B base; it ends with its summary line"),
-    "merge": Verb(lambda w, o: ["merge", f"{w}/base", f"{w}/recovered", "-o", str(o)], r"Unloading and merging model: 100%"),
+                    "matrices: seconds even for a 70B base"),
+    "merge": Verb(lambda w, o: ["merge", f"{w}/base", f"{w}/recovered", "-o", str(o)],
+                  r"merg\w*\b.*: 100%"),  # PEFT's "Unloading and merging model" (or a streamed merge's own bar)
     "generate": Verb(lambda w, o: ["generate", f"{w}/base", "--adapter", f"{w}/recovered", "--prompt", "hi",
-                                   "--max-new-tokens", "4"], r"Loading weights: 100%"),  # loading is its long part
+                                   "--max-new-tokens", "4"],
+                     r"Loading weights: 100%", summary=False),  # loading is its long part; stdout is the text
     "eval": Verb(lambda w, o: ["eval", f"{w}/base", "--mc", f"mc={w}/mc.jsonl"], r"eval mc \(mc\): scoring: 100%.*36/36 \["),
     "inspect": Verb(lambda w, o: ["inspect", f"{w}/adapter", "-o", str(o), "--no-plots"], None,
-                    "norms of one adapter's LoRA matrices (rank r, not the model's weights): under a few seconds"),
-    "demo": Verb(lambda w, o: ["demo", "--smoke", "--no-isolate", "-o", str(o)], r"\[demo +\d+\.\ds\]"),  # its status lines
+                    "norms of one adapter's LoRA matrices (rank r, not the model's weights): under a few seconds", summary=False),
+    "demo": Verb(lambda w, o: ["demo", "--smoke", "--no-isolate", "-o", str(o)],
+                 r"\[demo +\d+\.\ds\]", summary=False),  # its status lines; it ends with its own table
     "run": Verb(_recipe, r"\[train\] stage 2/3 running"),
-    "plan": Verb(lambda w, o: ["plan", f"{w}/base", "--ratio", "0.5"], None, "arithmetic on a config: instant"),
+    "plan": Verb(lambda w, o: ["plan", f"{w}/base", "--ratio", "0.5"], None, "arithmetic on a config: instant", summary=False),
 }
 
 
@@ -310,6 +320,8 @@ def test_verb_on_a_terminal_shows_progress_and_no_library_warning(verb, monkeypa
         out, err = run_main(monkeypatch, capsys, VERBS[verb].args(work, tmp_path / "out"))
     if VERBS[verb].progress:
         assert re.search(VERBS[verb].progress, ANSI.sub("", out + err)), (out, err)  # rich colours demo's status lines
+    if VERBS[verb].summary:  # "(1.2 s, peak RSS 0.61 GB)", the train report, or the table's rows
+        assert re.search(r"\d+\.\d s\b.*peak RSS\W+\d+\.\d\d GB", out.replace("\n", " ")), out
     assert _library_warnings_seen(seen) == []  # what the CLI entry filters (progress.HIDDEN_WARNINGS) is gone
 
 

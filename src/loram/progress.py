@@ -9,7 +9,8 @@ stays clean. A bar is drawn iff
 
 `--quiet` / `--json` are inherited by child processes (`loram demo` trains in one) through the
 LORAM_QUIET environment variable, and switch off transformers', huggingface_hub's and datasets'
-bars too. When stderr is not a terminal (a log file, a pipe) no bar is drawn.
+bars too. When stderr is not a terminal (a log file, a pipe) no bar is drawn. lm-eval draws its own
+tqdm bars that none of those switches reach: library_bars() holds them to the same rule.
 """
 
 from __future__ import annotations
