@@ -158,3 +158,18 @@ def test_plain_lora_adapter_records_the_original_fingerprint_and_merges(tmp_path
     assert same_model(meta["base_fingerprint"], base_fingerprint(tiny_dir))
     merge(tiny_dir, tmp_path / "plain", tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+@pytest.mark.parametrize("fill", ["zero", "normal"])
+def test_recovered_tensors_stay_on_their_device(fill):
+    """Recovery builds each output on its input's device (a GPU-trained adapter stays on the GPU);
+    the meta device stands in for a GPU here: a CPU-built output could not take a meta input."""
+    original = tiny_model("llama-gqa")
+    plan = make_plan(original, 0.5)
+    pm = get_peft_model(apply_plan(copy.deepcopy(original), plan), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    sd = {k: v.to("meta") for k, v in get_peft_model_state_dict(pm).items()}
+    full = recover_tensors(sd, plan, original.config, fill=fill)
+    assert all(t.is_meta for t in full.values())
+    g = geometry(original.config)
+    i = next(iter(plan.pruned))
+    assert full[f"base_model.model.model.layers.{i}.mlp.down_proj.lora_A.weight"].shape[1] == g.intermediate

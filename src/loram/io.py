@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ._version import __version__
+from .card import write_card
 from .errors import LoramError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -295,6 +296,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, command: str = "loram",
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get normal permissions
         try:
             yield tmp
+            write_card(tmp, command)  # README.md with the Hub's front matter, from what the folder holds
             write_marker(tmp, command)
             _fsync_tree(tmp)
             if out.exists():  # --overwrite: move the old one aside first, then swap

@@ -19,10 +19,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .device import default_device
 from .errors import LoramError
 from .families import family_of, geometry, ties_embeddings
 from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
-from .nf4 import quantize_nf4, require_bnb
+from .nf4 import QUANTIZED_MARK, quantize_block_nf4, require_bnb
 from .prune_plan import PrunePlan
 from .pruned_model import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
 from .weights import Weights, mismatch
@@ -102,7 +103,7 @@ def load_model(name: str | Path, dtype=None, trust_remote_code: bool = False, de
 # ---- a pruned model folder ----------------------------------------------------------------------
 def _resolve_device(device_map) -> str:
     if device_map in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(default_device())  # cuda:LOCAL_RANK: under torchrun each rank on its own GPU
     if isinstance(device_map, str):
         return device_map
     raise LoramError("device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N' for pruned models")
@@ -138,15 +139,29 @@ def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch
     # plan is the one these weights were written with
     weights = check_checkpoint(path, config, plan)
     check_plan_binding(weights.files, plan, str(path), "re-run `loram prune`")
-    model = skeleton(config, plan, dtype=dtype)
-    load_state_into(model, weights.state_dict(dtype), str(path))
     device = _resolve_device(device_map)
-    materialize_buffers(model, "cpu")
     if quantize == "nf4":
-        quantize_nf4(model, compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+        model = _load_nf4(weights, config, plan, compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+    else:
+        model = skeleton(config, plan, dtype=dtype)
+        load_state_into(model, weights.state_dict(dtype), str(path))
+        materialize_buffers(model, "cpu")
     model.to(device)
     model.eval()
     return PrunedModel(model, plan)
+
+
+def _load_nf4(weights: Weights, config, plan: PrunePlan, compute_dtype) -> nn.Module:
+    """The pruned model with NF4 decoder linears, read and quantised one decoder layer at a time:
+    the fp32 model never exists (a 0.5-pruned 13B would be 28 GB in fp32, 3.5 GB in NF4)."""
+    from .progress import track
+    from .stream import LayerStream
+
+    ls = LayerStream(weights, config, plan, dtype=torch.float32)
+    for i in track(range(ls.n_layers), "loading + NF4", unit="layer"):
+        quantize_block_nf4(ls.load(i), compute_dtype)
+    setattr(ls.model, QUANTIZED_MARK, "nf4")
+    return ls.model
 
 
 def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu"):

@@ -73,7 +73,7 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
 
 @releases_locks
 def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False, dtype=torch.float32,
-          keep_sparse: bool = False, verify_base: str = "sampled") -> Path:
+          keep_sparse: bool = False, verify_base: str = "sampled", max_memory: float | None = None) -> Path:
     """Write a standard merged HF model folder: the original with the adapter folded into its weights."""
     check_output(out, overwrite, inputs=(base, adapter))
     plan = _sparse_plan(base) if keep_sparse else None

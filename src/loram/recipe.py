@@ -12,6 +12,10 @@ and one mapping per stage, with the same knobs as the stage's command (underscor
     merge:   {}                         # optional
     eval:    {ppl: {alpaca: c.json}, mc: {arc: arc.jsonl}, limit: 100}   # optional, needs loram.eval
 
+Any knob can be overridden on the command line with its dotted name, read as YAML reads it
+(``loram run R.yaml train.lr=2e-4 prune.ratio=0.65``): the recipe is the file plus the overrides,
+so the stage hashes see the overridden values and the changed stages re-run.
+
 Relative paths are taken from the current directory. A stage is skipped when its output exists
 and its ``loram_stage.json`` holds the same hash, where
 
@@ -28,10 +32,8 @@ from: the same names, and every knob checked by the same validator (``loram trai
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,12 +50,11 @@ from .recover import recover
 from .settings import STAGES, data_source
 from .train import train
 from .training import last_checkpoint
+from .yamlfile import apply_overrides, read_yaml
 
 OUTPUT = {"prune": "pruned", "align": "aligned", "train": "adapter", "recover": "recovered", "merge": "merged", "eval": "eval"}
 STAGE_FILE = "loram_stage.json"
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
-MAX_RECIPE_BYTES = 1 << 20  # a recipe names files and knobs; 1 MB is far more than any needs
-MAX_DEPTH = 16  # a recipe nests 3-4 levels (stage -> eval -> name: file)
 
 
 @dataclass
@@ -75,68 +76,14 @@ class Recipe:
     stages: dict[str, dict] = field(default_factory=dict)
 
 
-class _Refused(Exception):
-    """The YAML uses something a recipe may not (aliases, deep nesting): the reason, for one line."""
-
-
-@functools.cache
-def _loader():
-    """yaml.SafeLoader, bounded, with YAML 1.2 numbers.
-
-    Aliases are refused (a few hundred bytes of nested aliases expand to gigabytes: the
-    "billion laughs"), nesting is bounded, and numbers follow YAML 1.2: ``1:4`` stays the text
-    "1:4" (YAML 1.1 reads it as the base-60 integer 64) and ``1e-4`` is a float."""
-    import yaml
-
-    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-
-    class RecipeLoader(yaml.SafeLoader):
-        yaml_implicit_resolvers = {k: [(t, rx) for t, rx in v if t not in (int_tag, float_tag)]  # noqa: RUF012 - PyYAML API
-                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-        depth = 0
-
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                raise _Refused("uses a YAML alias (*name): write the values out (recipes do not expand aliases)")
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise _Refused(f"nests deeper than {MAX_DEPTH} levels: a recipe is base, workdir and one mapping per stage")
-            try:
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-    RecipeLoader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
-    RecipeLoader.add_implicit_resolver(float_tag, re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),  # a dot or an exponent: 12 is an int, 010 text
-        list("-+0123456789."))
-    return RecipeLoader
-
-
-def read_yaml(p: Path):
-    """The recipe's YAML document, read within bounds (size, aliases, nesting)."""
-    import yaml
-
-    with open(p, "rb") as f:
-        raw = f.read(MAX_RECIPE_BYTES + 1)
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise LoramError(f"recipe {p} is larger than {MAX_RECIPE_BYTES >> 20} MB: a recipe names data files, it does not hold data")
-    try:
-        return yaml.load(raw.decode("utf-8"), Loader=_loader())  # a SafeLoader subclass
-    except _Refused as e:
-        raise LoramError(f"recipe {p} {e}") from None
-    except UnicodeDecodeError:
-        raise LoramError(f"recipe {p} is not UTF-8 text: save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise LoramError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
-
-
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+    """The recipe in ``path`` with ``overrides`` (``train.lr=2e-4``: yamlfile.apply_overrides) applied, checked."""
     p = Path(path)
     if not p.is_file():
         raise LoramError(f"recipe {p} does not exist: check the path")
     doc = read_yaml(p)
+    if overrides and isinstance(doc, dict):
+        doc = apply_overrides(doc, overrides)
     if not isinstance(doc, dict):
         raise LoramError(f"recipe {p} is not a mapping: give base, workdir and one section per stage")
     unknown = set(doc) - {"base", "workdir", "name", *STAGES}
@@ -244,7 +191,7 @@ def stage_steps(r: Recipe) -> list[Step]:
         if s == "recover":
             inp = _hash("recover-input", {"base": r.base}, upstream)
         st = Step(s, cfg, r.workdir / OUTPUT[s], inp)
-        st.hash = _hash(s, cfg, inp)
+        st.hash = _hash(s, settings.outcome_values(s, cfg), inp)  # a memory budget changes how, not what
         st.status = _status(st.out, st.hash)
         st.command = " ".join([cmd[s](), *settings.argv(s, cfg)])
         steps.append(st)
@@ -304,8 +251,8 @@ def _write_stage(out: Path, st: Step) -> None:
     (out / STAGE_FILE).write_text(json.dumps({"stage": st.stage, "hash": st.hash, "config": st.config}, indent=2, default=str) + "\n")
 
 
-def run_recipe(path: str | Path, dry_run: bool = False, echo=print) -> list[Step]:
-    r = load_recipe(path)
+def run_recipe(path: str | Path, dry_run: bool = False, echo=print, overrides: list[str] | tuple = ()) -> list[Step]:
+    r = load_recipe(path, overrides)
     typed = stage_configs(r)
     check_prune_against_base(r)  # the checks `loram prune` makes first, so --dry-run catches them too
     steps = stage_steps(r)
@@ -438,11 +385,11 @@ def _run_eval(r: Recipe, st: Step, s: settings.EvalSettings) -> bool:
                                          mc=[(n, Path(f)) for n, f in (s.mc or {}).items()]))
     req.check_sandbox()
     if on == "merged":
-        model, tok = load_for_eval(str(r.workdir / "merged"))
+        model, tok = load_for_eval(str(r.workdir / "merged"), max_memory=s.max_memory)
     elif on == "adapter":
-        model, tok = load_for_eval(r.base, str(_adapter(r)))
+        model, tok = load_for_eval(r.base, str(_adapter(r)), max_memory=s.max_memory)
     elif on == "base":
-        model, tok = load_for_eval(r.base)
+        model, tok = load_for_eval(r.base, max_memory=s.max_memory)
     else:
         raise LoramError(f"recipe eval.target {on!r} is unknown: use merged, adapter or base")
     results = run_tasks(model, tok, req)

@@ -64,10 +64,11 @@ def recover_tensors(pruned: dict[str, torch.Tensor], plan: PrunePlan, config, fi
         shape[axis] = full
         if fill == "normal" and role in COL_PRUNED:
             r = t.shape[0]
-            dst = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(r ** -0.5).to(t.dtype)
+            # drawn on the CPU (one generator, the same numbers on every device), then moved to t's device
+            dst = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(r ** -0.5).to(t.device, t.dtype)
         else:
-            dst = torch.zeros(shape, dtype=t.dtype)
-        out[key] = dst.index_copy_(axis, idx, t)
+            dst = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        out[key] = dst.index_copy_(axis, idx.to(t.device), t)
     return out
 
 

@@ -43,6 +43,9 @@ class Knob:
     required: bool = False
     flag: bool = True  # False: recipes and the Python API only (no flag)
     recipe: bool = True  # False: command line only
+    # False: decides how a stage runs, not what it writes (a memory budget): left out of the recipe's stage
+    # hash, so giving a recipe more or less memory does not re-run stages that are done
+    outcome: bool = True
 
     def checker(self, name: str) -> Number | None:
         """The validator, named as its messages name it: the flag (``--lr``) or, without one, the field."""
@@ -62,6 +65,13 @@ def knob(default=None, **kw):
 
 # ---- prune, recover, merge, eval: records defined here ------------------------------------------
 CALIB = "taylor/sparsegpt/wanda: "
+MAX_MEMORY_HELP = ("memory budget in GB (default: what the memory cgroup's limit leaves, else MemAvailable): when the "
+                   "predicted in-memory peak does not fit, the model is streamed layer by layer (loram.budget)")
+
+
+def max_memory_knob():
+    """The --max-memory field of the stages that can stream (prune, merge, eval): a budget, not a result."""
+    return knob(None, check=POSITIVE, metavar="GB", outcome=False, help=MAX_MEMORY_HELP)
 
 
 @dataclass
@@ -82,6 +92,7 @@ class PruneSettings:
     calib_data: str | None = knob(None, help=CALIB + ".txt or .jsonl {text} file (default: built-in text)")
     calib_samples: int = knob(8, check=COUNT, help=CALIB + "number of calibration sequences")
     calib_seq_len: int = knob(128, check=SEQ_LEN, help=CALIB + "tokens per calibration sequence")
+    max_memory: float | None = max_memory_knob()
 
 
 @dataclass
@@ -100,6 +111,7 @@ class MergeSettings:
     keep_sparse: bool = knob(False, switch=True, recipe=False,
                              help="sparse plans: BASE is the sparse pruned folder and the update is masked to its non-zeros, "
                                   "so the merged model keeps its zeros (default: full update, as the paper)")
+    max_memory: float | None = max_memory_knob()
 
 
 @dataclass
@@ -133,10 +145,11 @@ class EvalSettings:
                       help="load the weights in bfloat16 (faster on bf16 CPUs/GPUs, less exact)")
     # `target`, not `on`: YAML 1.1 reads a bare `on:` key as True. None: merged if the recipe merges, else adapter
     target: str | None = knob(None, flag=False)
+    max_memory: float | None = max_memory_knob()  # for load_for_eval, not the request
 
     def request_fields(self, ppl: list, mc: list) -> dict:
         """EvalRequest's keyword arguments, given the (name, path) pairs of ``ppl`` and ``mc``."""
-        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bf16", "target")}
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bf16", "target", "max_memory")}
         tasks = [t.strip() for t in self.lm_eval.split(",") if t.strip()] if isinstance(self.lm_eval, str) else self.lm_eval
         return {**shared, "ppl": ppl, "mc": mc, "lm_eval": tasks or []}
 
@@ -210,6 +223,13 @@ def knobs(stage: str) -> dict[str, Knob]:
 def recipe_keys(stage: str) -> set[str]:
     """The knobs a recipe's section for ``stage`` may set."""
     return {n for n, k in knobs(stage).items() if k.recipe}
+
+
+def outcome_values(stage: str, cfg: dict) -> dict:
+    """``cfg`` without the knobs that do not change what the stage writes (Knob.outcome False): what the
+    recipe hashes."""
+    table = knobs(stage)
+    return {n: v for n, v in cfg.items() if n not in table or table[n].outcome}
 
 
 def record_class(stage: str):

@@ -6,6 +6,7 @@ Used by the tests and by `loram demo --smoke`: seconds per model, no downloads.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -108,10 +109,11 @@ def zero_pruned(model, plan):
         dim = 1 if role in COL_PRUNED else 0
         mask = torch.ones(lin.weight.shape[dim], dtype=torch.bool)
         mask[idx] = False
+        drop = mask.nonzero().squeeze(1).to(lin.weight.device)  # the weight may live on a GPU
         with torch.no_grad():
-            lin.weight.index_fill_(dim, mask.nonzero().squeeze(1), 0.0)
+            lin.weight.index_fill_(dim, drop, 0.0)
             if lin.bias is not None and dim == 0:
-                lin.bias.index_fill_(0, mask.nonzero().squeeze(1), 0.0)
+                lin.bias.index_fill_(0, drop, 0.0)
     return model
 
 
@@ -124,3 +126,47 @@ def prune_tensors(full: dict[str, torch.Tensor], plan, config) -> dict[str, torc
         kept = plan.kept_along(name, g) if name is not None and name.lora is not None else None
         out[key] = t.clone() if kept is None else t.index_select(*kept)
     return out
+
+
+# ---- checkpoints larger than memory (memory-cap tests and benchmarks) -------------------------
+def random_checkpoint(folder: str | Path, dtype=torch.bfloat16, seed: int = 0, layers_per_shard: int = 2, **config) -> Path:
+    """A random Llama checkpoint written tensor by tensor (the model never exists in memory).
+
+    ``config``: LlamaConfig fields (hidden_size, intermediate_size, num_hidden_layers, ...). Values
+    are N(0, 0.02) (norms 1): what matters is size and dtype, and that the model computes finite
+    outputs. Sharded like transformers (index json), with the byte tokenizer of ``tiny_tokenizer``.
+    """
+    from transformers import LlamaConfig
+
+    from .pruned_model import skeleton_shapes
+    from .weights import ShardWriter
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**{"vocab_size": 256, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+                         **config})
+    cfg.dtype = dtype
+    shapes = skeleton_shapes(cfg, None)
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name):
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dtype)
+        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+    n = cfg.num_hidden_layers
+    groups = [[k for k in shapes if not re.search(r"\.layers\.\d+\.", k)]]
+    for s in range(0, n, layers_per_shard):
+        groups.append([k for k in shapes if (m := re.search(r"\.layers\.(\d+)\.", k)) and s <= int(m.group(1)) < s + layers_per_shard])
+    writer = ShardWriter(folder, len(groups))
+    total = 0
+    for names in groups:
+        tensors = {k: make(k) for k in names}
+        total += sum(t.numel() for t in tensors.values())
+        writer.add(tensors)
+        del tensors
+    writer.finish(total)
+    cfg.save_pretrained(str(folder))
+    tiny_tokenizer(min(cfg.vocab_size, 256)).save_pretrained(str(folder))
+    return folder

@@ -23,6 +23,7 @@ import torch
 from .adapter import ADAPTER_META, STAGE_PRUNED, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, skip_summary
+from .device import default_device
 from .errors import LoramError
 from .fingerprint import base_fingerprint
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
@@ -50,7 +51,7 @@ def load_base(model: str | Path, quantize: str | None, bf16: bool):
     elif quantize is not None:
         raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
     if torch.cuda.is_available():
-        m.to("cuda")
+        m.to(default_device())  # cuda:LOCAL_RANK, not GPU 0 for every rank
     return m, None, fp
 
 

@@ -50,9 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # inside the try: argument types (e.g. --ratio abc) raise LoramError too; argparse's own
         # usage errors exit 2 with its usage line
-        args = parser.parse_args(argv)
+        from .common import parse_with_config
+
+        args = parse_with_config(parser, argv)  # --config FILE (train, align): knobs the flags leave out
         saved_env = _quiet_down(args, debug)
+        repo = getattr(args, "push_to_hub", None)
+        if repo:
+            from ..hub import check_push
+
+            check_push(repo)  # before any work: offline or a bad id is one line, not a lost hour
         rc = args.func(args)
+        if repo and not rc and int(os.environ.get("RANK", "0")) == 0:
+            from ..hub import push
+
+            print(f"pushed {args.out} to {push(args.out, repo, args.command)}")
         return int(rc or 0)
     except LoramError as e:
         if debug:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..settings import add_flags, from_args
-from .common import add_out
+from .common import add_config, add_out
 from .train import interrupted, is_main
 
 
@@ -11,6 +11,7 @@ def add(sub) -> None:
     p = sub.add_parser("align", help="continual pre-training of a pruned model on raw text (once, before LoRA)")
     p.add_argument("pruned", help="pruned model folder (from `loram prune`)")
     add_out(p, "aligned pruned model folder")
+    add_config(p, "align")
     add_flags(p, "align")  # --data, --tokens, what to train and the optimisation knobs: loram.settings.ALIGN_KNOBS
     p.set_defaults(func=run)
 

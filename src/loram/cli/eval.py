@@ -44,7 +44,7 @@ def run(a) -> int:
         raise LoramError("nothing to evaluate: pass --ppl, --mc, --gsm8k, --humaneval or --lm-eval")
     check_files(req)
     req.check_sandbox()
-    model, tok = load_for_eval(a.model, a.adapter, dtype=torch.bfloat16 if s.bf16 else torch.float32)
+    model, tok = load_for_eval(a.model, a.adapter, dtype=torch.bfloat16 if s.bf16 else torch.float32, max_memory=s.max_memory)
     results = run_tasks(model, tok, req)
     if a.json:
         print(json.dumps({"model": a.model, "adapter": a.adapter, "results": [asdict(r) for r in results],

@@ -1,4 +1,4 @@
-"""loram plan MODEL --ratio 0.85 --layers 4:78 --quantize nf4 --seq-len 512 --gpu-gb 20 [--json]"""
+"""loram plan MODEL --ratio 0.85 --layers 4:78 --quantize nf4 --seq-len 512 --gpu-gb 20 [--max-memory GB] [--json]"""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: bf16/NF4 weights + autocast (default)")
     p.add_argument("--overhead-gb", type=NON_NEGATIVE, default=None, help="framework overhead term (default: the CPU calibration)")
     p.add_argument("--gpu-gb", type=POSITIVE, default=None, help="memory budget: say what fits; without --ratio find the smallest ratio")
+    p.add_argument("--max-memory", type=POSITIVE, default=None, metavar="GB",
+                   help="memory budget of the stages table: which stages would stream (default: this machine's, as "
+                        "`loram prune/merge/eval` read it: the memory cgroup's limit, else MemAvailable)")
     p.add_argument("--try", dest="try_it", action="store_true",
                    help="build the plan with random weights (layer by layer) and run --try-steps LoRA steps: "
                         "measured peak RSS and step time beside the prediction")
@@ -60,13 +63,47 @@ def run(a) -> int:
     pred = predict(src.config, spec, settings, a.gpu_gb, name=src.name)
     if a.try_it:
         return try_it(a, src, spec, settings)
+    budget, peaks = stages(a, src, spec, settings)
     if a.json:
         d = pred.to_dict()
         d["searched_ratio"] = searched
+        d["memory_budget"] = {"gb": budget.gb, "source": budget.source}
+        d["stages"] = [p.to_dict(budget) for p in peaks]
         print(json.dumps(d, indent=2))
         return 0
     show(pred, searched, a)
+    show_stages(budget, peaks)
     return 0
+
+
+def stages(a, src, spec, settings):
+    """The memory budget (--max-memory, else this machine's) and each stage's predicted peak."""
+    from ..budget import memory_budget
+    from ..planner.stages import StageInputs, stage_peaks
+
+    budget = memory_budget(a.max_memory)
+    return budget, stage_peaks(src.config, spec, StageInputs(train=settings, quantize=a.quantize == "nf4"))
+
+
+def show_stages(budget, peaks) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..budget import SAFETY_MARGIN
+    from ..planner.memory import GB
+
+    t = Table(title=f"stage memory, GB (budget {budget.gb:.1f} GB: {budget.source})")
+    for col in ("stage", "predicted for", "in memory", "streamed", "runs", "fits"):
+        t.add_column(col, justify="right" if col in ("in memory", "streamed") else "left")
+    for p in peaks:
+        how = "-" if p.streamed_bytes is None else "streamed" if p.streams(budget) else "in memory"
+        t.add_row(p.stage, p.detail, f"{p.in_memory_bytes / GB:.2f}", "-" if p.streamed_bytes is None else f"{p.streamed_bytes / GB:.2f}",
+                  how, "yes" if p.fits(budget) else "no")
+    c = Console()
+    c.print(t)
+    c.print(f"prune, merge and eval stream when the in-memory peak exceeds {1 - SAFETY_MARGIN:.0%} of the budget (loram.budget; "
+            "build always works layer by layer); fits: the peak of the path taken is within that share. Merge and eval are "
+            "predicted on the original shapes.")
 
 
 def show(pred, searched, a) -> None:

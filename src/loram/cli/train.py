@@ -6,13 +6,14 @@ import os
 import sys
 
 from ..settings import add_flags, from_args
-from .common import add_out
+from .common import add_config, add_out
 
 
 def add(sub) -> None:
     p = sub.add_parser("train", help="LoRA/QLoRA on a pruned model folder (LoRAM) or an ordinary model (plain LoRA)")
     p.add_argument("model", help="pruned model folder (from `loram prune`) or an original model")
     add_out(p, "adapter folder")
+    add_config(p, "train")
     add_flags(p, "train")  # --data, LoRA and the optimisation knobs: loram.settings.TRAIN_KNOBS
     p.set_defaults(func=run)
 

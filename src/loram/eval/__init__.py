@@ -35,7 +35,7 @@ class EvalResult:
     extra: dict = field(default_factory=dict)
 
 
-def load_for_eval(model: str, adapter: str | None = None, dtype=torch.float32, merge: bool = True):
+def load_for_eval(model: str, adapter: str | None = None, dtype=torch.float32, merge: bool = True, max_memory: float | None = None):
     """(model, tokenizer) ready for scoring: the adapter is merged into the weights (same outputs, faster)."""
 
     m, tok = load_with_adapter(model, adapter, dtype=dtype)

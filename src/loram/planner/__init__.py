@@ -6,7 +6,10 @@
 
 Parameters are exact (params.py: closed form with `loram prune`'s rounding; a PrunePlan gives
 its own kept lists). Memory is a model (memory.py: every term named, the overhead stated),
-checked against measured peaks in benchmarks/plan_vs_measured.py.
+checked against measured peaks in benchmarks/plan_vs_measured.py. Each pipeline stage's peak, in
+memory and streamed layer by layer (stages.py), is what loram.budget.choose_streaming decides with:
+
+    predict_in_memory("prune", config, PruneSpec("taylor", 0.5), StageInputs(calib_samples=8))
 
 Storage reduction, the paper's convention. The paper's "storage reduction" of QLoRAM-Stru is the
 original model at 16 bits over the pruned model at 4 bits for *every* parameter, i.e. 4x the
@@ -29,9 +32,11 @@ from .memory import OVERHEAD_GB_CPU, MemoryEstimate, TrainSettings, estimate
 from .params import METHODS, SPARSE, STRUCTURED, LayerWidths, ParamCounts, PruneSpec, count, layer_widths, storage
 from .predict import SCHEMES, Prediction, predict, smallest_ratio
 from .presets import preset_config, preset_names, resolve
+from .stages import StageInputs, StagePeak, predict_in_memory, predict_stage, stage_peaks
 
 __all__ = [
     "METHODS", "OVERHEAD_GB_CPU", "SCHEMES", "SPARSE", "STRUCTURED", "LayerWidths", "MemoryEstimate", "ParamCounts",
     "Prediction", "PruneSpec", "TrainSettings", "count", "estimate", "layer_widths", "predict", "preset_config",
     "preset_names", "resolve", "smallest_ratio", "storage",
+    "StageInputs", "StagePeak", "predict_in_memory", "predict_stage", "stage_peaks",
 ]

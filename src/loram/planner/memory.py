@@ -136,6 +136,12 @@ def layer_transient_bytes(g, w: LayerWidths, s: TrainSettings) -> int:
     return 3 * s.act_bytes * w.mlp + 4 * w.mlp + 4 * g.hidden
 
 
+def logits_loss_bytes(g, tokens: int) -> int:
+    """fp32 logits, their fp32 copy and the log-softmax (forward), or the saved copy, its grad and the grad-in
+    (backward): 12 V bytes per token at the peak, whatever the precision (see the module docstring)."""
+    return 12 * g.vocab * tokens
+
+
 def estimate(config, widths: list[LayerWidths], counts: ParamCounts, s: TrainSettings, quantized: bool,
              scheme: str) -> MemoryEstimate:
     g = geometry(config)
@@ -152,7 +158,7 @@ def estimate(config, widths: list[LayerWidths], counts: ParamCounts, s: TrainSet
     transient = max(layer_transient_bytes(g, w, s) for w in widths) * n
     rotary = 2 * a * g.head_dim * n
     final = (4 * g.hidden + 4) * n  # final RMSNorm
-    logits = 12 * g.vocab * n
+    logits = logits_loss_bytes(g, n)
     if "lm_head" in s.targets:
         logits += (a + 4 * (s.dropout > 0)) * g.hidden * n + a * g.vocab * n
     if s.grad_checkpointing:

@@ -38,7 +38,7 @@ def _check_against_config(model_name: str, ratio: float, layers: str | None) -> 
 def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float | None = None, attn_ratio: float | None = None,
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
           calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
-          verify_base: str = "sampled") -> PruneReport:
+          verify_base: str = "sampled", max_memory: float | None = None) -> PruneReport:
     """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
 
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it

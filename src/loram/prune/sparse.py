@@ -49,6 +49,7 @@ from ..pruned_model import count_params, save_pruned
 from .pattern import Pattern, parse_pattern
 from .report import PruneReport
 from .sparsegpt import Hessian, sparsegpt
+from ..stream import Captured, capture_inputs, run_block
 from .structured import calibration_batches, check_finite
 from .wanda import ColumnNorms, magnitude_mask, wanda_mask
 
@@ -68,49 +69,6 @@ class LayerStats:
 
     def __post_init__(self):
         LIVE_STATS.add(self)
-
-
-@dataclass
-class Captured:
-    """One calibration sequence at a decoder layer: its hidden states and the layer's other arguments."""
-
-    hidden: torch.Tensor
-    kwargs: dict
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_inputs(model, layer: int, batches: list[torch.Tensor]) -> list[Captured]:
-    """The input of decoder layer ``layer`` for each calibration sequence (the forward stops there)."""
-    block = decoder_layers(model)[layer]
-    got: list[Captured] = []
-
-    def grab(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        got.append(Captured(hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
-    dev = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(input_ids=ids.to(dev), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    if len(got) != len(batches):
-        raise LoramError("could not capture the decoder-layer inputs of this model: is it a supported family?")
-    return got
-
-
-def run_block(block, c: Captured) -> torch.Tensor:
-    out = block(c.hidden, **c.kwargs)
-    return (out[0] if isinstance(out, tuple) else out).detach()
 
 
 def _linear(model, layer: int, role: str) -> nn.Linear:
@@ -227,7 +185,8 @@ def layer_errors(dense, pruned, layers: range, batches: list[torch.Tensor]) -> d
 @releases_locks
 def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, ratio: float | None = None,
                  layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
-                 calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled"):
+                 calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, verify_base: str = "sampled",
+                 max_memory: float | None = None):
     """`loram prune --sparsity ...`: write a sparse pruned model folder; returns a PruneReport."""
 
     if method not in METHODS:

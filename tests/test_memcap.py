@@ -1,0 +1,97 @@
+"""Models larger than memory, under a hard cap: with no flag, each stage sees the cgroup's limit as its
+memory budget, decides to stream, and finishes on a checkpoint larger than the cap.
+
+Heavy (a 1.95 GB checkpoint, ~1-2 min a command on 2 cores): marked ``memcap`` and left out of the
+default run (pyproject addopts); `python -m pytest -m memcap tests/test_memcap.py` runs them, and so
+does benchmarks/stream_chain.py at larger scale. Skipped where ../shared/tools/memcap is absent or
+no memory cgroup is writable (memcap exits 3).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.memcap
+MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap"
+CAP_GIB = 1.6  # below the checkpoint's 1.81 GiB: the in-memory path cannot fit, page cache included
+# hidden 2048, intermediate 8192, 16 layers, GQA 16/4, vocab 256: 0.97 B parameters, 1.95 GB of bf16
+GEOMETRY = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=256, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    if not MEMCAP.exists():
+        pytest.skip(f"{MEMCAP} not found (the memory-cap tool of this workplace)")
+    probe = subprocess.run([str(MEMCAP), "1", "true"], capture_output=True, text=True)
+    if probe.returncode == 3:
+        pytest.skip("no writable memory cgroup here (memcap exit 3)")
+    from loram.testing import random_checkpoint
+
+    d = tmp_path_factory.mktemp("big")
+    orig = random_checkpoint(d / "orig", **GEOMETRY)
+    assert sum(f.stat().st_size for f in orig.glob("*.safetensors")) > CAP_GIB * 2**30
+    (d / "calib.txt").write_text(" ".join(f"{a} plus {b} is {a + b}." for a in range(30) for b in range(10)))
+    return d
+
+
+def _adapter(folder: Path, rank: int = 4) -> Path:
+    """A plain PEFT LoRA adapter for the big model (q and down projections), random, non-zero."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM").save_pretrained(str(folder))
+    g = torch.Generator().manual_seed(0)
+    h, f = GEOMETRY["hidden_size"], GEOMETRY["intermediate_size"]
+    t = {}
+    for i in range(GEOMETRY["num_hidden_layers"]):
+        for proj, (fin, fout) in (("self_attn.q_proj", (h, h)), ("mlp.down_proj", (f, h))):
+            pre = f"base_model.model.model.layers.{i}.{proj}"
+            t[f"{pre}.lora_A.weight"] = torch.randn(rank, fin, generator=g) * 0.01
+            t[f"{pre}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.01
+    save_file(t, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def _capped(*args, timeout=900):
+    env = dict(os.environ, MEMCAP_TIMEOUT=str(timeout), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    p = subprocess.run([str(MEMCAP), str(CAP_GIB), sys.executable, "-m", "loram", *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=timeout + 60)
+    if p.returncode == 3:
+        pytest.skip("no writable memory cgroup here (memcap exit 3)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "streaming" in p.stderr  # the stage decided by itself, from the cgroup's limit
+    return p
+
+
+def test_prune_taylor_under_cap(big):
+    _capped("prune", big / "orig", "-o", big / "taylor", "--method", "taylor", "--ratio", "0.5", "--calib-data", big / "calib.txt",
+            "--calib-samples", "2", "--calib-seq-len", "32")
+    plan = json.loads((big / "taylor" / "loram_plan.json").read_text())
+    assert plan["method"] == "taylor" and plan["pruned"]
+
+
+def test_prune_sparsegpt_24_under_cap(big):
+    _capped("prune", big / "orig", "-o", big / "sgpt", "--method", "sparsegpt", "--sparsity", "2:4", "--calib-data",
+            big / "calib.txt", "--calib-samples", "2", "--calib-seq-len", "32")
+    plan = json.loads((big / "sgpt" / "loram_plan.json").read_text())
+    assert abs(plan["sparse"]["sparsity"] - 0.5) < 0.01
+
+
+def test_merge_under_cap(big):
+    adapter = _adapter(big / "adapter")
+    _capped("merge", big / "orig", adapter, "-o", big / "merged")
+    out = sum(f.stat().st_size for f in (big / "merged").glob("*.safetensors"))
+    assert out < 1.05 * sum(f.stat().st_size for f in (big / "orig").glob("*.safetensors"))  # bf16 kept, not fp32
+
+
+def test_eval_ppl_under_cap(big):
+    p = _capped("eval", big / "orig", "--ppl", f"calib={big / 'calib.txt'}", "--seq-len", "32", "--limit", "4", "--json")
+    rows = json.loads(p.stdout)
+    assert any(r.get("metric") == "ppl" for r in (rows if isinstance(rows, list) else rows.get("results", [])))
