@@ -169,6 +169,20 @@ def test_recipe_says_stage_k_of_n_then_the_stage_bars(monkeypatch, capsys, tiny_
     assert re.search(r"2/2 \[", err), err  # the train stage's own bar
 
 
+def test_quiet_switches_off_the_bars_of_libraries_already_imported_and_restore_puts_them_back(monkeypatch):
+    import datasets
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as tlog
+
+    monkeypatch.setattr(sys, "stderr", FakeTerminal())
+    saved = progress.configure(quiet=True)  # they read HF_HUB_/HF_DATASETS_DISABLE_PROGRESS_BARS at import: too late
+    try:
+        assert hub.are_progress_bars_disabled() and not tlog.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    finally:
+        progress.restore(saved)
+    assert not hub.are_progress_bars_disabled() and tlog.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+
+
 def test_every_verb_takes_quiet():
     from loram.cli import COMMANDS, build_parser
 

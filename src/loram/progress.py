@@ -54,34 +54,38 @@ def configure(quiet: bool = False, json: bool = False) -> dict:
     # libraries' own bars: the environment variables for those not imported yet (and child processes)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers reads this too, at import
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as tlog
-
-        saved[_TRANSFORMERS_BARS] = tlog.is_progress_bar_enabled()
-        tlog.disable_progress_bar()
-    if "datasets" in sys.modules:
-        import datasets
-
-        saved[_DATASETS_BARS] = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
+    switches = _bar_switches()  # those already imported read their variable already
+    saved.update({f"{name} bars": is_on() for name, is_on, _off, _on in switches})  # before any is off (they share state)
+    for _name, _is_on, off, _on in switches:
+        off()
     return saved
 
 
-# keys of configure()'s record for the libraries' in-process switches (not environment variables)
-_TRANSFORMERS_BARS, _DATASETS_BARS = "transformers bars", "datasets bars"
+def _bar_switches() -> list:
+    """(name, is on, off, on) of the in-process bar switch of each library already imported."""
+    found = []
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tlog
+
+        found.append(("transformers", tlog.is_progress_bar_enabled, tlog.disable_progress_bar, tlog.enable_progress_bar))
+    if "datasets" in sys.modules:
+        import datasets
+
+        found.append(("datasets", datasets.is_progress_bar_enabled, datasets.disable_progress_bars, datasets.enable_progress_bars))
+    if "huggingface_hub" in sys.modules:  # its upload bars (--push-to-hub)
+        from huggingface_hub import utils as hub
+
+        found.append(("huggingface_hub", lambda: not hub.are_progress_bars_disabled(), hub.disable_progress_bars,
+                      hub.enable_progress_bars))
+    return found
 
 
 def restore(saved: dict) -> None:
     """Put back the environment and the libraries' bar switches configure() found (main() called in-process,
     as tests and `demo` do, leaves no trace: a --quiet run does not silence the next run's bars)."""
-    if saved.pop(_TRANSFORMERS_BARS, False):
-        from transformers.utils import logging as tlog
-
-        tlog.enable_progress_bar()
-    if saved.pop(_DATASETS_BARS, False):
-        import datasets
-
-        datasets.enable_progress_bars()
+    for name, _is_on, _off, on in _bar_switches():
+        if saved.pop(f"{name} bars", False):
+            on()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
