@@ -14,7 +14,7 @@ from loram.eval.humaneval import pass_at_k
 from loram.eval.mc import decide, multiple_choice, pair_sequence, split_fewshot
 from loram.eval.ppl import perplexity_rows, perplexity_text, text_windows
 from loram.eval.sandbox import run_program
-from loram.testing import tiny_model, tiny_tokenizer
+from loram.testing import lm_eval_task, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +151,7 @@ def test_lm_eval_bridge_local_task_matches_our_mc(mt, tmp_path):
     rng = random.Random(0)
     rows = [{"query": f"Item {i}: which word?\nAnswer:", "choices": ["red", "green", "blue"], "gold": rng.randrange(3)}
             for i in range(8)]
-    data = tmp_path / "mini.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "mini.yaml").write_text(
-        "task: loram_mini\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{query}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    res = lm_eval_tasks(model, tok, ["loram_mini"], include=str(tmp_path), batch_size=4)
+    res = lm_eval_tasks(model, tok, ["loram_mini"], include=str(lm_eval_task(tmp_path, rows)), batch_size=4)
     ours = multiple_choice(model, tok, rows)
     assert res["loram_mini"]["acc"] == (pytest.approx(ours.acc), 8)
     assert res["loram_mini"]["acc_norm"] == (pytest.approx(ours.acc_norm), 8)

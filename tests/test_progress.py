@@ -16,6 +16,9 @@ import subprocess
 import sys
 import termios
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,7 @@ from loram import progress
 from loram.cli import main
 
 BAR = re.compile(r"\d+/\d+ \[[0-9:]+<")  # tqdm's "k/n [elapsed<ETA": a bar with its count and ETA
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colour codes
 
 
 @pytest.fixture(autouse=True)
@@ -141,6 +145,9 @@ def test_train_merge_and_eval_show_bars_and_quiet_silences_the_trainer(monkeypat
     assert err == "", err  # no bar
     assert "{'loss'" not in out and "adapter written to" in out  # nor the Trainer's per-step log dicts in its place
     assert progress.QUIET_ENV not in os.environ  # main() run in-process leaves no --quiet behind
+    from transformers.utils import logging as tlog
+
+    assert tlog.is_progress_bar_enabled()  # nor transformers' bars switched off (the next run on a terminal draws them)
 
     out, err = run_main(monkeypatch, capsys, ["merge", str(tiny_dir), str(ad), "-o", str(tmp_path / "m")])
     assert re.search(r"merged model written to \S+ \(\d+\.\d s, peak RSS \d+\.\d\d GB\)", out), out  # the summary line
@@ -160,6 +167,20 @@ def test_recipe_says_stage_k_of_n_then_the_stage_bars(monkeypatch, capsys, tiny_
     assert [x.split(" running")[0] for x in out.splitlines() if " running: loram " in x] == \
         ["[prune] stage 1/3", "[train] stage 2/3", "[recover] stage 3/3"], out
     assert re.search(r"2/2 \[", err), err  # the train stage's own bar
+
+
+def test_quiet_switches_off_the_bars_of_libraries_already_imported_and_restore_puts_them_back(monkeypatch):
+    import datasets
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as tlog
+
+    monkeypatch.setattr(sys, "stderr", FakeTerminal())
+    saved = progress.configure(quiet=True)  # they read HF_HUB_/HF_DATASETS_DISABLE_PROGRESS_BARS at import: too late
+    try:
+        assert hub.are_progress_bars_disabled() and not tlog.is_progress_bar_enabled() and not datasets.is_progress_bar_enabled()
+    finally:
+        progress.restore(saved)
+    assert not hub.are_progress_bars_disabled() and tlog.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
 
 
 def test_every_verb_takes_quiet():
@@ -215,3 +236,159 @@ def test_a_library_warning_that_asks_for_action_is_one_loram_line(monkeypatch):
 def test_every_hidden_warning_says_why():
     for category, _message, module, why in progress.HIDDEN_WARNINGS:
         assert issubclass(category, Warning) and module and len(why) > 40
+    for logger, message, why in progress.HIDDEN_LOG_LINES:
+        assert logger and message and len(why) > 40
+
+
+# ---- every verb of the CLI, enumerated from its argparse tree ------------------------------------------
+@dataclass
+class Verb:
+    """How the progress tests run one verb on the tiny model: ``args(work, out)`` -> argv (``work`` holds the
+    shared inputs, ``out`` is a fresh folder); ``progress``: regex of its progress line on a terminal (stderr,
+    or stdout for recipe stage lines); ``None`` for a verb that never runs long, ``why`` saying why;
+    ``summary``: it ends with the time and peak RSS (a closing line or table rows)."""
+
+    args: Callable[[Path, Path], list[str]]
+    progress: str | None
+    why: str = ""
+    summary: bool = True
+
+
+def _recipe(w: Path, o: Path) -> list[str]:
+    (o.parent / "r.yaml").write_text(f"base: {w / 'base'}\nworkdir: {o}\nprune: {{method: magnitude, layers: '1:5'}}\n"
+                                     f"train: {{data: [{w / 'a.json'}], steps: 2, seq_len: 64}}\n")
+    return ["run", str(o.parent / "r.yaml")]
+
+
+VERBS = {
+    "prune": Verb(lambda w, o: ["prune", f"{w}/base", "-o", str(o), "--method", "taylor", "--layers", "1:5"],
+                  r"taylor: calibration sequences: 100%.*8/8 \["),
+    "import-plan": Verb(lambda w, o: ["import-plan", f"{w}/sparse", "--base", f"{w}/base", "-o", str(o)],
+                        r"import-plan: layers: 100%.*6/6 \["),
+    "build": Verb(lambda w, o: ["build", f"{w}/base", "-o", str(o), "--ratio", "0.5"], r"build: shards: 100%.*7/7 \["),
+    "align": Verb(lambda w, o: ["align", f"{w}/pruned", "--data", f"{w}/corpus.txt", "-o", str(o), "--steps", "2",
+                                "--seq-len", "32"], r"100%.*2/2 \["),  # the Trainer's bar
+    "train": Verb(lambda w, o: ["train", f"{w}/pruned", "--data", f"{w}/a.json", "-o", str(o), "--steps", "2",
+                                "--seq-len", "64"], r"100%.*2/2 \["),
+    "recover": Verb(lambda w, o: ["recover", f"{w}/adapter", "--base", f"{w}/base", "-o", str(o)], None,
+                    "reads the adapter and the base's sampled fingerprint (8 rows per tensor) and scatters the LoRA "
+                    "matrices: seconds even for a 70B base"),
+    "merge": Verb(lambda w, o: ["merge", f"{w}/base", f"{w}/recovered", "-o", str(o)],
+                  r"merg\w*\b.*: 100%"),  # PEFT's "Unloading and merging model" (or a streamed merge's own bar)
+    "generate": Verb(lambda w, o: ["generate", f"{w}/base", "--adapter", f"{w}/recovered", "--prompt", "hi",
+                                   "--max-new-tokens", "4"],
+                     r"Loading weights: 100%", summary=False),  # loading is its long part; stdout is the text
+    "eval": Verb(lambda w, o: ["eval", f"{w}/base", "--mc", f"mc={w}/mc.jsonl"], r"eval mc \(mc\): scoring: 100%.*36/36 \["),
+    "inspect": Verb(lambda w, o: ["inspect", f"{w}/adapter", "-o", str(o), "--no-plots"], None,
+                    "norms of one adapter's LoRA matrices (rank r, not the model's weights): under a few seconds", summary=False),
+    "demo": Verb(lambda w, o: ["demo", "--smoke", "--no-isolate", "-o", str(o)],
+                 r"\[demo +\d+\.\ds\]", summary=False),  # its status lines; it ends with its own table
+    "run": Verb(_recipe, r"\[train\] stage 2/3 running"),
+    "plan": Verb(lambda w, o: ["plan", f"{w}/base", "--ratio", "0.5"], None, "arithmetic on a config: instant", summary=False),
+}
+
+
+def _subparsers() -> dict:
+    from loram.cli import build_parser
+
+    return next(a for a in build_parser()._actions if a.dest == "command").choices
+
+
+def test_every_verb_has_a_progress_case():
+    """A new verb fails here until VERBS says how it shows progress (or why it needs none)."""
+    assert set(VERBS) == set(_subparsers()), "add the missing verb to VERBS in tests/test_progress.py"
+    assert all(v.progress or len(v.why) > 20 for v in VERBS.values())
+
+
+@pytest.fixture(scope="module")
+def work(tiny_dir, files, tmp_path_factory):
+    """Inputs every verb case reads: base, pruned, trained adapter, recovered adapter, a 2:4 sparse model."""
+    w = tmp_path_factory.mktemp("verbs")
+    for f in files.iterdir():
+        os.symlink(f, w / f.name)
+    os.symlink(tiny_dir, w / "base")
+    for argv in (["prune", f"{w}/base", "-o", f"{w}/pruned", "--method", "magnitude", "--layers", "1:5"],
+                 ["prune", f"{w}/base", "-o", f"{w}/sparse", "--method", "wanda", "--sparsity", "2:4", "--layers", "1:5"],
+                 ["train", f"{w}/pruned", "--data", f"{w}/a.json", "-o", f"{w}/adapter", "--steps", "1", "--seq-len", "64"],
+                 ["recover", f"{w}/adapter", "--base", f"{w}/base", "-o", f"{w}/recovered"]):
+        assert main([*argv, "--quiet"]) == 0, argv
+    return w
+
+
+def _no_progress(verb: str, out: str, err: str) -> None:
+    assert not BAR.search(err) and "%|" not in err, err  # neither loram's bars nor the libraries'
+    if VERBS[verb].progress:
+        assert not re.search(VERBS[verb].progress, ANSI.sub("", out + err)), out + err  # nor status lines (demo, recipe stages)
+
+
+def _library_warnings_seen(seen) -> list[str]:
+    return [f"{w.category.__name__}: {w.message} ({w.filename})" for w in seen if issubclass(w.category, (FutureWarning, UserWarning))]
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_verb_on_a_terminal_shows_progress_and_no_library_warning(verb, monkeypatch, capsys, work, tmp_path):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # a warning an earlier test triggered is seen again
+        for quiet_by_python in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", quiet_by_python)  # what Python itself hides outside __main__
+        out, err = run_main(monkeypatch, capsys, VERBS[verb].args(work, tmp_path / "out"))
+    if VERBS[verb].progress:
+        assert re.search(VERBS[verb].progress, ANSI.sub("", out + err)), (out, err)  # rich colours demo's status lines
+    if VERBS[verb].summary:  # "(1.2 s, peak RSS 0.61 GB)", the train report, or the table's rows
+        assert re.search(r"\d+\.\d s\b.*peak RSS\W+\d+\.\d\d GB", out.replace("\n", " ")), out
+    assert _library_warnings_seen(seen) == []  # what the CLI entry filters (progress.HIDDEN_WARNINGS) is gone
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_verb_with_quiet_prints_no_progress(verb, monkeypatch, capsys, work, tmp_path):
+    out, err = run_main(monkeypatch, capsys, [*VERBS[verb].args(work, tmp_path / "out"), "--quiet"])
+    _no_progress(verb, out, err)
+
+
+@pytest.mark.parametrize("verb", sorted(v for v, p in _subparsers().items() if "--json" in p._option_string_actions))
+def test_verb_with_json_prints_no_progress_and_stdout_parses(verb, monkeypatch, capsys, work, tmp_path):
+    out, err = run_main(monkeypatch, capsys, [*VERBS[verb].args(work, tmp_path / "out"), "--json"])
+    _no_progress(verb, out, err)
+    assert isinstance(json.loads(out), dict), out
+
+
+# ---- lm-eval draws its own tqdm bars ------------------------------------------------------------------
+def test_library_bars_off_hides_a_library_bar_and_nothing_else(monkeypatch):
+    from tqdm import tqdm
+
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setenv(progress.QUIET_ENV, "1")  # --quiet
+    with progress.library_bars():
+        list(tqdm(range(3), desc="lib", disable=False))  # lm-eval passes disable=False explicitly
+        print("a message from the library", file=sys.stderr)
+    assert term.getvalue() == "a message from the library\n"
+    list(tqdm(range(3), desc="after"))  # tqdm is itself again once the call is over
+    assert "after: 100%" in term.getvalue()
+    monkeypatch.delenv(progress.QUIET_ENV)
+    with progress.library_bars():  # bars enabled: a library's bars are drawn as usual
+        list(tqdm(range(3), desc="lib"))
+    assert "lib: 100%" in term.getvalue()
+
+
+@pytest.fixture(scope="module")
+def lm_task(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    from loram.testing import lm_eval_task
+
+    rows = [{"query": f"Item {i}: which word?\nAnswer:", "choices": ["red", "green", "blue"], "gold": i % 3} for i in range(6)]
+    return lm_eval_task(tmp_path_factory.mktemp("lm_eval"), rows)
+
+
+def test_lm_eval_bars_follow_quiet_and_its_warnings_stay(tiny_dir, lm_task):
+    rc, out, err = run_cli(["eval", str(tiny_dir), "--lm-eval", "loram_mini", "--lm-eval-include", str(lm_task), "--quiet"])
+    assert rc == 0, err
+    assert not BAR.search(err) and "%|" not in err, err  # no "Running loglikelihood requests" bar
+    assert "metric acc is defined, but aggregation is not" in err  # lm-eval's word on the user's task file still shows
+    assert "`pretrained` model kwarg is not of type `str`" not in err  # progress.HIDDEN_LOG_LINES: nothing to act on
+    assert "loram_mini" in out
+
+
+def test_lm_eval_bars_on_a_terminal(monkeypatch, capsys, tiny_dir, lm_task):
+    _, err = run_main(monkeypatch, capsys, ["eval", str(tiny_dir), "--lm-eval", "loram_mini", "--lm-eval-include", str(lm_task)])
+    assert re.search(r"Running loglikelihood requests: 100%.*18/18 \[", err), err

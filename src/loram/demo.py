@@ -134,11 +134,12 @@ class DemoResult:
 
 def _say(msg: str, t0: float) -> None:
     from rich.console import Console
-
+    from rich.markup import escape
 
     if quiet():  # --quiet / --json
         return
-    Console(stderr=True).print(f"[bold cyan][demo {time.time() - t0:6.1f}s][/] {msg}")
+    # escaped: rich reads "[demo 1.0s]" (or a path with brackets in msg) as a style tag and drops it
+    Console(stderr=True).print(f"[bold cyan]{escape(f'[demo {time.time() - t0:6.1f}s]')}[/] {escape(msg)}")
 
 
 def _prepare_out(cfg: DemoConfig) -> Path:

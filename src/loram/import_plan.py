@@ -46,6 +46,7 @@ from .families import ROLES, geometry, is_tied_head, module_name, ties_embedding
 from .fingerprint import base_fingerprint, check_verify, config_digest
 from .io import TOKENIZER_FILES, atomic_dir, check_output, load_config, load_tokenizer, refuse_pickle_only, releases_locks, resolve_model
 from .loading import load_model
+from .progress import track
 from .prune_plan import LayerPlan, PrunePlan
 from .pruned_model import skeleton_shapes
 from .weights import Weights, mismatch, write_safetensors_metadata
@@ -160,7 +161,7 @@ def import_sparse(model: str | Path, base: str | Path, out: str | Path, overwrit
         raise LoramError(f"{model} changes the shape of {wrong[0]}: a sparse model keeps every shape; for a structurally "
                          "pruned model pass --kept-index")
     stats = {}  # (layer, role) -> (zeros, numel, {M: group max}, pruned here?): one tensor pair in memory at a time
-    for i in range(g.n_layers):
+    for i in track(range(g.n_layers), "import-plan: layers", unit="layer"):
         for role in ROLES:
             key = weight_name(i, role)
             w, w0 = src.get(key), orig.get(key)
@@ -249,7 +250,7 @@ def import_structured(pruned: str | Path, base: str | Path, kept: str | Path, ou
         raise LoramError(f"{len(wrong)} tensors of {pruned} do not have the shape the kept-index lists give (e.g. "
                          f"{wrong[0]}): the lists do not describe this checkpoint")
     if not allow_retrained:
-        for key in sorted(src.shapes):
+        for key in track(sorted(src.shapes), "import-plan: comparing with the original", unit="tensor"):
             if key.endswith("rotary_emb.inv_freq"):
                 continue
             if not _close(src.get(key), _expected(orig, key, plan, g)):

@@ -9,11 +9,13 @@ stays clean. A bar is drawn iff
 
 `--quiet` / `--json` are inherited by child processes (`loram demo` trains in one) through the
 LORAM_QUIET environment variable, and switch off transformers', huggingface_hub's and datasets'
-bars too. When stderr is not a terminal (a log file, a pipe) no bar is drawn.
+bars too. When stderr is not a terminal (a log file, a pipe) no bar is drawn. lm-eval draws its own
+tqdm bars that none of those switches reach: library_bars() holds them to the same rule.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -52,19 +54,38 @@ def configure(quiet: bool = False, json: bool = False) -> dict:
     # libraries' own bars: the environment variables for those not imported yet (and child processes)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers reads this too, at import
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-    if "datasets" in sys.modules:
-        import datasets
-
-        datasets.disable_progress_bars()
+    switches = _bar_switches()  # those already imported read their variable already
+    saved.update({f"{name} bars": is_on() for name, is_on, _off, _on in switches})  # before any is off (they share state)
+    for _name, _is_on, off, _on in switches:
+        off()
     return saved
 
 
+def _bar_switches() -> list:
+    """(name, is on, off, on) of the in-process bar switch of each library already imported."""
+    found = []
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tlog
+
+        found.append(("transformers", tlog.is_progress_bar_enabled, tlog.disable_progress_bar, tlog.enable_progress_bar))
+    if "datasets" in sys.modules:
+        import datasets
+
+        found.append(("datasets", datasets.is_progress_bar_enabled, datasets.disable_progress_bars, datasets.enable_progress_bars))
+    if "huggingface_hub" in sys.modules:  # its upload bars (--push-to-hub)
+        from huggingface_hub import utils as hub
+
+        found.append(("huggingface_hub", lambda: not hub.are_progress_bars_disabled(), hub.disable_progress_bars,
+                      hub.enable_progress_bars))
+    return found
+
+
 def restore(saved: dict) -> None:
-    """Put back the environment configure() found (main() called in-process, as tests and `demo` do, leaves no trace)."""
+    """Put back the environment and the libraries' bar switches configure() found (main() called in-process,
+    as tests and `demo` do, leaves no trace: a --quiet run does not silence the next run's bars)."""
+    for name, _is_on, _off, on in _bar_switches():
+        if saved.pop(f"{name} bars", False):
+            on()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -112,6 +133,34 @@ def stage(desc: str):
         _stages.pop()
 
 
+@contextmanager
+def library_bars():
+    """Inside, the bars a library draws with tqdm itself (lm-eval's "Running loglikelihood requests" and its
+    per-document bar) follow loram's rule: drawn only when enabled().
+
+    Why tqdm's constructor is patched for the call and not something else: TQDM_DISABLE is read once, when
+    tqdm is imported (transformers imported it long before lm-eval runs); lm-eval's model bars pass
+    ``disable=False`` explicitly, which beats any default; and simple_evaluate has no switch to pass down.
+    Redirecting stderr instead would also swallow lm-eval's warnings and a real error's message. Forcing
+    ``disable=True`` hides the bars and nothing else, and only until the call returns."""
+    if enabled():
+        yield
+        return
+    from tqdm import std
+
+    saved = vars(std.tqdm)["__init__"]  # the raw attribute (tqdm wraps it with its environment defaults)
+    init = std.tqdm.__init__
+
+    def without_bar(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = without_bar  # subclasses (tqdm.auto, tqdm.asyncio) call it through super()
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = saved
+
+
 def trainer_quiet(trainer) -> None:
     """With --quiet / --json the Trainer prints neither a bar (disable_tqdm) nor, in its place, the
     dict of each log step on stdout (its PrinterCallback)."""
@@ -128,8 +177,15 @@ class Measure:
 
         self.t0, self.peak = time.time(), PeakRSS()
 
+    def seconds(self) -> float:
+        return time.time() - self.t0
+
     def line(self, what: str) -> str:
-        return summary(what, time.time() - self.t0, self.peak.gb())
+        return summary(what, self.seconds(), self.peak.gb())
+
+    def rows(self) -> list[tuple[str, str]]:
+        """The same two numbers as rows of a verb's closing table (the prune and build tables' "time", "peak RSS")."""
+        return [("time", f"{self.seconds():.1f} s"), ("peak RSS", f"{self.peak.gb():.2f} GB")]
 
 
 def summary(what: str, seconds: float, peak_rss_gb: float) -> str:
@@ -159,10 +215,41 @@ REWORDED = [
 ]
 
 
+# log lines (not Python warnings) a user cannot act on: (logger, message regex, why it is hidden)
+HIDDEN_LOG_LINES = [
+    ("lm_eval.models.huggingface", r"`pretrained` model kwarg is not of type `str`",
+     ("lm-eval warns that a model object (not a hub name) was passed to it: that is how `loram eval --lm-eval` "
+      "evaluates a pruned or merged model in memory, and its advice (accelerate, parallelize) does not apply")),
+    ("lm_eval.models.huggingface", r"Passed an already-initialized model through `pretrained`",
+     ("the same fact said a second time (single-process evaluation of the model object loram loaded)")),
+]
+
+
+class _HideLogLines(logging.Filter):
+    def __init__(self, patterns: list[str]):
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(re.search(p, record.getMessage()) for p in self.patterns)
+
+
+def _hide_log_lines() -> None:
+    """One filter per logger of HIDDEN_LOG_LINES (installed once however often the CLI runs in a process)."""
+    by_logger: dict[str, list[str]] = {}
+    for name, pattern, _why in HIDDEN_LOG_LINES:
+        by_logger.setdefault(name, []).append(pattern)
+    for name, patterns in by_logger.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _HideLogLines) for f in log.filters):
+            log.addFilter(_HideLogLines(patterns))
+
+
 def filter_warnings() -> None:
-    """Hide HIDDEN_WARNINGS and say REWORDED ones as `warning: <loram line>` (the CLI installs both)."""
+    """Hide HIDDEN_WARNINGS and HIDDEN_LOG_LINES, say REWORDED ones as `warning: <loram line>` (the CLI installs all)."""
     for category, message, module, _why in HIDDEN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    _hide_log_lines()
     if getattr(warnings.showwarning, "loram", False):
         return
     show = warnings.showwarning

@@ -77,6 +77,25 @@ def save_tiny(folder: str | Path, name: str = "llama-gqa", seed: int = 0, **over
     return folder
 
 
+def lm_eval_task(folder: str | Path, rows: list[dict], name: str = "loram_mini") -> Path:
+    """A local lm-evaluation-harness multiple-choice task over ``rows`` ({"query", "choices", "gold"}), so
+    `--lm-eval NAME --lm-eval-include FOLDER` runs offline; returns FOLDER. The YAML names acc / acc_norm
+    without their aggregation, and lm-eval says so (a warning about the task file, which stays visible)."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{query}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return folder
+
+
 # ---- exactness references (tests only) -------------------------------------------------------
 def zero_pruned(model, plan):
     """The original model with every pruned row/column (and bias) set to zero, shapes unchanged.

@@ -35,7 +35,9 @@ def run(a) -> int:
 
     from ..eval import load_for_eval
     from ..eval.runner import EvalRequest, check_files, run_tasks
+    from ..progress import Measure
 
+    m = Measure()
     s = from_args("eval", a)
     req = EvalRequest(**s.request_fields(ppl=[named(x, "--ppl") for x in s.ppl], mc=[named(x, "--mc") for x in s.mc]))
     if req.empty():
@@ -45,7 +47,8 @@ def run(a) -> int:
     model, tok = load_for_eval(a.model, a.adapter, dtype=torch.bfloat16 if s.bf16 else torch.float32, max_memory=s.max_memory)
     results = run_tasks(model, tok, req)
     if a.json:
-        print(json.dumps({"model": a.model, "adapter": a.adapter, "results": [asdict(r) for r in results]}, indent=2))
+        print(json.dumps({"model": a.model, "adapter": a.adapter, "results": [asdict(r) for r in results],
+                          "seconds": round(m.seconds(), 1), "peak_rss_gb": round(m.peak.gb(), 2)}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -56,4 +59,5 @@ def run(a) -> int:
     for r in results:
         t.add_row(r.task, r.metric, f"{r.value:.4f}", str(r.n))
     Console().print(t)
+    print(m.line(f"{len({r.task for r in results})} task(s) evaluated"))
     return 0

@@ -24,7 +24,9 @@ def add(sub) -> None:
 def run(a) -> int:
     from ..errors import LoramError
     from ..import_plan import import_sparse, import_structured
+    from ..progress import Measure
 
+    m = Measure()
     if a.kept_index is None:
         if a.allow_retrained:
             raise LoramError("--allow-retrained applies to structured imports (--kept-index): drop it")
@@ -38,5 +40,5 @@ def run(a) -> int:
                 ("parameters original", f"{plan.extra['params_original']:,}"),
                 ("parameters pruned", f"{plan.extra['params_pruned']:,}"), ("validated", plan.extra["validated"])]
     s, e = plan.layers
-    table([*rows, ("layers", f"{s}:{e}"), ("base", plan.base["name"]), ("written", a.out)], title="loram import-plan")
+    table([*rows, ("layers", f"{s}:{e}"), ("base", plan.base["name"]), *m.rows(), ("written", a.out)], title="loram import-plan")
     return 0

@@ -13,16 +13,20 @@ def add(sub) -> None:
 
 
 def run(a) -> int:
+    from ..progress import Measure, quiet
     from ..recipe import run_recipe
     from ..training import TrainingInterrupted
     from .train import interrupted
 
+    m = Measure()
+    # the stage list and "stage k/n running" are status lines (--quiet drops them); with --dry-run they are the result
+    echo = print if a.dry_run or not quiet() else (lambda *_: None)
     try:
-        steps = run_recipe(a.recipe, dry_run=a.dry_run, overrides=a.overrides)
+        steps = run_recipe(a.recipe, dry_run=a.dry_run, overrides=a.overrides, echo=echo)
     except TrainingInterrupted as e:
         return interrupted(e)
     if a.dry_run:
         print(f"dry run: recipe is valid, {sum(s.status != 'skip' for s in steps)} of {len(steps)} stages would run")
     else:
-        print(f"recipe done: {len(steps)} stages, outputs in {steps[-1].out.parent if steps else '-'}")
+        print(m.line(f"recipe done: {len(steps)} stages, outputs in {steps[-1].out.parent if steps else '-'}"))
     return 0

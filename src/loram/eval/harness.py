@@ -23,6 +23,7 @@ import os
 from functools import lru_cache
 
 from ..errors import LoramError
+from ..progress import library_bars
 
 ALLOW_FLAG = "--allow-code-execution"
 
@@ -85,8 +86,9 @@ def lm_eval_tasks(model, tok, tasks: list[str], include: str | None = None, limi
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
     try:
-        res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(include),
-                              log_samples=False, bootstrap_iters=0, confirm_run_unsafe_code=allow_code_execution)
+        with library_bars():  # lm-eval's own tqdm bars: none with --quiet, --json or stderr not a terminal
+            res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(include),
+                                  log_samples=False, bootstrap_iters=0, confirm_run_unsafe_code=allow_code_execution)
     except ValueError as e:  # a Python-class task that is unsafe cannot be told from its config before it is built
         if "marked as unsafe" not in str(e):
             raise
