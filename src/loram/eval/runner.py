@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..data import read_rows, read_utf8
+from ..errors import LoramError
 from ..progress import stage
 from ..settings import check_config
 from . import EvalResult
 from .generation import gsm8k
 from .mc import multiple_choice
 from .ppl import perplexity_rows, perplexity_text
+from .streamed import DEFAULT_HIDDEN_BYTES
 
 
 @dataclass
@@ -66,6 +70,38 @@ def check_files(req: EvalRequest) -> None:
             read_utf8(p, "eval file")
         elif p.exists():
             read_rows(str(p))
+
+
+def check_streamable(req: EvalRequest) -> None:
+    """Streamed evaluation scores (--ppl, --mc); generation needs every layer for every new token."""
+    need = [f for f, on in (("--gsm8k", req.gsm8k), ("--humaneval", req.humaneval), ("--lm-eval", req.lm_eval)) if on]
+    if need:
+        raise LoramError(f"{', '.join(need)} generate text, which needs the whole model in memory, and this evaluation "
+                         "streams the model layer by layer: run only --ppl and --mc streamed, or evaluate the other tasks "
+                         "in memory (a machine with more memory, or a smaller model)")
+
+
+def evaluate(model: str, adapter: str | None, req: EvalRequest, dtype=torch.float32, stream: bool | None = None,
+             device="cpu", max_hidden_bytes: int = DEFAULT_HIDDEN_BYTES) -> list[EvalResult]:
+    """Every task of ``req`` on ``model`` (+ ``adapter``), checks first, then the model.
+
+    stream=True: the model is read one decoder layer at a time (eval.streamed; --ppl and --mc only,
+    ``device`` holds one layer and the hidden states of at most ``max_hidden_bytes`` at a time);
+    False or None: loaded in memory (None is for the caller's memory budget to decide; today: in memory)."""
+    if req.empty():
+        raise LoramError("nothing to evaluate: pass --ppl, --mc, --gsm8k, --humaneval or --lm-eval")
+    check_files(req)
+    req.check_sandbox()
+    if stream:
+        from .streamed import open_streamed
+
+        check_streamable(req)
+        m, tok = open_streamed(model, adapter, dtype=dtype, device=device, max_hidden_bytes=max_hidden_bytes)
+    else:
+        from . import load_for_eval
+
+        m, tok = load_for_eval(model, adapter, dtype=dtype)
+    return run_tasks(m, tok, req)
 
 
 def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
