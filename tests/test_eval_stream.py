@@ -15,6 +15,7 @@ from loram.errors import LoramError
 from loram.eval import load_for_eval
 from loram.eval.mc import choice_logliks
 from loram.eval.runner import EvalRequest, evaluate
+from loram.eval.scoring import padded_batches, score_sequences
 from loram.eval.streamed import open_streamed
 from loram.lora_delta import EMBED, HEAD, LoraDeltas
 from test_errors import make_pruned_adapter
@@ -98,8 +99,6 @@ def test_streamed_ppl_and_mc_equal_in_memory(ws, case):
     assert_same(want, got)
     assert {(r.task, r.metric) for r in got} == {("rows", "ppl"), ("raw", "ppl"), ("mc", "acc"), ("mc", "acc_norm")}
     # the per-choice log-likelihoods behind acc / acc_norm, and one layer resident at every load
-    from loram.testing import tiny_tokenizer  # noqa: F401  (the saved folders carry this tokenizer)
-
     mem, tok = load_for_eval(str(base), adapter and str(adapter))
     lm, _ = open_streamed(base, adapter)
     seen = one_layer_at_a_time(lm)
@@ -119,8 +118,6 @@ def test_waves_give_the_same_numbers(ws):
     seen = one_layer_at_a_time(lm)
     mem, _ = load_for_eval(str(ws.pruned), str(ws.adapter))
     pairs = [(list(range(3, 3 + n)), [-100] + list(range(4, 3 + n))) for n in (9, 17, 5, 12, 30)]
-    from loram.eval.scoring import score_sequences
-
     a, b = score_sequences(mem, pairs, batch_size=2), score_sequences(lm, pairs, batch_size=2)
     assert [s.tokens for s in a] == [s.tokens for s in b]
     torch.testing.assert_close(torch.tensor([s.loglik for s in b]), torch.tensor([s.loglik for s in a]), rtol=1e-5, atol=0)
@@ -128,9 +125,18 @@ def test_waves_give_the_same_numbers(ws):
     assert seen == [[i] for i in range(lm.stream.n_layers)] * 3
     # a budget for exactly two batches: two waves
     lm2, _ = open_streamed(ws.pruned, ws.adapter)
-    batches = __import__("loram.eval.scoring", fromlist=["padded_batches"]).padded_batches(pairs, 2, 0)
+    batches = padded_batches(pairs, 2, 0)
     lm2.max_hidden_bytes = sum(lm2.state_bytes(x) for x in batches[:2])
     assert [len(w) for w in lm2.waves(batches)] == [2, 1]
+
+
+def test_bf16_streamed_equals_in_memory_bf16(ws):
+    """--bf16: layers in bf16 on both paths, the adapter's update added in fp32 and rounded once."""
+    req = EvalRequest(ppl=ws.req.ppl, seq_len=48, stride=16, batch_size=3)
+    want = evaluate(str(ws.pruned), str(ws.adapter), req, stream=False, dtype=torch.bfloat16)
+    got = evaluate(str(ws.pruned), str(ws.adapter), req, stream=True, dtype=torch.bfloat16)
+    for w, g in zip(want, got):
+        assert g.value == pytest.approx(w.value, rel=1e-3)
 
 
 @pytest.mark.parametrize("targets,lora", [

@@ -35,7 +35,7 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
 
     verify_base="full": compare every byte of ``base`` with the digest the adapter's plan recorded."""
 
-    pruned = check_request(base, adapter, check_base, verify_base)
+    pruned = check_adapter_request(base, adapter, check_base, verify_base)
     model, plan = load_pruned_model(base, dtype=dtype) if pruned else (load_model(base, dtype=dtype), None)
     tok = load_tokenizer(base)
     if adapter is None:
@@ -44,7 +44,7 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     return attach(model, adapter), tok
 
 
-def check_request(base: str | Path, adapter: str | Path | None, check_base: bool = True, verify_base: str = "sampled") -> bool:
+def check_adapter_request(base: str | Path, adapter: str | Path | None, check_base: bool = True, verify_base: str = "sampled") -> bool:
     """Checks before anything is loaded (every path that puts an adapter on a base calls them):
     the adapter folder is complete, --verify-base is possible. Returns whether ``base`` is a pruned folder."""
     check_verify(verify_base)

@@ -104,9 +104,9 @@ def open_streamed(base: str | Path, adapter: str | Path | None = None, dtype=tor
     as it loads), after the same checks as ``merge.load_with_adapter``, all before any weight is read."""
     from ..lora_delta import LoraDeltas
     from ..loading import open_checkpoint
-    from ..merge import check_adapter_fits, check_request
+    from ..merge import check_adapter_fits, check_adapter_request
 
-    check_request(base, adapter, check_base, verify_base)
+    check_adapter_request(base, adapter, check_base, verify_base)
     config, plan, weights = open_checkpoint(base, "streamed evaluation")
     deltas = None
     if adapter is not None:
