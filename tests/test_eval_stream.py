@@ -200,3 +200,55 @@ def test_progress_bar_per_layer(ws, monkeypatch):
     monkeypatch.delenv(progress.QUIET_ENV, raising=False)
     evaluate(str(ws.base), None, EvalRequest(mc=ws.req.mc, batch_size=4), stream=True)
     assert "eval mc (mc): layer" in term.getvalue() and "6/6" in term.getvalue(), term.getvalue()[-500:]
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from loram.procmem import malloc_trim, pin_mmap_threshold, reset_peak
+from loram.eval.runner import EvalRequest, evaluate
+
+def hwm():  # VmHWM, not ru_maxrss: ru_maxrss also holds the parent's RSS at exec, which clear_refs cannot reset
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+def rss():
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+pin_mmap_threshold()
+warm, big, data = sys.argv[1:4]
+req = EvalRequest(ppl=[("t", Path(data))], seq_len=64, batch_size=2)
+out = {}
+for stream in (True, False):
+    evaluate(warm, None, req, stream=stream)  # imports and lazy library state: outside the measure
+    malloc_trim()
+    base = rss()
+    assert reset_peak()
+    evaluate(big, None, req, stream=stream)
+    out["streamed" if stream else "in_memory"] = hwm() - base
+print(json.dumps(out))
+"""
+
+
+def test_streamed_peak_is_one_layer_not_the_model(tmp_path):
+    """Peak RSS of a streamed evaluation grows by about one layer; in memory, by the whole checkpoint."""
+    import os
+    import subprocess
+
+    from loram.testing import save_tiny
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to measure peak RSS")
+    warm = save_tiny(tmp_path / "warm", "llama-mha")
+    big = save_tiny(tmp_path / "big", "llama-mha", hidden_size=384, intermediate_size=1536, num_hidden_layers=8, head_dim=96)
+    size = (big / "model.safetensors").stat().st_size  # 8 layers of 9.4 MB: ~77 MB
+    (tmp_path / "t.txt").write_text("some raw text to score, " * 40)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", CHILD, str(warm), str(big), str(tmp_path / "t.txt")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak = json.loads(r.stdout.strip().splitlines()[-1])
+    assert peak["in_memory"] > 0.8 * size, (peak, size)
+    assert peak["streamed"] < 0.35 * size, (peak, size)  # measured: 17 MB (one 9.4 MB layer + ~8 MB) vs 81 MB
