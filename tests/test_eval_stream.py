@@ -16,7 +16,7 @@ from loram.eval import load_for_eval
 from loram.eval.mc import choice_logliks
 from loram.eval.runner import EvalRequest, evaluate
 from loram.eval.scoring import padded_batches, score_sequences
-from loram.eval.streamed import open_streamed
+from loram.eval.streamed import open_streamed, resident_bytes
 from loram.lora_delta import EMBED, HEAD, LoraDeltas
 from test_errors import make_pruned_adapter
 
@@ -128,6 +128,20 @@ def test_waves_give_the_same_numbers(ws):
     batches = padded_batches(pairs, 2, 0)
     lm2.max_hidden_bytes = sum(lm2.state_bytes(x) for x in batches[:2])
     assert [len(w) for w in lm2.waves(batches)] == [2, 1]
+
+
+def test_resident_bytes_predicts_the_materialised_tensors(ws):
+    """resident_bytes (from config + plan) = the bytes of the real tensors while the largest layer is loaded."""
+    lm, _ = open_streamed(ws.pruned)
+    ls = lm.stream
+    real = lambda: sum(t.numel() * t.element_size() for t in {id(p): p for p in ls.model.parameters() if not p.is_meta}.values())  # noqa: E731
+    outer = real()
+    per_layer = []
+    for _i, _block in ls.layers():
+        per_layer.append(real() - outer)
+    assert resident_bytes(ls.config, ls.plan) == (outer, max(per_layer))
+    assert len(set(per_layer)) > 1  # the pruned layers 1:5 are smaller: the largest one counts
+    assert resident_bytes(ls.config, ls.plan, torch.bfloat16) == (outer // 2, max(per_layer) // 2)
 
 
 def test_bf16_streamed_equals_in_memory_bf16(ws):

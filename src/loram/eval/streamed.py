@@ -19,6 +19,7 @@ Only scoring (--ppl, --mc) streams: generation needs every layer for every new t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -96,6 +97,26 @@ class StreamedLM:
         with torch.no_grad():
             parts = [token_logprobs(self.stream.head(h[s:s + rows]), tgt[s:s + rows]) for s in range(0, len(h), rows)]
         return torch.cat(parts) if parts else torch.zeros(0, device=dev)
+
+
+def resident_bytes(config, plan=None, dtype=torch.float32) -> tuple[int, int]:
+    """(bytes resident for the whole run: embeddings, final norm, lm_head; bytes of the largest decoder
+    layer) of a model streamed in ``dtype``, from its config (+ plan) alone. A streamed evaluation's
+    peak above the process is about their sum + one wave's hidden states (<= max_hidden_bytes) + one
+    lm_head chunk (<= HEAD_BYTES): for a memory budget, and for `loram plan`."""
+    from ..pruned_model import skeleton_shapes
+
+    e = torch.empty((), dtype=dtype).element_size()
+    tied = ties_embeddings(config)
+    outer, layers = 0, {}
+    for name, shape in skeleton_shapes(config, plan).items():
+        n = e * int(torch.Size(shape).numel())
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if m:
+            layers[m[1]] = layers.get(m[1], 0) + n
+        elif not (tied and name == "lm_head.weight"):  # a tied head is the embeddings again
+            outer += n
+    return outer, max(layers.values(), default=0)
 
 
 def open_streamed(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, device="cpu",
