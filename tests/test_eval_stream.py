@@ -204,6 +204,14 @@ def test_gguf_or_hub_model_cannot_stream(ws, tmp_path):
         open_streamed("HuggingFaceTB/not-a-local-model-zz")
 
 
+def test_hidden_budget_must_be_positive(ws, monkeypatch):
+    import loram.eval.streamed as streamed
+
+    monkeypatch.setattr(streamed, "LayerStream", None)  # refused before anything is read
+    with pytest.raises(LoramError, match="max_hidden_bytes 0 must be positive"):
+        open_streamed(ws.base, max_hidden_bytes=0)
+
+
 def test_progress_bar_per_layer(ws, monkeypatch):
     class Term(io.StringIO):
         def isatty(self):

@@ -36,12 +36,16 @@ HEAD_BYTES = 256 << 20  # lm_head's logits are made this many bytes of [rows, vo
 STREAMED_TASKS = ("--ppl", "--mc")
 
 
+def check_budget(max_hidden_bytes: int) -> None:
+    if max_hidden_bytes < 1:
+        raise LoramError(f"max_hidden_bytes {max_hidden_bytes} must be positive: give the memory the hidden states may use")
+
+
 class StreamedLM:
     """A model read one decoder layer at a time; ``batch_logprobs`` is what ``score_sequences`` calls."""
 
     def __init__(self, stream: LayerStream, max_hidden_bytes: int = DEFAULT_HIDDEN_BYTES):
-        if max_hidden_bytes < 1:
-            raise LoramError(f"max_hidden_bytes {max_hidden_bytes} must be positive: give the memory the hidden states may use")
+        check_budget(max_hidden_bytes)
         self.stream = stream
         self.max_hidden_bytes = int(max_hidden_bytes)
         self.geometry = geometry(stream.config)
@@ -127,6 +131,7 @@ def open_streamed(base: str | Path, adapter: str | Path | None = None, dtype=tor
     from ..loading import open_checkpoint
     from ..merge import check_adapter_fits, check_adapter_request
 
+    check_budget(max_hidden_bytes)
     check_adapter_request(base, adapter, check_base, verify_base)
     config, plan, weights = open_checkpoint(base, "streamed evaluation")
     deltas = None
