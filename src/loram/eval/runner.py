@@ -101,6 +101,7 @@ def evaluate(model: str, adapter: str | None, req: EvalRequest, dtype=torch.floa
         from . import load_for_eval
 
         m, tok = load_for_eval(model, adapter, dtype=dtype)
+        m = m.to(device)
     return run_tasks(m, tok, req)
 
 
