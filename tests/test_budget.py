@@ -192,14 +192,14 @@ def test_library_entry_points_take_max_memory():
     """The functions the verbs and recipes call accept max_memory= (the streamed code decides with it)."""
     import inspect
 
-    from loram.eval import load_for_eval
+    from loram.eval.runner import evaluate
     from loram.merge import merge
     from loram.prune import prune
     from loram.prune.sparse import prune_sparse
 
-    for f in (prune, prune_sparse, merge, load_for_eval):
+    for f in (prune, prune_sparse, merge, evaluate):
         p = inspect.signature(f).parameters["max_memory"]
-        assert p.default is None and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, f.__name__
+        assert p.default is None, f.__name__
 
 
 def test_prune_with_max_memory_runs(tiny_dir, tmp_path):

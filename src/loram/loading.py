@@ -24,7 +24,7 @@ from .errors import LoramError
 from .families import family_of, geometry, ties_embeddings
 from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
 from .nf4 import QUANTIZED_MARK, quantize_block_nf4, require_bnb
-from .prune_plan import PrunePlan
+from .prune_plan import PrunePlan, has_plan
 from .pruned_model import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
 from .weights import Weights, mismatch
 
@@ -109,20 +109,12 @@ def _resolve_device(device_map) -> str:
     raise LoramError("device_map must be 'auto', 'cpu', 'cuda' or 'cuda:N' for pruned models")
 
 
-def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu") -> PrunedModel:
-    """(model, plan) of a pruned model folder written by `loram prune` (or align, build, import-plan).
-
-    The model is built on the meta device with the plan's smaller modules, then the tensors are
-    assigned: the full-size model never exists. quantize: None or "nf4" (bitsandbytes NF4 + double
-    quant on the decoder linears, QLoRAM).
-    """
+def open_pruned(path: str | Path) -> tuple:
+    """(config, plan, Weights) of a pruned model folder, checked as ``load_pruned_model`` checks it
+    (config, plan, headers, plan binding) without reading a weight: also for the layer-streamed stages."""
     from transformers import AutoConfig
 
     path = Path(path)
-    if quantize not in (None, "nf4"):
-        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
-    if quantize == "nf4":
-        require_bnb()  # fail fast with the install hint, before reading any weights
     if not path.is_dir():
         raise LoramError(f"pruned model folder {path} does not exist: check the path (create it with `loram prune`)")
     if not (path / "config.json").exists():
@@ -139,12 +131,43 @@ def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch
     # plan is the one these weights were written with
     weights = check_checkpoint(path, config, plan)
     check_plan_binding(weights.files, plan, str(path), "re-run `loram prune`")
+    return config, plan, weights
+
+
+def open_checkpoint(name: str | Path, what: str) -> tuple:
+    """(config, plan or None, Weights) of a local safetensors folder, original or pruned, checked as the
+    loaders check it, no weight read: for the stages that read a model layer by layer (``what`` names
+    the stage in the message that refuses a GGUF file or hub id, which cannot be read that way)."""
+    if Path(str(name)).is_dir() and has_plan(name):
+        return open_pruned(name)
+    path, gguf = resolve_model(name)
+    if gguf is not None or not Path(path).is_dir():
+        kind = "a GGUF file" if gguf is not None else "not a local folder"
+        raise LoramError(f"{what} reads the model layer by layer from safetensors, and {name} is {kind}: "
+                         "pass a local model folder (convert or download it first)")
+    config = load_config(name)
+    family_of(config)
+    return config, None, check_checkpoint(path, config)
+
+
+def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu") -> PrunedModel:
+    """(model, plan) of a pruned model folder written by `loram prune` (or align, build, import-plan).
+
+    The model is built on the meta device with the plan's smaller modules, then the tensors are
+    assigned: the full-size model never exists. quantize: None or "nf4" (bitsandbytes NF4 + double
+    quant on the decoder linears, QLoRAM).
+    """
+    if quantize not in (None, "nf4"):
+        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
+    if quantize == "nf4":
+        require_bnb()  # fail fast with the install hint, before reading any weights
+    config, plan, weights = open_pruned(path)
     device = _resolve_device(device_map)
     if quantize == "nf4":
         model = _load_nf4(weights, config, plan, compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
     else:
         model = skeleton(config, plan, dtype=dtype)
-        load_state_into(model, weights.state_dict(dtype), str(path))
+        load_state_into(model, weights.state_dict(dtype), str(Path(path)))
         materialize_buffers(model, "cpu")
     model.to(device)
     model.eval()

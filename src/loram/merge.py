@@ -35,6 +35,18 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
 
     verify_base="full": compare every byte of ``base`` with the digest the adapter's plan recorded."""
 
+    pruned = check_adapter_request(base, adapter, check_base, verify_base)
+    model, plan = load_pruned_model(base, dtype=dtype) if pruned else (load_model(base, dtype=dtype), None)
+    tok = load_tokenizer(base)
+    if adapter is None:
+        return model, tok
+    check_adapter_fits(base, adapter, plan, check_base, verify_base, model)
+    return attach(model, adapter), tok
+
+
+def check_adapter_request(base: str | Path, adapter: str | Path | None, check_base: bool = True, verify_base: str = "sampled") -> bool:
+    """Checks before anything is loaded (every path that puts an adapter on a base calls them):
+    the adapter folder is complete, --verify-base is possible. Returns whether ``base`` is a pruned folder."""
     check_verify(verify_base)
     if adapter is not None:
         check_adapter_dir(adapter)  # an incomplete or edited adapter fails before the model loads
@@ -42,10 +54,14 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
     if verify_base == "full" and (pruned or adapter is None or not check_base):
         raise LoramError("--verify-base full checks an original base against a recovered adapter: pass the original "
                          "model and the recovered adapter, or drop --verify-base full")
-    model, plan = load_pruned_model(base, dtype=dtype) if pruned else (load_model(base, dtype=dtype), None)
-    tok = load_tokenizer(base)
-    if adapter is None:
-        return model, tok
+    return pruned
+
+
+def check_adapter_fits(base: str | Path, adapter: str | Path, plan: PrunePlan | None, check_base: bool = True,
+                       verify_base: str = "sampled", model=None) -> None:
+    """The adapter's stage, base fingerprint and plan fit ``base`` (``plan``: the pruned folder's, None for an
+    original). Needs no loaded model for a local folder; ``model`` only fingerprints a GGUF or hub base."""
+    pruned = plan is not None
     meta = read_meta(adapter)
     if meta and meta.get("stage") == STAGE_PRUNED and not pruned:
         raise LoramError(f"{adapter} was trained on a pruned model and does not fit the original: run "
@@ -68,7 +84,6 @@ def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype
         if meta["plan_id"] != plan.id:
             raise LoramError(f"adapter {adapter} was trained on another prune plan ({meta['plan_id']}) than {base} "
                              f"({plan.id}): pass the pruned model it was trained on")
-    return attach(model, adapter), tok
 
 
 @releases_locks

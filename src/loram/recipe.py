@@ -374,8 +374,7 @@ def _resume_args(st: Step) -> dict:
 def _run_eval(r: Recipe, st: Step, s: settings.EvalSettings) -> bool:
     """Evaluate with loram.eval when it is installed; otherwise say so and skip."""
     try:
-        from .eval import load_for_eval
-        from .eval.runner import EvalRequest, run_tasks
+        from .eval.runner import EvalRequest, evaluate
     except ImportError:
         print(f"[eval] skipped: loram.eval is not available in this install ({st.out} not written)")
         return False
@@ -383,16 +382,11 @@ def _run_eval(r: Recipe, st: Step, s: settings.EvalSettings) -> bool:
     on = s.target or ("merged" if "merge" in r.stages else "adapter")
     req = EvalRequest(**s.request_fields(ppl=[(n, Path(f)) for n, f in (s.ppl or {}).items()],
                                          mc=[(n, Path(f)) for n, f in (s.mc or {}).items()]))
-    req.check_sandbox()
-    if on == "merged":
-        model, tok = load_for_eval(str(r.workdir / "merged"), max_memory=s.max_memory)
-    elif on == "adapter":
-        model, tok = load_for_eval(r.base, str(_adapter(r)), max_memory=s.max_memory)
-    elif on == "base":
-        model, tok = load_for_eval(r.base, max_memory=s.max_memory)
-    else:
+    targets = {"merged": (str(r.workdir / "merged"), None), "adapter": (r.base, str(_adapter(r))), "base": (r.base, None)}
+    if on not in targets:
         raise LoramError(f"recipe eval.target {on!r} is unknown: use merged, adapter or base")
-    results = run_tasks(model, tok, req)
+    model, adapter = targets[on]
+    results = evaluate(model, adapter, req, max_memory=s.max_memory)  # streams when the model does not fit the budget
     for x in results:
         print(f"[eval] {x.task} {x.metric} {x.value:.4f} (n={x.n})")
     with atomic_dir(st.out, overwrite=True, command="run") as tmp:

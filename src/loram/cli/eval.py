@@ -33,19 +33,13 @@ def run(a) -> int:
 
     import torch
 
-    from ..eval import load_for_eval
-    from ..eval.runner import EvalRequest, check_files, run_tasks
+    from ..eval.runner import EvalRequest, evaluate
     from ..progress import Measure
 
     m = Measure()
     s = from_args("eval", a)
     req = EvalRequest(**s.request_fields(ppl=[named(x, "--ppl") for x in s.ppl], mc=[named(x, "--mc") for x in s.mc]))
-    if req.empty():
-        raise LoramError("nothing to evaluate: pass --ppl, --mc, --gsm8k, --humaneval or --lm-eval")
-    check_files(req)
-    req.check_sandbox()
-    model, tok = load_for_eval(a.model, a.adapter, dtype=torch.bfloat16 if s.bf16 else torch.float32, max_memory=s.max_memory)
-    results = run_tasks(model, tok, req)
+    results = evaluate(a.model, a.adapter, req, dtype=torch.bfloat16 if s.bf16 else torch.float32, max_memory=s.max_memory)
     if a.json:
         print(json.dumps({"model": a.model, "adapter": a.adapter, "results": [asdict(r) for r in results],
                           "seconds": round(m.seconds(), 1), "peak_rss_gb": round(m.peak.gb(), 2)}, indent=2))

@@ -9,7 +9,9 @@ Library entry points (each takes a loaded model + tokenizer, see the module of e
     lm_eval_tasks                        harness.py     any lm-evaluation-harness task, in memory
 
 ``load_for_eval`` loads an original model, a pruned folder or a merged folder (+ an adapter,
-merged into the weights for speed) through loram.merge.load_with_adapter.
+merged into the weights for speed) through loram.merge.load_with_adapter; ``runner.evaluate(...,
+stream=True)`` scores (--ppl, --mc) a model larger than memory one decoder layer at a time
+(streamed.py: ``open_streamed`` gives a model that perplexity_rows, perplexity_text and multiple_choice accept).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class EvalResult:
     extra: dict = field(default_factory=dict)
 
 
-def load_for_eval(model: str, adapter: str | None = None, dtype=torch.float32, merge: bool = True, max_memory: float | None = None):
+def load_for_eval(model: str, adapter: str | None = None, dtype=torch.float32, merge: bool = True):
     """(model, tokenizer) ready for scoring: the adapter is merged into the weights (same outputs, faster)."""
 
     m, tok = load_with_adapter(model, adapter, dtype=dtype)

@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..data import read_rows, read_utf8
+from ..errors import LoramError
 from ..progress import stage
 from ..settings import check_config
 from . import EvalResult
 from .generation import gsm8k
 from .mc import multiple_choice
 from .ppl import perplexity_rows, perplexity_text
+from .streamed import DEFAULT_HIDDEN_BYTES
 
 
 @dataclass
@@ -72,6 +76,71 @@ def check_files(req: EvalRequest) -> None:
             read_utf8(p, "eval file")
         elif p.exists():
             read_rows(str(p))
+
+
+def check_streamable(req: EvalRequest) -> None:
+    """Streamed evaluation scores (--ppl, --mc); generation needs every layer for every new token."""
+    need = [f for f, on in (("--gsm8k", req.gsm8k), ("--humaneval", req.humaneval), ("--lm-eval", req.lm_eval)) if on]
+    if need:
+        raise LoramError(f"{', '.join(need)} generate text, which needs the whole model in memory, and this evaluation "
+                         "streams the model layer by layer: run only --ppl and --mc streamed, or evaluate the other tasks "
+                         "in memory (a machine with more memory, or a smaller model)")
+
+
+def evaluate(model: str, adapter: str | None, req: EvalRequest, dtype=torch.float32, stream: bool | None = None,
+             device="cpu", max_hidden_bytes: int | None = None, max_memory: float | None = None) -> list[EvalResult]:
+    """Every task of ``req`` on ``model`` (+ ``adapter``), checks first, then the model.
+
+    stream=True: the model is read one decoder layer at a time (eval.streamed; --ppl and --mc only,
+    ``device`` holds one layer and the hidden states of at most ``max_hidden_bytes`` at a time);
+    False: loaded in memory; None: streamed when the predicted in-memory peak does not fit the memory
+    budget (``max_memory`` GB, else what the cgroup / MemAvailable leave: loram.budget) and the
+    model is a local safetensors folder and every task scores (see ``_decide``)."""
+    if req.empty():
+        raise LoramError("nothing to evaluate: pass --ppl, --mc, --gsm8k, --humaneval or --lm-eval")
+    check_files(req)
+    req.check_sandbox()
+    if stream is None:
+        stream, budget_hidden = _decide(model, req, dtype, max_memory)
+        max_hidden_bytes = max_hidden_bytes or budget_hidden
+    if stream:
+        from .streamed import open_streamed
+
+        check_streamable(req)
+        m, tok = open_streamed(model, adapter, dtype=dtype, device=device, max_hidden_bytes=max_hidden_bytes or DEFAULT_HIDDEN_BYTES)
+    else:
+        from . import load_for_eval
+
+        m, tok = load_for_eval(model, adapter, dtype=dtype)
+        m = m.to(device)
+    return run_tasks(m, tok, req)
+
+
+MIN_HIDDEN_BYTES = 64 << 20  # below this a wave holds too few sequences to be worth a pass over the weights
+
+
+def _decide(model: str, req: EvalRequest, dtype, max_memory: float | None) -> tuple[bool, int | None]:
+    """(stream?, hidden-state bytes per wave) from the memory budget: the in-memory prediction
+    (planner.stages, "eval") against loram.budget. GGUF files, hub ids and generation tasks cannot
+    stream, so they load in memory whatever the budget says."""
+    from ..budget import SAFETY_MARGIN, choose_streaming, memory_budget
+    from ..loading import open_checkpoint
+    from ..planner.stages import StageInputs, predict_in_memory
+    from .streamed import HEAD_BYTES, resident_bytes
+
+    budget = memory_budget(max_memory)
+    if req.gsm8k or req.humaneval or req.lm_eval:
+        return False, None
+    try:
+        config, plan, _ = open_checkpoint(model, "streamed evaluation")
+    except LoramError:
+        return False, None  # not a local safetensors folder: the in-memory loader gives its own errors
+    need = predict_in_memory("eval", config, plan, StageInputs(eval_batch=req.batch_size, eval_seq_len=req.seq_len))
+    if not choose_streaming("eval", need, budget):
+        return False, None
+    outer, layer = resident_bytes(config, plan, dtype)
+    room = int(budget.bytes * (1 - SAFETY_MARGIN)) - outer - 2 * layer - HEAD_BYTES  # a layer + its transient copy
+    return True, max(MIN_HIDDEN_BYTES, room)
 
 
 def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:

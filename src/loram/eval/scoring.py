@@ -9,11 +9,16 @@ logits at position t-1, so
 Batches are right-padded (attention mask 0 on pads, which never carry labels) and sorted by
 length so padding stays small; the log-softmax runs in fp32 on the scored positions only, so
 the full [batch, seq, vocab] probabilities never exist.
+
+Everything but the log-probabilities of a padded batch is shared by a model in memory and one
+streamed layer by layer (``score_sequences`` takes either): same batches, same padding, same fp32
+log-softmax (``token_logprobs``), same sums.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,39 +33,89 @@ class SeqScore:
     tokens: int  # number of scored tokens
 
 
+@dataclass
+class Batch:
+    """Sequences padded to one length: ``rows`` are their indices in the caller's list."""
+
+    rows: list[int]
+    ids: torch.Tensor  # [b, n] token ids, right-padded
+    labels: torch.Tensor  # [b, n] IGNORE on unscored positions and pads
+    mask: torch.Tensor  # [b, n] attention mask, 0 on pads
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """[b, n-1] bool: whether the logits at position t-1 score label t."""
+        return self.labels[:, 1:] != IGNORE
+
+    def targets(self, device) -> torch.Tensor:
+        """The scored labels, in the order of ``scored.nonzero()``."""
+        return self.labels[:, 1:][self.scored].to(device)
+
+
+# Given the padded batches, yield per batch the log-probabilities of its scored tokens (in the
+# order of Batch.scored.nonzero()). The only part that differs between a model in memory
+# (``model_logprobs``) and one streamed layer by layer (eval.streamed.StreamedLM.batch_logprobs).
+LogprobFn = Callable[[list[Batch]], Iterator[torch.Tensor]]
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def padded_batches(seqs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[Batch]:
+    """Batches of ``batch_size`` sequences, longest first (little padding), right-padded with ``pad_id``."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    out = []
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        n = max(len(seqs[i][0]) for i in chunk)
+        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        lab = torch.full((len(chunk), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for j, i in enumerate(chunk):
+            k = len(seqs[i][0])
+            ids[j, :k] = torch.tensor(seqs[i][0])
+            lab[j, :k] = torch.tensor(seqs[i][1])
+            mask[j, :k] = 1
+        out.append(Batch(chunk, ids, lab, mask))
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, in fp32: [rows, vocab] logits of scored positions only."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return lp.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+def model_logprobs(model) -> LogprobFn:
+    """The LogprobFn of a model in memory: one forward pass per batch."""
+    dev = _device(model)
+
+    def run(batches: list[Batch]) -> Iterator[torch.Tensor]:
+        for b in batches:
+            logits = model(input_ids=b.ids.to(dev), attention_mask=b.mask.to(dev), use_cache=False).logits
+            yield token_logprobs(logits[:, :-1][b.scored.to(dev)], b.targets(dev))
+
+    return run
+
+
 def score_sequences(model, seqs: list[tuple[list[int], list[int]]], batch_size: int = 8,
                     pad_id: int = 0) -> list[SeqScore]:
-    """SeqScore of every (input_ids, labels) pair, in the order given."""
-    dev = _device(model)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    """SeqScore of every (input_ids, labels) pair, in the order given.
+
+    ``model``: a model in memory, or any object with a ``batch_logprobs`` LogprobFn (a streamed model)."""
+    batches = padded_batches(seqs, batch_size, pad_id)
+    logprobs = getattr(model, "batch_logprobs", None) or model_logprobs(model)
     out: list[SeqScore | None] = [None] * len(seqs)
     with torch.no_grad(), bar(len(seqs), "scoring", unit="seq") as b:
-        for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
-            n = max(len(seqs[i][0]) for i in chunk)
-            ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-            lab = torch.full((len(chunk), n), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for j, i in enumerate(chunk):
-                k = len(seqs[i][0])
-                ids[j, :k] = torch.tensor(seqs[i][0])
-                lab[j, :k] = torch.tensor(seqs[i][1])
-                mask[j, :k] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-            tgt = lab[:, 1:].to(dev)
-            keep = tgt != IGNORE
-            lp = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1)
-            tok_lp = lp.gather(1, tgt[keep].unsqueeze(1)).squeeze(1)
+        for batch, tok_lp in zip(batches, logprobs(batches)):
+            keep = batch.scored
             row_of = keep.nonzero()[:, 0]
-            sums = torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add_(0, row_of, tok_lp.double())
+            sums = torch.zeros(len(batch.rows), dtype=torch.float64).index_add_(0, row_of, tok_lp.double().cpu())
             counts = keep.sum(1)
-            for j, i in enumerate(chunk):
+            for j, i in enumerate(batch.rows):
                 out[i] = SeqScore(float(sums[j]), int(counts[j]))
-            b.update(len(chunk))
+            b.update(len(batch.rows))
     return out  # type: ignore[return-value]
 
 
