@@ -1,7 +1,9 @@
 """Peak memory probes: process RSS high-water mark (resettable per phase) and CUDA peak.
 
-tracemalloc does not see torch's allocations, so we read the kernel's VmHWM (= ru_maxrss) and
-reset it between phases by writing 5 to /proc/self/clear_refs (Linux >= 4.0).
+tracemalloc does not see torch's allocations, so we read the kernel's VmHWM from /proc/self/status and
+reset it between phases by writing 5 to /proc/self/clear_refs (Linux >= 4.0). Not ru_maxrss: the kernel
+keeps there the high-water mark of the process image *before* exec (a `loram` started by a Python
+process holding a model reports that process's memory), and clear_refs does not reset it.
 """
 
 from __future__ import annotations
@@ -64,7 +66,14 @@ def reset_peak() -> bool:
 
 
 def peak_rss_gb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no procfs (macOS): the best there is
     return kb / (1e9 / 1024) if sys.platform != "darwin" else kb / 1e9
 
 
