@@ -116,3 +116,10 @@ def parse_with_config(parser, argv: list[str]):
         if k not in given:
             setattr(args, k, v)
     return args
+
+
+def add_device(p) -> None:
+    """--device: where the command computes (loram.device: cuda:LOCAL_RANK when CUDA is there, else cpu)."""
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu, cuda, cuda:N or mps (default: cuda:LOCAL_RANK when CUDA is available, else cpu); "
+                        "layer-streamed stages keep one layer there")

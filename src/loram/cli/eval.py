@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import LoramError
 from ..settings import add_flags, from_args
+from .common import add_device
 
 
 def add(sub) -> None:
@@ -13,6 +14,7 @@ def add(sub) -> None:
     p.add_argument("model", help="original model (folder, .gguf, hub id, smollm2), pruned folder or merged folder")
     p.add_argument("--adapter", default=None, help="adapter to evaluate with (merged into the weights in memory)")
     add_flags(p, "eval")  # loram.settings.EvalSettings
+    add_device(p)
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)
 
@@ -33,13 +35,16 @@ def run(a) -> int:
 
     import torch
 
+    from ..device import resolve_device
     from ..eval.runner import EvalRequest, evaluate
     from ..progress import Measure
 
     m = Measure()
     s = from_args("eval", a)
     req = EvalRequest(**s.request_fields(ppl=[named(x, "--ppl") for x in s.ppl], mc=[named(x, "--mc") for x in s.mc]))
-    results = evaluate(a.model, a.adapter, req, dtype=torch.bfloat16 if s.bf16 else torch.float32, max_memory=s.max_memory)
+    device = resolve_device(a.device)  # before any model is read: a missing GPU is one line
+    results = evaluate(a.model, a.adapter, req, dtype=torch.bfloat16 if s.bf16 else torch.float32, max_memory=s.max_memory,
+                       device=device)
     if a.json:
         print(json.dumps({"model": a.model, "adapter": a.adapter, "results": [asdict(r) for r in results],
                           "seconds": round(m.seconds(), 1), "peak_rss_gb": round(m.peak.gb(), 2)}, indent=2))
