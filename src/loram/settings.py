@@ -61,14 +61,14 @@ def knob(default=None, **kw):
 
 
 # ---- prune, recover, merge, eval: records defined here ------------------------------------------
-CALIB = "taylor/sparsegpt/wanda: "
+CALIB = "taylor/wanda-sp/sparsegpt/wanda: "
 
 
 @dataclass
 class PruneSettings:
     """``loram prune`` / a recipe's ``prune:`` (the keyword arguments of ``loram.prune.prune``)."""
 
-    method: str = knob("taylor", help="structured: random | magnitude | taylor (default); sparse: sparsegpt | wanda | "
+    method: str = knob("taylor", help="structured: random | magnitude | taylor (default) | wanda-sp; sparse: sparsegpt | wanda | "
                                       "magnitude with --sparsity")
     sparsity: str | None = knob(None, recipe=False,
                                 help="non-structured pruning: unstructured | N:M (N of every M input weights kept, e.g. 2:4); "
