@@ -155,3 +155,20 @@ def test_stream_refuses_gguf(tmp_path):
     with pytest.raises(LoramError, match="streamed pruning reads safetensors shards and .* is a GGUF model"):
         prune(str(f), tmp_path / "o", method="magnitude", stream=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_wanda_sp_from_the_cli_and_recipes(tmp_path, tiny_dir, capsys):
+    """`loram prune --method wanda-sp` writes a plan of that method; a recipe's unknown prune.method fails at --dry-run."""
+    import json
+
+    from loram.cli import main
+    from loram.recipe import run_recipe
+
+    assert main(["prune", str(tiny_dir), "-o", str(tmp_path / "p"), "--method", "wanda-sp", "--calib-samples", "2",
+                 "--calib-seq-len", "16"]) == 0
+    assert json.loads((tmp_path / "p" / "loram_plan.json").read_text())["method"] == "wanda-sp"
+    assert "wanda-sp" in capsys.readouterr().out
+    r = tmp_path / "r.yaml"
+    r.write_text(f"base: {tiny_dir}\nworkdir: {tmp_path / 'w'}\nprune: {{method: psychic}}\ntrain: {{data: [owner/set]}}\n")
+    with pytest.raises(LoramError, match="prune.method: unknown --method 'psychic': choose one of random, magnitude, taylor, wanda-sp"):
+        run_recipe(r, dry_run=True)
