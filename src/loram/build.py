@@ -209,10 +209,11 @@ def _layers_prefix(model) -> str:
 
 @releases_locks
 def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, dtype=torch.bfloat16, seed: int = 0,
-                 overwrite: bool = False, inputs=()) -> BuildReport:
+                 overwrite: bool = False, inputs=(), command: str = "build") -> BuildReport:
     """Write the pruned folder (loads with ``load_pruned``) one shard per decoder layer.
 
     Each layer is materialised, saved, then sent back to the meta device: peak = one layer.
+    ``command`` names the writer in the folder's marker (the streamed `loram prune` writes through here).
     """
     t0, peak = time.time(), PeakRSS()
     config = config if config is not None else plan.base_config()
@@ -226,9 +227,9 @@ def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, d
     top = [(n, m) for n, m in model.named_modules() if not n.startswith(pre) and any(True for _ in m.parameters(recurse=False))
            and not is_tied_head(n, tied)]
     n_shards = len(layers) + 1
-    with atomic_dir(out, overwrite, "build", (source, *inputs)) as tmp:
+    with atomic_dir(out, overwrite, command, (source, *inputs)) as tmp:
         writer = ShardWriter(tmp, n_shards, plan.metadata())
-        for k in track(range(n_shards), "build: shards", unit="shard"):
+        for k in track(range(n_shards), f"{command}: shards", unit="shard"):
             if k == 0:
                 tensors = {}
                 for n, m in top:

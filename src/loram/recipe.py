@@ -44,7 +44,7 @@ from .data import split_slice
 from .errors import LoramError
 from .io import _local_inputs, _real, atomic_dir, check_replace, lock_output, unlock_output, write_json, write_marker
 from .merge import merge
-from .prune import prune
+from .prune import check_method, prune
 from .prune_plan import parse_layers
 from .recover import recover
 from .settings import STAGES, data_source
@@ -236,7 +236,13 @@ def config_summary(base: str) -> str:
 
 
 def check_prune_against_base(r: Recipe) -> None:
-    """prune.layers against the base's config when it is readable offline (`loram prune` checks it first too)."""
+    """prune.method, and prune.layers against the base's config when it is readable offline (`loram prune`
+    checks them first too)."""
+    if "prune" in r.stages:
+        try:
+            check_method(r.stages["prune"].get("method") or "taylor")
+        except LoramError as e:
+            raise LoramError(f"recipe {r.path}: prune.method: {e}") from None
     g = base_geometry(r.base)[0] if "prune" in r.stages else None
     if g is None:
         return

@@ -21,9 +21,29 @@ from .report import PruneReport
 from .sparse import METHODS as SPARSE_METHODS
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 from .structured import METHODS as STRUCTURED_METHODS
-from .structured import calibration_batches, importance, select
+from .structured import CALIBRATED, calibration_batches, importance, select
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
+
+
+def stream_decision(model_name, method: str, ratio: float | None, layers: str | None, sparsity: str | None,
+                    calib_samples: int, calib_seq_len: int, max_memory: float | None) -> bool:
+    """Stream when the predicted in-memory peak (planner.stages, "prune") does not fit the memory budget
+    (``max_memory`` GB, else what the cgroup / MemAvailable leave: loram.budget). A GGUF model cannot
+    stream (transformers dequantises it whole), so it is pruned in memory whatever the budget."""
+    from ..budget import choose_streaming, memory_budget
+    from ..planner.params import PruneSpec
+    from ..planner.stages import StageInputs, predict_in_memory
+    from .streamed import check_streamable
+
+    budget = memory_budget(max_memory)  # checks --max-memory first
+    try:
+        check_streamable(model_name)
+    except LoramError:
+        return False
+    spec = PruneSpec(method, ratio or 0.5, layers=layers, sparsity=sparsity or "unstructured")
+    need = predict_in_memory("prune", load_config(model_name), spec, StageInputs(calib_samples=calib_samples, calib_seq_len=calib_seq_len))
+    return choose_streaming("prune", need, budget)
 
 
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
@@ -34,33 +54,55 @@ def _check_against_config(model_name: str, ratio: float, layers: str | None) -> 
     kept_mlp_channels(g.intermediate, ratio)  # refuses a ratio that keeps no channel
 
 
+def check_method(method: str, sparsity: str | None = None) -> None:
+    """Refuse a --method loram does not know, before anything is loaded (recipes check it at --dry-run).
+    With ``sparsity`` the sparse path checks the method against its own list."""
+    if sparsity is None and method not in STRUCTURED_METHODS + SPARSE_ONLY:
+        raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(STRUCTURED_METHODS)} "
+                         f"(structured) or {', '.join(SPARSE_METHODS)} with --sparsity")
+
+
 @releases_locks
 def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float | None = None, attn_ratio: float | None = None,
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
           calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
-          verify_base: str = "sampled", max_memory: float | None = None) -> PruneReport:
+          verify_base: str = "sampled", max_memory: float | None = None, stream: bool | None = None,
+          device="cpu") -> PruneReport:
     """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
 
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
     the pruning is structured (ratio defaults to 0.5). ``verify_base="full"`` records the digest of
-    every byte of the base in the plan, for `loram recover/merge --verify-base full`."""
+    every byte of the base in the plan, for `loram recover/merge --verify-base full`.
+
+    ``stream`` (structured methods): True prunes one decoder layer at a time from the safetensors
+    (streamed.py: same scores and plan, the folder written in the checkpoint's dtype, computed in
+    ``dtype`` on ``device``); False or None loads the whole model (None: the default decision)."""
 
     check_verify(verify_base)
     check_knobs("prune", seed=seed, calib_samples=calib_samples, calib_seq_len=calib_seq_len)  # the flags' ranges
+    check_method(method, sparsity)
     if sparsity is not None or method in SPARSE_ONLY:
         if attn_ratio is not None:
             raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
         return prune_sparse(model_name, out, method, sparsity or "unstructured", ratio, layers, seed, calib_data,
                             calib_samples, calib_seq_len, overwrite, dtype, verify_base)
     ratio = 0.5 if ratio is None else ratio
-    if method not in STRUCTURED_METHODS:
-        raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(STRUCTURED_METHODS)} "
-                         f"(structured) or {', '.join(SPARSE_METHODS)} with --sparsity")
     attn_ratio = ratio if attn_ratio is None else attn_ratio
     check_ratio("--ratio", ratio, allow_zero=False)
     check_ratio("--attn-ratio", attn_ratio, allow_zero=True)
     check_output(out, overwrite, inputs=(model_name, calib_data))
+    if stream:
+        from .streamed import check_streamable  # lazily: streamed imports build, which imports this package
+
+        check_streamable(model_name)
     _check_against_config(model_name, ratio, layers)
+    if stream is None:  # after the cheap checks: a bad flag fails before the budget is even read
+        stream = stream_decision(model_name, method, ratio, layers, None, calib_samples, calib_seq_len, max_memory)
+    if stream:
+        from .streamed import prune_streamed
+
+        return prune_streamed(model_name, out, method, ratio, attn_ratio, layers, seed, calib_data, calib_samples,
+                              calib_seq_len, overwrite, dtype, verify_base, device)
     t0 = time.time()
     peak = PeakRSS()
     tok = load_tokenizer(model_name)  # before the weights: a missing tokenizer fails in a second, not after the load
@@ -70,9 +112,9 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     rng = range(start, end)
     fp = base_fingerprint(model_name, model, verify_base)
     calib, scores = None, None
-    if method == "taylor":
+    if method in CALIBRATED:
         batches, calib = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
-        scores = importance(model, "taylor", rng, batches)
+        scores = importance(model, method, rng, batches)
     elif method == "magnitude":
         scores = importance(model, "magnitude", rng)
     n_orig = count_params(model)

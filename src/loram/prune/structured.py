@@ -5,9 +5,15 @@ Importance of a unit u (an MLP channel c, or a KV group g), summed over its weig
     random     a seeded random permutation (LoRAM-Rand)
     magnitude  sum |W|                                       (no gradients)
     taylor     sum |W * dL/dW|  over N calibration sequences (LoRAM-Stru, LLM-Pruner param_first)
+    wanda-sp   sum |W_ij| * ||X_j||_2  (X: the linear's input over every calibration token; Wanda-sp
+               as in FLAP, An et al. 2024): training-free and activation-aware, one forward pass.
+               A bias is a weight on a constant-1 input, so |b_i| * sqrt(tokens)
 
     channel c : gate row c + up row c + down column c
     group g   : k,v rows of head g + q rows / o columns of its G query heads (+ q/k/v biases)
+
+The per-unit sums (``layer_scores``) take one decoder-layer module and a per-weight score, so the
+in-memory path here and the layer-streamed path (streamed.py) share every line of the arithmetic.
 
 Taylor memory: one fp32 copy of the model plus gradients of the scored layers only (embeddings,
 norms and lm_head frozen), calibration sequences streamed one at a time, graphs freed after each
@@ -17,16 +23,19 @@ backward: peak = weights + scored-layer grads + one sequence's activations.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import LoramError
-from ..families import ATTN_ROLES, MLP_ROLES, Geometry, decoder_layers, geometry, layer_module
+from ..families import ATTN_ROLES, MLP_ROLES, MODULE_OF_ROLE, ROLES, Geometry, decoder_layers, geometry
 from ..progress import track
 from ..prune_plan import LayerPlan, kept_kv_groups, kept_mlp_channels
+from .wanda import ColumnNorms
 
-METHODS = ("random", "magnitude", "taylor")
+METHODS = ("random", "magnitude", "taylor", "wanda-sp")
+CALIBRATED = ("taylor", "wanda-sp")  # the structured methods that read calibration data
 BUILTIN_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 
 
@@ -54,25 +63,72 @@ def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> 
     return [s.unsqueeze(0) for s in seqs], desc
 
 
+def _proj(block, role: str):
+    """The nn.Linear of ``role`` in one decoder layer."""
+    return block.get_submodule(MODULE_OF_ROLE[role])
+
+
 def _rows(lin, per) -> torch.Tensor:
     """Score of each output row (its weights, plus its bias where there is one: Qwen2 q/k/v)."""
-    s = per(lin.weight).sum(1)
-    return s + per(lin.bias) if lin.bias is not None else s
+    s = per(lin, lin.weight).sum(1)
+    return s + per(lin, lin.bias) if lin.bias is not None else s
 
 
 def _cols(lin, per) -> torch.Tensor:
-    return per(lin.weight).sum(0)
+    return per(lin, lin.weight).sum(0)
 
 
-def _channel_scores(model, layer: int, per) -> torch.Tensor:
-    gate, up, down = (layer_module(model, layer, r) for r in MLP_ROLES)
+def _channel_scores(block, per) -> torch.Tensor:
+    gate, up, down = (_proj(block, r) for r in MLP_ROLES)
     return _rows(gate, per) + _rows(up, per) + _cols(down, per)
 
 
-def _group_scores(model, layer: int, g: Geometry, per) -> torch.Tensor:
-    q, k, v, o = (layer_module(model, layer, r) for r in ATTN_ROLES)
+def _group_scores(block, g: Geometry, per) -> torch.Tensor:
+    q, k, v, o = (_proj(block, r) for r in ATTN_ROLES)
     per_group = lambda t: t.view(g.n_kv_heads, -1).sum(1)  # noqa: E731  rows of one group are contiguous
     return per_group(_rows(q, per)) + per_group(_rows(k, per)) + per_group(_rows(v, per)) + per_group(_cols(o, per))
+
+
+def layer_scores(block, g: Geometry, per) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channel scores [F], group scores [K]) of one decoder layer; ``per(linear, tensor)`` scores each weight."""
+    with torch.no_grad():
+        return _channel_scores(block, per), _group_scores(block, g, per)
+
+
+# ---- per-weight scores ---------------------------------------------------------------------------
+def magnitude_per(_lin, p) -> torch.Tensor:
+    return p.detach().abs().float()
+
+
+def taylor_per(_lin, p) -> torch.Tensor:
+    """|W * G| with G = the gradient accumulated over every calibration sequence."""
+    return (p.detach() * p.grad).abs().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+
+
+def wanda_sp_per(norms: dict):
+    """|W_ij| * ||X_j||_2 from ``norms`` ({linear: ColumnNorms of its input}, see ``input_norms``)."""
+    def per(lin, p):
+        n = norms[lin]
+        scale = n.sq.sqrt()[None, :] if p is lin.weight else torch.tensor(float(n.tokens), dtype=torch.float64).sqrt()
+        return (p.detach().abs().double() * scale.to(p.device)).float()
+    return per
+
+
+@contextmanager
+def input_norms(blocks):
+    """{linear: ColumnNorms} for the seven projections of each decoder layer in ``blocks``, accumulated
+    by forward hooks from every forward run while the context is open."""
+    norms, handles = {}, []
+    for block in blocks:
+        for role in ROLES:
+            lin = _proj(block, role)
+            coll = norms[lin] = ColumnNorms(lin.in_features, lin.weight.device)
+            handles.append(lin.register_forward_hook(lambda _m, args, _out, coll=coll: coll.add(args[0].detach())))
+    try:
+        yield norms
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
@@ -94,32 +150,41 @@ def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
         del out
 
 
-def check_finite(model) -> None:
+def check_finite(model, prefix: str = "") -> None:
     """Refuse a model with a NaN/inf weight: scores built from it are NaN, and argsort would still
-    turn them into a plan. Such a checkpoint is corrupt anyway (one tensor at a time: no full copy)."""
+    turn them into a plan. Such a checkpoint is corrupt anyway (one tensor at a time: no full copy).
+    ``prefix`` names the tensors of a decoder layer checked on its own (streamed); meta tensors are skipped."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
                 what = "NaN" if bool(torch.isnan(p).any()) else "inf"
-                raise LoramError(f"weight {name} of the model contains {what} values, so importance scores would be "
+                raise LoramError(f"weight {prefix}{name} of the model contains {what} values, so importance scores would be "
                                  "meaningless: the checkpoint is corrupt, re-download or re-convert it")
 
 
+def _wanda_norms(model, layers: range, batches: list[torch.Tensor]) -> dict:
+    """Input norms of every scored layer's linears from one forward pass per calibration sequence."""
+    blocks = decoder_layers(model)
+    dev = next(model.parameters()).device
+    with input_norms([blocks[i] for i in layers]) as norms, torch.no_grad():
+        for ids in track(batches, "wanda-sp: calibration sequences", unit="seq"):
+            model(input_ids=ids.to(dev), use_cache=False)
+    return norms
+
+
 def importance(model, method: str, layers: range, batches=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (channel scores [F], group scores [K])} for magnitude / taylor."""
+    """{layer: (channel scores [F], group scores [K])} for magnitude / taylor / wanda-sp."""
     check_finite(model)
     g = geometry(model.config)
     if method == "taylor":
         _taylor_grads(model, layers, batches)
-        def per(p):
-            return (p.detach() * p.grad).abs().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+        per = taylor_per
+    elif method == "wanda-sp":
+        per = wanda_sp_per(_wanda_norms(model, layers, batches))
     else:
-        def per(p):
-            return p.detach().abs().float()
-    scores = {}
-    with torch.no_grad():
-        for i in layers:
-            scores[i] = (_channel_scores(model, i, per), _group_scores(model, i, g, per))
+        per = magnitude_per
+    blocks = decoder_layers(model)
+    scores = {i: layer_scores(blocks[i], g, per) for i in layers}
     if method == "taylor":
         model.zero_grad(set_to_none=True)
         for p in model.parameters():
