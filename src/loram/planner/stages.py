@@ -23,6 +23,8 @@ prune (the original model; the method and layers from the PruneSpec / PrunePlan,
                 streamed  Ws + 4L (one layer's gradients) + 4 D S (n_layers + 1) (the hidden states at
                     every layer boundary, kept for the backward) + 4 D s (the gradient flowing back)
                     + saved s + max(logits(s), transient s) (one layer of one sequence)
+    wanda-sp    both: 2 * 4 D S + transient s + 8 (I_q + I_o + I_g + I_d) (one forward, the input-feature norms
+                    of one layer's linears); in memory + 4P, streamed + Ws
     sparsegpt   both: 2 * 4 D S (a layer's inputs and outputs for the calibration set, while one
                     replaces the other) + transient s + 4 (I_q^2 + I_o^2 + I_g^2 + I_d^2) (one layer's
                     Hessians) + 40 I_max^2 + 4M (the solve of the widest input, alive together in
@@ -64,7 +66,7 @@ from ..families import geometry
 from ..prune_plan import PrunePlan, parse_layers
 from ..settings import EvalSettings, PruneSettings
 from .memory import GB, DEFAULT_TARGETS, TrainSettings, estimate, layer_saved_bytes, layer_transient_bytes, lora_params, logits_loss_bytes
-from .params import SPARSE, LayerWidths, ParamCounts, PruneSpec, count, layer_widths, linear_shapes, storage
+from .params import METHODS, SPARSE, LayerWidths, ParamCounts, PruneSpec, count, layer_widths, linear_shapes, storage
 
 STAGES = ("prune", "build", "train", "recover", "merge", "eval")
 STREAMED = ("prune", "merge", "eval")  # the stages with a layer-by-layer path (issue 15)
@@ -193,9 +195,12 @@ def _prune(config, spec, x: StageInputs) -> StagePeak:
         in_memory = estimate(config, m.widths, m.counts, _grad_step(s), False, "prune").total + FP32 * scored
         boundaries = FP32 * D * S * (m.g.n_layers + 1) + FP32 * D * s
         return StagePeak("prune", in_memory, ws + FP32 * m.L + boundaries + one_layer, f"taylor, {calib}")
-    if method not in SPARSE:
-        raise LoramError(f"unknown --method {method!r}: choose one of random, magnitude, taylor, {', '.join(SPARSE)}")
     widths = m.input_widths()
+    if method == "wanda-sp":  # one forward, no gradients: per-input-feature norms (8 B each) of the layer's linears
+        work = 2 * FP32 * D * S + m.layer_max(layer_transient_bytes) * s + 8 * sum(widths)
+        return StagePeak("prune", FP32 * m.P + work, ws + work, f"wanda-sp, {calib}")
+    if method not in SPARSE:
+        raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(x for x in METHODS if x != 'structured')}")
     if method == "sparsegpt":
         stats, solve = FP32 * sum(i * i for i in widths), 40 * max(widths) ** 2 + FP32 * m.M
     else:
