@@ -56,3 +56,25 @@ def test_precision_auto(monkeypatch):
     assert resolve_precision("fp32", "cuda:0") == torch.float32
     with pytest.raises(LoramError, match="choose one of"):
         resolve_precision("int8", "cpu")
+
+
+@pytest.mark.parametrize("verb", ["prune", "eval"])
+@pytest.mark.parametrize("flag,msg", [("gpu", "is not a device"), ("cuda:0", "CUDA is not available")])
+def test_device_flag_refused_before_any_load(verb, flag, msg, tiny_dir, tmp_path, capsys):
+    from loram.cli import main
+
+    if flag.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 10)
+    args = {"prune": ["prune", str(tiny_dir), "-o", str(tmp_path / "P")], "eval": ["eval", str(tiny_dir), "--ppl", f"t={text}"]}[verb]
+    assert main([*args, "--device", flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device") and msg in err and "\n" not in err
+    assert not (tmp_path / "P").exists()
+
+
+def test_device_cpu_runs(tiny_dir, tmp_path, capsys):
+    from loram.cli import main
+
+    assert main(["prune", str(tiny_dir), "-o", str(tmp_path / "P"), "--method", "magnitude", "--device", "cpu"]) == 0

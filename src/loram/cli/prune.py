@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from ..settings import add_flags, from_args
-from .common import add_out, add_verify_base, table
+from .common import add_device, add_out, add_verify_base, table
 
 
 def add(sub) -> None:
@@ -14,13 +14,16 @@ def add(sub) -> None:
     add_out(p, "pruned model folder")
     add_flags(p, "prune")  # loram.settings.PruneSettings
     add_verify_base(p, record=True)
+    add_device(p)
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
+    from ..device import resolve_device
     from ..prune import prune
 
-    r = prune(a.model, a.out, **asdict(from_args("prune", a)), overwrite=a.overwrite, verify_base=a.verify_base)
+    device = resolve_device(a.device)  # before any model is read: a missing GPU is one line
+    r = prune(a.model, a.out, **asdict(from_args("prune", a)), overwrite=a.overwrite, verify_base=a.verify_base, device=device)
     s, e = r.plan.layers
     if r.plan.kind == "sparse":
         sp = r.plan.sparse

@@ -106,7 +106,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     t0 = time.time()
     peak = PeakRSS()
     tok = load_tokenizer(model_name)  # before the weights: a missing tokenizer fails in a second, not after the load
-    model = load_model(model_name, dtype=dtype)
+    model = load_model(model_name, dtype=dtype, device=str(device))
     g = geometry(model.config)
     start, end = parse_layers(layers, g.n_layers)
     rng = range(start, end)
