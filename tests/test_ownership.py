@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from test_errors import w  # noqa: F401  (the shared workspace fixture)
 
+import loram.weights
 from loram import io as lio
 from loram.cli import main
 from loram.errors import LoramError
@@ -225,6 +226,16 @@ def _full_disk(monkeypatch, when=lambda path: True, kind="oserror"):
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)
+
+    real_stream = loram.weights._write_streamed
+
+    def write_streamed(path, header, chunks):  # ShardWriter.stream (merge): the OS error a full disk gives
+        if not when(str(path)):
+            return real_stream(path, header, chunks)
+        Path(path).write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(loram.weights, "_write_streamed", write_streamed)
 
 
 @pytest.mark.parametrize("cmd,kind", [("prune", "safetensors"), ("recover", "oserror"), ("merge", "safetensors"),

@@ -151,6 +151,7 @@ def test_train_merge_and_eval_show_bars_and_quiet_silences_the_trainer(monkeypat
 
     out, err = run_main(monkeypatch, capsys, ["merge", str(tiny_dir), str(ad), "-o", str(tmp_path / "m")])
     assert re.search(r"merged model written to \S+ \(\d+\.\d s, peak RSS \d+\.\d\d GB\)", out), out  # the summary line
+    assert re.search(r"merge: tensors: 100%.*56/56 \[", err), err  # embeddings + 6 layers x 9 + final norm (lm_head tied)
 
     out, err = run_main(monkeypatch, capsys, ["eval", str(tiny_dir), "--adapter", str(ad), "--ppl", f"alpaca={files / 'a.json'}",
                                               "--mc", f"arc={files / 'mc.jsonl'}", "--gsm8k", str(files / "gsm.jsonl"),
@@ -229,8 +230,8 @@ def test_a_library_warning_that_asks_for_action_is_one_loram_line(monkeypatch):
         # the tiny llama-gqa ties lm_head to the embeddings: PEFT warns about weight tying when lm_head is targeted
         get_peft_model(tiny_model("llama-gqa"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     assert log.getvalue() == ("warning: this model ties lm_head to its input embeddings and the adapter targets lm_head: "
-                              "merging the adapter changes the embeddings too; leave lm_head out of --targets to keep "
-                              "them as they are\n")
+                              "`loram merge` will write lm_head untied from them (one more vocab x hidden matrix); "
+                              "leave lm_head out of --targets to keep the model tied\n")
 
 
 def test_every_hidden_warning_says_why():

@@ -135,17 +135,36 @@ def attach(model, adapter_dir: str | Path, is_trainable: bool = False):
     cfg.inference_mode = not is_trainable
     sd = read_tensors(adapter_dir)
     pm = get_peft_model(model, cfg)
-    own = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
-    wrong = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    unexpected = [k for k in sd if k not in own]
-    missing = [k for k in own if k not in sd]
-    if wrong or unexpected or missing:
-        what = wrong[:2] or unexpected[:2] or missing[:2]
-        raise LoramError(f"adapter {adapter_dir} does not fit this model ({len(wrong)} mismatched, {len(unexpected)} unexpected, "
-                         f"{len(missing)} missing keys, e.g. {what[0]}): use the adapter made for this model "
-                         "(a pruned adapter needs `loram recover` before it fits the original)")
+    check_fit(adapter_dir, lora_shapes(pm), {k: tuple(v.shape) for k, v in sd.items()}, embedding_copies(pm))
     res = set_peft_model_state_dict(pm, sd)
     assert not res.unexpected_keys, res.unexpected_keys
     if not is_trainable:
         pm.eval()
     return pm
+
+
+def lora_shapes(pm) -> dict[str, tuple]:
+    """{adapter file key: shape} of the LoRA tensors a PeftModel expects (PEFT's ".default" left out, as saved)."""
+    return {k.replace(".default", ""): tuple(v.shape) for k, v in pm.state_dict().items() if "lora_" in k}
+
+
+def embedding_copies(pm) -> dict[str, tuple]:
+    """{key: shape} of the base weights of LoRA-wrapped embedding layers (embed_tokens, lm_head): PEFT saves
+    a copy of them with such an adapter (save_embedding_layers, e.g. for added tokens) and loads it back
+    in place of the model's; an adapter may carry them or not."""
+    return {k: tuple(v.shape) for k, v in pm.state_dict().items()
+            if k.endswith(".base_layer.weight") and k.split(".")[-3] in UNPRUNED_MODULES}
+
+
+def check_fit(adapter_dir, own: dict[str, tuple], have: dict[str, tuple], optional: dict[str, tuple] | None = None) -> None:
+    """Refuse an adapter whose tensors (``have``) are not exactly the ones the model expects (``own``, plus
+    any of ``optional``): loram never lets an adapter load or merge partially."""
+    every = {**(optional or {}), **own}
+    wrong = [f"{k}: adapter {have[k]} vs model {every[k]}" for k in have if k in every and tuple(every[k]) != tuple(have[k])]
+    unexpected = [k for k in have if k not in every]
+    missing = [k for k in own if k not in have]
+    if wrong or unexpected or missing:
+        what = wrong[:2] or unexpected[:2] or missing[:2]
+        raise LoramError(f"adapter {adapter_dir} does not fit this model ({len(wrong)} mismatched, {len(unexpected)} unexpected, "
+                         f"{len(missing)} missing keys, e.g. {what[0]}): use the adapter made for this model "
+                         "(a pruned adapter needs `loram recover` before it fits the original)")

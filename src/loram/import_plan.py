@@ -44,7 +44,7 @@ import torch
 from .errors import LoramError
 from .families import ROLES, geometry, is_tied_head, module_name, ties_embeddings, weight_name
 from .fingerprint import base_fingerprint, check_verify, config_digest
-from .io import TOKENIZER_FILES, atomic_dir, check_output, load_config, load_tokenizer, refuse_pickle_only, releases_locks, resolve_model
+from .io import atomic_dir, check_output, load_config, refuse_pickle_only, releases_locks, resolve_model, write_tokenizer
 from .loading import load_model
 from .progress import track
 from .prune_plan import LayerPlan, PrunePlan
@@ -95,15 +95,7 @@ def _write_folder(tmp: Path, src: Weights, config, tokenizer_from: list[str | Pa
         shutil.copy(idx, tmp / idx.name)
     d = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}  # GGUF originals carry it
     (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-    for source in tokenizer_from:
-        p = Path(str(source))
-        if p.is_dir() and ((p / "tokenizer.json").exists() or (p / "tokenizer.model").exists()):
-            for name in TOKENIZER_FILES:
-                if (p / name).exists():
-                    shutil.copy(p / name, tmp / name)
-            break
-    else:
-        load_tokenizer(tokenizer_from[-1]).save_pretrained(str(tmp))
+    write_tokenizer(tmp, tokenizer_from)
     plan.save(tmp)
 
 

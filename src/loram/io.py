@@ -443,3 +443,17 @@ def load_tokenizer(name: str | Path, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def write_tokenizer(folder: str | Path, sources, tokenizer=None) -> None:
+    """Put a tokenizer (and generation defaults) into ``folder``: the files of the first of ``sources`` that is
+    a folder with tokenizer.json or tokenizer.model, copied as they are (TOKENIZER_FILES); when none is, the
+    tokenizer of the last source (a .gguf, a hub id) saved: ``tokenizer`` if the caller loaded it already."""
+    for source in sources:
+        p = Path(str(source))
+        if p.is_dir() and ((p / "tokenizer.json").exists() or (p / "tokenizer.model").exists()):
+            for name in TOKENIZER_FILES:
+                if (p / name).exists():
+                    shutil.copy(p / name, Path(folder) / name)
+            return
+    (tokenizer or load_tokenizer(list(sources)[-1])).save_pretrained(str(folder))

@@ -210,8 +210,8 @@ HIDDEN_WARNINGS = [
 # library warnings that do ask something of the user: (category, message regex, the one loram line said instead)
 REWORDED = [
     (UserWarning, r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
-     ("this model ties lm_head to its input embeddings and the adapter targets lm_head: merging the adapter changes "
-      "the embeddings too; leave lm_head out of --targets to keep them as they are")),
+     ("this model ties lm_head to its input embeddings and the adapter targets lm_head: `loram merge` will write "
+      "lm_head untied from them (one more vocab x hidden matrix); leave lm_head out of --targets to keep the model tied")),
 ]
 
 

@@ -111,8 +111,11 @@ def skeleton(config, plan: PrunePlan | None, dtype=torch.float32):
 
 
 def skeleton_shapes(config, plan: PrunePlan | None) -> dict[str, tuple]:
-    """{tensor name: shape} of the (pruned) model, from the meta skeleton: what its weights must hold."""
-    return {k: tuple(v.shape) for k, v in skeleton(config, plan).state_dict().items()}
+    """{tensor name: shape} of the (pruned) model, from the meta skeleton: what its weights must hold.
+    The skeleton gets a copy of ``config``: from_config would set the caller's config's dtype to its own."""
+    import copy
+
+    return {k: tuple(v.shape) for k, v in skeleton(copy.deepcopy(config), plan).state_dict().items()}
 
 
 def materialize_buffers(model, device="cpu") -> None:

@@ -129,12 +129,15 @@ def prune_tensors(full: dict[str, torch.Tensor], plan, config) -> dict[str, torc
 
 
 # ---- checkpoints larger than memory (memory-cap tests and benchmarks) -------------------------
-def random_checkpoint(folder: str | Path, dtype=torch.bfloat16, seed: int = 0, layers_per_shard: int = 2, **config) -> Path:
+def random_checkpoint(folder: str | Path, dtype=torch.bfloat16, seed: int = 0, layers_per_shard: int = 2,
+                      one_row: bool = False, **config) -> Path:
     """A random Llama checkpoint written tensor by tensor (the model never exists in memory).
 
     ``config``: LlamaConfig fields (hidden_size, intermediate_size, num_hidden_layers, ...). Values
     are N(0, 0.02) (norms 1): what matters is size and dtype, and that the model computes finite
     outputs. Sharded like transformers (index json), with the byte tokenizer of ``tiny_tokenizer``.
+    ``one_row``: each tensor repeats one random row (drawing 10^8 normals takes half a minute on a
+    busy CPU; a test of memory only needs the bytes).
     """
     from transformers import LlamaConfig
 
@@ -153,6 +156,8 @@ def random_checkpoint(folder: str | Path, dtype=torch.bfloat16, seed: int = 0, l
         shape = shapes[name]
         if name.endswith("norm.weight"):
             return torch.ones(shape, dtype=dtype)
+        if one_row:
+            return (torch.randn(shape[-1], generator=gen) * 0.02).to(dtype).expand(shape).contiguous()
         return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
 
     n = cfg.num_hidden_layers
@@ -169,4 +174,25 @@ def random_checkpoint(folder: str | Path, dtype=torch.bfloat16, seed: int = 0, l
     writer.finish(total)
     cfg.save_pretrained(str(folder))
     tiny_tokenizer(min(cfg.vocab_size, 256)).save_pretrained(str(folder))
+    return folder
+
+
+def random_lora(folder: str | Path, base: str | Path, targets=("q_proj", "down_proj"), rank: int = 4, seed: int = 0) -> Path:
+    """A plain PEFT LoRA adapter for the model folder ``base`` with random non-zero factors (N(0, 0.01)),
+    written without loading the model: PEFT wraps its meta skeleton, which gives every key and shape."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from .adapter import lora_shapes
+    from .io import load_config
+    from .pruned_model import skeleton
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), task_type="CAUSAL_LM")
+    with torch.device("meta"):
+        pm = get_peft_model(skeleton(load_config(base), None), cfg)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    cfg.save_pretrained(str(folder))
+    gen = torch.Generator().manual_seed(seed)
+    save_file({k: torch.randn(s, generator=gen) * 0.01 for k, s in lora_shapes(pm).items()}, str(folder / "adapter_model.safetensors"))
     return folder

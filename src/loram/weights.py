@@ -9,6 +9,7 @@
     .mismatch(want, tied)     names and shapes against what a config (+ plan) gives
 
     ShardWriter(folder, n)    the matching writer: one safetensors shard per call + the index json
+                              (.add: from tensors in memory; .stream: tensor by tensor, for merge)
 
 Pickles are never read (see io.refuse_pickle_only); only float dtypes are accepted, because an
 integer header over float bytes would be read as integers and cast.
@@ -33,6 +34,9 @@ CHUNK_BYTES = 64 << 20  # row chunk read when selecting columns
 # dtypes a model weight may be stored in; anything else (I32, U8, BOOL, ...) would be read as integers
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+# safetensors dtype name of each torch dtype a writer may be given
+ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 # buffers some checkpoints carry that no model parameter corresponds to
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -55,8 +59,15 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 @dataclass(frozen=True)
 class TensorHeader:
     file: Path
-    dtype: str  # safetensors dtype name: F32, BF16, I32, ...
+    dtype: str  # safetensors dtype name: F32, BF16, I32, ... (str(torch dtype) for a Weights.from_state_dict)
     shape: tuple
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype the tensor is stored in (what ``Weights.get`` returns without ``dtype``)."""
+        if self.dtype.startswith("torch."):
+            return getattr(torch, self.dtype.removeprefix("torch."))
+        return next(t for t, n in ST_DTYPE.items() if n == self.dtype)
 
 
 def safetensors_headers(files: list[Path]) -> dict[str, TensorHeader]:
@@ -286,3 +297,48 @@ class ShardWriter:
 
     def finish(self, total_parameters: int) -> None:
         write_json(self.folder / INDEX_FILE, {"metadata": {"total_parameters": total_parameters}, "weight_map": self.weight_map})
+
+    def stream(self, specs: dict[str, tuple[torch.dtype, tuple]], tensors, shard: str | None = None) -> str:
+        """Write one shard tensor by tensor, so memory holds one tensor, not the shard.
+
+        ``specs`` gives every tensor's dtype and shape up front (the safetensors header comes first in
+        the file); ``tensors`` yields (name, tensor) in the order of ``specs``. ``shard``: the file name
+        (default: transformers' model-0000k-of-0000N name)."""
+        if self.k >= self.n:
+            raise ValueError(f"ShardWriter: more than the {self.n} shards announced")
+        self.k += 1
+        shard = shard or f"model-{self.k:05d}-of-{self.n:05d}.safetensors"
+        head, pos = {"__metadata__": self.metadata}, 0
+        for name, (dtype, shape) in specs.items():
+            n = ST_DTYPE[dtype]
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            head[name] = {"dtype": n, "shape": list(shape), "data_offsets": [pos, pos + size]}
+            pos += size
+        raw = json.dumps(head, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes with spaces
+        _write_streamed(self.folder / shard, raw, _checked(specs, tensors))
+        self.weight_map.update({n: shard for n in specs})
+        return shard
+
+
+def _checked(specs: dict, tensors):
+    """The tensors' raw bytes, each checked against the header already written (a mismatch is a bug)."""
+    expect = iter(specs.items())
+    for name, t in tensors:
+        want, (dtype, shape) = next(expect, (None, (None, None)))
+        if name != want or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"ShardWriter.stream: got {name} {t.dtype} {tuple(t.shape)}, the header says {want} {dtype} {shape}")
+        yield t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    left = next(expect, None)
+    if left is not None:
+        raise ValueError(f"ShardWriter.stream: {left[0]} was announced but never given")
+
+
+def _write_streamed(path: Path, header: bytes, chunks) -> None:
+    """The safetensors layout: 8-byte little-endian header length, header JSON, then the tensors' bytes."""
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for c in chunks:
+            f.write(c.data)

@@ -154,8 +154,14 @@ def sparse_masks(model, plan=None) -> dict[str, torch.Tensor]:
     plan = plan if plan is not None else getattr(model, PLAN_ATTR, None)
     if plan is None:
         raise LoramError("no prune plan for this model: load it with loram.load_pruned or pass plan=")
+    return {name: _linear(model, i, r).weight.detach() != 0 for name, (i, r) in sparse_mask_names(plan).items()}
+
+
+def sparse_mask_names(plan) -> dict[str, tuple[int, str]]:
+    """{weight name: (layer, role)} of the linears whose zeros --keep-sparse keeps: every targeted
+    projection of the plan's layers."""
     start, end = plan.layers
-    return {weight_name(i, r): _linear(model, i, r).weight.detach() != 0 for i in range(start, end) for r in ROLES}
+    return {weight_name(i, r): (i, r) for i in range(start, end) for r in ROLES}
 
 
 def layer_errors(dense, pruned, layers: range, batches: list[torch.Tensor]) -> dict[int, float]:
