@@ -17,7 +17,7 @@ from loram.eval.mc import choice_logliks
 from loram.eval.runner import EvalRequest, evaluate
 from loram.eval.scoring import padded_batches, score_sequences
 from loram.eval.streamed import open_streamed, resident_bytes
-from loram.lora_delta import EMBED, HEAD, LoraDeltas
+from loram.lora_delta import HEAD, LoraDeltas
 from test_errors import make_pruned_adapter
 
 ROWS = [{"instruction": f"add {a} {b}", "input": "", "output": str(a + b) * (1 + a)} for a in range(4) for b in range(3)]
@@ -154,29 +154,53 @@ def test_bf16_streamed_equals_in_memory_bf16(ws):
 
 
 @pytest.mark.parametrize("targets,lora", [
-    (["q_proj", "down_proj", "lm_head"], {}),                     # tied model: PEFT's merge changes the embeddings too
+    (["q_proj", "down_proj", "lm_head"], {}),                     # tied model: lm_head untied from the embeddings
     (["v_proj", "embed_tokens"], {"use_rslora": True}),            # embedding factors, alpha / sqrt(r)
 ])
 def test_adapter_folded_as_loaded_equals_peft_merge(ws, tmp_path, targets, lora):
-    adapter = plain_adapter(ws.base, tmp_path / "a", targets, **lora)
-    merged, _ = load_for_eval(str(ws.base), str(adapter))  # PEFT's merge_and_unload
+    from loram.io import load_config
     from loram.weights import Weights
 
+    adapter = plain_adapter(ws.base, tmp_path / "a", targets, **lora)
+    merged, _ = load_for_eval(str(ws.base), str(adapter))  # PEFT's merge_and_unload, the tied ends untied first
     w = Weights(ws.base)
-    d = LoraDeltas(adapter, tied=True)
-    assert d.scale == (8 / 2 if lora else 8 / 4)
+    d = LoraDeltas(adapter, load_config(ws.base))
+    assert d.untie and {u.scaling for u in d.updates.values()} == {8 / 2 if lora else 8 / 4}
     sd = merged.state_dict()
-    for name in sorted(d.targets - {HEAD}):
-        torch.testing.assert_close(d.apply(name, w.get(name, torch.float32)), sd[name], rtol=1e-6, atol=1e-6)
-    assert (EMBED in d.targets) and d.apply("model.norm.weight", w.get("model.norm.weight")) is not None
+    for name in sorted(d.targets):  # PEFT's operations in PEFT's order: the same bits
+        assert torch.equal(d.apply(name, w.get(d.origin(name), torch.float32)), sd[name]), name
+    norm = w.get("model.norm.weight")
+    assert d.apply("model.norm.weight", norm) is norm
     want, got = in_memory_and_streamed(ws.base, adapter, EvalRequest(ppl=ws.req.ppl, seq_len=48, stride=16, batch_size=3))
     assert_same(want, got)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["v_proj", "embed_tokens"]])
+def test_tied_model_adapter_means_peft_attached_everywhere(ws, tmp_path, targets):
+    """A LoRA on lm_head or embed_tokens of a tied model changes only its own end (PEFT attached, unmerged):
+    eval BASE --adapter in memory == streamed == eval of the `loram merge` folder == PEFT attached; folding
+    the update into the one shared tensor (PEFT's plain merge_and_unload) would give other numbers."""
+    from loram.eval.runner import run_tasks
+    from loram.merge import load_with_adapter, merge
+
+    adapter = plain_adapter(ws.base, tmp_path / "a", targets)
+    req = EvalRequest(ppl=ws.req.ppl, mc=ws.req.mc, seq_len=48, stride=16, batch_size=3)
+    in_memory, streamed = in_memory_and_streamed(ws.base, adapter, req)
+    merged = evaluate(str(merge(ws.base, adapter, tmp_path / "M")), None, req, stream=False)
+    pm, tok = load_for_eval(str(ws.base), str(adapter), merge=False)
+    attached = run_tasks(pm, tok, req)
+    for got in (in_memory, streamed, merged):
+        assert_same(attached, got)
+    shared, _ = load_with_adapter(str(ws.base), str(adapter))
+    folded = run_tasks(shared.merge_and_unload(), tok, req)
+    assert all(f.value != pytest.approx(a.value, rel=1e-3) for f, a in zip(folded, attached) if f.metric == "ppl")
 
 
 def test_adapter_that_does_not_fit_is_refused_before_streaming(ws, tmp_path):
     # an adapter of the original on the pruned folder: its factors do not fit the pruned shapes
     adapter = plain_adapter(ws.base, tmp_path / "a", ["gate_proj"])
-    with pytest.raises(LoramError, match=r"makes a \(80, 48\) update for model.layers.1.mlp.gate_proj.weight, which is \(40, 48\)"):
+    with pytest.raises(LoramError, match=r"does not fit this model \(4 mismatched.*layers.1.mlp.gate_proj.lora_B.weight: adapter \(80, 4\) "
+                                         r"vs model \(40, 4\)"):
         open_streamed(ws.pruned, adapter)
     # the stage checks load_with_adapter makes, without loading the model
     with pytest.raises(LoramError, match="was trained on a pruned model and does not fit the original"):

@@ -10,16 +10,17 @@ Memory holds one tensor (plus its fp32 copy and update), not the model: a bf16 c
 bf16 and the peak is a few times its largest tensor. The shards mirror the base's files (names and
 tensors); a loaded .gguf / hub model is written in shards of at most SHARD_BYTES.
 
-Which weights an adapter touches, with which scaling, is PEFT's own decision: PEFT wraps the
-model's skeleton on the meta device (no memory), so target_modules, rank_pattern, alpha_pattern
-and rslora mean here what they mean to PEFT, and the adapter must fit that skeleton exactly
-(adapter.check_fit, as when it is attached). Variants whose merge is not W0 + s B A (DoRA, LoRA
-bias, modules_to_save, trainable tokens, fan_in_fan_out) are refused with one line.
+Which weights an adapter touches, by how much, and its refusals are loram.lora_delta's (LoraDeltas,
+shared with the streamed evaluation): PEFT wraps the model's skeleton on the meta device, so
+target_modules, rank_pattern, alpha_pattern and rslora mean what they mean to PEFT, the adapter must
+fit that skeleton exactly, and variants whose merge is not W0 + s B A (DoRA, LoRA bias,
+modules_to_save, ...) are refused with one line.
 
 Tied embeddings: lm_head is not written when the config ties it. An adapter on lm_head or on the
-embeddings of a tied model unties them: the merged folder stores lm_head = E0 (+ its update) and
-embed_tokens = E0 (+ its update) separately, with tie_word_embeddings false, which is exactly the
-unmerged adapter's model (merging into the one shared tensor would change both).
+embeddings of a tied model unties them (LoraDeltas.untie): the merged folder stores lm_head = E0
+(+ its update) and embed_tokens = E0 (+ its update) separately, with tie_word_embeddings false,
+which is exactly the unmerged adapter's model (PEFT attached; merging into the one shared tensor
+would change both), and what `loram eval --adapter` evaluates, in memory or streamed.
 
 Our loader checks the adapter's recorded base fingerprint against the base it is given, so an
 adapter never lands on the wrong model, and never loads partially (see adapter.attach).
@@ -36,17 +37,17 @@ from __future__ import annotations
 
 import copy
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .adapter import STAGE_PRUNED, attach, check_adapter_dir, check_fit, embedding_copies, lora_shapes, read_meta
+from .adapter import STAGE_PRUNED, attach, check_adapter_dir, read_meta
 from .errors import LoramError
-from .families import TIED_HEAD, ties_embeddings
+from .families import ties_embeddings
 from .fingerprint import check_verify, describe_difference, same_model
 from .io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks, resolve_model, write_tokenizer
+from .lora_delta import FOR_MERGE, HEAD, LoraDeltas
 from .loading import load_model, load_pruned_model, open_checkpoint
 from .progress import bar
 from .prune.sparse import sparse_mask_names
@@ -54,7 +55,6 @@ from .prune_plan import PLAN_FILE, PrunePlan, has_plan
 from .weights import ShardWriter, Weights
 
 SHARD_BYTES = 5 << 30  # shard size for a base without files of its own (.gguf, hub id)
-HEAD = f"{TIED_HEAD}.weight"
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None = None, dtype=torch.float32, check_base: bool = True,
@@ -141,80 +141,6 @@ def _stored_dtype(config) -> torch.dtype:
     return d if isinstance(d, torch.dtype) and d.is_floating_point else torch.float32
 
 
-@dataclass(frozen=True)
-class _Update:
-    """W = W0 + scaling * B A (transposed for an embedding) for one base tensor; a, b are adapter keys.
-    ``w0``: the adapter's own copy of the base weight (PEFT's save_embedding_layers), which PEFT loads in
-    place of the base's, or None."""
-
-    a: str
-    b: str
-    scaling: float
-    embedding: bool
-    w0: str | None = None
-
-
-# LoraConfig fields whose merge is not W0 + s B A: (field, what the user reads)
-_UNSUPPORTED = (("use_dora", "DoRA (use_dora)"), ("lora_bias", "a LoRA bias (lora_bias)"),
-                ("modules_to_save", "modules_to_save"), ("trainable_token_indices", "trainable tokens"),
-                ("target_parameters", "target_parameters"), ("fan_in_fan_out", "fan_in_fan_out"),
-                ("ensure_weight_tying", "tied LoRA weights (ensure_weight_tying)"))
-
-
-def _updates(config, plan, adapter, adapter_weights: Weights) -> tuple[dict[str, _Update], str]:
-    """({base tensor name: update}, name of the input embedding weight), from PEFT wrapping the meta
-    skeleton of the base (no memory); the adapter's tensors must be exactly the ones PEFT expects."""
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import Embedding as LoraEmbedding
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
-
-    from .pruned_model import skeleton
-
-    cfg = LoraConfig.from_pretrained(str(adapter))
-    cfg.inference_mode = True
-    used = [what for field, what in _UNSUPPORTED if getattr(cfg, field, None)]
-    if used:
-        raise LoramError(f"adapter {adapter} uses {used[0]}, which loram merge does not fold into the weights (only plain "
-                         "LoRA factors): merge it with PEFT's merge_and_unload yourself, or use it unmerged (loram generate --adapter)")
-    model = skeleton(copy.deepcopy(config), plan)  # a copy: from_config sets the config's dtype to the skeleton's
-    emb = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
-    with warnings.catch_warnings(), torch.device("meta"):  # PEFT's warnings concern a model that never runs
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(model, cfg)
-    check_fit(adapter, lora_shapes(pm), adapter_weights.shapes, embedding_copies(pm))
-    out = {}
-    for name, mod in pm.base_model.model.named_modules():
-        if not isinstance(mod, LoraLayer):
-            continue
-        key = f"base_model.model.{name}."
-        if isinstance(mod, LoraEmbedding):
-            a, b, embedding = key + "lora_embedding_A", key + "lora_embedding_B", True
-        elif isinstance(mod, LoraLinear):
-            a, b, embedding = key + "lora_A.weight", key + "lora_B.weight", False
-        else:
-            raise LoramError(f"adapter {adapter} puts a {type(mod).__name__} LoRA on {name}, which loram merge cannot fold: "
-                             "merge it with PEFT's merge_and_unload yourself")
-        w0 = key + "base_layer.weight"
-        out[f"{name}.weight"] = _Update(a, b, float(mod.scaling["default"]), embedding, w0 if w0 in adapter_weights else None)
-    return out, emb
-
-
-def _merged(w0: torch.Tensor, u: _Update, ad: Weights, keep_zeros: bool, dtype, device) -> torch.Tensor:
-    """W0 + s B A in ``dtype`` on ``device`` (PEFT's operations in PEFT's order: the same bits in fp32),
-    masked to W0's non-zeros with ``keep_zeros``, cast back to W0's dtype."""
-    a, b = (ad.get(k, dtype).to(device) for k in (u.a, u.b))
-    delta = b @ a
-    delta = delta.T if u.embedding else delta
-    delta.mul_(u.scaling)
-    w = w0.to(device=device, dtype=dtype, copy=True)  # a copy: w0 may be the loaded model's own tensor
-    w.add_(delta)
-    del delta
-    if keep_zeros:
-        w.mul_(w0.to(device) != 0)
-    return w.to(w0.dtype)
-
-
 def _layout(src: _Source, names: list[str], origin) -> list[tuple[str | None, list[str]]]:
     """[(shard file name or None, tensor names)]: the base's own files (an untied lm_head goes into the file
     of the embedding it is made from), or SHARD_BYTES shards for a base loaded in memory."""
@@ -234,22 +160,16 @@ def _layout(src: _Source, names: list[str], origin) -> list[tuple[str | None, li
     return [("model.safetensors" if len(shards) == 1 else None, s) for s in shards]
 
 
-def _write_weights(tmp: Path, src: _Source, updates: dict[str, _Update], ad: Weights, emb: str, keep_zeros: set,
-                   dtype, device) -> bool:
+def _write_weights(tmp: Path, src: _Source, deltas: LoraDeltas, keep_zeros: set, dtype, device) -> bool:
     """Stream every merged tensor into ``tmp``'s shards; True when lm_head was untied from the embeddings."""
-    tied = ties_embeddings(src.config)
-    untie = tied and (HEAD in updates or emb in updates)
+    tied, untie = ties_embeddings(src.config), deltas.untie
     names = [n for n in src.weights.names if not (tied and n == HEAD)]
     if untie:
-        names.insert(names.index(emb) + 1, HEAD)
-
-    def origin(n: str) -> str:  # the base tensor output tensor n starts from (an untied head: the embeddings)
-        return emb if untie and n == HEAD else n
+        names.insert(names.index(deltas.embedding) + 1, HEAD)
+    origin = deltas.origin  # the base tensor output tensor n starts from (an untied head: the embeddings)
 
     def tensor(n: str) -> torch.Tensor:
-        u, h = updates.get(n), src.weights.headers[origin(n)]
-        w0 = ad.get(u.w0, h.torch_dtype) if u is not None and u.w0 else src.weights.get(origin(n))
-        return w0 if u is None else _merged(w0, u, ad, n in keep_zeros, dtype, device)
+        return deltas.apply(n, src.weights.get(origin(n)), n in keep_zeros, dtype, device)
 
     layout = _layout(src, names, origin)
     writer = ShardWriter(tmp, len(layout), src.plan.metadata() if src.plan is not None else None)
@@ -295,11 +215,10 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     src = _open_source(base)
     tok = load_tokenizer(base)  # a broken tokenizer fails here, before anything is written
     check_adapter_fits(base, adapter, src.plan, True, verify_base, src.model)
-    ad = Weights(adapter)  # adapter_model.safetensors, read one factor at a time
-    updates, emb = _updates(src.config, src.plan, adapter, ad)
-    keep_zeros = set(sparse_mask_names(sparse)) & set(updates) if sparse is not None else set()
+    deltas = LoraDeltas(adapter, src.config, src.plan, FOR_MERGE)
+    keep_zeros = set(sparse_mask_names(sparse)) & deltas.targets if sparse is not None else set()
     with atomic_dir(out, overwrite, "merge", (base, adapter)) as tmp:
-        untie = _write_weights(Path(tmp), src, updates, ad, emb, keep_zeros, dtype, device)
+        untie = _write_weights(Path(tmp), src, deltas, keep_zeros, dtype, device)
         _write_config(Path(tmp), src, untie)
         write_tokenizer(tmp, [base], tok)
         if pruned:  # a merged pruned model is still a pruned model folder, bound to the same plan (the shards' metadata)

@@ -20,13 +20,16 @@ way to get exactly the position embeddings and attention mask the model builds f
 every family and transformers version); every later layer gets the same keyword arguments.
 
 ``transform(name, tensor)`` (optional) rewrites each tensor as it is loaded: the streamed
-evaluation folds an adapter's update into the layer that way.
+evaluation folds an adapter's update into the layer that way. ``untie=True`` (a tied config) loads
+lm_head as its own tensor, read from the input embeddings and transformed as lm_head.weight: an
+adapter that changes one end of tied embeddings (loram.lora_delta's ``untie``).
 
 Works on any device: tensors are read on the CPU (safetensors mmap) and moved to ``device``.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,31 +94,43 @@ def run_block(block, c: Captured) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _untied(config):
+    config = copy.deepcopy(config)
+    config.tie_word_embeddings = False
+    return config
+
+
 class LayerStream:
     """A model whose decoder layers live on disk until asked for (see the module docstring)."""
 
     def __init__(self, weights: Weights | str | Path, config, plan=None, dtype=torch.float32, device="cpu",
-                 transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+                 transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None, untie: bool = False):
         self.weights = weights if isinstance(weights, Weights) else Weights(weights, use_index=True)
         self.config, self.plan, self.dtype = config, plan, dtype
         self.device = torch.device(device)
         self.transform = transform
-        self.model = skeleton(config, plan, dtype=dtype)
+        self.untie = untie and ties_embeddings(config)
+        # an untied skeleton has an lm_head of its own (a copy: from_config sets the config's dtype to the skeleton's)
+        self.model = skeleton(_untied(config) if self.untie else config, plan, dtype=dtype)
         self.blocks = decoder_layers(self.model)
         self.n_layers = len(self.blocks)
         self._load_outer()
 
     # ---- the tensors outside the decoder layers: resident for the whole run ------------------------
-    def _tensor(self, name: str) -> torch.Tensor:
-        t = self.weights.get(name, self.dtype)
+    def _tensor(self, name: str, origin: str | None = None) -> torch.Tensor:
+        """Tensor ``name`` read from the checkpoint's ``origin`` (default: ``name``), transformed, on the device."""
+        t = self.weights.get(origin or name, self.dtype)
         if self.transform is not None:
             t = self.transform(name, t)
         return t.to(self.device)
 
     def _load_outer(self) -> None:
         own = {k for k in self.model.state_dict() if not IN_LAYER.search(k)}
-        tied = ties_embeddings(self.config)
+        tied = ties_embeddings(self.model.config)  # False when untied: lm_head is then read from the embeddings
         sd = {k: self._tensor(k) for k in own if k in self.weights and not (tied and k == "lm_head.weight")}
+        if self.untie:
+            emb = next(n for n, m in self.model.named_modules() if m is self.model.get_input_embeddings())
+            sd["lm_head.weight"] = self._tensor("lm_head.weight", f"{emb}.weight")
         missing = sorted(k for k in own - set(sd) if not (tied and k == "lm_head.weight"))
         if missing:
             raise LoramError(f"tensor {missing[0]} is not in the checkpoint {self.weights.folder}: the config does not match the weights")

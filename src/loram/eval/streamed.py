@@ -4,7 +4,7 @@
     for each wave of batches (their hidden states fit max_hidden_bytes):
         xs = input of decoder layer 0 for every batch of the wave
         for i in 0 .. N-1:
-            load layer i (adapter folded in: W + s B A)  ->  xs = layer_i(xs)  ->  drop layer i
+            load layer i (adapter folded in: W + s B A, lora_delta)  ->  xs = layer_i(xs)  ->  drop layer i
         log-probabilities of the scored tokens: final norm + lm_head, a few rows at a time
 
 so the resident set is the embeddings, final norm and lm_head, ONE decoder layer, and the hidden
@@ -13,6 +13,10 @@ states of one wave (plus their attention masks and rotary tables). A wave is as 
 larger budget means fewer passes over the weights. The numbers are those of the model in memory
 (the same batches, padding and fp32 log-softmax; layer by layer is the model's own forward) up to
 floating-point summation order.
+
+An adapter means what PEFT attached (unmerged) computes: on a tied model, an lm_head or
+embed_tokens update unties the two ends (lm_head loaded as its own tensor, lora_delta.LoraDeltas.untie),
+as `loram merge` writes them and as the in-memory evaluation keeps them.
 
 Only scoring (--ppl, --mc) streams: generation needs every layer for every new token.
 """
@@ -127,7 +131,7 @@ def open_streamed(base: str | Path, adapter: str | Path | None = None, dtype=tor
                   max_hidden_bytes: int = DEFAULT_HIDDEN_BYTES, check_base: bool = True, verify_base: str = "sampled"):
     """(StreamedLM, tokenizer) for a local original or pruned folder (+ an adapter folded into each layer
     as it loads), after the same checks as ``merge.load_with_adapter``, all before any weight is read."""
-    from ..lora_delta import LoraDeltas
+    from ..lora_delta import FOR_STREAMING, LoraDeltas
     from ..loading import open_checkpoint
     from ..merge import check_adapter_fits, check_adapter_request
 
@@ -137,8 +141,7 @@ def open_streamed(base: str | Path, adapter: str | Path | None = None, dtype=tor
     deltas = None
     if adapter is not None:
         check_adapter_fits(base, adapter, plan, check_base, verify_base)
-        deltas = LoraDeltas(adapter, tied=ties_embeddings(config))
-        deltas.check_shapes(weights.shapes, str(base))
+        deltas = LoraDeltas(adapter, config, plan, FOR_STREAMING)  # refusals and the exact fit: from headers
     tok = load_tokenizer(base)
-    stream = LayerStream(weights, config, plan, dtype=dtype, device=device, transform=deltas)
+    stream = LayerStream(weights, config, plan, dtype=dtype, device=device, transform=deltas, untie=deltas is not None and deltas.untie)
     return StreamedLM(stream, max_hidden_bytes), tok
