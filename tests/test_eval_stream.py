@@ -17,7 +17,7 @@ from loram.eval.mc import choice_logliks
 from loram.eval.runner import EvalRequest, evaluate
 from loram.eval.scoring import padded_batches, score_sequences
 from loram.eval.streamed import open_streamed, resident_bytes
-from loram.lora_delta import HEAD, LoraDeltas
+from loram.lora_delta import LoraDeltas
 from test_errors import make_pruned_adapter
 
 ROWS = [{"instruction": f"add {a} {b}", "input": "", "output": str(a + b) * (1 + a)} for a in range(4) for b in range(3)]
@@ -153,11 +153,13 @@ def test_bf16_streamed_equals_in_memory_bf16(ws):
         assert g.value == pytest.approx(w.value, rel=1e-3)
 
 
-@pytest.mark.parametrize("targets,lora", [
-    (["q_proj", "down_proj", "lm_head"], {}),                     # tied model: lm_head untied from the embeddings
-    (["v_proj", "embed_tokens"], {"use_rslora": True}),            # embedding factors, alpha / sqrt(r)
+@pytest.mark.parametrize("targets,lora,scaling", [
+    (["q_proj", "down_proj", "lm_head"], {}, {}),                                  # tied model: lm_head untied from the embeddings
+    (["v_proj", "embed_tokens"], {"use_rslora": True}, {"": 8 / 2}),               # embedding factors, alpha / sqrt(r)
+    (["q_proj", "down_proj"], {"rank_pattern": {"down_proj": 2}, "alpha_pattern": {"q_proj": 3}},
+     {"q_proj": 3 / 4, "down_proj": 8 / 2}),                                       # per-module rank and alpha
 ])
-def test_adapter_folded_as_loaded_equals_peft_merge(ws, tmp_path, targets, lora):
+def test_adapter_folded_as_loaded_equals_peft_merge(ws, tmp_path, targets, lora, scaling):
     from loram.io import load_config
     from loram.weights import Weights
 
@@ -165,7 +167,11 @@ def test_adapter_folded_as_loaded_equals_peft_merge(ws, tmp_path, targets, lora)
     merged, _ = load_for_eval(str(ws.base), str(adapter))  # PEFT's merge_and_unload, the tied ends untied first
     w = Weights(ws.base)
     d = LoraDeltas(adapter, load_config(ws.base))
-    assert d.untie and {u.scaling for u in d.updates.values()} == {8 / 2 if lora else 8 / 4}
+    assert d.untie == bool({"lm_head", "embed_tokens"} & set(targets))
+    for name, u in d.updates.items():  # alpha / r = 8 / 4 unless the case says otherwise
+        assert u.scaling == next((v for k, v in scaling.items() if k in name), 8 / 4), name
+    outer = {"lm_head", "embed_tokens"} & set(targets)
+    assert len(d.targets) == 6 * (len(targets) - len(outer)) + len(outer)  # every one of the 6 layers, each outer tensor once
     sd = merged.state_dict()
     for name in sorted(d.targets):  # PEFT's operations in PEFT's order: the same bits
         assert torch.equal(d.apply(name, w.get(d.origin(name), torch.float32)), sd[name]), name

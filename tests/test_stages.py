@@ -31,9 +31,22 @@ def test_streaming_needs_less_than_in_memory_on_large_models(name):
     for method in PRUNE_METHODS:
         p = predict_stage("prune", config, PruneSpec(method, 0.5))
         assert 0 < p.streamed_bytes < p.in_memory_bytes / 2, (name, method)
-    for stage in ("merge", "eval"):
-        p = predict_stage(stage, config)
-        assert 0 < p.streamed_bytes < p.in_memory_bytes, (name, stage)
+    p = predict_stage("eval", config)
+    assert 0 < p.streamed_bytes < p.in_memory_bytes, name
+
+
+@pytest.mark.parametrize("name", BIG)
+def test_merge_always_streams_a_few_tensors_not_the_model(name):
+    """merge has no in-memory path (None, as build): its one peak is a shard, the largest tensor in fp32 and
+    the adapter, far below the model in fp32, and it is the path taken whatever the budget."""
+    config = preset_config(name)
+    p = predict_stage("merge", config)
+    g, fp32_model = geometry(config), 4 * count(config, layer_widths(config, None)).total
+    assert p.in_memory_bytes is None and predict_in_memory("merge", config) is None
+    assert 4 * g.vocab * g.hidden < p.streamed_bytes < fp32_model / 4, name
+    for budget in (Budget(1, "--max-memory 1e-09"), Budget(10**13, "--max-memory 10000")):
+        assert p.streams(budget) and p.peak(budget) == p.streamed_bytes
+    assert not p.fits(Budget(1, "x")) and p.fits(Budget(10**13, "x"))
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -92,8 +105,9 @@ def test_consistent_with_the_planner():
         assert [predict_stage(st, config, plan, x) for st in STAGES] == [predict_stage(st, config, spec, x) for st in STAGES]
     pruned = count(config, layer_widths(config, spec))
     largest = max(o * i for o, i in pruned.linear_shapes)
-    assert predict_in_memory("build", config, spec) == 2 * pruned.total + 4 * largest
-    assert predict_in_memory("build", config, spec, StageInputs(quantize=True)) == storage(pruned).nf4_total + 4 * largest
+    assert predict_stage("build", config, spec).streamed_bytes == 2 * pruned.total + 4 * largest
+    assert predict_stage("build", config, spec, StageInputs(quantize=True)).streamed_bytes == storage(pruned).nf4_total + 4 * largest
+    assert predict_in_memory("build", config, spec) is None  # build always streams
     # recover holds both adapters: more with a larger rank, more for the original shapes than the pruned ones
     r8, r64 = (predict_in_memory("recover", config, spec, StageInputs(train=replace(s, rank=r))) for r in (8, 64))
     assert r64 == 8 * r8
@@ -133,7 +147,8 @@ def test_every_family_preset_predicts():
         config = preset_config(name)
         geometry(config)
         for p in stage_peaks(config, PruneSpec("wanda", 0.5)):
-            assert p.in_memory_bytes > 0 and (p.streamed_bytes is None or p.streamed_bytes > 0)
+            assert all(b is None or b > 0 for b in (p.in_memory_bytes, p.streamed_bytes))
+            assert (p.in_memory_bytes is None) == (p.stage in ("build", "merge")) and p.peak(Budget(1, "x")) > 0
 
 
 # ---- loram plan --------------------------------------------------------------------------------------
@@ -156,15 +171,18 @@ def test_plan_json_stages(capsys):
     for r in d["stages"]:
         p = predict_stage(r["stage"], config, PruneSpec("structured", 0.5) if r["stage"] not in ("merge", "eval") else None,
                           StageInputs(train=TrainSettings()))
-        assert r["in_memory_gb"] == p.in_memory_bytes / 1e9
+        assert r["in_memory_gb"] == (None if p.in_memory_bytes is None else p.in_memory_bytes / 1e9)
         assert set(r) == {"stage", "detail", "in_memory_gb", "streamed_gb", "streams", "peak_gb", "fits"}
     assert rows["prune"]["streams"] and rows["prune"]["detail"].startswith("taylor")  # 1.1 GB in memory > 85% of 0.5 GB
     assert rows["prune"]["peak_gb"] == rows["prune"]["streamed_gb"] and rows["prune"]["fits"]
     assert not rows["recover"]["streams"] and rows["recover"]["streamed_gb"] is None and rows["recover"]["fits"]
     assert not rows["train"]["fits"]  # no streamed path for training: the plan says it does not fit
+    merge = rows["merge"]  # always streamed: one peak, the path it takes
+    assert merge["in_memory_gb"] is None and merge["streams"] and merge["peak_gb"] == merge["streamed_gb"] and merge["fits"]
     assert d["params_original"] == 134_515_008  # the existing keys are unchanged
     rc, out, _ = run_cli(["plan", "SmolLM2-135M", "--ratio", "0.5", "--max-memory", "1000", "--json"], capsys)
-    assert not any(r["streams"] for r in json.loads(out)["stages"]) and all(r["fits"] for r in json.loads(out)["stages"])
+    rows = json.loads(out)["stages"]  # a large budget: only build and merge (no in-memory path) stream
+    assert [r["stage"] for r in rows if r["streams"]] == ["build", "merge"] and all(r["fits"] for r in rows)
 
 
 def test_plan_default_budget_is_this_machines(capsys):
@@ -181,8 +199,9 @@ def test_plan_table_marks_the_streaming_stages(capsys):
             if ln.startswith("│ ") and ln.split()[1] in STAGES}
     assert set(rows) == set(STAGES)
     # columns: stage, predicted for, in memory, streamed, runs, fits (the 7B's fp32 copy alone is 27 GB)
-    assert [rows[s][4] for s in STAGES] == ["streamed", "-", "-", "-", "streamed", "streamed"]
-    assert rows["prune"][5] == "yes" and rows["recover"][5] == "yes" and rows["build"][3] == "-"
+    assert [rows[s][4] for s in STAGES] == ["streamed", "streamed", "in memory", "in memory", "streamed", "streamed"]
+    assert rows["prune"][5] == "yes" and rows["recover"][5] == "yes"
+    assert [rows[s][2] for s in ("build", "merge")] == ["-", "-"] and rows["recover"][3] == "-"  # no such path
     assert "training memory, GB" in out  # the existing tables are still there
 
 

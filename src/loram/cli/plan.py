@@ -96,14 +96,14 @@ def show_stages(budget, peaks) -> None:
     for col in ("stage", "predicted for", "in memory", "streamed", "runs", "fits"):
         t.add_column(col, justify="right" if col in ("in memory", "streamed") else "left")
     for p in peaks:
-        how = "-" if p.streamed_bytes is None else "streamed" if p.streams(budget) else "in memory"
-        t.add_row(p.stage, p.detail, f"{p.in_memory_bytes / GB:.2f}", "-" if p.streamed_bytes is None else f"{p.streamed_bytes / GB:.2f}",
+        how = "streamed" if p.streams(budget) else "in memory"
+        t.add_row(p.stage, p.detail, *("-" if b is None else f"{b / GB:.2f}" for b in (p.in_memory_bytes, p.streamed_bytes)),
                   how, "yes" if p.fits(budget) else "no")
     c = Console()
     c.print(t)
-    c.print(f"prune, merge and eval stream when the in-memory peak exceeds {1 - SAFETY_MARGIN:.0%} of the budget (loram.budget; "
-            "build always works layer by layer); fits: the peak of the path taken is within that share. Merge and eval are "
-            "predicted on the original shapes.")
+    c.print(f"prune and eval stream when the in-memory peak exceeds {1 - SAFETY_MARGIN:.0%} of the budget (loram.budget); "
+            "build (layer by layer) and merge (tensor by tensor) always stream, train and recover run in memory (-: no such path). "
+            "fits: the peak of the path taken is within that share. Merge and eval are predicted on the original shapes.")
 
 
 def show(pred, searched, a) -> None:

@@ -34,12 +34,12 @@ prune (the original model; the method and layers from the PruneSpec / PrunePlan,
                     (Qwen2-7B: I = 18944, 40 I^2 = 14.4 GB)
     wanda       as sparsegpt with 8 (I_q + I_o + I_g + I_d) of column norms (float64) and 8M for the
                     solve (the float64 score of one linear)
-build       the pruned model as stored (bf16 = 2 B/param, or NF4 + constants + 16-bit rest) + 4M of the
-            pruned model (one linear in fp32 while it is materialised): build always streams
+build       streamed: the pruned model as stored (bf16 = 2 B/param, or NF4 + constants + 16-bit rest) + 4M of
+            the pruned model (one linear in fp32 while it is materialised); build always streams (in memory None)
 train       memory.estimate of LoRAM (QLoRAM when quantized) with the given TrainSettings
 recover     4 (A' + A): the pruned adapter read and the recovered one written, fp32, A = LoRA parameters
-merge (the model merged into: original shapes, or the plan's when given; A its adapter)
-            in memory 4P + 4A + 4M (the base in fp32, the adapter, one linear's delta B A)
+merge (the model merged into: original shapes, or the plan's when given; A its adapter): merge always
+            streams tensor by tensor, so it has no in-memory prediction (None), as build
             streamed  b max(L, R) + 4 max(M, V D) + 4A: one output shard in the stored dtype (b bytes
                       per parameter; build and `loram prune` write one shard per layer and one for the
                       rest), the tensor being merged in fp32, the adapter
@@ -69,7 +69,7 @@ from .memory import GB, DEFAULT_TARGETS, TrainSettings, estimate, layer_saved_by
 from .params import METHODS, SPARSE, LayerWidths, ParamCounts, PruneSpec, count, layer_widths, linear_shapes, storage
 
 STAGES = ("prune", "build", "train", "recover", "merge", "eval")
-STREAMED = ("prune", "merge", "eval")  # the stages with a layer-by-layer path (issue 15)
+STREAMED = ("prune", "build", "merge", "eval")  # the stages with a layer-by-layer path (build and merge have no other)
 FP32 = 4
 _PRUNE, _EVAL = PruneSettings(), EvalSettings()
 
@@ -90,16 +90,17 @@ class StageInputs:
 
 @dataclass(frozen=True)
 class StagePeak:
-    """Predicted peak of one stage in bytes: in memory, and streamed (None: the stage has no streamed path)."""
+    """Predicted peak of one stage in bytes: in memory, and streamed (None: the stage has no such path;
+    build and merge always stream, train and recover always run in memory; at least one is set)."""
 
     stage: str
-    in_memory_bytes: int
+    in_memory_bytes: int | None
     streamed_bytes: int | None = None
     detail: str = ""  # which variant was predicted, e.g. "taylor, 8 x 128 calibration tokens"
 
     def streams(self, budget: Budget) -> bool:
-        """Whether the stage streams under ``budget`` (loram.budget.choose_streaming's rule)."""
-        return self.streamed_bytes is not None and exceeds(self.in_memory_bytes, budget)
+        """Whether the stage streams under ``budget`` (loram.budget.choose_streaming's rule; always, without an in-memory path)."""
+        return self.in_memory_bytes is None or (self.streamed_bytes is not None and exceeds(self.in_memory_bytes, budget))
 
     def peak(self, budget: Budget) -> int:
         """The peak of the path the stage takes under ``budget``."""
@@ -110,8 +111,8 @@ class StagePeak:
         return not exceeds(self.peak(budget), budget)
 
     def to_dict(self, budget: Budget | None = None) -> dict:
-        d = {"stage": self.stage, "detail": self.detail, "in_memory_gb": self.in_memory_bytes / GB,
-             "streamed_gb": None if self.streamed_bytes is None else self.streamed_bytes / GB}
+        gb = lambda b: None if b is None else b / GB  # noqa: E731 - None: the stage has no such path
+        d = {"stage": self.stage, "detail": self.detail, "in_memory_gb": gb(self.in_memory_bytes), "streamed_gb": gb(self.streamed_bytes)}
         if budget is not None:
             d.update(streams=self.streams(budget), peak_gb=self.peak(budget) / GB, fits=self.fits(budget))
         return d
@@ -214,7 +215,7 @@ def _build(config, spec, x: StageInputs) -> StagePeak:
     m = _model(config, spec)
     st = storage(m.counts)
     result = st.nf4_total if x.quantize else x.stored_bytes * m.P
-    return StagePeak("build", result + FP32 * m.M, None, "NF4" if x.quantize else f"{x.stored_bytes} B/param")
+    return StagePeak("build", None, result + FP32 * m.M, "NF4" if x.quantize else f"{x.stored_bytes} B/param")
 
 
 def _train(config, spec, x: StageInputs) -> StagePeak:
@@ -236,9 +237,8 @@ def _recover(config, spec, x: StageInputs) -> StagePeak:
 # ---- merge, eval ----------------------------------------------------------------------------------
 def _merge(config, spec, x: StageInputs) -> StagePeak:
     m, a = _model(config, spec), _adapter_params(config, spec, x)
-    in_memory = FP32 * (m.P + a + m.M)
     streamed = x.stored_bytes * max(m.L, m.R) + FP32 * max(m.M, m.g.vocab * m.g.hidden) + FP32 * a
-    return StagePeak("merge", in_memory, streamed, f"rank {x.train.rank}")
+    return StagePeak("merge", None, streamed, f"rank {x.train.rank}")
 
 
 def _eval(config, spec, x: StageInputs) -> StagePeak:
@@ -264,8 +264,9 @@ def predict_stage(stage: str, config, plan_or_spec: PrunePlan | PruneSpec | None
 
 
 def predict_in_memory(stage: str, config, plan_or_spec: PrunePlan | PruneSpec | None = None,
-                      inputs: StageInputs | None = None) -> int:
-    """Predicted in-memory peak of ``stage`` in bytes: what loram.budget.choose_streaming compares with the budget."""
+                      inputs: StageInputs | None = None) -> int | None:
+    """Predicted in-memory peak of ``stage`` in bytes: what loram.budget.choose_streaming compares with the budget
+    (None for build and merge, which always stream)."""
     return predict_stage(stage, config, plan_or_spec, inputs).in_memory_bytes
 
 
