@@ -58,16 +58,22 @@ def test_precision_auto(monkeypatch):
         resolve_precision("int8", "cpu")
 
 
-@pytest.mark.parametrize("verb", ["prune", "eval"])
+@pytest.mark.parametrize("verb", ["prune", "eval", "generate"])
 @pytest.mark.parametrize("flag,msg", [("gpu", "is not a device"), ("cuda:0", "CUDA is not available")])
-def test_device_flag_refused_before_any_load(verb, flag, msg, tiny_dir, tmp_path, capsys):
+def test_device_flag_refused_before_any_load(verb, flag, msg, tiny_dir, tmp_path, capsys, monkeypatch):
+    import loram.merge
     from loram.cli import main
 
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the --device check")
+
+    monkeypatch.setattr(loram.merge, "load_with_adapter", no_load)  # generate's loader
     if flag.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     text = tmp_path / "t.txt"
     text.write_text("hello world " * 10)
-    args = {"prune": ["prune", str(tiny_dir), "-o", str(tmp_path / "P")], "eval": ["eval", str(tiny_dir), "--ppl", f"t={text}"]}[verb]
+    args = {"prune": ["prune", str(tiny_dir), "-o", str(tmp_path / "P")], "eval": ["eval", str(tiny_dir), "--ppl", f"t={text}"],
+            "generate": ["generate", str(tiny_dir), "--prompt", "hi"]}[verb]
     assert main([*args, "--device", flag]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --device") and msg in err and "\n" not in err
@@ -78,3 +84,9 @@ def test_device_cpu_runs(tiny_dir, tmp_path, capsys):
     from loram.cli import main
 
     assert main(["prune", str(tiny_dir), "-o", str(tmp_path / "P"), "--method", "magnitude", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    # generate: the model and the prompt on the device: the library's greedy text (its device defaults to cpu)
+    from loram.merge import generate
+
+    assert main(["generate", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == generate(tiny_dir, "hi", max_new_tokens=4) + "\n"

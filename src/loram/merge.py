@@ -236,14 +236,17 @@ def _sparse_plan(base):
 
 
 def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 64,
-             chat: bool = True, temperature: float = 0.0, verify_base: str = "sampled") -> str:
+             chat: bool = True, temperature: float = 0.0, verify_base: str = "sampled", device="cpu") -> str:
+    """The model's (+ the adapter's, PEFT attached) continuation of ``prompt``, computed on ``device``."""
     model, tok = load_with_adapter(model_name, adapter, verify_base=verify_base)
+    model = model.to(device)
     if chat and getattr(tok, "chat_template", None):
         from .data import chat_template_ids
 
         ids = torch.tensor([chat_template_ids(tok, [{"role": "user", "content": prompt}], gen_prompt=True)])
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(device)
     kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     if temperature > 0:
         kw["temperature"] = temperature

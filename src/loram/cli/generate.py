@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import COUNT, Number, add_verify_base
+from .common import COUNT, Number, add_device, add_verify_base
 
 
 def add(sub) -> None:
@@ -14,12 +14,15 @@ def add(sub) -> None:
     p.add_argument("--temperature", type=Number(float, min=0.0, zero="0: greedy"), default=0.0, help="0 = greedy")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     add_verify_base(p, record=False)
+    add_device(p)
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
+    from ..device import resolve_device
     from ..merge import generate
 
+    device = resolve_device(a.device)  # before any model is read: a missing GPU is one line
     print(generate(a.model, a.prompt, adapter=a.adapter, max_new_tokens=a.max_new_tokens, chat=not a.no_chat,
-                   temperature=a.temperature, verify_base=a.verify_base))
+                   temperature=a.temperature, verify_base=a.verify_base, device=device))
     return 0
