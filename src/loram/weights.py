@@ -32,6 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 64 << 20  # row chunk read when selecting columns
 # dtypes a model weight may be stored in; anything else (I32, U8, BOOL, ...) would be read as integers
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
 # buffers some checkpoints carry that no model parameter corresponds to
 IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -213,6 +214,10 @@ class Weights:
     def mismatch(self, want: dict[str, tuple], tied: bool) -> Mismatch:
         return mismatch(self.shapes, want, tied)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The torch dtype tensor ``name`` is stored in (a streamed writer keeps it: bf16 in, bf16 out)."""
+        return TORCH_DTYPES[self.headers[name].dtype]
+
     # ---- values -----------------------------------------------------------------------------
     def get(self, name: str, dtype=None) -> torch.Tensor:
         """Tensor ``name`` (as ``dtype`` when given and it is a float tensor)."""
@@ -250,8 +255,12 @@ class Weights:
 
     def layer(self, i: int, dtype=None) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``i`` ({name: tensor}), one layer in memory at a time."""
+        return {k: self.get(k, dtype) for k in self.layer_names(i)}
+
+    def layer_names(self, i: int) -> list[str]:
+        """The names of decoder layer ``i``'s tensors (headers only)."""
         mark = f".layers.{i}."
-        return {k: self.get(k, dtype) for k in self.names if mark in f".{k}"}
+        return [k for k in self.names if mark in f".{k}"]
 
     def state_dict(self, dtype=None) -> dict[str, torch.Tensor]:
         """Every tensor (float ones as ``dtype``): for loaders that assign a whole model at once."""

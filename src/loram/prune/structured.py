@@ -94,14 +94,15 @@ def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
         del out
 
 
-def check_finite(model) -> None:
+def check_finite(model, prefix: str = "") -> None:
     """Refuse a model with a NaN/inf weight: scores built from it are NaN, and argsort would still
-    turn them into a plan. Such a checkpoint is corrupt anyway (one tensor at a time: no full copy)."""
+    turn them into a plan. Such a checkpoint is corrupt anyway (one tensor at a time: no full copy).
+    ``prefix``: the module's name in the model, for a streamed decoder layer checked on its own."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):  # meta: not loaded (streamed)
                 what = "NaN" if bool(torch.isnan(p).any()) else "inf"
-                raise LoramError(f"weight {name} of the model contains {what} values, so importance scores would be "
+                raise LoramError(f"weight {prefix}{name} of the model contains {what} values, so importance scores would be "
                                  "meaningless: the checkpoint is corrupt, re-download or re-convert it")
 
 
