@@ -68,6 +68,7 @@ def test_one_layer_and_one_layers_statistics_at_a_time(tmp_path, method):
         gc.collect()
         resident = [j for j, b in enumerate(ls.blocks) if any(not p.is_meta for p in b.parameters())]
         devices = {p.device.type for p in ls.blocks[i].parameters()}
+        assert all(p.is_meta for p in ls.model.lm_head.parameters()) and ls.model.model.embed_tokens.weight.is_meta
         seen.append((i, resident, sorted({s.layer for s in sparse.LIVE_STATS}), devices))
 
     _streamed(folder, tiny_model("mistral").config, method, "unstructured", observer=probe)

@@ -186,13 +186,15 @@ def sparsify_streamed(ls: LayerStream, method: str, pattern: Pattern, layers: ra
     pruned weights of layer i (in their stored dtype), {} for a layer left as it is on disk. Layers
     below ``layers.start`` are loaded only to carry the calibration activations forward (magnitude,
     which needs none, loads no layer outside the range); layers from ``layers.stop`` on are never
-    loaded. One decoder layer is materialised at a time (``ls.load`` / ``ls.unload``).
+    loaded. One decoder layer is materialised at a time (``ls.load`` / ``ls.unload``); ``ls`` is used
+    up (its embeddings are dropped once they have given the layer-0 inputs).
     observer(layer) is called while layer ``layer`` is loaded (after its statistics are collected).
     """
     _check_method(method, batches)
     needs_data = method != "magnitude"
     check_finite(ls.model)  # the resident tensors (embeddings, norm, lm_head); each layer is checked when loaded
     inputs = ls.inputs(batches) if needs_data else None
+    ls.drop_outer()  # not needed past layer 0's inputs: the peak is one decoder layer, not the embeddings + one
     achieved: dict[str, float] = {}
     for i in track(range(ls.n_layers), f"{method}: layers (streamed)", unit="layer"):
         if i not in layers and not (needs_data and i < layers.start):
@@ -368,7 +370,7 @@ def _write_streamed(job: _Job, weights: Weights, config, tok, tmp: Path, dtype, 
     """Prune layer by layer into ``tmp`` (inside atomic_dir): one shard for the tensors outside the
     decoder layers, then one per layer, each tensor in its stored dtype; the plan is bound at the end."""
     fp = base_fingerprint(job.model_name, None, job.verify_base)  # from the safetensors: no load
-    ls = LayerStream(weights, config, dtype=dtype, device=device)
+    ls = LayerStream(weights, config, dtype=dtype, device=device, head=False)
     counts = _Counts(count_params(ls.model))  # shapes only: the decoder layers are on the meta device
     tied = ties_embeddings(config)
     writer = ShardWriter(tmp, ls.n_layers + 1)
