@@ -118,12 +118,14 @@ def collect_stats(block, layer: int, inputs: list[Captured], method: str) -> Lay
     return stats
 
 
-def prune_linear(lin: nn.Linear, method: str, pattern: Pattern, stat=None) -> float:
-    """Prune one linear in place; returns its achieved zero fraction."""
+def prune_linear(lin: nn.Linear, method: str, pattern: Pattern, stat=None, last_use: bool = False) -> float:
+    """Prune one linear in place; returns its achieved zero fraction.
+
+    last_use: no other linear will read ``stat`` (SparseGPT may then damp its Hessian in place)."""
     W = lin.weight
     with torch.no_grad():
         if method == "sparsegpt":
-            W.copy_(sparsegpt(W, stat.H, pattern).to(W.dtype))
+            W.copy_(sparsegpt(W, stat.H, pattern, overwrite_h=last_use).to(W.dtype))
         else:
             mask = wanda_mask(W, stat.sq, pattern) if method == "wanda" else magnitude_mask(W, pattern)
             W.masked_fill_(mask, 0.0)
@@ -141,9 +143,12 @@ def prune_block(block, layer: int, method: str, pattern: Pattern, inputs: list[C
         observer(layer)
     achieved = {}
     for key, roles in INPUT_GROUPS.items():
-        for role in roles:
-            stat = stats.inputs[key] if stats is not None else None
-            achieved[module_name(layer, role)] = prune_linear(_block_linear(block, layer, role), method, pattern, stat)
+        # popped: an input's statistics are freed once its linears are pruned, before the next factorisation
+        stat = stats.inputs.pop(key) if stats is not None else None
+        for j, role in enumerate(roles):
+            lin = _block_linear(block, layer, role)
+            achieved[module_name(layer, role)] = prune_linear(lin, method, pattern, stat, last_use=j == len(roles) - 1)
+        del stat
     return achieved
 
 

@@ -71,10 +71,13 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def sparsegpt(weight: torch.Tensor, H: torch.Tensor, pattern: Pattern, block: int = BLOCK,
-              damp: float = DAMP) -> torch.Tensor:
-    """The pruned and OBS-updated weight (a new float32 tensor, same shape, exact zeros)."""
+              damp: float = DAMP, overwrite_h: bool = False) -> torch.Tensor:
+    """The pruned and OBS-updated weight (a new float32 tensor, same shape, exact zeros).
+
+    overwrite_h: H may be modified (the caller's last use of it), which saves one in x in copy: the
+    largest buffer of a layer (down_proj's H)."""
     W = weight.detach().float().clone()
-    H = H.clone()
+    H = H if overwrite_h else H.clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: any weight there is free to prune
     H[dead, dead] = 1
     W[:, dead] = 0
