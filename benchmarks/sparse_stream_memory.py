@@ -1,8 +1,8 @@
 """Peak memory of `loram prune --sparsity` in memory vs weight-streamed, side by side (issue 15, item 3).
 
-    nice -n 5 python benchmarks/sparse_stream_memory.py [--layers 12] [--hidden 1024] [--method sparsegpt --sparsity 2:4]
+    nice -n 5 python benchmarks/sparse_stream_memory.py [--layers 12 24] [--hidden 1024] [--method sparsegpt --sparsity 2:4]
 
-A random Llama checkpoint (bf16 safetensors, written once under /tmp) is pruned twice by
+For each depth, a random Llama checkpoint (bf16 safetensors, written once under /tmp) is pruned twice by
 ``loram.prune.sparse.prune_sparse``: stream=False (the whole model loaded in fp32, written in fp32)
 and stream=True (one decoder layer loaded in fp32, pruned, written in bf16, dropped). Each run is a
 fresh child process: glibc's mmap threshold pinned (loram.procmem), RSS after the imports is the
@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,9 +60,19 @@ def same_zeros(a: Path, b: Path) -> bool:
     return wa.names == wb.names and all(bool(((wa.get(k) == 0) == (wb.get(k) == 0)).all()) for k in wa.names)
 
 
+def run(model: Path, out: Path, a, stream: bool) -> dict:
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    args = json.dumps({"model": str(model), "out": str(out), "method": a.method, "sparsity": a.sparsity, "stream": stream})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAM_QUIET": "1"}
+    r = subprocess.run([sys.executable, "-c", CHILD, args], env=env, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(r.stderr)
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "out_gb": gb(out)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--layers", type=int, nargs="+", default=[12, 24])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--method", default="sparsegpt")
     ap.add_argument("--sparsity", default="2:4")
@@ -71,26 +80,16 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = make_checkpoint(work / f"llama-h{a.hidden}-l{a.layers}-bf16", a.hidden, a.layers)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAM_QUIET": "1"}
-    rows = []
-    for stream in (False, True):
-        out = work / f"out-{'streamed' if stream else 'in-memory'}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        args = json.dumps({"model": str(model), "out": str(out), "method": a.method, "sparsity": a.sparsity, "stream": stream})
-        t0 = time.time()
-        r = subprocess.run([sys.executable, "-c", CHILD, args], env=env, capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(r.stderr)
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        rows.append((stream, res, gb(out), time.time() - t0))
-    same = same_zeros(work / "out-in-memory", work / "out-streamed")
-    lines = [f"Random Llama, hidden {a.hidden}, {a.layers} layers, bf16 checkpoint {gb(model):.3f} GB; "
-             f"`--method {a.method} --sparsity {a.sparsity}`, 4 x 128 calibration tokens, OMP_NUM_THREADS=1.", "",
-             "| path | peak RSS above imports (GB) | output (GB) | wall (s) |", "|---|---|---|---|"]
-    for stream, res, out_gb, _ in rows:
-        lines.append(f"| {'streamed' if stream else 'in memory'} | {res['peak_gb']:.3f} | {out_gb:.3f} | {res['wall_s']:.1f} |")
-    lines += ["", f"Same zero positions in every tensor: {same}."]
+    lines = [f"Random Llama, hidden {a.hidden}, MLP {a.hidden * 11 // 4}, 16 / 4 heads, vocab 256, bf16 safetensors; "
+             f"`--method {a.method} --sparsity {a.sparsity}`, default layer range, 4 x 128 calibration tokens, OMP_NUM_THREADS=1.", "",
+             "| layers | checkpoint (GB) | path | peak RSS above imports (GB) | output (GB) | wall (s) | same zeros |",
+             "|---|---|---|---|---|---|---|"]
+    for n in a.layers:
+        model = make_checkpoint(work / f"llama-h{a.hidden}-l{n}-bf16", a.hidden, n)
+        mem, st = run(model, work / "out-in-memory", a, False), run(model, work / "out-streamed", a, True)
+        same = same_zeros(work / "out-in-memory", work / "out-streamed")
+        for name, r in (("in memory", mem), ("streamed", st)):
+            lines.append(f"| {n} | {gb(model):.3f} | {name} | {r['peak_gb']:.3f} | {r['out_gb']:.3f} | {r['wall_s']:.0f} | {same} |")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
