@@ -13,7 +13,7 @@ from loram.prune.pattern import parse_pattern
 from loram.prune.sparse import prune_sparse, sparsify, sparsify_streamed
 from loram.stream import LayerStream
 from loram.testing import TINY, save_tiny, tiny_model
-from loram.weights import Weights
+from loram.weights import Weights, safetensors_metadata, write_safetensors_metadata
 
 CASES = [("sparsegpt", "unstructured"), ("sparsegpt", "2:4"), ("wanda", "unstructured"), ("magnitude", "2:4")]
 LAYERS = range(2, 5)  # neither the first nor the last layer: below it is carried forward, above it copied
@@ -102,7 +102,22 @@ def test_streamed_folder_equals_in_memory_folder(tmp_path, family):
             assert torch.equal(sd_str[k], orig[k]), k  # outside the range: copied bit for bit
     shards = Weights(tmp_path / "str", use_index=True)
     assert len(shards.files) == 7  # one for the embeddings / norm / head, one per decoder layer
+    assert all(safetensors_metadata(f) == {"format": "pt", **b.metadata()} for f in shards.files)  # bound, placeholders gone
     assert (tmp_path / "str" / "tokenizer.json").exists()
+
+
+def test_same_length_metadata_is_rewritten_in_place(tmp_path):
+    """How the streamed writer binds its plan at the end without copying every shard again."""
+    from safetensors.torch import load_file, save_file
+
+    f, t = tmp_path / "a.safetensors", {"x": torch.randn(4, 3), "y": torch.randn(5)}
+    save_file(t, str(f), metadata={"format": "pt", "id": "0" * 16})
+    inode = f.stat().st_ino
+    write_safetensors_metadata(f, f, {"id": "1" * 16})
+    assert f.stat().st_ino == inode and safetensors_metadata(f) == {"format": "pt", "id": "1" * 16}  # the header only
+    write_safetensors_metadata(f, f, {"id": "longer than before"})  # another length: a new file
+    assert f.stat().st_ino != inode and safetensors_metadata(f)["id"] == "longer than before"
+    assert all(torch.equal(v, t[k]) for k, v in load_file(str(f)).items())
 
 
 def test_bf16_checkpoint_gives_bf16_output(tmp_path):

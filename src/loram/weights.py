@@ -105,6 +105,9 @@ def write_safetensors_metadata(src: Path, dst: Path, extra: dict[str, str]) -> N
 
     The tensor bytes are streamed unchanged: data offsets are relative to the end of the header, so
     only the header (8-byte length + JSON, padded to 8 bytes as safetensors writes it) is rewritten.
+    In place (``dst`` is ``src``) and with a header of the same length, e.g. placeholder values of the
+    same length written first (the streamed writers know their plan's id only at the end), only the
+    header bytes are overwritten: no copy of the tensors. Callers do this inside an atomic_dir.
     """
     import os
     import shutil
@@ -118,6 +121,12 @@ def write_safetensors_metadata(src: Path, dst: Path, extra: dict[str, str]) -> N
         header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        if len(raw) == n and dst.resolve() == src.resolve():
+            fin.close()
+            with open(dst, "r+b") as f:
+                f.seek(8)
+                f.write(raw)
+            return
         with open(tmp, "wb") as fout:
             fout.write(struct.pack("<Q", len(raw)) + raw)
             shutil.copyfileobj(fin, fout, 16 << 20)

@@ -55,7 +55,7 @@ from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases
 from ..loading import PLAN_ATTR, check_checkpoint, load_model
 from ..procmem import PeakRSS
 from ..progress import track
-from ..prune_plan import PrunePlan, parse_layers
+from ..prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan, parse_layers
 from ..pruned_model import bind_plan, count_params, save_pruned
 from .pattern import Pattern, parse_pattern
 from .report import PruneReport
@@ -373,12 +373,14 @@ class _Job:
 
 def _write_streamed(job: _Job, weights: Weights, config, tok, tmp: Path, dtype, device) -> tuple[PrunePlan, _Counts]:
     """Prune layer by layer into ``tmp`` (inside atomic_dir): one shard for the tensors outside the
-    decoder layers, then one per layer, each tensor in its stored dtype; the plan is bound at the end."""
+    decoder layers, then one per layer, each tensor in its stored dtype; the plan (whose id depends on
+    the achieved sparsity) is bound at the end."""
     fp = base_fingerprint(job.model_name, None, job.verify_base)  # from the safetensors: no load
     ls = LayerStream(weights, config, dtype=dtype, device=device, head=False)
     counts = _Counts(count_params(ls.model))  # shapes only: the decoder layers are on the meta device
     tied = ties_embeddings(config)
-    writer = ShardWriter(tmp, ls.n_layers + 1)
+    # placeholders as long as the plan's id and digest: bind_plan then rewrites each header in place
+    writer = ShardWriter(tmp, ls.n_layers + 1, {k: "0" * 16 for k in (META_PLAN_ID, META_PLAN_DIGEST)})
     writer.add({k: weights.get(k) for k in weights.names
                 if not IN_LAYER.search(k) and not is_tied_head(k, tied) and not IGNORED.search(k)})
 
