@@ -5,7 +5,8 @@ loram's own argparse parser, so a renamed flag or a changed library signature br
 What a block may leave to this test, and how the test fills it in (keep the docs readable: a real hub id
 or file name in a block is fine when it is listed here):
 
-- model names in MODELS (a hub id, the `smollm2` alias) become a tiny random model (loram.testing.save_tiny);
+- the hub ids in MODELS become a tiny random model (loram.testing.save_tiny);
+- a `--config FILE.yaml` of a command line becomes a file that gives the required knobs (`data:`);
 - the block runs in an empty folder that holds `data.jsonl` (a few Alpaca rows), as a user's would;
 - a block that needs what a test cannot have (a GPU, vLLM, a 70B checkpoint, real data) says so on a line
   `# doc-test: skip (needs ...)`, which this test reports as a skip with that reason.
@@ -86,7 +87,7 @@ PYTHON_BLOCKS = blocks({"python"})
 
 def test_the_docs_have_commands_and_python_blocks():
     # the collection itself works: a broken fence regex would make every other test here vacuous
-    assert len(SHELL_COMMANDS) > 30
+    assert len(SHELL_COMMANDS) > 50
     assert any(f == "README.md" for f, _, _ in SHELL_COMMANDS)
     assert any(f == "README.md" for f, *_ in PYTHON_BLOCKS)
     assert {args[0] for _, _, args in SHELL_COMMANDS if args and not args[0].startswith("-")} >= {
@@ -94,12 +95,17 @@ def test_the_docs_have_commands_and_python_blocks():
 
 
 @pytest.mark.parametrize("where,line,args", SHELL_COMMANDS, ids=[f"{f}:{n}:{' '.join(a[:2])}" for f, n, a in SHELL_COMMANDS])
-def test_loram_command_line_parses(where, line, args):
+def test_loram_command_line_parses(where, line, args, tmp_path):
     from loram.cli import build_parser
+    from loram.cli.common import parse_with_config
     from loram.errors import LoramError
 
+    if "--config" in args:  # `--config FILE.yaml` supplies required knobs (--data): a file that gives them stands in
+        i = args.index("--config") + 1
+        (tmp_path / "c.yaml").write_text("data: [data.jsonl]\n")
+        args = [*args[:i], str(tmp_path / "c.yaml"), *args[i + 1:]]
     try:
-        ns = build_parser().parse_args(args)
+        ns = parse_with_config(build_parser(), args)
     except SystemExit as e:  # argparse: unknown flag, missing argument, bad choice
         pytest.fail(f"{where}:{line}: `loram {shlex.join(args)}` does not parse (exit {e.code})")
     except LoramError as e:  # a validating type: --ratio 1.5, --device gpu, ...
@@ -148,3 +154,38 @@ def check_quickstart_outputs(runs: Path, tiny: Path) -> None:
     assert json.loads((runs / "recovered" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     merged, base = (json.loads((d / "config.json").read_text()) for d in (runs / "merged", tiny))
     assert merged["intermediate_size"] == base["intermediate_size"]  # the original's shapes, not the pruned ones
+
+
+def test_every_test_the_reliability_index_names_exists():
+    """docs/reliability.md names a test for each failure mode: a renamed or deleted test must take its row
+    with it (module names such as `test_budget.py` are files, the rest are functions in tests/)."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    files = set(re.findall(r"\b(test_\w+)\.py\b", text))
+    functions = set(re.findall(r"\b(test_\w+)\b", text)) - files
+    assert len(functions) > 100
+    assert not sorted(f for f in files if not (ROOT / "tests" / f"{f}.py").exists())
+    defined = set(re.findall(r"^\s*(?:async )?def (test_\w+)", "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")), re.M))
+    assert not sorted(functions - defined)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_and_anchors_resolve():
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)  # links inside code blocks are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                bad.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
+                if anchor not in slugs:
+                    bad.append(f"{doc.name}: {target} (no such heading)")
+    assert not bad
