@@ -193,3 +193,21 @@ def test_streamed_prune_of_a_hub_id_reads_the_snapshot(tmp_path, monkeypatch):
     assert a.plan.base["name"] == "me/tiny" and a.plan.weights_digest() == b.plan.weights_digest()
     wa, wb = Weights(tmp_path / "hub"), Weights(tmp_path / "local")
     assert all(torch.equal(wa.get(k), wb.get(k)) for k in wb.names)
+
+
+@pytest.mark.parametrize("extra", [["--method", "taylor"], ["--method", "wanda", "--sparsity", "2:4"]])
+def test_cli_streams_by_itself_when_the_budget_is_small(tiny_dir, tmp_path, capsys, extra):
+    """No streaming flag: a budget below the predicted in-memory peak streams, and the plan is the same."""
+    import json
+
+    from loram.cli import main
+
+    plans = {}
+    for budget in ("1000", "0.0001"):
+        out = tmp_path / f"p{budget}"
+        assert main(["prune", str(tiny_dir), "-o", str(out), *extra, "--calib-samples", "2", "--calib-seq-len", "16",
+                     "--max-memory", budget]) == 0
+        streamed = "streaming layer by layer" in capsys.readouterr().err
+        assert streamed == (budget == "0.0001")
+        plans[budget] = json.loads((out / "loram_plan.json").read_text())
+    assert plans["1000"]["pruned" if "taylor" in extra else "sparse"] == plans["0.0001"]["pruned" if "taylor" in extra else "sparse"]

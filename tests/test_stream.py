@@ -72,3 +72,20 @@ def test_nf4_pruned_load_streams_and_equals_whole_model_quantisation(tmp_path, t
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(streamed(input_ids=ids).logits, whole(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_without_head_and_dropped_outer(tmp_path):
+    """head=False never loads the final norm / lm_head; drop_outer releases the embeddings too."""
+    folder = save_tiny(tmp_path / "m", "llama-mha")  # untied: lm_head is a tensor of its own
+    model = tiny_model("llama-mha")
+    ls = LayerStream(folder, model.config, head=False)
+    assert ls.model.lm_head.weight.is_meta and ls.model.model.norm.weight.is_meta
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.model(input_ids=ids).last_hidden_state
+    xs = ls.inputs([ids])
+    ls.drop_outer()
+    assert all(p.is_meta for p in ls.model.parameters())
+    for _i, block in ls.layers():
+        xs = [ls.run(block, x) for x in xs]
+    torch.testing.assert_close(model.model.norm(xs[0].hidden), want, rtol=1e-5, atol=1e-5)  # the layers still run

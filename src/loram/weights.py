@@ -33,6 +33,7 @@ INDEX_FILE = "model.safetensors.index.json"
 CHUNK_BYTES = 64 << 20  # row chunk read when selecting columns
 # dtypes a model weight may be stored in; anything else (I32, U8, BOOL, ...) would be read as integers
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
 # safetensors dtype name of each torch dtype a writer may be given
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -115,6 +116,9 @@ def write_safetensors_metadata(src: Path, dst: Path, extra: dict[str, str]) -> N
 
     The tensor bytes are streamed unchanged: data offsets are relative to the end of the header, so
     only the header (8-byte length + JSON, padded to 8 bytes as safetensors writes it) is rewritten.
+    In place (``dst`` is ``src``) and with a header of the same length, e.g. placeholder values of the
+    same length written first (the streamed writers know their plan's id only at the end), only the
+    header bytes are overwritten: no copy of the tensors. Callers do this inside an atomic_dir.
     """
     import os
     import shutil
@@ -128,6 +132,12 @@ def write_safetensors_metadata(src: Path, dst: Path, extra: dict[str, str]) -> N
         header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        if len(raw) == n and dst.resolve() == src.resolve():
+            fin.close()
+            with open(dst, "r+b") as f:
+                f.seek(8)
+                f.write(raw)
+            return
         with open(tmp, "wb") as fout:
             fout.write(struct.pack("<Q", len(raw)) + raw)
             shutil.copyfileobj(fin, fout, 16 << 20)
@@ -224,6 +234,10 @@ class Weights:
     def mismatch(self, want: dict[str, tuple], tied: bool) -> Mismatch:
         return mismatch(self.shapes, want, tied)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The torch dtype tensor ``name`` is stored in (a streamed writer keeps it: bf16 in, bf16 out)."""
+        return TORCH_DTYPES[self.headers[name].dtype]
+
     # ---- values -----------------------------------------------------------------------------
     def get(self, name: str, dtype=None) -> torch.Tensor:
         """Tensor ``name`` (as ``dtype`` when given and it is a float tensor)."""
@@ -261,8 +275,12 @@ class Weights:
 
     def layer(self, i: int, dtype=None) -> dict[str, torch.Tensor]:
         """Every tensor of decoder layer ``i`` ({name: tensor}), one layer in memory at a time."""
+        return {k: self.get(k, dtype) for k in self.layer_names(i)}
+
+    def layer_names(self, i: int) -> list[str]:
+        """The names of decoder layer ``i``'s tensors (headers only)."""
         mark = f".layers.{i}."
-        return {k: self.get(k, dtype) for k in self.names if mark in f".{k}"}
+        return [k for k in self.names if mark in f".{k}"]
 
     def state_dict(self, dtype=None) -> dict[str, torch.Tensor]:
         """Every tensor (float ones as ``dtype``): for loaders that assign a whole model at once."""

@@ -19,31 +19,12 @@ from ..settings import check_knobs
 from ..validate import check_ratio
 from .report import PruneReport
 from .sparse import METHODS as SPARSE_METHODS
+from .decide import stream_decision
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured import CALIBRATED, calibration_batches, importance, select
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
-
-
-def stream_decision(model_name, method: str, ratio: float | None, layers: str | None, sparsity: str | None,
-                    calib_samples: int, calib_seq_len: int, max_memory: float | None) -> bool:
-    """Stream when the predicted in-memory peak (planner.stages, "prune") does not fit the memory budget
-    (``max_memory`` GB, else what the cgroup / MemAvailable leave: loram.budget). A GGUF model cannot
-    stream (transformers dequantises it whole), so it is pruned in memory whatever the budget."""
-    from ..budget import choose_streaming, memory_budget
-    from ..planner.params import PruneSpec
-    from ..planner.stages import StageInputs, predict_in_memory
-    from .streamed import check_streamable
-
-    budget = memory_budget(max_memory)  # checks --max-memory first
-    try:
-        check_streamable(model_name)
-    except LoramError:
-        return False
-    spec = PruneSpec(method, ratio or 0.5, layers=layers, sparsity=sparsity or "unstructured")
-    need = predict_in_memory("prune", load_config(model_name), spec, StageInputs(calib_samples=calib_samples, calib_seq_len=calib_seq_len))
-    return choose_streaming("prune", need, budget)
 
 
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
@@ -85,7 +66,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         if attn_ratio is not None:
             raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
         return prune_sparse(model_name, out, method, sparsity or "unstructured", ratio, layers, seed, calib_data,
-                            calib_samples, calib_seq_len, overwrite, dtype, verify_base)
+                            calib_samples, calib_seq_len, overwrite, dtype, verify_base, max_memory, stream, device)
     ratio = 0.5 if ratio is None else ratio
     attn_ratio = ratio if attn_ratio is None else attn_ratio
     check_ratio("--ratio", ratio, allow_zero=False)
@@ -97,7 +78,14 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         check_streamable(model_name)
     _check_against_config(model_name, ratio, layers)
     if stream is None:  # after the cheap checks: a bad flag fails before the budget is even read
-        stream = stream_decision(model_name, method, ratio, layers, None, calib_samples, calib_seq_len, max_memory)
+        from .streamed import check_streamable
+
+        try:
+            check_streamable(model_name)
+            streamable = True
+        except LoramError:
+            streamable = False  # a GGUF model: transformers dequantises it whole, so in memory whatever the budget
+        stream = streamable and stream_decision(model_name, method, ratio, layers, None, calib_samples, calib_seq_len, max_memory)
     if stream:
         from .streamed import prune_streamed
 
