@@ -185,11 +185,16 @@ def exceeds(need_bytes: int, budget: Budget) -> bool:
     return need_bytes > budget.bytes * (1 - SAFETY_MARGIN)
 
 
-def choose_streaming(stage: str, in_memory_bytes: int, budget: Budget, quiet: bool = False) -> bool:
+def choose_streaming(stage: str, in_memory_bytes: int, budget: Budget, quiet: bool | None = None) -> bool:
     """True when the predicted in-memory peak of ``stage`` exceeds the budget less SAFETY_MARGIN;
-    then, unless ``quiet``, say so in one line on stderr."""
+    then, unless ``quiet`` (None: the command's --quiet / --json, loram.progress.quiet), say so in
+    one line on stderr."""
     if not exceeds(in_memory_bytes, budget):
         return False
+    if quiet is None:
+        from .progress import quiet as asked_quiet
+
+        quiet = asked_quiet()
     if not quiet:
         print(f"{stage}: the in-memory peak (~{in_memory_bytes / GB:.1f} GB) exceeds {1 - SAFETY_MARGIN:.0%} of the memory "
               f"budget ({budget.gb:.1f} GB, {budget.source}): streaming layer by layer", file=sys.stderr)

@@ -27,11 +27,12 @@ prune (the original model; the method and layers from the PruneSpec / PrunePlan,
                     of one layer's linears); in memory + 4P, streamed + Ws
     sparsegpt   both: 2 * 4 D S (a layer's inputs and outputs for the calibration set, while one
                     replaces the other) + transient s + 4 (I_q^2 + I_o^2 + I_g^2 + I_d^2) (one layer's
-                    Hessians) + 40 I_max^2 + 4M (the solve of the widest input, alive together in
-                    prune/sparsegpt.py: H's fp32 copy 4, its float64 copy 8, the Cholesky factor 8, the
-                    inverse 8, its upper factor 8, that factor in fp32 4; and the weight's fp32 copy);
-                    in memory + 4P, streamed + Ws. For wide MLPs the solve, not the weights, is the peak
-                    (Qwen2-7B: I = 18944, 40 I^2 = 14.4 GB)
+                    Hessians) + 12 I_max^2 + 4M (the solve of the widest input, alive together in
+                    prune/sparsegpt.py, all float32: H's damped copy 4, the Cholesky factor 4, the inverse 4,
+                    then its upper factor 4 once the factor is freed; and the weight's fp32 copy; a float64
+                    retry, only when the float32 factorisation fails, is not counted); in memory + 4P,
+                    streamed + Ws. For wide MLPs the solve can still pass the weights (Qwen2-7B: I = 18944,
+                    12 I^2 = 4.3 GB)
     wanda       as sparsegpt with 8 (I_q + I_o + I_g + I_d) of column norms (float64) and 8M for the
                     solve (the float64 score of one linear)
 build       streamed: the pruned model as stored (bf16 = 2 B/param, or NF4 + constants + 16-bit rest) + 4M of
@@ -203,7 +204,7 @@ def _prune(config, spec, x: StageInputs) -> StagePeak:
     if method not in SPARSE:
         raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(x for x in METHODS if x != 'structured')}")
     if method == "sparsegpt":
-        stats, solve = FP32 * sum(i * i for i in widths), 40 * max(widths) ** 2 + FP32 * m.M
+        stats, solve = FP32 * sum(i * i for i in widths), 12 * max(widths) ** 2 + FP32 * m.M
     else:
         stats, solve = 8 * sum(widths), 8 * m.M
     work = 2 * FP32 * D * S + m.layer_max(layer_transient_bytes) * s + stats + solve
