@@ -65,8 +65,9 @@ def loram(stage: str, args: list[str], timeout: int) -> dict:
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired:
         rc, out, err = 124, "", f"timed out after {timeout} s"
+    text = [ln.strip("│└┘┌┐├┤─┃ ") for ln in out.strip().splitlines()]  # a rich table's rows, without its frame
     row = {"stage": stage, "rc": rc, "wall_s": round(time.time() - t0, 1), "command": "loram " + " ".join(args),
-           "summary": (out.strip().splitlines() or [""])[-1][:400]}
+           "summary": ([ln for ln in text if ln] or [""])[-1][:400]}
     if rc:
         row["stderr"] = err[-1500:]
     print(f"  {stage}: exit {rc}, {row['wall_s']} s  {row['summary'][:120]}", flush=True)
