@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def run(stage: str, args: list[str], cap: float | None, timeout: int) -> dict:
     cg = [ln for ln in p.stderr.splitlines() if ln.startswith("memcap: peak")]
     row = {"stage": stage, "rc": p.returncode, "wall_s": round(wall, 1), "peak_rss_gb": round(int(kb) / 1e6, 2),
            "cgroup": cg[-1] if cg else None, "streamed": "streaming" in p.stderr, "command": "loram " + " ".join(args)}
+    own = re.findall(r"peak RSS[^0-9]*([0-9.]+) GB", p.stdout)  # the command's own summary (VmHWM, loram.procmem)
+    if own:
+        row["own_peak_rss_gb"] = float(own[-1])
     if cg:
         parts = cg[-1].split()
         row["cgroup_peak_gib"] = float(parts[2])
@@ -101,10 +105,10 @@ def predictions(orig: Path, cap: float | None, timeout: int) -> tuple[dict, dict
 
 def chain(args, work: Path) -> list[dict]:
     orig = work / "orig"
-    t0 = time.time()
+    t0 = t_start = time.time()
     from loram.testing import random_checkpoint
 
-    random_checkpoint(orig, **GEOMETRIES[args.geometry])
+    random_checkpoint(orig, one_row=args.geometry == "13b", **GEOMETRIES[args.geometry])  # 13B: bytes matter, not values
     size = sum(f.stat().st_size for f in orig.glob("*.safetensors"))
     rows = [{"stage": "make checkpoint", "rc": 0, "wall_s": round(time.time() - t0, 1), "checkpoint_gb": round(size / 1e9, 2)}]
     print(f"checkpoint: {size / 1e9:.2f} GB in {rows[0]['wall_s']} s", flush=True)
@@ -116,7 +120,7 @@ def chain(args, work: Path) -> list[dict]:
     steps = [
         ("prune", ["prune", str(orig), "-o", str(work / "pruned"), "--method", "taylor", "--ratio", "0.5", *calib]),
         ("train", ["train", str(work / "pruned"), "-o", str(work / "adapter"), "--data", str(train), "--quantize", "nf4",
-                   "--steps", "2", "--seq-len", "64", "--micro-batch", "1", "--rank", "8"]),
+                   "--steps", "2", "--seq-len", "64", "--micro-batch", "1", "--rank", "8", "--grad-checkpointing"]),
         ("recover", ["recover", str(work / "adapter"), "--base", str(orig), "-o", str(work / "recovered")]),
         ("merge", ["merge", str(orig), str(work / "recovered"), "-o", str(work / "merged")]),
         ("eval", ["eval", str(work / "merged"), "--ppl", f"text={text}", "--seq-len", "64", "--json"]),
@@ -127,6 +131,7 @@ def chain(args, work: Path) -> list[dict]:
         row["predicted_in_memory_gb"] = _gb(p.get("in_memory_gb"))
         row["predicted_streamed_gb"] = _gb(p.get("streamed_gb"))
         rows.append(row)
+        write(args, rows, time.time() - t_start)  # after every stage: a killed run keeps what it measured
         if row["rc"] != 0:
             break
         if stage == "recover":
