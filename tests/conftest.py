@@ -23,3 +23,20 @@ def alpaca_file(tmp_path_factory):
     rows = [{"instruction": f"add {a} {b}", "input": "", "output": str(a + b)} for a in range(8) for b in range(8)]
     p.write_text("\n".join(json.dumps(r) for r in rows))
     return p
+
+
+@pytest.fixture(scope="session")
+def memcap_tool():
+    """The workplace's hard-memory-cap tool (../shared/tools/memcap, or $LORAM_MEMCAP), checked once.
+
+    Tests that use it are skipped on a fresh clone without ../shared and where no memory cgroup is
+    writable (the tool exits 3): they prove "runs within N GB" where that can be proven."""
+    import subprocess
+    from pathlib import Path
+
+    tool = Path(os.environ.get("LORAM_MEMCAP", Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap"))
+    if not tool.exists():
+        pytest.skip(f"{tool} not found (the memory-cap tool of this workplace; set LORAM_MEMCAP to use another copy)")
+    if subprocess.run([str(tool), "1", "true"], capture_output=True, text=True).returncode == 3:
+        pytest.skip("no writable memory cgroup here (memcap exit 3)")
+    return tool

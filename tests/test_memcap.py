@@ -11,12 +11,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.memcap
-MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap"
 CAP_GIB = 1.6  # below the checkpoint's 1.81 GiB: the in-memory path cannot fit, page cache included
 # hidden 2048, intermediate 8192, 16 layers, GQA 16/4, vocab 256: 0.97 B parameters, 1.95 GB of bf16
 GEOMETRY = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
@@ -24,12 +22,7 @@ GEOMETRY = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory):
-    if not MEMCAP.exists():
-        pytest.skip(f"{MEMCAP} not found (the memory-cap tool of this workplace)")
-    probe = subprocess.run([str(MEMCAP), "1", "true"], capture_output=True, text=True)
-    if probe.returncode == 3:
-        pytest.skip("no writable memory cgroup here (memcap exit 3)")
+def big(tmp_path_factory, memcap_tool):
     from loram.testing import random_checkpoint
 
     d = tmp_path_factory.mktemp("big")
@@ -39,9 +32,9 @@ def big(tmp_path_factory):
     return d
 
 
-def _capped(*args, timeout=900, decides=True):
+def _capped(tool, *args, timeout=900, decides=True):
     env = dict(os.environ, MEMCAP_TIMEOUT=str(timeout), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    p = subprocess.run([str(MEMCAP), str(CAP_GIB), sys.executable, "-m", "loram", *map(str, args)], capture_output=True,
+    p = subprocess.run([str(tool), str(CAP_GIB), sys.executable, "-m", "loram", *map(str, args)], capture_output=True,
                        text=True, env=env, timeout=timeout + 60)
     if p.returncode == 3:
         pytest.skip("no writable memory cgroup here (memcap exit 3)")
@@ -51,30 +44,31 @@ def _capped(*args, timeout=900, decides=True):
     return p
 
 
-def test_prune_taylor_under_cap(big):
-    _capped("prune", big / "orig", "-o", big / "taylor", "--method", "taylor", "--ratio", "0.5", "--calib-data", big / "calib.txt",
+def test_prune_taylor_under_cap(big, memcap_tool):
+    _capped(memcap_tool, "prune", big / "orig", "-o", big / "taylor", "--method", "taylor", "--ratio", "0.5",
+            "--calib-data", big / "calib.txt",
             "--calib-samples", "2", "--calib-seq-len", "32")
     plan = json.loads((big / "taylor" / "loram_plan.json").read_text())
     assert plan["method"] == "taylor" and plan["pruned"]
 
 
-def test_prune_sparsegpt_24_under_cap(big):
-    _capped("prune", big / "orig", "-o", big / "sgpt", "--method", "sparsegpt", "--sparsity", "2:4", "--calib-data",
+def test_prune_sparsegpt_24_under_cap(big, memcap_tool):
+    _capped(memcap_tool, "prune", big / "orig", "-o", big / "sgpt", "--method", "sparsegpt", "--sparsity", "2:4", "--calib-data",
             big / "calib.txt", "--calib-samples", "2", "--calib-seq-len", "32")
     plan = json.loads((big / "sgpt" / "loram_plan.json").read_text())
     assert abs(plan["sparse"]["sparsity"] - 0.5) < 0.01
 
 
-def test_merge_under_cap(big):
+def test_merge_under_cap(big, memcap_tool):
     from loram.testing import random_lora
 
     adapter = random_lora(big / "adapter", big / "orig")
-    _capped("merge", big / "orig", adapter, "-o", big / "merged", decides=False)
+    _capped(memcap_tool, "merge", big / "orig", adapter, "-o", big / "merged", decides=False)
     out = sum(f.stat().st_size for f in (big / "merged").glob("*.safetensors"))
     assert out < 1.05 * sum(f.stat().st_size for f in (big / "orig").glob("*.safetensors"))  # bf16 kept, not fp32
 
 
-def test_eval_ppl_under_cap(big):
+def test_eval_ppl_under_cap(big, memcap_tool):
     # no --json: it silences status lines, and the streaming decision is one of them
-    p = _capped("eval", big / "orig", "--ppl", f"calib={big / 'calib.txt'}", "--seq-len", "32", "--limit", "4")
+    p = _capped(memcap_tool, "eval", big / "orig", "--ppl", f"calib={big / 'calib.txt'}", "--seq-len", "32", "--limit", "4")
     assert "calib" in p.stdout and "ppl" in p.stdout and "1 task(s) evaluated" in p.stdout

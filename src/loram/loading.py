@@ -134,17 +134,23 @@ def open_pruned(path: str | Path) -> tuple:
     return config, plan, weights
 
 
+def safetensors_folder(name: str | Path) -> Path | None:
+    """The local safetensors folder ``name`` names, or None (a .gguf file, the smollm2 alias, a hub id):
+    what can be read tensor by tensor, so what the layer-streamed stages can stream."""
+    path, gguf = resolve_model(name)
+    return Path(path) if gguf is None and Path(path).is_dir() else None
+
+
 def open_checkpoint(name: str | Path, what: str) -> tuple:
     """(config, plan or None, Weights) of a local safetensors folder, original or pruned, checked as the
     loaders check it, no weight read: for the stages that read a model layer by layer (``what`` names
     the stage in the message that refuses a GGUF file or hub id, which cannot be read that way)."""
     if Path(str(name)).is_dir() and has_plan(name):
         return open_pruned(name)
-    path, gguf = resolve_model(name)
-    if gguf is not None or not Path(path).is_dir():
-        kind = "a GGUF file" if gguf is not None else "not a local folder"
-        raise LoramError(f"{what} reads the model layer by layer from safetensors, and {name} is {kind}: "
-                         "pass a local model folder (convert or download it first)")
+    path = safetensors_folder(name)
+    if path is None:
+        raise LoramError(f"{what} reads the model layer by layer from safetensors, and {name} is not a local safetensors "
+                         "folder (a GGUF file or a hub id): pass a local model folder (convert or download it first)")
     config = load_config(name)
     family_of(config)
     return config, None, check_checkpoint(path, config)

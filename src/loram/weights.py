@@ -234,6 +234,13 @@ class Weights:
     def mismatch(self, want: dict[str, tuple], tied: bool) -> Mismatch:
         return mismatch(self.shapes, want, tied)
 
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype most of the checkpoint's values are stored in (what a folder derived from it is written in)."""
+        count: dict[str, int] = {}
+        for h in self.headers.values():
+            count[h.dtype] = count.get(h.dtype, 0) + int(torch.Size(h.shape).numel())
+        return TORCH_DTYPES[max(count, key=count.get)]
+
     def dtype(self, name: str) -> torch.dtype:
         """The torch dtype tensor ``name`` is stored in (a streamed writer keeps it: bf16 in, bf16 out)."""
         return TORCH_DTYPES[self.headers[name].dtype]

@@ -51,8 +51,9 @@ from ..errors import LoramError
 from ..families import (MODULE_OF_ROLE, ROLES, decoder_layers, geometry, is_tied_head, layer_module, module_name,
                         ties_embeddings, weight_name)
 from ..fingerprint import base_fingerprint
-from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks, resolve_model
+from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
 from ..loading import PLAN_ATTR, check_checkpoint, load_model
+from ..loading import safetensors_folder as streamable  # a .gguf, the smollm2 alias and hub ids are pruned in memory
 from ..procmem import PeakRSS
 from ..progress import track
 from ..prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan, parse_layers
@@ -277,15 +278,6 @@ def layer_errors(dense, pruned, layers: range, batches: list[torch.Tensor]) -> d
             errs[i] = num / max(den, 1e-30)
             inputs = nxt
     return errs
-
-
-def streamable(model_name: str | Path) -> Path | None:
-    """The local safetensors folder of ``model_name``, or None when it cannot be weight-streamed.
-
-    A .gguf file, the smollm2 alias (a GGUF) and a hub id have no per-tensor safetensors to read
-    layer by layer: they are always pruned in memory."""
-    path, gguf = resolve_model(model_name)
-    return Path(path) if gguf is None and Path(path).is_dir() else None
 
 
 @releases_locks

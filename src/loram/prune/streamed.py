@@ -34,7 +34,6 @@ it once to a safetensors folder (load_model + save_pretrained) to stream it.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -55,7 +54,6 @@ from .report import PruneReport
 from .structured import (CALIBRATED, calibration_batches, check_finite, input_norms, layer_scores, magnitude_per, select, taylor_per,
                          wanda_sp_per)
 
-TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # what a hub snapshot needs for a streamed prune: weights, config, tokenizer, generation defaults
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "merges.txt", "*.jinja"]
 
@@ -90,14 +88,6 @@ def local_folder(model_name: str | Path) -> Path:
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: one line each way
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoramError(f"cannot download {model_name} ({msg}): check the hub id and the network, or pass a local folder") from None
-
-
-def stored_dtype(weights: Weights) -> torch.dtype:
-    """The dtype most of the checkpoint's values are stored in (what the pruned folder is written in)."""
-    count: Counter = Counter()
-    for h in weights.headers.values():
-        count[h.dtype] += int(torch.Size(h.shape).numel())
-    return TORCH_DTYPE[count.most_common(1)[0][0]]
 
 
 # ---- scores ---------------------------------------------------------------------------------------------
@@ -216,5 +206,5 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
     )
     n_orig, n_pruned = count_params(skeleton(config, None)), count_params(skeleton(config, plan))  # shapes, no weights
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
-    write_pruned(config, plan, folder, out, dtype=stored_dtype(weights), overwrite=overwrite, inputs=(calib_data,), command="prune")
+    write_pruned(config, plan, folder, out, dtype=weights.stored_dtype(), overwrite=overwrite, inputs=(calib_data,), command="prune")
     return PruneReport(str(out), plan, n_orig, n_pruned, time.time() - t0, peak.gb())
