@@ -65,7 +65,14 @@ def mark_complete(d: Path, step: int, settings: dict | None) -> None:
     (d / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody reads on resume
     _fsync_dir(d)
     mark = {"step": step, "complete": True, "settings": settings}
-    (d / CHECKPOINT_MARK).write_text(json.dumps(mark) + "\n")
+    # written to a temporary name and renamed: a kill -9 mid-write must leave no marker (the checkpoint
+    # counts as incomplete and resume takes the one before), never a half-written, "corrupt" one
+    tmp = d / f".{CHECKPOINT_MARK}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(mark) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / CHECKPOINT_MARK)
     _fsync_dir(d)
 
 
