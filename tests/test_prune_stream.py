@@ -1,5 +1,7 @@
 """Layer-streamed structured pruning (loram.prune.streamed) equals the in-memory path; wanda-sp."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,14 +65,17 @@ def test_streamed_prune_writes_the_in_memory_folder(tmp_path, method):
     assert (tmp_path / "str" / "tokenizer.json").exists() and plan.id == a.plan.id
 
 
-def test_bf16_checkpoint_gives_bf16_folder(tmp_path):
-    """The pruned folder keeps the checkpoint's dtype: its tensors are the bf16 originals' kept slices."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_bf16_checkpoint_gives_bf16_folder(tmp_path, stream):
+    """The pruned folder keeps the checkpoint's dtype, streamed or in memory (fp32 compute): its tensors
+    are the bf16 originals' kept slices, and its config says bf16 (an fp32 folder would be twice the size)."""
     base = tmp_path / "bf16"
     tiny_model("llama-gqa").to(torch.bfloat16).save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
-    r = prune(str(base), tmp_path / "p", method="taylor", ratio=0.5, calib_samples=2, calib_seq_len=16, stream=True)
+    r = prune(str(base), tmp_path / "p", method="taylor", ratio=0.5, calib_samples=2, calib_seq_len=16, stream=stream)
     w = Weights(tmp_path / "p", use_index=True)
     assert {h.dtype for h in w.headers.values()} == {"BF16"}
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["dtype"] == "bfloat16"
     i = r.plan.layers[0]
     g = geometry(tiny_model("llama-gqa").config)
     orig = Weights(base).get(f"model.layers.{i}.mlp.up_proj.weight")

@@ -121,22 +121,18 @@ def test_same_length_metadata_is_rewritten_in_place(tmp_path):
 
 
 def test_bf16_checkpoint_gives_bf16_output(tmp_path):
-    from loram.loading import load_pruned
-
+    """Streamed or in memory (fp32 compute), a bf16 checkpoint gives a bf16 folder: the same fp32 result
+    rounded once, the same bytes either way (an fp32 folder would be twice the size)."""
     folder = tmp_path / "bf16"
     tiny_model("qwen2").to(torch.bfloat16).save_pretrained(str(folder))
     from loram.testing import tiny_tokenizer
 
     tiny_tokenizer().save_pretrained(str(folder))
-    _prune(folder, tmp_path / "mem", False, method="wanda", spec="unstructured")  # computed in fp32, written in fp32
+    _prune(folder, tmp_path / "mem", False, method="wanda", spec="unstructured")
     _prune(folder, tmp_path / "str", True, method="wanda", spec="unstructured")
-    w = Weights(tmp_path / "str", use_index=True)
-    assert {h.dtype for h in w.headers.values()} == {"BF16"}
-    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
-    assert size(tmp_path / "str") < 0.6 * size(tmp_path / "mem")
-    mem = load_pruned(tmp_path / "mem").state_dict()
-    for k, t in load_pruned(tmp_path / "str", dtype=torch.bfloat16).state_dict().items():
-        assert torch.equal(t, mem[k].to(torch.bfloat16)), k  # the same fp32 result, rounded once
+    w, m = Weights(tmp_path / "str", use_index=True), Weights(tmp_path / "mem")
+    assert {h.dtype for h in w.headers.values()} == {h.dtype for h in m.headers.values()} == {"BF16"}
+    assert w.names == m.names and all(torch.equal(w.get(k), m.get(k)) for k in w.names)
 
 
 def test_stream_refuses_a_gguf_before_reading_it(tmp_path):

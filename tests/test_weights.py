@@ -115,6 +115,26 @@ def test_nf4_check_runs_once_per_process(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("shape", [(96, 64), (37, 70), (5, 26)])  # whole blocks; partial last blocks (bitsandbytes needs an even count)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_nf4_equals_bitsandbytes_whole_tensor(shape, dtype):
+    """Quantising in chunks of whole blocks (bounded memory) gives bitsandbytes' own codes, absmax and
+    double-quant state for the whole tensor, so the layer dequantises to the same values."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want, st = F.quantize_4bit(w.float(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    for chunk in (64, 128, 1 << 20):
+        got, qs = nf4.quantize_codes(w, chunk=chunk)
+        assert torch.equal(got, want)
+        assert torch.equal(qs.absmax, st.absmax) and torch.equal(qs.state2.absmax, st.state2.absmax)
+        assert torch.equal(qs.offset, st.offset) and qs.shape == st.shape and qs.dtype == st.dtype
+        assert torch.equal(F.dequantize_4bit(got, qs), F.dequantize_4bit(want, st))
+    lin = nf4.nf4_linear(w, None, torch.float32)
+    x = torch.randn(3, shape[1])
+    assert torch.equal(lin(x), x @ F.dequantize_4bit(want, st).t())
+
+
 # ---- loaders return what they loaded -----------------------------------------------------------
 def test_loaders_return_the_plan_and_the_fingerprint(tmp_path, tiny_dir):
     from loram.fingerprint import base_fingerprint

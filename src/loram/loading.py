@@ -141,6 +141,19 @@ def safetensors_folder(name: str | Path) -> Path | None:
     return Path(path) if gguf is None and Path(path).is_dir() else None
 
 
+def checkpoint_dtype(model_name: str):
+    """The dtype ``model_name`` stores its weights in, or None where that is not known (GGUF: dequantised).
+
+    Folders derived from a checkpoint are written in this dtype whatever the compute dtype: a bf16
+    model gives a bf16 pruned folder (not one twice its size in fp32), and an in-memory and a
+    streamed prune write the same bytes."""
+    folder = safetensors_folder(model_name)
+    if folder is not None:
+        return Weights(folder).stored_dtype()
+    d = getattr(load_config(model_name), "dtype", None)
+    return d if isinstance(d, torch.dtype) and d.is_floating_point else None
+
+
 def open_checkpoint(name: str | Path, what: str) -> tuple:
     """(config, plan or None, Weights) of a local safetensors folder, original or pruned, checked as the
     loaders check it, no weight read: for the stages that read a model layer by layer (``what`` names

@@ -61,20 +61,67 @@ def round_trip_error() -> float:
     return float((back - w).norm() / w.norm())
 
 
-def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.bfloat16, device="cpu") -> nn.Module:
-    """A bitsandbytes NF4 (+ double quant) Linear4bit holding ``weight`` [out, in] (quantised from fp32)."""
+QUANT_CHUNK = 1 << 20  # elements quantised at once: bitsandbytes' CPU quantiser holds 16 floats per element
+
+
+def quantize_codes(weight: torch.Tensor, chunk: int = QUANT_CHUNK):
+    """(packed NF4 codes [n/2, 1] uint8, QuantState with double quant): the bytes bitsandbytes'
+    ``quantize_4bit(weight, 64, compress_statistics=True, quant_type="nf4")`` gives, computed in chunks.
+
+    Why chunks: bitsandbytes' CPU quantiser (backends/default) takes an argmin over an [n, 16] float
+    table, 128 bytes per weight: a 13824 x 5120 linear needs ~9 GB at once, which killed a 13B QLoRAM
+    load under a 12 GiB cap. NF4 blocks are independent (64 consecutive values, one absmax each), so
+    chunks of whole blocks give the same codes and absmax; the double quant of the absmax is then
+    done over the whole tensor, as bitsandbytes does it. Runs on ``weight``'s device (a GPU quantises
+    there); each chunk is converted to fp32 on its own, so no fp32 copy of the weight exists."""
+    import bitsandbytes.functional as F
+
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    chunk = max(NF4_BLOCK, chunk - chunk % NF4_BLOCK)
+    codes, absmax = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for a in range(0, n, chunk):
+            c, st = F.quantize_4bit(flat[a:a + chunk].float(), blocksize=NF4_BLOCK, quant_type="nf4")
+            codes.append(c.reshape(-1))
+            absmax.append(st.absmax)
+    return torch.cat(codes).unsqueeze(1), double_quant(torch.cat(absmax), weight.shape)
+
+
+def double_quant(absmax: torch.Tensor, shape) -> object:
+    """The QuantState of NF4 blocks with fp32 ``absmax``, the absmax themselves quantised (8-bit blocks
+    of 256 around their mean) exactly as bitsandbytes' ``compress_statistics=True`` does."""
+    import bitsandbytes.functional as F
+
+    offset = absmax.mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+    return F.QuantState(absmax=qabsmax, shape=torch.Size(shape), dtype=torch.float32, blocksize=NF4_BLOCK,
+                        code=F.get_4bit_type("nf4", device=absmax.device), quant_type="nf4", offset=offset, state2=state2)
+
+
+def linear4bit(codes: torch.Tensor, qs, bias: torch.Tensor | None, compute_dtype) -> nn.Module:
+    """A Linear4bit around already packed NF4 ``codes`` and their QuantState (nothing is quantised here)."""
     bnb = require_bnb()
-    with torch.device("meta"):  # no full-size fp32 init: the weight is replaced below
-        q = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(weight.to("cpu", torch.float32).contiguous(), requires_grad=False,
-                                 compress_statistics=True, quant_type="nf4")
+    out_f, in_f = qs.shape
+    with torch.device("meta"):  # no full-size init: the weight is set below
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, compress_statistics=True,
+                              quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(codes, requires_grad=False, quant_state=qs, blocksize=NF4_BLOCK, compress_statistics=True,
+                                 quant_type="nf4", quant_storage=torch.uint8, module=q, bnb_quantized=True)
     if bias is not None:
-        q.bias = nn.Parameter(bias.to("cpu", compute_dtype), requires_grad=False)
-    q = q.to(device)  # .to() performs the quantisation
-    if not getattr(q.weight, "bnb_quantized", False):
-        q.weight = q.weight._quantize(q.weight.device) if hasattr(q.weight, "_quantize") else q.weight
+        q.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
     return q
+
+
+def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.bfloat16, device=None) -> nn.Module:
+    """A bitsandbytes NF4 (+ double quant) Linear4bit holding ``weight`` [out, in], quantised where
+    ``weight`` is (``device``: where the module goes; default: there too)."""
+    require_bnb()
+    q = linear4bit(*quantize_codes(weight), bias, compute_dtype)
+    return q.to(device) if device is not None else q
 
 
 def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> None:
@@ -84,9 +131,7 @@ def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",)) -
         for name, lin in list(parent.named_children()):
             if not isinstance(lin, nn.Linear) or name in skip:
                 continue
-            dev = lin.weight.device
-            q = nf4_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, compute_dtype,
-                           dev if dev.type != "meta" else "cpu")
+            q = nf4_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, compute_dtype)
             setattr(parent, name, q)
 
 
@@ -102,9 +147,7 @@ def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.M
 def random_nf4_linear(shape: tuple, bias: bool, compute_dtype, std: float, gen: torch.Generator) -> nn.Module:
     """A Linear4bit [out, in] with random NF4 codes and block absmax ~ ABSMAX_SIGMAS * std (the expected
     max of 64 Gaussians), double-quantised by bitsandbytes exactly as its quantiser does."""
-    bnb = require_bnb()
-    import bitsandbytes.functional as F
-
+    require_bnb()
     out_f, in_f = shape
     n = out_f * in_f
     n_bytes = (n + 1) // 2
@@ -114,14 +157,4 @@ def random_nf4_linear(shape: tuple, bias: bool, compute_dtype, std: float, gen: 
     codes = codes[:n_bytes].unsqueeze(1)
     blocks = -(-n // NF4_BLOCK)
     absmax = torch.empty(blocks, dtype=torch.float32).normal_(ABSMAX_SIGMAS * std, 0.3 * std, generator=gen).abs_()
-    offset = absmax.mean()
-    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
-    qs = F.QuantState(absmax=qabsmax, shape=torch.Size(shape), dtype=torch.float32, blocksize=NF4_BLOCK,
-                      code=F.get_4bit_type("nf4", device="cpu"), quant_type="nf4", offset=offset, state2=state2)
-    with torch.device("meta"):
-        q = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(codes, requires_grad=False, quant_state=qs, blocksize=NF4_BLOCK, compress_statistics=True,
-                                 quant_type="nf4", quant_storage=torch.uint8, module=q, bnb_quantized=True)
-    if bias:
-        q.bias = nn.Parameter(torch.zeros(out_f, dtype=compute_dtype), requires_grad=False)
-    return q
+    return linear4bit(codes, double_quant(absmax, shape), torch.zeros(out_f) if bias else None, compute_dtype)

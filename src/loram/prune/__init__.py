@@ -11,7 +11,7 @@ from ..errors import LoramError
 from ..families import geometry
 from ..fingerprint import base_fingerprint, check_verify
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
-from ..loading import load_model
+from ..loading import checkpoint_dtype, load_model
 from ..procmem import PeakRSS
 from ..prune_plan import PrunePlan, kept_mlp_channels, parse_layers
 from ..pruned_model import apply_plan, count_params, save_pruned
@@ -94,7 +94,10 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     t0 = time.time()
     peak = PeakRSS()
     tok = load_tokenizer(model_name)  # before the weights: a missing tokenizer fails in a second, not after the load
+    stored = checkpoint_dtype(model_name)
     model = load_model(model_name, dtype=dtype, device=str(device))
+    if stored is not None:
+        model.config.dtype = stored  # the plan records the checkpoint as it is on disk, not the compute dtype
     g = geometry(model.config)
     start, end = parse_layers(layers, g.n_layers)
     rng = range(start, end)
@@ -114,6 +117,8 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     apply_plan(model, plan)
     n_pruned = count_params(model)
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
+    if stored is not None:
+        model.to(stored)  # kept slices of the stored values: exact, and the streamed path's bytes
     with atomic_dir(out, overwrite, "prune", (model_name, calib_data)) as tmp:
         save_pruned(model, tok, plan, tmp)
     return PruneReport(str(out), plan, n_orig, n_pruned, time.time() - t0, peak.gb())

@@ -52,7 +52,7 @@ from ..families import (MODULE_OF_ROLE, ROLES, decoder_layers, geometry, is_tied
                         ties_embeddings, weight_name)
 from ..fingerprint import base_fingerprint
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
-from ..loading import PLAN_ATTR, check_checkpoint, load_model
+from ..loading import PLAN_ATTR, check_checkpoint, checkpoint_dtype, load_model
 from ..loading import safetensors_folder as streamable  # a .gguf, the smollm2 alias and hub ids are pruned in memory
 from ..procmem import PeakRSS
 from ..progress import track
@@ -328,6 +328,10 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
         achieved = sparsify(model, method, pattern, job.layers, job.batches)
         counts = _Counts(count_params(model))
         counts.add([_linear(model, i, r).weight for i in job.layers for r in ROLES])
+        stored = checkpoint_dtype(model_name)
+        if stored is not None:  # written in the checkpoint's dtype, as the streamed path writes it (zeros stay zeros)
+            model.to(stored)
+            model.config.dtype = stored
         plan = job.plan(model.config.to_dict(), fp, achieved, counts)
         with atomic_dir(out, overwrite, "prune", (model_name, calib_data)) as tmp:
             save_pruned(model, tok, plan, tmp)
