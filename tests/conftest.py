@@ -25,6 +25,26 @@ def alpaca_file(tmp_path_factory):
     return p
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """publish(repo_id, folder): ``folder`` becomes hub repo ``repo_id`` in a fresh hub cache (loram.testing.hub_cache)
+    that this test's huggingface_hub and transformers read, offline (HF_HUB_OFFLINE=1, set above): no network.
+    ``publish.env`` is the environment that points a ``python -m loram`` subprocess at the same cache."""
+    import huggingface_hub.constants as constants
+
+    from loram.testing import hub_cache
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def publish(repo_id, folder):
+        return hub_cache(cache, repo_id, folder)
+
+    publish.env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return publish
+
+
 @pytest.fixture(scope="session")
 def memcap_tool():
     """The workplace's hard-memory-cap tool (../shared/tools/memcap, or $LORAM_MEMCAP), checked once.

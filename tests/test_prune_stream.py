@@ -179,20 +179,11 @@ def test_wanda_sp_from_the_cli_and_recipes(tmp_path, tiny_dir, capsys):
         run_recipe(r, dry_run=True)
 
 
-def test_streamed_prune_of_a_hub_id_reads_the_snapshot(tmp_path, monkeypatch):
+def test_streamed_prune_of_a_hub_id_reads_the_snapshot(tmp_path, offline_hub):
     """A hub id is streamed from its snapshot folder (here a hub cache made offline): the same plan and
     tensors as the local folder it was copied from, with the hub id recorded as the base name."""
-    import shutil
-
-    import huggingface_hub.constants as hub
-
     src = save_tiny(tmp_path / "src", "llama-gqa")
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "cache" / "models--me--tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    shutil.copytree(src, repo / "snapshots" / rev)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    offline_hub("me/tiny", src)
     a = prune("me/tiny", tmp_path / "hub", method="magnitude", stream=True)
     b = prune(str(src), tmp_path / "local", method="magnitude", stream=True)
     assert a.plan.base["name"] == "me/tiny" and a.plan.weights_digest() == b.plan.weights_digest()

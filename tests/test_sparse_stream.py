@@ -139,7 +139,7 @@ def test_stream_refuses_a_gguf_before_reading_it(tmp_path):
     pytest.importorskip("gguf")
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"not read")
-    with pytest.raises(LoramError, match="streamed pruning reads a local safetensors model folder"):
+    with pytest.raises(LoramError, match="streamed pruning reads safetensors shards and .* is a GGUF model"):
         prune_sparse(str(fake), tmp_path / "out", "magnitude", "2:4", stream=True)
     assert not (tmp_path / "out").exists()
 
@@ -197,3 +197,19 @@ def test_float64_retry_when_the_float32_cholesky_fails(monkeypatch):
     got = sg.sparsegpt(W, H, _pattern("2:4"))
     assert dtypes[0] == torch.float32 and torch.float64 in dtypes
     assert torch.equal(got == 0, want == 0) and got.dtype == torch.float32
+
+
+def test_streamed_sparse_prune_of_a_hub_id_reads_the_snapshot(tmp_path, offline_hub):
+    """A hub id streams as structured pruning streams it (loading.source_folder: its snapshot in a hub cache,
+    here offline): the same masks, tensors and fingerprint as the local folder, the hub id recorded as the base."""
+    from loram.prune_plan import PrunePlan
+
+    src = save_tiny(tmp_path / "src", "llama-gqa")
+    offline_hub("me/tiny", src)
+    _prune("me/tiny", tmp_path / "hub", True, method="wanda")
+    _prune(src, tmp_path / "local", True, method="wanda")
+    a, b = PrunePlan.load(tmp_path / "hub"), PrunePlan.load(tmp_path / "local")
+    assert a.base["name"] == "me/tiny" and a.base["fingerprint"] == b.base["fingerprint"]
+    assert a.sparse == b.sparse and a.weights_digest() == b.weights_digest()
+    wa, wb = Weights(tmp_path / "hub"), Weights(tmp_path / "local")
+    assert wa.names == wb.names and all(torch.equal(wa.get(k), wb.get(k)) for k in wb.names)

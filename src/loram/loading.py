@@ -22,9 +22,10 @@ from torch import nn
 from .device import default_device
 from .errors import LoramError
 from .families import family_of, geometry, ties_embeddings
+from .hub import MODEL_FILES, download, is_repo_id
 from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
 from .nf4 import QUANTIZED_MARK, quantize_block_nf4, require_bnb
-from .prune_plan import PrunePlan, has_plan
+from .prune_plan import PLAN_FILE, PrunePlan, has_plan
 from .pruned_model import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
 from .weights import Weights, mismatch
 
@@ -136,7 +137,7 @@ def open_pruned(path: str | Path) -> tuple:
 
 def safetensors_folder(name: str | Path) -> Path | None:
     """The local safetensors folder ``name`` names, or None (a .gguf file, the smollm2 alias, a hub id):
-    what can be read tensor by tensor, so what the layer-streamed stages can stream."""
+    what can be read tensor by tensor here and now (``streamable_source`` also takes hub ids)."""
     path, gguf = resolve_model(name)
     return Path(path) if gguf is None and Path(path).is_dir() else None
 
@@ -152,6 +153,48 @@ def checkpoint_dtype(model_name: str):
         return Weights(folder).stored_dtype()
     d = getattr(load_config(model_name), "dtype", None)
     return d if isinstance(d, torch.dtype) and d.is_floating_point else None
+
+
+def streamable_source(name: str | Path, what: str) -> str:
+    """The local safetensors folder or hub id ``name`` names, for a stage that reads safetensors layer by
+    layer (``what``, e.g. "streamed pruning"; ``source_folder`` then gives the folder to read).
+    Refuses a GGUF model (a .gguf, the smollm2 alias) before anything is read: transformers dequantises
+    it whole in memory before loram sees a tensor, so streaming afterwards would save little."""
+    if not can_stream(name):
+        raise LoramError(f"{what} reads safetensors shards and {name} is a GGUF model, which transformers "
+                         "dequantises whole in memory: run it in memory (stream=False), or convert it once to a "
+                         "safetensors folder (load_model + save_pretrained) and stream that")
+    return resolve_model(name)[0]
+
+
+def can_stream(name: str | Path) -> bool:
+    """Whether ``name`` can be read layer by layer (``streamable_source`` accepts it): anything but a GGUF model."""
+    return resolve_model(name)[1] is None
+
+
+def source_folder(name: str | Path, what: str) -> Path:
+    """The local safetensors folder to read ``name`` from (``streamable_source``): a hub id is downloaded
+    first (weights, config, tokenizer: hub.download), from the cache when it is there."""
+    path = streamable_source(name, what)
+    return Path(path) if Path(path).is_dir() else download(path, MODEL_FILES)
+
+
+def pruned_folder(name: str | Path, fetch: bool = True) -> Path | None:
+    """The local folder of the loram pruned model ``name`` names, or None when it names another model.
+
+    A local folder counts when it holds loram_plan.json; a hub id when its repo does (a pruned base
+    loram pushed: `loram prune/align --push-to-hub`): the plan alone is downloaded to tell, then, with
+    ``fetch``, the files the loaders read (hub.download; the cache's snapshot folder is then read
+    exactly as a local pruned folder). A .gguf, the smollm2 alias or a missing local path: None."""
+    p = Path(str(name))
+    if p.is_dir():
+        return p if has_plan(p) else None
+    if not is_repo_id(name):
+        return None
+    probe = download(str(name), [PLAN_FILE])
+    if not has_plan(probe):
+        return None  # an ordinary hub model: the loaders read it through transformers as before
+    return download(str(name), MODEL_FILES) if fetch else probe
 
 
 def open_checkpoint(name: str | Path, what: str) -> tuple:

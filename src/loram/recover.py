@@ -23,7 +23,8 @@ from .errors import LoramError
 from .families import COL_PRUNED, UNPRUNED_MODULES, geometry, parse_name
 from .fingerprint import base_fingerprint, check_base_full, check_verify, describe_difference, same_model
 from .io import atomic_dir, check_output, read_json, releases_locks
-from .prune_plan import PrunePlan, has_plan
+from .loading import pruned_folder
+from .prune_plan import PrunePlan
 from .pruned_model import check_plan_binding
 
 FILLS = ("zero", "normal")
@@ -148,7 +149,8 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     # same widths, other kept indices: shapes cannot tell, the digest written at training time can
     check_plan_binding([adapter / ADAPTER_WEIGHTS], plan, str(adapter), "re-train it with `loram train`")
     fp = plan.base["fingerprint"]
-    if check_base and Path(str(base)).is_dir() and has_plan(base):
+    # a pruned base by its hub id too (its repo holds loram_plan.json): only the plan is downloaded to tell
+    if check_base and pruned_folder(base, fetch=False) is not None:
         raise LoramError(f"--base {base} is a loram pruned model: pass the original model the plan was made from "
                          f"({plan.base.get('name')})")
     if check_base:

@@ -196,3 +196,18 @@ def random_lora(folder: str | Path, base: str | Path, targets=("q_proj", "down_p
     gen = torch.Generator().manual_seed(seed)
     save_file({k: torch.randn(s, generator=gen) * 0.01 for k, s in lora_shapes(pm).items()}, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def hub_cache(cache: str | Path, repo_id: str, folder: str | Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Publish ``folder``'s files as hub repo ``repo_id`` in a Hugging Face hub cache rooted at ``cache``
+    (what HF_HUB_CACHE points at): ``models--OWNER--NAME/refs/main`` holds ``commit`` and
+    ``snapshots/<commit>/`` the files (copies, no blobs: snapshot_download accepts that), the layout
+    snapshot_download resolves with HF_HUB_OFFLINE=1 and no network. Returns the snapshot folder."""
+    import shutil
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns(".*"))  # loram's markers and locks start with a dot
+    return snapshot

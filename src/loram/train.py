@@ -27,7 +27,7 @@ from .device import default_device
 from .errors import LoramError
 from .fingerprint import base_fingerprint
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
-from .loading import load_model, load_pruned_model
+from .loading import load_model, load_pruned_model, pruned_folder
 from .nf4 import quantize_nf4
 from .prune_plan import has_plan
 from .settings import check_config
@@ -77,8 +77,11 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
     inputs, ckpt, settings = claim_run(cfg, model_name, out, overwrite, checkpoint_dir, resume)
+    # a pruned base named by its hub id (its repo holds loram_plan.json) is read from its snapshot folder exactly
+    # as a local pruned folder; the adapter still records ``model_name``. Here only its plan is downloaded
+    # (a repo that cannot be had fails now), its weights after the tokenizer and data checks.
+    pruned = pruned_folder(model_name, fetch=False)
     if is_main():
-        pruned = Path(str(model_name)).is_dir() and has_plan(model_name)
         warn_lm_head_serving(cfg.targets, f"`loram recover {out} --base ORIGINAL -o R`, then `loram merge ORIGINAL R -o MERGED`"
                              if pruned else f"`loram merge {model_name} {out} -o MERGED`")
     # tokenizer and data before the weights: a bad file, row or chat template fails in seconds
@@ -89,8 +92,9 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
         for what, skipped in [("--data", dropped)] + [(f"--eval {n}", d) for n, d in eval_dropped.items()]:
             if skipped["total"]:
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
+    source = pruned_folder(model_name) if pruned else model_name
     torch.manual_seed(cfg.seed)
-    model, plan, base_fp = load_base(model_name, cfg.quantize, cfg.bf16)
+    model, plan, base_fp = load_base(source, cfg.quantize, cfg.bf16)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -123,9 +123,9 @@ def _decide(model: str, req: EvalRequest, dtype, max_memory: float | None) -> tu
     """(stream?, hidden-state bytes per wave) from the memory budget: the in-memory prediction
     (planner.stages, "eval") against loram.budget. GGUF files, hub ids and generation tasks cannot
     stream, so they load in memory whatever the budget says."""
-    from ..budget import SAFETY_MARGIN, choose_streaming, memory_budget
+    from ..budget import SAFETY_MARGIN, memory_budget
     from ..loading import open_checkpoint
-    from ..planner.stages import StageInputs, predict_in_memory
+    from ..planner.stages import StageInputs, must_stream
     from .streamed import HEAD_BYTES, resident_bytes
 
     budget = memory_budget(max_memory)
@@ -135,8 +135,7 @@ def _decide(model: str, req: EvalRequest, dtype, max_memory: float | None) -> tu
         config, plan, _ = open_checkpoint(model, "streamed evaluation")
     except LoramError:
         return False, None  # not a local safetensors folder: the in-memory loader gives its own errors
-    need = predict_in_memory("eval", config, plan, StageInputs(eval_batch=req.batch_size, eval_seq_len=req.seq_len))
-    if not choose_streaming("eval", need, budget):
+    if not must_stream("eval", config, plan, StageInputs(eval_batch=req.batch_size, eval_seq_len=req.seq_len), budget):
         return False, None
     outer, layer = resident_bytes(config, plan, dtype)
     room = int(budget.bytes * (1 - SAFETY_MARGIN)) - outer - 2 * layer - HEAD_BYTES  # a layer + its transient copy

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..budget import Budget, exceeds
+from ..budget import Budget, choose_streaming, exceeds
 from ..errors import LoramError
 from ..families import geometry
 from ..prune_plan import PrunePlan, parse_layers
@@ -269,6 +269,14 @@ def predict_in_memory(stage: str, config, plan_or_spec: PrunePlan | PruneSpec | 
     """Predicted in-memory peak of ``stage`` in bytes: what loram.budget.choose_streaming compares with the budget
     (None for build and merge, which always stream)."""
     return predict_stage(stage, config, plan_or_spec, inputs).in_memory_bytes
+
+
+def must_stream(stage: str, config, plan_or_spec: PrunePlan | PruneSpec | None, inputs: StageInputs, budget: Budget) -> bool:
+    """The one streaming decision of the stages that choose (prune, eval): the predicted in-memory peak of
+    ``stage`` (``predict_in_memory``) against ``budget`` (loram.budget.memory_budget, read first by the
+    caller: it checks --max-memory before anything else) through budget.choose_streaming, which says so
+    on stderr when it streams."""
+    return choose_streaming(stage, predict_in_memory(stage, config, plan_or_spec, inputs), budget)
 
 
 def stage_peaks(config, plan_or_spec: PrunePlan | PruneSpec | None = None, inputs: StageInputs | None = None) -> list[StagePeak]:

@@ -11,7 +11,7 @@ from ..errors import LoramError
 from ..families import geometry
 from ..fingerprint import base_fingerprint, check_verify
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
-from ..loading import checkpoint_dtype, load_model
+from ..loading import can_stream, checkpoint_dtype, load_model
 from ..procmem import PeakRSS
 from ..prune_plan import PrunePlan, kept_mlp_channels, parse_layers
 from ..pruned_model import apply_plan, count_params, save_pruned
@@ -78,14 +78,9 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         check_streamable(model_name)
     _check_against_config(model_name, ratio, layers)
     if stream is None:  # after the cheap checks: a bad flag fails before the budget is even read
-        from .streamed import check_streamable
-
-        try:
-            check_streamable(model_name)
-            streamable = True
-        except LoramError:
-            streamable = False  # a GGUF model: transformers dequantises it whole, so in memory whatever the budget
-        stream = streamable and stream_decision(model_name, method, ratio, layers, None, calib_samples, calib_seq_len, max_memory)
+        # a GGUF model is dequantised whole by transformers, so it is pruned in memory whatever the budget
+        stream = can_stream(model_name) and stream_decision(model_name, method, ratio, layers, None, calib_samples, calib_seq_len,
+                                                            max_memory)
     if stream:
         from .streamed import prune_streamed
 

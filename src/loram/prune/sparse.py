@@ -20,7 +20,8 @@ any time. q/k/v share one input (and one Hessian), as do gate/up. Magnitude need
 Two ways to hold the weights, the same per-layer step (``prune_block``), so the same masks:
 
     in memory (sparsify)          the whole model loaded in ``dtype``; written at the end (in ``dtype``)
-    streamed (sparsify_streamed)  a local safetensors folder read through a LayerStream: layer i is
+    streamed (sparsify_streamed)  a safetensors folder (a hub id: its downloaded snapshot, as for
+                                  structured streaming: loading.source_folder) read through a LayerStream: layer i is
                                   loaded (fp32 compute), pruned, run forward, written as its own shard
                                   in the checkpoint's dtype (bf16 in, bf16 out), dropped. Layers below
                                   the range only carry the activations; layers above it and the
@@ -52,12 +53,12 @@ from ..families import (MODULE_OF_ROLE, ROLES, decoder_layers, geometry, is_tied
                         ties_embeddings, weight_name)
 from ..fingerprint import base_fingerprint
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
-from ..loading import PLAN_ATTR, check_checkpoint, checkpoint_dtype, load_model
-from ..loading import safetensors_folder as streamable  # a .gguf, the smollm2 alias and hub ids are pruned in memory
+from ..loading import PLAN_ATTR, can_stream, check_checkpoint, checkpoint_dtype, load_model, source_folder, streamable_source
 from ..procmem import PeakRSS
 from ..progress import track
 from ..prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan, parse_layers
 from ..pruned_model import bind_plan, count_params, save_pruned
+from .decide import STREAMING, stream_decision
 from .pattern import Pattern, parse_pattern
 from .report import PruneReport
 from .sparsegpt import Hessian, sparsegpt
@@ -287,8 +288,8 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
                  max_memory: float | None = None, stream: bool | None = None, device: str = "cpu"):
     """`loram prune --sparsity ...`: write a sparse pruned model folder; returns a PruneReport.
 
-    stream: True reads, prunes and writes one decoder layer at a time (a local safetensors folder
-    only; the output keeps the checkpoint's dtype); False loads the whole model in ``dtype``; None
+    stream: True reads, prunes and writes one decoder layer at a time (a safetensors folder or a hub id,
+    downloaded first; not a GGUF model; the output keeps the checkpoint's dtype); False loads the whole model in ``dtype``; None
     streams when the predicted in-memory peak does not fit the memory budget (``max_memory`` GB, else
     the cgroup's limit / MemAvailable: prune.stream_decision). ``dtype`` is the compute dtype,
     ``device`` where the model (streamed: the one resident layer) is computed."""
@@ -297,20 +298,15 @@ def prune_sparse(model_name: str, out: str | Path, method: str, sparsity: str, r
         raise LoramError(f"--sparsity needs a sparse --method: choose one of {', '.join(METHODS)}")
     pattern = parse_pattern(sparsity, ratio)
     check_output(out, overwrite, inputs=(model_name, calib_data))
-    folder = streamable(model_name) if stream else None
-    if stream and folder is None:
-        raise LoramError(f"streamed pruning reads a local safetensors model folder and {model_name} is not one "
-                         "(a .gguf file, the smollm2 alias and hub ids are loaded whole): prune it in memory, or save it "
-                         "as a safetensors folder first (save_pretrained) to stream it")
+    if stream:
+        streamable_source(model_name, STREAMING)  # a GGUF model is refused before anything is read
     config = load_config(model_name)
     start, end = parse_layers(layers, geometry(config).n_layers)  # fail before loading weights
-    if stream is None:  # after the cheap checks; only a local safetensors folder can stream
-        from .decide import stream_decision
-
-        folder = streamable(model_name)
-        stream = folder is not None and stream_decision(model_name, method, pattern.ratio, layers, sparsity, calib_samples,
-                                                        calib_seq_len, max_memory)
-    weights = check_checkpoint(folder, config) if stream else None  # headers only
+    if stream is None:  # after the cheap checks; a GGUF model is dequantised whole, so in memory whatever the budget
+        stream = can_stream(model_name) and stream_decision(model_name, method, pattern.ratio, layers, sparsity, calib_samples,
+                                                            calib_seq_len, max_memory)
+    # a hub id is downloaded first, as structured streaming does; then headers only
+    weights = check_checkpoint(source_folder(model_name, STREAMING), config) if stream else None
     t0, peak = time.time(), PeakRSS()
     tok = load_tokenizer(model_name)
     job = _Job(model_name, method, pattern, range(start, end), seed, verify_base)
@@ -384,7 +380,7 @@ def _write_streamed(job: _Job, weights: Weights, config, tok, tmp: Path, dtype, 
     """Prune layer by layer into ``tmp`` (inside atomic_dir): one shard for the tensors outside the
     decoder layers, then one per layer, each tensor in its stored dtype; the plan (whose id depends on
     the achieved sparsity) is bound at the end."""
-    fp = base_fingerprint(job.model_name, None, job.verify_base)  # from the safetensors: no load
+    fp = base_fingerprint(weights.folder, None, job.verify_base)  # from the safetensors (a hub id's snapshot): no load
     ls = LayerStream(weights, config, dtype=dtype, device=device, head=False)
     counts = _Counts(count_params(ls.model))  # shapes only: the decoder layers are on the meta device
     tied = ties_embeddings(config)

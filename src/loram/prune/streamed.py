@@ -25,7 +25,7 @@ The pruned folder is written layer by layer by build.write_pruned (kept rows / c
 Weights.read, one shard per decoder layer) in the checkpoint's own dtype: a bf16 checkpoint gives a
 bf16 pruned folder (the in-memory path writes what it computed in, fp32).
 
-Sources: a local safetensors folder, or a hub id downloaded first (huggingface_hub.snapshot_download).
+Sources: a local safetensors folder, or a hub id downloaded first (loading.source_folder, hub.download).
 A .gguf (and the `smollm2` alias) is pruned in memory only: transformers' GGUF loader dequantises the
 whole model in memory before loram sees a tensor, so streaming afterwards would save little; convert
 it once to a safetensors folder (load_model + save_pretrained) to stream it.
@@ -42,21 +42,18 @@ from ..build import write_pruned
 from ..errors import LoramError
 from ..families import geometry
 from ..fingerprint import base_fingerprint
-from ..io import load_config, load_tokenizer, resolve_model
-from ..loading import check_checkpoint
+from ..io import load_config, load_tokenizer
+from ..loading import check_checkpoint, source_folder, streamable_source
 from ..procmem import PeakRSS
 from ..progress import track
 from ..prune_plan import PrunePlan, parse_layers
 from ..pruned_model import count_params, skeleton
 from ..stream import Captured, LayerStream, run_block
 from ..weights import Weights
+from .decide import STREAMING
 from .report import PruneReport
 from .structured import (CALIBRATED, calibration_batches, check_finite, input_norms, layer_scores, magnitude_per, select, taylor_per,
                          wanda_sp_per)
-
-# what a hub snapshot needs for a streamed prune: weights, config, tokenizer, generation defaults
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "merges.txt", "*.jinja"]
-
 
 class _LayersOnly(LayerStream):
     """A LayerStream without embeddings, final norm and lm_head: magnitude reads decoder layers only."""
@@ -67,27 +64,8 @@ class _LayersOnly(LayerStream):
 
 # ---- where the weights are ------------------------------------------------------------------------
 def check_streamable(model_name: str | Path) -> str:
-    """``model_name``'s local folder or hub id; refuses a GGUF model (see the module docstring) before anything is read."""
-    path, gguf = resolve_model(model_name)
-    if gguf is not None:
-        raise LoramError(f"streamed pruning reads safetensors shards and {model_name} is a GGUF model, which transformers "
-                         "dequantises whole in memory: prune it in memory (stream=False), or convert it once to a "
-                         "safetensors folder (load_model + save_pretrained) and stream that")
-    return path
-
-
-def local_folder(model_name: str | Path) -> Path:
-    """The safetensors folder to stream ``model_name`` from (a hub id is downloaded first)."""
-    path = check_streamable(model_name)
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: one line each way
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoramError(f"cannot download {model_name} ({msg}): check the hub id and the network, or pass a local folder") from None
+    """``model_name``'s local folder or hub id; refuses a GGUF model (loading.streamable_source) before anything is read."""
+    return streamable_source(model_name, STREAMING)
 
 
 # ---- scores ---------------------------------------------------------------------------------------------
@@ -186,7 +164,7 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
     """Structured `loram prune` (arguments checked by prune()) with one decoder layer in memory at a time."""
     t0, peak = time.time(), PeakRSS()
     tok = load_tokenizer(model_name)  # before any weight: a missing tokenizer fails in a second
-    folder = local_folder(model_name)
+    folder = source_folder(model_name, STREAMING)
     config = load_config(folder)
     weights = check_checkpoint(folder, config)  # headers against the config before a weight is read
     g = geometry(config)
