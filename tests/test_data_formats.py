@@ -10,18 +10,7 @@ from loram.errors import LoramError
 from loram.settings import check_recipe_section, record
 from loram.testing import tiny_tokenizer
 from loram.train import TrainConfig
-
-EOS = 2
-
-
-def b(text: str) -> list[int]:
-    """Ids of the byte-level tiny tokenizer: one id per character."""
-    return [ord(c) for c in text]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+from test_data import EOS, b, tok  # noqa: F401  (tok: the tiny tokenizer fixture; b: its ids of a text)
 
 
 def user(c):
@@ -213,6 +202,16 @@ def test_skipped_rows_do_not_count_toward_the_rows_needed(tmp_path, tok, counted
     (folder / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds, dropped = build_dataset(tok, TrainConfig(data=[str(folder)], seq_len=64, steps=2, micro_batch=2))
     assert len(ds) == 4 and counted["rows"] == 7 and dropped == {"missing_fields": 3, "total": 3}
+
+
+def test_folder_split_by_name(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({"text": f"a {split} row"}) + "\n")
+    assert read_rows(str(folder)) == [{"text": "a train row"}]
+    assert read_rows(f"{folder}:validation") == [{"text": "a validation row"}]
+    assert read_rows(f"{folder}:validation[0:1]") == [{"text": "a validation row"}]
 
 
 def test_save_to_disk_folder_and_hub_style_id(tmp_path):

@@ -126,7 +126,7 @@ def iter_rows(source: str) -> Iterator[dict]:
         elif not rows:
             raise LoramError(f"dataset {source} is empty: give it at least one row")
         return iter(rows)
-    if not p.is_dir() and (path.startswith((".", "/")) or path.endswith(FILE_SUFFIXES)):
+    if not p.is_dir() and not folder_split(path) and (path.startswith((".", "/")) or path.endswith(FILE_SUFFIXES)):
         raise LoramError(f"dataset file {path} does not exist: check the path")
     return _nonempty(_sliced(stream_rows(path), part), source)
 
@@ -151,6 +151,13 @@ def _nonempty(rows: Iterator[dict], source: str) -> Iterator[dict]:
                          else f"dataset {source} is empty: give it at least one row")
 
 
+def folder_split(source: str) -> tuple[str, str] | None:
+    """"FOLDER:validation" -> (FOLDER, "validation") when FOLDER is a local folder (data files named by split, as
+    on the Hub); None otherwise."""
+    folder, colon, split = source.rpartition(":")
+    return (folder, split) if colon and folder and split and Path(folder).is_dir() else None
+
+
 def stream_rows(source: str) -> Iterator[dict]:
     """Rows of a hub dataset or a local dataset folder through `datasets`, lazily (streaming=True: nothing
     is downloaded or converted beyond the rows taken). A folder written by ``Dataset.save_to_disk`` is
@@ -163,6 +170,9 @@ def stream_rows(source: str) -> Iterator[dict]:
             ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
         elif Path(source).is_dir():
             ds = datasets.load_dataset(source, split="train", streaming=True)
+        elif folder_split(source):
+            folder, split = folder_split(source)
+            ds = datasets.load_dataset(folder, split=split, streaming=True)
         else:
             name, _, split = source.partition(":")
             name, _, config = name.partition("@")  # "owner/name@config:split"
