@@ -297,10 +297,19 @@ def test_recipe_knobs_checked_before_any_stage(tmp_path):
         assert not (tmp_path / "w").exists()
 
 
-def test_train_cli_csv_prompt_completion_chat_template_and_truncation(tiny_dir, tmp_path, capsys):
+def test_train_cli_csv_prompt_completion_chat_template_and_truncation(tiny_dir, tmp_path, capsys, monkeypatch):
     """One `loram train` run: a CSV of prompt-completion rows and a --chat-template file; a row longer than --seq-len
     is truncated (the default) and counted in the log line and train_report.json."""
+    import loram.train
     from loram.cli import main
+
+    real, used = loram.train.build_dataset, []
+
+    def build(tok, cfg):  # the template the rows are formatted with
+        used.append(tok.chat_template)
+        return real(tok, cfg)
+
+    monkeypatch.setattr(loram.train, "build_dataset", build)
 
     rows = [{"prompt": f"{a}+{a}=", "completion": str(2 * a)} for a in range(8)] + [{"prompt": "long ", "completion": "z" * 100}]
     data = tmp_path / "d.csv"
@@ -313,5 +322,6 @@ def test_train_cli_csv_prompt_completion_chat_template_and_truncation(tiny_dir, 
     assert rep["dropped"] == {"total": 0, "truncated": 1}
     out = capsys.readouterr().out
     assert "--data: no rows skipped; 1 row truncated to --seq-len" in out
+    assert used == [template.read_text()]
     meta = json.loads((tmp_path / "A" / "loram_adapter.json").read_text())
     assert meta["train"]["long_rows"] == "truncate" and meta["train"]["chat_template"] == str(template)

@@ -8,7 +8,7 @@ Row formats (detected per row):
     text      {"text"}                                              -> plain language modelling
     prompt-completion (TRL)
               {"prompt": str, "completion": str}                   -> prompt + completion + EOS, no chat template
-              {"prompt": [messages], "completion": [messages]}     -> chat template; loss on the completion messages
+              {"prompt": [messages], "completion": [messages]}     -> chat template; loss on all after the prompt
 
 Labels: -100 on prompt tokens (system/user turns, template scaffolding), the token ids on
 response tokens (including the closing end-of-turn token, so the model learns to stop).
