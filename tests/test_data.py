@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loram.data import IGNORE, build_dataset, chunk_tokens, encode, encode_all, mix, pack, read_rows, read_texts
+from loram.data import IGNORE, build_dataset, chunk_tokens, encode, encode_all, mix, pack, read_rows, read_texts, skip_summary
 from loram.errors import LoramError
 from loram.testing import tiny_tokenizer
 from loram.train import TrainConfig
@@ -119,12 +119,37 @@ def test_rows_missing_fields_fail_clearly(tok, row, match):
         encode(tok, row)
 
 
+LONG = [{"instruction": "q", "output": "a"}] * 3 + [{"instruction": "q", "output": "a" * 50}, {"text": "x" * 80},
+                                                    {"instruction": "q" * 50, "output": "a"}]
+
+
+def test_long_rows_truncated_by_default(tok):
+    enc = encode_all(tok, LONG, seq_len=40)  # truncate (TRL's default): the first 40 tokens, labels cut with them
+    assert enc.truncated == 2 and len(enc.examples) == 5
+    full = encode(tok, LONG[3])
+    assert enc.examples[3] == (full[0][:40], full[1][:40]) and enc.examples[4] == (b("x" * 40), b("x" * 40))
+    assert enc.skipped == {"too_long": 1}  # the last row's prompt fills --seq-len: nothing to learn is left, skipped
+
+
 def test_long_rows_dropped_and_counted(tok):
-    rows = [{"instruction": "q", "output": "a"}] * 3 + [{"instruction": "q" * 50, "output": "a"}, {"text": "x" * 80}]
-    enc = encode_all(tok, rows, seq_len=40)
-    assert enc.skipped == {"too_long": 2} and enc.dropped == 2 and len(enc.examples) == 3
-    with pytest.raises(LoramError, match=r"2 of its 2 rows would be skipped \(2 longer than --seq-len 10\): raise --seq-len"):
-        encode_all(tok, rows[3:], seq_len=10)
+    enc = encode_all(tok, LONG, seq_len=40, long_rows="drop")
+    assert enc.skipped == {"too_long": 3} and enc.dropped == 3 and enc.truncated == 0 and len(enc.examples) == 3
+    assert enc.examples == [encode(tok, r) for r in LONG[:3]]
+    with pytest.raises(LoramError, match=r"3 of its 3 rows would be skipped \(3 longer than --seq-len 10\): raise --seq-len"):
+        encode_all(tok, LONG[3:], seq_len=10, long_rows="drop")
+    with pytest.raises(LoramError, match=r"2 of its 3 rows would be skipped \(2 longer than --seq-len 3\)"):
+        encode_all(tok, LONG[3:], seq_len=3)  # truncate: the two instruction rows keep no response token in 3
+
+
+def test_truncated_rows_reported_apart_from_skipped(tmp_path, tok):
+    f = tmp_path / "d.jsonl"
+    rows = [{"instruction": "q", "output": "a"}] * 4 + [{"text": "x" * 80}] * 2 + [{"instruction": "q" * 50, "output": "a"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, dropped = build_dataset(tok, TrainConfig(data=[str(f)], seq_len=40))
+    assert dropped == {"too_long": 1, "total": 1, "truncated": 2}
+    assert skip_summary(dropped) == "1 row skipped (1 too_long); 2 rows truncated to --seq-len"
+    _, dropped = build_dataset(tok, TrainConfig(data=[str(f)], seq_len=40, long_rows="drop"))
+    assert dropped == {"too_long": 3, "total": 3} and skip_summary(dropped) == "3 rows skipped (3 too_long)"
 
 
 def chat(*roles):
@@ -135,7 +160,7 @@ def test_skipped_rows_counted_by_reason(tok):
     good = [{"instruction": "q", "output": "a"}] * 6
     bad = [chat("user", "bot"), chat("user", "assistant", "narrator"), {"question": "q", "answer": "a"},
            {"instruction": "q", "output": ""}, {"text": "x" * 80}]
-    enc = encode_all(tok, good + bad, seq_len=40)
+    enc = encode_all(tok, good + bad, seq_len=40, long_rows="drop")
     # "" output still has the closing EOS to learn (kept); only a row with no assistant turn has no response
     assert len(enc.examples) == 7
     assert enc.skipped == {"unknown_role": 2, "missing_fields": 1, "too_long": 1}
@@ -155,8 +180,8 @@ def test_mostly_skipped_file_refused_with_main_reason(tok):
     rows = [chat("user", "bot")] * 3 + [{"text": "x" * 80}] + [{"instruction": "q", "output": "a"}] * 3
     with pytest.raises(LoramError, match=r"^d.jsonl: 4 of its 7 rows would be skipped \(3 with an unknown role, 1 longer than "
                                          r"--seq-len 40; first: dataset row has a message with role 'bot'\): use the roles"):
-        encode_all(tok, rows, seq_len=40, name="d.jsonl")
-    assert encode_all(tok, rows[2:], seq_len=40).skipped == {"unknown_role": 1, "too_long": 1}  # 2 of 5: kept, counted
+        encode_all(tok, rows, seq_len=40, name="d.jsonl", long_rows="drop")
+    assert encode_all(tok, rows[2:], seq_len=40, long_rows="drop").skipped == {"unknown_role": 1, "too_long": 1}  # 2 of 5: counted
 
 
 def test_unsafe_chat_template_is_one_clear_error():

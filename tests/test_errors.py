@@ -466,6 +466,40 @@ def test_mostly_skipped_data(capsys, w, tmp_path, no_weights):
           "role; first: dataset row has a message with role 'bot'): use the roles system, user, assistant, tool", out=tmp_path / "o")
 
 
+def test_chat_template_file_missing(capsys, w, tmp_path, no_weights):
+    fails(capsys, "train", w.base, "--data", w.data, "--chat-template", tmp_path / "nope.jinja", "-o", tmp_path / "o",
+          expect="nope.jinja does not exist: give a Jinja chat template file", out=tmp_path / "o")
+
+
+def test_chat_template_file_not_jinja(capsys, w, tmp_path, no_weights):
+    t = tmp_path / "t.jinja"
+    t.write_text("{% for m in messages %}{{ m.content }}\n")
+    fails(capsys, "train", w.base, "--data", w.data, "--chat-template", t, "-o", tmp_path / "o",
+          expect="t.jinja is not valid Jinja (line 1: ", out=tmp_path / "o")
+
+
+def test_csv_with_ragged_row(capsys, w, tmp_path, no_weights):
+    d = tmp_path / "d.csv"
+    d.write_text("instruction,output\nadd 1 1,2\nsay a, b,c\n")
+    fails(capsys, "train", w.base, "--data", d, "-o", tmp_path / "o",
+          expect="d.csv line 3 has 3 fields, its header has 2: quote the cells that contain commas", out=tmp_path / "o")
+
+
+def test_corrupt_arrow(capsys, w, tmp_path, no_weights):
+    bad = tmp_path / "d.arrow"
+    bad.write_bytes(b"ARROW1\x00\x00" + os.urandom(200))
+    fails(capsys, "train", w.base, "--data", bad, "-o", tmp_path / "o", expect="is not a readable arrow file", out=tmp_path / "o")
+
+
+def test_dataset_folder_with_corrupt_shard(capsys, w, tmp_path, no_weights):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(w.data.read_text())
+    (folder / "b.jsonl").write_text("{not json\n")
+    fails(capsys, "train", w.base, "--data", folder, "--epochs", "1", "-o", tmp_path / "o",
+          expect="cannot read dataset", out=tmp_path / "o")
+
+
 # ---- optional packages -----------------------------------------------------------------------------
 def test_nf4_without_bitsandbytes(capsys, w, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .configs import AlignConfig, RunConfig
-from .data import ListDataset, chunk_tokens, collate, mix, read_texts
+from .data import ListDataset, chunk_tokens, collate, examples_needed, mix, read_texts, streamed
 from .errors import LoramError
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
 from .prune.sparse import sparse_masks
@@ -68,7 +68,11 @@ def _mask_callback(masks):
 
 
 def corpus_blocks(tok, cfg: AlignConfig) -> list:
-    sources = [chunk_tokens(tok, read_texts(src), cfg.seq_len, name=f"corpus {src}") for src in cfg.data]
+    """The mixture's blocks. A streamed corpus (hub id, folder) is read only until it fills the blocks the run's
+    --steps / --tokens draw; local files are read whole."""
+    need = examples_needed(cfg)
+    sources = [chunk_tokens(tok, read_texts(src), cfg.seq_len, name=f"corpus {src}", max_blocks=need if streamed(src) else None)
+               for src in cfg.data]
     return mix(sources, cfg.data_weights, cfg.seed)
 
 
@@ -84,9 +88,9 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     inputs, ckpt, settings = claim_run(cfg, pruned, out, overwrite, checkpoint_dir, resume)
     # tokenizer and corpus before the weights: a bad file fails in seconds
     tok = load_tokenizer(pruned)
-    blocks = corpus_blocks(tok, cfg)
-    if cfg.tokens:
+    if cfg.tokens:  # before the corpus: a streamed corpus is read only as far as these steps need
         cfg.steps, cfg.epochs = steps_for_tokens(cfg.tokens, cfg, int(os.environ.get("WORLD_SIZE", "1"))), None
+    blocks = corpus_blocks(tok, cfg)
     evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
     torch.manual_seed(cfg.seed)
     model, plan = load_pruned_model(pruned, dtype=torch.float32, device_map="auto")

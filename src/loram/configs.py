@@ -41,6 +41,7 @@ class RunConfig:
 
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LONG_ROWS = ("truncate", "drop")  # --long-rows: what happens to a row longer than --seq-len (loram.data.encode_all)
 TARGET_MODULES = {r: f"{r}_proj" for r in DEFAULT_TARGETS} | {"lm_head": "lm_head"}
 
 
@@ -52,6 +53,8 @@ class TrainConfig(RunConfig):
     targets: tuple[str, ...] = DEFAULT_TARGETS
     quantize: str | None = None
     train_on_inputs: bool = False
+    long_rows: str = "truncate"  # LONG_ROWS
+    chat_template: str | None = None  # Jinja file replacing the tokenizer's chat template
     packing: bool = False
     extra: dict = field(default_factory=dict)
 

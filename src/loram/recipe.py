@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import settings
 from .align import align
-from .data import split_slice
+from .data import FILE_SUFFIXES, folder_split, read_chat_template, split_slice
 from .errors import LoramError
 from .io import _local_inputs, _real, atomic_dir, check_replace, lock_output, unlock_output, write_json, write_marker
 from .merge import merge
@@ -54,7 +54,7 @@ from .yamlfile import apply_overrides, read_yaml
 
 OUTPUT = {"prune": "pruned", "align": "aligned", "train": "adapter", "recover": "recovered", "merge": "merged", "eval": "eval"}
 STAGE_FILE = "loram_stage.json"
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+DATA_SUFFIXES = (*FILE_SUFFIXES, ".txt")
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _data_list(spec, stage: str) -> list[str]:
 def _check_local(spec: str, what: str) -> None:
     """A path that looks local must exist; hub ids are checked when the stage runs."""
     path, _ = split_slice(data_source(spec)[0])
-    if (path.endswith(DATA_SUFFIXES) or path.startswith((".", "/"))) and not Path(path).exists():
+    if (path.endswith(DATA_SUFFIXES) or path.startswith((".", "/"))) and not Path(path).exists() and not folder_split(path):
         raise LoramError(f"{what}: data file {path} does not exist: fix the path (relative paths start at the current directory)")
 
 
@@ -165,6 +165,8 @@ def stage_configs(r: Recipe) -> dict:
                 _check_local(f, f"recipe {s}")
             for name, f in (cfg.get("eval") or {}).items():
                 _check_local(str(f), f"recipe {s}.eval {name}")
+        if cfg.get("chat_template"):  # before any stage runs: not after a prune of many minutes
+            read_chat_template(cfg["chat_template"])
     for name, f in list((r.stages.get("eval") or {}).get("ppl", {}).items()) + list((r.stages.get("eval") or {}).get("mc", {}).items()):
         _check_local(str(f), f"recipe eval {name}")
     return out
@@ -293,7 +295,7 @@ def recipe_inputs(r: Recipe) -> list[str]:
         for key in ("eval", "ppl", "mc"):
             if isinstance(cfg.get(key), dict):
                 found += [str(f) for f in cfg[key].values()]
-        found += [str(cfg[k]) for k in ("calib_data", "fewshot_file") if cfg.get(k)]
+        found += [str(cfg[k]) for k in ("calib_data", "fewshot_file", "chat_template") if cfg.get(k)]
     return found
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from dataclasses import MISSING, dataclass, field, fields, replace
 
-from .configs import AlignConfig, TrainConfig
+from .configs import LONG_ROWS, AlignConfig, TrainConfig
 from .errors import LoramError
 from .validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, RATIO, SEED, SEQ_LEN, Number
 
@@ -193,20 +193,27 @@ def _run_knobs(lr: float) -> dict[str, Knob]:
 
 TRAIN_KNOBS = {
     "data": Knob(None, repeat=True, required=True,
-                 help="FILE (.json/.jsonl/.parquet) or hub id, optionally FILE=WEIGHT for mixtures; repeatable"),
+                 help="FILE (.json/.jsonl/.parquet/.arrow/.csv/.tsv), dataset folder or hub id (streamed), optionally "
+                      "FILE=WEIGHT for mixtures; repeatable. Rows: instruction/output, messages, prompt/completion, text"),
     "rank": Knob(8, check=COUNT),
     "alpha": Knob(16, check=COUNT),
     "dropout": Knob(0.05, check=DROPOUT),
     "targets": Knob("q,k,v,o,gate,up,down", help="comma list of q,k,v,o,gate,up,down,lm_head"),
     "quantize": Knob(None, choices=("nf4",), help="QLoRAM: NF4 + double quant base (needs bitsandbytes)"),
     "train_on_inputs": Knob(False, switch=True, help="loss on prompt tokens too"),
+    "long_rows": Knob("truncate", choices=LONG_ROWS,
+                      help="rows longer than --seq-len: truncate (keep the first --seq-len tokens, as TRL; default) or drop; "
+                           "counted in the log and train_report.json"),
+    "chat_template": Knob(None, metavar="FILE",
+                          help="Jinja chat template file used instead of the tokenizer's (e.g. for a base model without one)"),
     "packing": Knob(False, switch=True, help="pack rows into --seq-len sequences, each row attending only to itself "
                                             "(positions restart per row; same loss as unpacked, fewer pad tokens)"),
     **_run_knobs(lr=2e-4),
 }
 ALIGN_KNOBS = {
     "data": Knob(None, repeat=True, required=True,
-                 help="corpus: .txt (one document per line), .jsonl/.json/.parquet with `text`, or hub id; FILE=WEIGHT mixes"),
+                 help="corpus: .txt (one document per line), .jsonl/.json/.parquet/.arrow/.csv/.tsv with `text`, or a "
+                      "dataset folder / hub id (streamed); FILE=WEIGHT mixes"),
     "tokens": Knob(None, check=COUNT, help="token budget (sets --steps from batch and sequence length)"),
     "train_embeddings": Knob(False, switch=True, help="also train embed_tokens (frozen by default)"),
     "train_lm_head": Knob(False, switch=True, help="also train lm_head (frozen by default, as the paper)"),

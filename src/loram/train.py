@@ -22,7 +22,7 @@ import torch
 
 from .adapter import ADAPTER_META, STAGE_PRUNED, warn_lm_head_serving, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
-from .data import build_dataset, eval_sets, skip_summary
+from .data import build_dataset, eval_sets, read_chat_template, skip_summary
 from .device import default_device
 from .errors import LoramError
 from .fingerprint import base_fingerprint
@@ -76,6 +76,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from .data import collate  # looked up per call: tests/test_ddp.py swaps it to record each rank's batches
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
+    template = read_chat_template(cfg.chat_template) if cfg.chat_template else None  # a missing or broken file: now
     inputs, ckpt, settings = claim_run(cfg, model_name, out, overwrite, checkpoint_dir, resume)
     # a pruned base named by its hub id (its repo holds loram_plan.json) is read from its snapshot folder exactly
     # as a local pruned folder; the adapter still records ``model_name``. Here only its plan is downloaded
@@ -86,11 +87,13 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
                              if pruned else f"`loram merge {model_name} {out} -o MERGED`")
     # tokenizer and data before the weights: a bad file, row or chat template fails in seconds
     tok = load_tokenizer(model_name)
+    if template is not None:
+        tok.chat_template = template
     dataset, dropped = build_dataset(tok, cfg)
     evals, eval_dropped = eval_sets(tok, cfg)
     if is_main():
         for what, skipped in [("--data", dropped)] + [(f"--eval {n}", d) for n, d in eval_dropped.items()]:
-            if skipped["total"]:
+            if skipped["total"] or skipped.get("truncated"):
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
     source = pruned_folder(model_name) if pruned else model_name
     torch.manual_seed(cfg.seed)

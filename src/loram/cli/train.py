@@ -39,5 +39,6 @@ def run(a) -> int:
     except TrainingInterrupted as e:
         return interrupted(e)
     if is_main():
-        print(f"adapter written to {r.out}: {r.summary()}" + (f"; {skip_summary(r.dropped)}" if r.dropped.get("total") else ""))
+        rows = r.dropped.get("total") or r.dropped.get("truncated")
+        print(f"adapter written to {r.out}: {r.summary()}" + (f"; {skip_summary(r.dropped)}" if rows else ""))
     return 0

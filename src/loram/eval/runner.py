@@ -61,9 +61,7 @@ class EvalRequest:
 
 
 def _rows(path, limit: int | None) -> list[dict]:
-
-    rows = read_rows(str(path))
-    return rows[:limit] if limit else rows
+    return read_rows(str(path), limit or None)  # a streamed source (folder, hub id) stops after --limit rows
 
 
 def check_files(req: EvalRequest) -> None:
