@@ -37,6 +37,10 @@ SHIM = Path(__file__).parent / "fsdp_cpu"
 TIGHT, LOOSE = 1e-5, 1e-3  # fp32 reduce order through AdamW: nearly all elements / the worst one (module docstring)
 COMMON = ["--steps", "3", "--lr", "1e-2", "--quiet"]
 
+# the FSDP runs need torch.distributed with gloo (CPU builds without it exist, e.g. some macOS wheels)
+gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                          reason="torch.distributed with the gloo backend is not available in this torch build")
+
 RANKS = textwrap.dedent('''
     import json, sys
     from loram.cli import main
@@ -78,6 +82,7 @@ def runs(tiny_dir, tmp_path_factory):
     return d, sparse
 
 
+@gloo
 def test_runs_were_sharded(runs):
     d, _ = runs
     marks = [json.loads((d / f"mark.{call}.{rank}.json").read_text()) for call in (1, 2) for rank in (0, 1)]
@@ -93,6 +98,7 @@ def assert_close(a: dict, b: dict) -> None:
     assert diff.max() < LOOSE and (diff > TIGHT).float().mean() < 1e-3, (diff.max(), (diff > TIGHT).sum())
 
 
+@gloo
 def test_fsdp_adapter_equals_one_process(runs, tiny_dir):
     d, _ = runs
     one, fsdp = (load_file(str(d / f"{w}-adapter" / "adapter_model.safetensors")) for w in ("one", "fsdp"))
@@ -102,6 +108,7 @@ def test_fsdp_adapter_equals_one_process(runs, tiny_dir):
     assert max(v.abs().max().item() for k, v in fsdp.items() if "lora_B" in k) > 10 * LOOSE  # B starts at 0: it trained
 
 
+@gloo
 def test_fsdp_aligned_model_equals_one_process_and_keeps_zeros(runs):
     d, sparse = runs
     src = load_file(str(sparse / "model.safetensors"))
@@ -142,6 +149,17 @@ def test_sparse_align_under_deepspeed_is_refused(capsys, monkeypatch, no_load, t
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     fails(capsys, "align", sparse, "-o", tmp_path / "al", "--data", tmp_path / "c.txt",
           expect="of a sparse plan under DeepSpeed cannot keep the pruned zeros", out=tmp_path / "al")
+
+
+def test_sparse_align_under_fsdp1_flat_params_is_refused(capsys, monkeypatch, no_load, tiny_dir, tmp_path):
+    sparse = make_sparse(tiny_dir, tmp_path / "sparse")
+    (tmp_path / "c.txt").write_text("some text\n")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "false")  # `accelerate launch --use_fsdp --fsdp_use_orig_params false`
+    fails(capsys, "align", sparse, "-o", tmp_path / "al", "--data", tmp_path / "c.txt",
+          expect="under FSDP1 needs the original parameters", out=tmp_path / "al")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_engine("align", sparse=True)  # FSDP2 keeps every parameter by name: accepted
 
 
 def test_zero3_without_gathering_is_refused(capsys, monkeypatch, no_load, tiny_dir, alpaca_file, tmp_path):

@@ -60,8 +60,13 @@ def check_engine(command: str, quantize: str | None = None, sparse: bool = False
         # storage dtype per sharded unit (FSDP-QLoRA sets bnb_4bit_quant_storage to the compute dtype).
         # loram's NF4 loader does not, and nothing here can test FSDP + NF4 (no GPU in CI): refused.
         raise LoramError(f"`loram {command} --quantize nf4` under FSDP is not supported (NF4 weights use uint8 storage, "
-                         "which FSDP cannot shard with the other weights): use DDP (torchrun) or DeepSpeed for QLoRA, "
+                         "which FSDP cannot shard with the other weights): use DDP (torchrun) for QLoRA, "
                          "or FSDP without --quantize")
+    if engine == "fsdp" and sparse and os.environ.get("FSDP_VERSION", "1") != "2" \
+            and os.environ.get("FSDP_USE_ORIG_PARAMS", "false").lower() != "true":
+        # FSDP1 without use_orig_params shows only flat parameters: no weight to take the zeros of
+        raise LoramError(f"`loram {command}` of a sparse plan under FSDP1 needs the original parameters: "
+                         "use --fsdp_version 2 or --fsdp_use_orig_params true")
     if engine == "deepspeed" and sparse:
         # ZeRO keeps the gradients and the fp32 master weights in its own flat partitions, out of reach of
         # the parameters: masking them would not stop the optimizer from moving the pruned zeros.
