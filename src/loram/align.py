@@ -10,7 +10,8 @@ unchanged, so the adapter's plan id still matches).
     frozen    embed_tokens and lm_head (as the paper's code; --train-embeddings / --train-lm-head)
     budget    --steps, or --tokens T: steps = ceil(T / (seq_len * micro_batch * grad_accum * ranks))
     sparse    (plan kind "sparse") M = (W != 0) for every decoder linear of the plan's layer range,
-              taken at start; after every optimizer step W <- W * M, so pruned zeros stay exactly 0
+              taken at start from each rank's own part of W (after FSDP wrapped it); every optimizer
+              step: grad <- grad * M before it, W <- W * M after it, so pruned zeros stay exactly 0
 
 Output: a pruned model folder (same plan, ``extra["aligned"]`` records data, steps, tokens, lr),
 loadable by ``loram.load_pruned``. Uses the same Trainer setup as `loram train` (loram.training.fit):
@@ -30,11 +31,12 @@ from .configs import AlignConfig, RunConfig
 from .data import ListDataset, chunk_tokens, collate, examples_needed, mix, read_texts, streamed
 from .errors import LoramError
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
-from .prune.sparse import sparse_masks
-from .prune_plan import has_plan
+from .prune.sparse import sparse_mask_names
+from .prune_plan import PrunePlan, has_plan
 from .pruned_model import save_pruned
 from .settings import check_config
 from .training import TrainReport, claim_run, finish, fit, param_counts, save_final
+from .training.distributed import check_engine, gathered_state_dict, keep_zeros_callback
 
 
 def steps_for_tokens(tokens: int, cfg: RunConfig, world: int) -> int:
@@ -51,20 +53,6 @@ def set_trainable(model, train_embeddings: bool, train_lm_head: bool) -> None:
     emb.weight.requires_grad_(train_embeddings or (tied and train_lm_head))
     if head is not None and not tied:
         head.weight.requires_grad_(train_lm_head)
-
-
-def _mask_callback(masks):
-    from transformers import TrainerCallback
-
-    class KeepZeros(TrainerCallback):
-        """Re-apply the sparsity masks after every optimizer step (AdamW moves zeros otherwise)."""
-
-        def on_optimizer_step(self, args, state, control, **kw):
-            with torch.no_grad():
-                for w, m in masks:
-                    w.mul_(m)
-
-    return KeepZeros()
 
 
 def corpus_blocks(tok, cfg: AlignConfig) -> list:
@@ -85,6 +73,8 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
+    sparse = PrunePlan.load(pruned).kind == "sparse"
+    check_engine("align", sparse=sparse)
     inputs, ckpt, settings = claim_run(cfg, pruned, out, overwrite, checkpoint_dir, resume)
     # tokenizer and corpus before the weights: a bad file fails in seconds
     tok = load_tokenizer(pruned)
@@ -99,14 +89,15 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     set_trainable(model, cfg.train_embeddings, cfg.train_lm_head)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # the weights and their masks, resolved once: the callback runs after every optimizer step
-    masks = [(model.get_parameter(n), m) for n, m in sparse_masks(model, plan).items()] if plan.kind == "sparse" else []
-    cbs = ([_mask_callback(masks)] if masks else []) + list(callbacks or [])
+    # the masks are taken once the engine has wrapped the model (its shards are what the optimizer sees)
+    masks = list(sparse_mask_names(plan)) if sparse else []
+    cbs = ([keep_zeros_callback(masks)] if masks else []) + list(callbacks or [])
     trainable, frozen = param_counts(model)
     r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, cbs,
             settings)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, {"total": 0}, r.eval_ppl, r.eval_history, r.resumed_from)
+    state = gathered_state_dict(r.trainer)  # every rank: under FSDP / ZeRO-3 each holds only a part
     if r.trainer.args.process_index == 0:
         plan.extra = dict(plan.extra, aligned={
             "from": str(pruned), "data": list(cfg.data), "weights": cfg.data_weights, "steps": r.steps,
@@ -117,7 +108,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
         model.eval()
         def save():
             with atomic_dir(out, overwrite, "align", inputs) as tmp:
-                save_pruned(model, tok, plan, tmp)
+                save_pruned(model, tok, plan, tmp, state)
                 write_json(Path(tmp) / "align_report.json", asdict(report))
 
         save_final(ckpt, save)

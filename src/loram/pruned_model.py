@@ -143,10 +143,11 @@ def load_state_into(model, sd: dict, where: str) -> None:
         model.tie_weights()
 
 
-def save_pruned(model, tokenizer, plan: PrunePlan, out: str | Path) -> None:
-    """Write a pruned model folder (call inside io.atomic_dir)."""
+def save_pruned(model, tokenizer, plan: PrunePlan, out: str | Path, state_dict: dict | None = None) -> None:
+    """Write a pruned model folder (call inside io.atomic_dir). ``state_dict``: the weights when the model's
+    own are shards (FSDP / ZeRO-3: training.distributed.gathered_state_dict)."""
     out = Path(out)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     bind_plan(safetensors_files(out), plan)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -32,6 +32,7 @@ from .nf4 import quantize_nf4
 from .prune_plan import has_plan
 from .settings import check_config
 from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, save_final
+from .training.distributed import check_engine, gathered_state_dict
 
 
 # ---- model and LoRA ---------------------------------------------------------------------------
@@ -76,6 +77,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from .data import collate  # looked up per call: tests/test_ddp.py swaps it to record each rank's batches
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
+    check_engine("train", quantize=cfg.quantize)
     template = read_chat_template(cfg.chat_template) if cfg.chat_template else None  # a missing or broken file: now
     inputs, ckpt, settings = claim_run(cfg, model_name, out, overwrite, checkpoint_dir, resume)
     # a pruned base named by its hub id (its repo holds loram_plan.json) is read from its snapshot folder exactly
@@ -107,19 +109,22 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     r = fit(pm, dataset, collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, callbacks, settings)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from, eval_dropped)
+    state = gathered_state_dict(r.trainer, trainable_only=True)  # every rank: under FSDP / ZeRO-3 each holds only a part
     if r.trainer.args.process_index == 0:
-        save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs, base_fp))
+        save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs, base_fp, state))
     finish(r.trainer)
     return report
 
 
 def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainReport, overwrite: bool, inputs=(),
-                 base_fp: dict | None = None) -> None:
-    """``base_fp``: the original's fingerprint taken at load time (load_base), for an adapter of an original."""
+                 base_fp: dict | None = None, state: dict | None = None) -> None:
+    """``base_fp``: the original's fingerprint taken at load time (load_base), for an adapter of an original.
+    ``state``: the trained weights gathered from every rank (training.distributed.gathered_state_dict);
+    None: the model's own (one process)."""
     from peft import get_peft_model_state_dict
 
-
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(pm, save_embedding_layers=False).items()}
+    lora = get_peft_model_state_dict(pm, state_dict=state, save_embedding_layers=False)
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in lora.items()}
     lcfg = pm.peft_config["default"].to_dict()
     lcfg["base_model_name_or_path"] = str(model_name)
     lcfg = json.loads(json.dumps(lcfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))

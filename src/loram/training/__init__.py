@@ -5,6 +5,8 @@
                     Ctrl-C, held-out perplexity, chunked loss), torchrun / accelerate as launched
     checkpoint.py   checkpoint folders: the completion marker, --resume's settings check, a full disk
     state.py        optimizer / scheduler / RNG state as safetensors + JSON (resume never unpickles)
+    distributed.py  what train / align need from DDP, FSDP 1/2, DeepSpeed: the trained weights gathered on
+                    every rank, sparse masks on each rank's shard, engine combinations refused before loading
 """
 
 from ..configs import RunConfig
