@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# --precision values (loram.device.resolve_precision turns one into a dtype); here, torch-free, for the flags
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
 
 @dataclass
 class RunConfig:
@@ -25,7 +28,8 @@ class RunConfig:
     grad_accum: int = 1
     seq_len: int = 512
     grad_checkpointing: bool = False
-    bf16: bool = False
+    bf16: bool = False  # old spelling of precision="bf16" (recipes write `bf16: true`): settings.precision_of
+    precision: str = "auto"  # compute dtype: auto | bf16 | fp16 | fp32 (loram.device)
     seed: int = 0
     save_steps: int = 0
     logging_steps: int = 10

@@ -23,35 +23,36 @@ import torch
 from .adapter import ADAPTER_META, STAGE_PRUNED, warn_lm_head_serving, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, skip_summary
-from .device import default_device
+from .device import compute_dtype, default_device
 from .errors import LoramError
 from .fingerprint import base_fingerprint
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
-from .loading import load_model, load_pruned_model
-from .nf4 import quantize_nf4
+from .loading import load_model, load_original_nf4, load_pruned_model, safetensors_folder
+from .nf4 import quantize_nf4, store_rest_in
 from .prune_plan import has_plan
 from .settings import check_config
 from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, save_final
 
 
 # ---- model and LoRA ---------------------------------------------------------------------------
-def load_base(model: str | Path, quantize: str | None, bf16: bool):
+def load_base(model: str | Path, quantize: str | None, dtype=torch.float32, device=None):
     """(model, plan or None, base fingerprint) for a pruned folder or an ordinary model (the tokenizer is
-    loaded first, by train)."""
-
-    dtype = torch.bfloat16 if bf16 and quantize is None else torch.float32
+    loaded first, by train), on ``device`` (default: cuda:LOCAL_RANK or cpu) with its weights in ``dtype``,
+    the compute dtype; with NF4, quantised layer by layer there and everything else stored in ``dtype``."""
+    device = default_device() if device is None else torch.device(device)
+    if quantize not in (None, "nf4"):
+        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
     if Path(str(model)).is_dir() and has_plan(model):
-        m, plan = load_pruned_model(model, quantize=quantize, dtype=dtype, device_map="auto")
+        m, plan = load_pruned_model(model, quantize=quantize, dtype=dtype, device_map=str(device))
         return m, plan, plan.base["fingerprint"]
-    m = load_model(model, dtype=dtype)
+    if quantize == "nf4" and safetensors_folder(model) is not None:  # fingerprinted from its files
+        return load_original_nf4(model, dtype, device), None, base_fingerprint(model)
+    m = load_model(model, dtype=torch.float32 if quantize else dtype)  # a .gguf or hub id: whole, then NF4
     # fingerprint the original now: after NF4 or PEFT wrapping the state dict no longer shows its weights
     fp = base_fingerprint(model, m)
     if quantize == "nf4":
-        quantize_nf4(m)
-    elif quantize is not None:
-        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
-    if torch.cuda.is_available():
-        m.to(default_device())  # cuda:LOCAL_RANK, not GPU 0 for every rank
+        store_rest_in(quantize_nf4(m, dtype), dtype)
+    m.to(device)  # cuda:LOCAL_RANK, not GPU 0 for every rank
     return m, None, fp
 
 
@@ -90,7 +91,8 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
             if skipped["total"]:
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
     torch.manual_seed(cfg.seed)
-    model, plan, base_fp = load_base(model_name, cfg.quantize, cfg.bf16)
+    device = default_device()
+    model, plan, base_fp = load_base(model_name, cfg.quantize, compute_dtype(cfg.precision, device, cfg.bf16), device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
