@@ -111,6 +111,7 @@ def _trainer_class():
                 loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
+        checked_at = -1  # the optimizer step stop_if_non_finite last looked at
         first_bad = None  # device tensor: the first optimizer step whose loss was non-finite (inf: none yet)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -127,8 +128,9 @@ def _trainer_class():
         def _maybe_log_save_evaluate(self, *args, **kwargs):
             # after each optimizer step, before anything is logged or saved: one sync per logging / saving
             # step (and the last), not per micro-step
-            c = self.control
-            if c.should_log or c.should_save or c.should_evaluate or self.state.global_step >= self.state.max_steps:
+            c, step = self.control, self.state.global_step
+            if step != self.checked_at and (c.should_log or c.should_save or c.should_evaluate or step >= self.state.max_steps):
+                self.checked_at = step  # the epoch's end calls this again for the same step
                 self.stop_if_non_finite()
             return super()._maybe_log_save_evaluate(*args, **kwargs)
 

@@ -1,0 +1,223 @@
+"""--precision auto|bf16|fp16|fp32: one rule for every command (loram.device), the Trainer's flags it gives,
+the old --bf16 switch, NF4's compute and storage dtypes, and NF4 quantised layer by layer on the device."""
+
+import gc
+
+import pytest
+import torch
+
+from loram.device import compute_dtype, enable_tf32, trainer_precision
+from loram.errors import LoramError
+from loram.settings import precision_of
+
+
+def _gpu(monkeypatch, major: int):
+    """A CUDA device of compute capability major.0 (bf16 and TF32 from Ampere, 8.0, on)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (major, 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: major >= 8)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: f"sm_{major}0")
+    # enable_tf32 flips these process-wide switches: monkeypatch puts them back
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.mark.parametrize("major,auto", [(9, torch.bfloat16), (8, torch.bfloat16), (7, torch.float16)])
+def test_auto_by_cuda_capability(monkeypatch, major, auto):
+    _gpu(monkeypatch, major)
+    assert compute_dtype("auto", "cuda:0") == auto  # Hopper / Ampere: bf16; Volta: fp16 (+ loss scaling)
+    assert not torch.backends.cuda.matmul.allow_tf32  # TF32 only for fp32 compute
+    assert compute_dtype("fp32", "cuda:0") == torch.float32
+    assert torch.backends.cuda.matmul.allow_tf32 == (major >= 8) == torch.backends.cudnn.allow_tf32
+    if major < 8:
+        with pytest.raises(LoramError, match="no bf16"):
+            compute_dtype("bf16", "cuda:0")
+
+
+def test_cpu_auto_is_fp32_and_no_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert compute_dtype("auto", "cpu") == torch.float32  # bf16 backward is 60-150x slower on the CPUs we measured
+    assert compute_dtype(None, "cpu") == torch.float32
+    assert not enable_tf32(torch.float32, "cpu") and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_bf16_switch_is_precision_bf16():
+    assert precision_of("auto", bf16=True) == precision_of("bf16", bf16=True) == precision_of("bf16") == "bf16"
+    assert precision_of("fp32") == "fp32" and precision_of(None) == "auto"
+    with pytest.raises(LoramError, match="--bf16 and --precision fp16 disagree: drop --bf16"):
+        precision_of("fp16", bf16=True)
+
+
+def test_trainer_flags_per_precision():
+    cuda = torch.device("cuda:0")  # trainer_precision only reads the device type
+    assert trainer_precision(torch.bfloat16, cuda) == {"bf16": True, "fp16": False}
+    assert trainer_precision(torch.float16, cuda) == {"bf16": False, "fp16": True}  # fp16: the Trainer's loss scaling
+    assert trainer_precision(torch.float32, cuda) == {"bf16": False, "fp16": False}
+    assert trainer_precision(torch.bfloat16, "cpu") == {"bf16": True, "fp16": False}
+    with pytest.raises(LoramError, match="fp16 trains with loss scaling, which needs a CUDA GPU"):
+        trainer_precision(torch.float16, "cpu")
+
+
+@pytest.mark.parametrize("kw,bf16", [({}, False), ({"precision": "fp32"}, False), ({"precision": "bf16"}, True),
+                                     ({"bf16": True}, True)])
+def test_train_gets_the_trainer_flags_and_weights_of_its_precision(tiny_dir, alpaca_file, tmp_path, kw, bf16):
+    """CPU: auto trains in fp32 (weights fp32, no autocast); bf16 (or the old bf16: true) in bf16."""
+    from transformers import TrainerCallback
+
+    from loram.train import TrainConfig, train
+
+    seen = {}
+
+    class Args(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **k):
+            seen.update(bf16=args.bf16, fp16=args.fp16,
+                        frozen={p.dtype for p in model.parameters() if not p.requires_grad},
+                        lora={p.dtype for p in model.parameters() if p.requires_grad})
+
+    train(tiny_dir, tmp_path / "A", TrainConfig(data=[str(alpaca_file)], steps=1, micro_batch=2, seq_len=32, **kw), callbacks=[Args()])
+    assert seen["bf16"] is bf16 and seen["fp16"] is False
+    assert seen["frozen"] == {torch.bfloat16 if bf16 else torch.float32}
+    assert seen["lora"] == {torch.float32}  # the trained matrices stay fp32 (PEFT upcasts them)
+
+
+def test_cli_bf16_and_other_precision_refused_before_load(tiny_dir, alpaca_file, tmp_path, capsys, monkeypatch):
+    import loram.train
+    from loram.cli import main
+
+    monkeypatch.setattr(loram.train, "load_base", lambda *a, **k: pytest.fail("the weights were loaded before the error"))
+    rc = main(["train", str(tiny_dir), "--data", str(alpaca_file), "-o", str(tmp_path / "A"), "--bf16", "--precision", "fp16"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "error: --bf16 and --precision fp16 disagree: drop --bf16 (it means --precision bf16)"
+    assert not (tmp_path / "A").exists()
+
+
+# ---- NF4: compute dtype and storage ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pruned(tiny_dir, tmp_path_factory):
+    from loram.prune import prune
+
+    return prune(str(tiny_dir), tmp_path_factory.mktemp("p") / "P", method="magnitude", ratio=0.5, layers="1:3").out
+
+
+def _nf4_parts(model):
+    """(float parameter dtypes outside NF4, NF4 compute dtypes) of a quantised model."""
+    import bitsandbytes as bnb
+
+    q = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    rest = {p.dtype for n, p in model.named_parameters() if not isinstance(p, bnb.nn.Params4bit)}
+    return q, rest, {m.compute_dtype for m in q}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nf4_rest_is_stored_in_the_compute_dtype(pruned, tiny_dir, dtype):
+    """Embeddings, lm_head and norms in the compute dtype (bf16: not fp32 beside bf16 compute), NF4's
+    compute dtype the same, for a pruned folder and for an original (plain QLoRA)."""
+    pytest.importorskip("bitsandbytes")
+    from loram.train import load_base
+
+    for folder in (pruned, tiny_dir):
+        model, _, _ = load_base(folder, "nf4", dtype, "cpu")
+        q, rest, compute = _nf4_parts(model)
+        assert len(q) == 7 * model.config.num_hidden_layers
+        assert rest == {dtype} and compute == {dtype}
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers keep their precision
+
+
+def _nf4_bytes(model) -> dict:
+    import bitsandbytes as bnb
+
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            s = m.weight.quant_state
+            out[n] = (m.weight.data.clone(), s.absmax.clone(), s.state2.absmax.clone(), s.offset.clone())
+    return out
+
+
+def test_layer_by_layer_nf4_gives_the_same_bytes_and_holds_one_layer_of_fp32(pruned, monkeypatch):
+    """The streamed load quantises layer i while only layer i's fp32 linears exist, and the NF4 codes and
+    scales are byte for byte those of quantising the whole fp32 model (the old way)."""
+    pytest.importorskip("bitsandbytes")
+    import loram.loading as loading
+    from loram.nf4 import quantize_nf4
+    from loram.weights import Weights
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    alive = []  # (weak reference to the storage, bytes) of every fp32 tensor read from the checkpoint
+    real_get, real_quantize = Weights.get, loading.quantize_block_nf4
+
+    def get(self, name, *a, **k):
+        t = real_get(self, name, *a, **k)
+        if t.dtype == torch.float32:
+            alive.append((StorageWeakRef(t.untyped_storage()), t.numel() * 4))
+        return t
+
+    def fp32_bytes() -> int:
+        gc.collect()
+        return sum(n for r, n in alive if not r.expired())
+
+    peaks = []
+
+    def quantize(block, *a, **k):
+        peaks.append((fp32_bytes(), sum(p.numel() * 4 for p in block.parameters())))
+        return real_quantize(block, *a, **k)
+
+    monkeypatch.setattr(Weights, "get", get)
+    monkeypatch.setattr(loading, "quantize_block_nf4", quantize)
+    streamed, _ = loading.load_pruned_model(pruned, quantize="nf4", dtype=torch.bfloat16, device_map="cpu")
+    assert len(peaks) == streamed.config.num_hidden_layers
+    # at each layer's quantisation: its own fp32 tensors at most, nothing left over from earlier layers
+    assert all(0 < held <= layer for held, layer in peaks), peaks
+    assert fp32_bytes() == 0  # and none once loaded: the rest is bf16
+    monkeypatch.undo()
+
+    whole = quantize_nf4(loading.load_pruned_model(pruned)[0], torch.bfloat16)
+    a, b = _nf4_bytes(streamed), _nf4_bytes(whole)
+    assert a.keys() == b.keys() and a
+    for n in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[n], b[n])), n
+
+
+# ---- the training loop: host syncs and held-out perplexity under several ranks --------------------
+def test_non_finite_check_syncs_once_per_logging_step_not_per_micro_step(tiny_dir, alpaca_file, tmp_path, monkeypatch):
+    """The loss's finiteness is looked at (a host sync, an all_reduce under torchrun) when the Trainer logs
+    or saves and at the last step: 4 optimizer steps x 2 micro-steps, logging every 2 -> 2 checks, not 8."""
+    import loram.training.trainer as T
+    from loram.train import TrainConfig, train
+
+    checks, micro = [], []
+    real = T._trainer_class
+
+    def counting():
+        base = real()
+
+        class Counting(base):
+            def training_step(self, *a, **k):
+                micro.append(self.state.global_step)
+                return super().training_step(*a, **k)
+
+            def stop_if_non_finite(self):
+                checks.append(self.state.global_step)
+                return super().stop_if_non_finite()
+
+        return Counting
+
+    monkeypatch.setattr(T, "_trainer_class", counting)
+    train(tiny_dir, tmp_path / "A", TrainConfig(data=[str(alpaca_file)], steps=4, grad_accum=2, logging_steps=2, micro_batch=2,
+                                                seq_len=32))
+    assert len(micro) == 8 and checks == [2, 4]
+
+
+def test_rank_share_covers_every_row_once_with_equal_batches():
+    from loram.eval.scoring import IGNORE
+    from loram.training.trainer import rank_share
+
+    rows = [([i, i + 1, i + 2], [i, i + 1, i + 2]) for i in range(7)]
+    for world in (1, 2, 3, 8):
+        shares = [rank_share(rows, r, world) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1  # FSDP: every rank runs as many forwards
+        scored = [x for s in shares for x in s if any(t != IGNORE for t in x[1])]
+        assert sorted(scored) == sorted(rows)  # each row scored by exactly one rank
+    assert rank_share([], 0, 2) == []
