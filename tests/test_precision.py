@@ -221,3 +221,50 @@ def test_rank_share_covers_every_row_once_with_equal_batches():
         scored = [x for s in shares for x in s if any(t != IGNORE for t in x[1])]
         assert sorted(scored) == sorted(rows)  # each row scored by exactly one rank
     assert rank_share([], 0, 2) == []
+
+
+DDP_EVAL = '''
+import json, os, sys
+import loram.training.trainer as T
+from transformers import TrainerCallback
+from loram.data import eval_sets
+from loram.eval.ppl import perplexity_examples
+from loram.io import load_tokenizer
+from loram.train import TrainConfig, train
+
+model, data_file, out, log = sys.argv[1:5]
+scored, kept = [], {}
+real = T.loglik_sums
+T.loglik_sums = lambda m, ex, *a, **k: scored.append(len(ex)) or real(m, ex, *a, **k)
+
+class Keep(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kw):
+        kept["model"] = model
+
+cfg = TrainConfig(data=[data_file], steps=2, micro_batch=2, lr=1e-2, seq_len=64, eval={"x": data_file})
+r = train(model, out, cfg, callbacks=[Keep()])
+full = perplexity_examples(kept["model"], eval_sets(load_tokenizer(model), cfg)[0]["x"], 0, 2)  # this rank alone, every row
+json.dump({"ppl": r.eval_ppl["x"], "full": full, "scored": scored}, open(f"{log}.{os.environ['RANK']}.json", "w"))
+'''
+
+
+def test_two_ranks_share_the_held_out_set_and_agree(tiny_dir, alpaca_file, tmp_path):
+    """torchrun, 2 CPU ranks: each scores half the --eval rows, and the all-reduced perplexity is the one
+    a single process computes over every row with the same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_EVAL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                        str(tiny_dir), str(alpaca_file), str(tmp_path / "A"), str(tmp_path / "log")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"log.{i}.json").read_text()) for i in (0, 1))
+    rows = len(alpaca_file.read_text().splitlines())
+    assert r0["scored"] == r1["scored"] == [-(-rows // 2)]  # one evaluation (the last step), half the rows each
+    assert r0["ppl"] == r1["ppl"]
+    assert abs(r0["ppl"] - r0["full"]) < 1e-5 * r0["full"]
