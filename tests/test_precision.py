@@ -268,3 +268,50 @@ def test_two_ranks_share_the_held_out_set_and_agree(tiny_dir, alpaca_file, tmp_p
     assert r0["scored"] == r1["scored"] == [-(-rows // 2)]  # one evaluation (the last step), half the rows each
     assert r0["ppl"] == r1["ppl"]
     assert abs(r0["ppl"] - r0["full"]) < 1e-5 * r0["full"]
+
+
+# ---- the planner: GPU terms and the shared default ------------------------------------------------
+def test_planner_gpu_terms_only_on_cuda():
+    from dataclasses import replace
+
+    from loram.planner import PruneSpec, TrainSettings, predict, preset_config
+    from loram.planner.memory import CUBLAS_WORKSPACE, GB, GPU_CONTEXT_GB, GPU_RESERVE_FRACTION, GPU_TERMS
+
+    config, spec = preset_config("Llama-2-7B"), PruneSpec("structured", 0.65)
+    s = TrainSettings(seq_len=256, precision="bf16", grad_checkpointing=True)
+    gpu, cpu = (predict(config, spec, replace(s, device=d)).schemes["QLoRAM"] for d in ("cuda", "cpu"))
+    assert not set(GPU_TERMS) & set(cpu.terms) and cpu.total == cpu.allocated
+    assert set(GPU_TERMS) <= set(gpu.terms)
+    t = gpu.terms
+    assert t["gpu_context"] == GPU_CONTEXT_GB * GB and t["gpu_cublas_workspace"] == CUBLAS_WORKSPACE and t["gpu_nccl"] == 0
+    # the tensors are the same on both; the GPU adds its workspace to what torch allocates ...
+    assert gpu.allocated == cpu.allocated + CUBLAS_WORKSPACE
+    # ... and the device holds the allocator's reserve on top of that, and the CUDA context outside it
+    assert t["gpu_allocator_reserve"] == int(GPU_RESERVE_FRACTION * gpu.allocated)
+    assert gpu.total == gpu.allocated + t["gpu_allocator_reserve"] + t["gpu_context"]
+    ddp = predict(config, spec, replace(s, world=2)).schemes["QLoRAM"]
+    assert ddp.terms["gpu_nccl"] > 0.25 * GB and ddp.total > gpu.total  # NCCL buffers + DDP's gradient buckets
+
+
+def test_plan_and_train_share_the_precision_default(monkeypatch):
+    """One default: `loram train`, `loram plan` and the planner's TrainSettings all say auto, and auto means
+    the same dtype in the planner and in training on each device."""
+    import argparse
+
+    from loram import settings
+    from loram.cli import plan as verb
+    from loram.configs import TrainConfig
+    from loram.device import DTYPES, resolve_precision
+    from loram.planner import TrainSettings
+
+    p = argparse.ArgumentParser()
+    verb.add(p.add_subparsers())
+    a = p.parse_args(["plan", "SmolLM2-135M"])
+    assert a.precision == TrainSettings().precision == TrainConfig(data=[]).precision == settings.knobs("train")["precision"].default
+    assert a.precision == "auto" and a.device == TrainSettings().device == "cuda"
+    assert DTYPES[TrainSettings(device="cpu").compute] == resolve_precision("auto", "cpu") == torch.float32
+    _gpu(monkeypatch, 9)
+    assert DTYPES[TrainSettings(device="cuda").compute] == resolve_precision("auto", "cuda:0") == torch.bfloat16
+    assert TrainSettings(device="cpu").act_bytes == 4 and TrainSettings().act_bytes == 2
+    with pytest.raises(LoramError, match="precision 'int8' is not one of auto, bf16, fp16, fp32"):
+        _ = TrainSettings(precision="int8").act_bytes

@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def auto_precision(device_type: str, bf16_gpu: bool = True) -> str:
+    """What --precision auto computes in on a device of ``device_type``: bf16 on a GPU that has it, fp16
+    on one that does not (pre-Ampere: training adds loss scaling), fp32 elsewhere (a CPU's bf16 backward
+    is 60-150x slower than fp32 on the machines we measured). loram.device and the planner both use it."""
+    if device_type == "cuda":
+        return "bf16" if bf16_gpu else "fp16"
+    return "fp32"
+
+
 @dataclass
 class RunConfig:
     """Optimisation knobs shared by `loram train` and `loram align`."""

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .configs import PRECISIONS  # noqa: F401  (the names, torch-free for the flags)
+from .configs import PRECISIONS, auto_precision
 from .errors import LoramError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,9 +67,7 @@ def resolve_precision(flag: str = "auto", device: torch.device | str = "cpu") ->
             raise LoramError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 (pre-Ampere): "
                              "use --precision fp16 (or auto)")
         return DTYPES[flag]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return DTYPES[auto_precision(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())]
 
 
 def compute_dtype(precision: str | None, device: torch.device | str = "cpu", bf16: bool = False) -> torch.dtype:
