@@ -315,3 +315,20 @@ def test_plan_and_train_share_the_precision_default(monkeypatch):
     assert TrainSettings(device="cpu").act_bytes == 4 and TrainSettings().act_bytes == 2
     with pytest.raises(LoramError, match="precision 'int8' is not one of auto, bf16, fp16, fp32"):
         _ = TrainSettings(precision="int8").act_bytes
+
+
+@pytest.mark.parametrize("verb", ["train", "align"])
+def test_fp16_on_cpu_refused_before_load(verb, tiny_dir, alpaca_file, tmp_path, capsys, monkeypatch):
+    import loram.loading
+    import loram.train
+    from loram.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: fp16 trains there")
+    for mod, name in ((loram.train, "load_base"), (loram.loading, "load_pruned_model")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("the weights were loaded before the error"))
+    rc = main([verb, str(tiny_dir), "--data", str(alpaca_file), "-o", str(tmp_path / "A"), "--precision", "fp16"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("error: --precision fp16 trains with loss scaling, which needs a CUDA GPU: "
+                               "use --precision fp32 on cpu (or bf16)")
+    assert not (tmp_path / "A").exists()

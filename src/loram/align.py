@@ -34,7 +34,7 @@ from .prune.sparse import sparse_masks
 from .prune_plan import has_plan
 from .pruned_model import save_pruned
 from .settings import check_config
-from .training import TrainReport, claim_run, finish, fit, param_counts, save_final
+from .training import TrainReport, claim_run, finish, fit, param_counts, run_precision, save_final
 
 
 def steps_for_tokens(tokens: int, cfg: RunConfig, world: int) -> int:
@@ -79,6 +79,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     from .loading import load_pruned_model  # looked up per call: tests swap it to prove errors come first
 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
+    run_precision(cfg)  # --precision for this device (fp16 needs CUDA), before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
     inputs, ckpt, settings = claim_run(cfg, pruned, out, overwrite, checkpoint_dir, resume)
@@ -89,6 +90,8 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
         cfg.steps, cfg.epochs = steps_for_tokens(cfg.tokens, cfg, int(os.environ.get("WORLD_SIZE", "1"))), None
     evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
     torch.manual_seed(cfg.seed)
+    # fp32 weights whatever --precision: align trains them, and the optimizer needs fp32 master weights;
+    # --precision sets the Trainer's autocast (training.fit)
     model, plan = load_pruned_model(pruned, dtype=torch.float32, device_map="auto")
     model.train()
     model.config.use_cache = False

@@ -23,7 +23,7 @@ import torch
 from .adapter import ADAPTER_META, STAGE_PRUNED, warn_lm_head_serving, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, skip_summary
-from .device import compute_dtype, default_device
+from .device import default_device
 from .errors import LoramError
 from .fingerprint import base_fingerprint
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
@@ -31,7 +31,7 @@ from .loading import load_model, load_original_nf4, load_pruned_model, safetenso
 from .nf4 import quantize_nf4, store_rest_in
 from .prune_plan import has_plan
 from .settings import check_config
-from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, save_final
+from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, run_precision, save_final
 
 
 # ---- model and LoRA ---------------------------------------------------------------------------
@@ -77,6 +77,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from .data import collate  # looked up per call: tests/test_ddp.py swaps it to record each rank's batches
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
+    device, dtype = run_precision(cfg)  # --precision for this device (fp16 needs CUDA), before any load
     inputs, ckpt, settings = claim_run(cfg, model_name, out, overwrite, checkpoint_dir, resume)
     if is_main():
         pruned = Path(str(model_name)).is_dir() and has_plan(model_name)
@@ -91,8 +92,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
             if skipped["total"]:
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
     torch.manual_seed(cfg.seed)
-    device = default_device()
-    model, plan, base_fp = load_base(model_name, cfg.quantize, compute_dtype(cfg.precision, device, cfg.bf16), device)
+    model, plan, base_fp = load_base(model_name, cfg.quantize, dtype, device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

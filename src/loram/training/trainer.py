@@ -168,6 +168,15 @@ def causal_lm_of(model):
     return m
 
 
+def run_precision(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
+    """(device, compute dtype) of a train / align run: --precision (or --bf16) resolved for this process's
+    device, refused here when the Trainer could not run it (fp16 off CUDA), before any weight is read."""
+    device = default_device()
+    dtype = compute_dtype(cfg.precision, device, cfg.bf16)  # TF32 on when fp32 on Ampere+
+    trainer_precision(dtype, device)
+    return device, dtype
+
+
 def _eval_ppl(model, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.dtype | None = None) -> dict:
     """name -> perplexity of each held-out set. Under torchrun each rank scores its share of the rows and
     the log-likelihood sums are all-reduced (every rank scoring every row would take world x the time)."""
@@ -273,8 +282,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         ckpt.mkdir(parents=True, exist_ok=True)
         write_marker(ckpt, "checkpoints")
     cpu = not torch.cuda.is_available()
-    device = default_device()
-    dtype = compute_dtype(cfg.precision, device, cfg.bf16)  # TF32 on when fp32 on Ampere+
+    device, dtype = run_precision(cfg)
     autocast = None if dtype == torch.float32 else dtype
     args = TrainingArguments(
         output_dir=str(ckpt), max_steps=cfg.steps if cfg.epochs is None else -1,
