@@ -132,22 +132,27 @@ def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=to
     return q.to(device) if device is not None else q
 
 
-def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> None:
-    """Replace the nn.Linear modules of one decoder layer by NF4 Linear4bit, one at a time."""
+def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",), device=None) -> None:
+    """Replace the nn.Linear modules of one decoder layer by NF4 Linear4bit, one at a time, quantised on
+    ``device`` (default: where each weight is): one linear's weight travels there, not the model."""
     for parent_name in ("self_attn", "mlp"):
         parent = getattr(block, parent_name)
         for name, lin in list(parent.named_children()):
             if not isinstance(lin, nn.Linear) or name in skip:
                 continue
-            q = nf4_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, compute_dtype)
-            setattr(parent, name, q)
+            w, b = lin.weight.data, None if lin.bias is None else lin.bias.data
+            if device is not None:
+                w, b = w.to(device), None if b is None else b.to(device)
+            setattr(parent, name, nf4_linear(w, b, compute_dtype))
+            del w, b
 
 
-def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.Module:
-    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit."""
+def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",), device=None) -> nn.Module:
+    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit, quantised
+    on ``device`` (default: where the weights are; the modules stay there)."""
     require_bnb()
     for block in decoder_layers(model):
-        quantize_block_nf4(block, compute_dtype, skip)
+        quantize_block_nf4(block, compute_dtype, skip, device)
     setattr(model, QUANTIZED_MARK, "nf4")
     return model
 

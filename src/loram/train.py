@@ -51,7 +51,7 @@ def load_base(model: str | Path, quantize: str | None, dtype=torch.float32, devi
     # fingerprint the original now: after NF4 or PEFT wrapping the state dict no longer shows its weights
     fp = base_fingerprint(model, m)
     if quantize == "nf4":
-        store_rest_in(quantize_nf4(m, dtype), dtype)
+        store_rest_in(quantize_nf4(m, dtype, device=device), dtype)  # each linear quantised on the device
     m.to(device)  # cuda:LOCAL_RANK, not GPU 0 for every rank
     return m, None, fp
 
