@@ -44,7 +44,9 @@ GPU terms (device "cuda" only; absent on cpu):
     gpu_nccl              world > 1: NCCL's communicator buffers (~0.25 GB per process) + DDP's
                           gradient buckets, a copy of the trainable gradients (4 B * LoRA params)
     gpu_allocator_reserve the caching allocator holds more than it hands out at the peak (block
-                          rounding, fragmentation): GPU_RESERVE_FRACTION of the allocated peak
+                          rounding, fragmentation): GPU_RESERVE_FRACTION of the allocated peak above
+                          the weights (the frozen weights are allocated once, in exact large blocks;
+                          the churn of activations and temporaries is what fragments)
     gpu_context           the CUDA context and loaded kernels, ~0.3-0.5 GB, outside torch's allocator
 ``MemoryEstimate.allocated`` is what torch.cuda.max_memory_allocated sees (everything but the last two),
 ``total`` what the device must hold (nvidia-smi; what decides an out-of-memory).
@@ -221,5 +223,5 @@ def gpu_terms(terms: dict, lp: int, s: TrainSettings) -> dict:
     """The GPU's own terms (module docstring) on top of the tensor terms ``terms``."""
     out = {"gpu_cublas_workspace": CUBLAS_WORKSPACE,
            "gpu_nccl": int(NCCL_GB * GB) + 4 * lp if s.world > 1 else 0}
-    allocated = MemoryEstimate("", terms | out).allocated
-    return out | {"gpu_allocator_reserve": int(GPU_RESERVE_FRACTION * allocated), "gpu_context": int(GPU_CONTEXT_GB * GB)}
+    churn = MemoryEstimate("", terms | out).allocated - terms["weights"]
+    return out | {"gpu_allocator_reserve": int(GPU_RESERVE_FRACTION * churn), "gpu_context": int(GPU_CONTEXT_GB * GB)}
