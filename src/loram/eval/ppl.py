@@ -64,19 +64,27 @@ def perplexity_rows(model, tok, rows: list[dict], seq_len: int = 1024, batch_siz
 
 
 def perplexity_examples(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 4,
-                        bf16: bool = False) -> float:
-    """Perplexity of encoded (input_ids, labels) examples, scored in eval mode (bf16 autocast if asked);
-    the model's train / eval mode is restored after."""
+                        autocast: torch.dtype | None = None) -> float:
+    """Perplexity of encoded (input_ids, labels) examples, scored in eval mode (``autocast``: bf16/fp16
+    autocast, the training run's precision); the model's train / eval mode is restored after."""
+    loglik, tokens = loglik_sums(model, examples, pad_id, batch_size, autocast)
+    # a set with no scored token reads as ppl 1 (as it always has) rather than failing a finished run
+    return math.exp(-loglik / tokens) if tokens else 1.0
+
+
+def loglik_sums(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 4,
+                autocast: torch.dtype | None = None) -> tuple[float, int]:
+    """(sum of log p over the scored tokens, scored tokens) of encoded examples: what ranks that each
+    scored a share of a held-out set add up (loram.training) before taking exp(-sum / tokens)."""
     was = model.training
     model.eval()
     try:
         dev = next(model.parameters()).device
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             scores = score_sequences(model, examples, batch_size, pad_id)
     finally:
         model.train(was)
-    # a set with no scored token reads as ppl 1 (as it always has) rather than failing a finished run
-    return _result(scores).ppl if any(s.tokens for s in scores) else 1.0
+    return sum(s.loglik for s in scores), sum(s.tokens for s in scores)
 
 
 def text_windows(ids: list[int], seq_len: int, stride: int) -> list[tuple[list[int], list[int]]]:
