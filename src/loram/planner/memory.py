@@ -29,7 +29,8 @@ Peak
     gradient checkpointing: weights + LoRA + checkpoints (aD per layer per token)
                             + max(logits, largest layer's saved activations + its backward transient)
     without:                weights + LoRA + all layers' saved activations + max(logits, transient)
-    NF4 adds a transient copy of the largest quantized matrix in the compute dtype (dequantised per matmul).
+    NF4 adds a transient copy of the largest quantized matrix in the compute dtype (dequantised per matmul);
+    on a CPU three (bitsandbytes' torch path: int32 codes, looked-up values, scaled output: 4 + 2a bytes).
 Overhead: a constant for what the terms above do not see (Trainer, dataloader, thread pools,
 allocator rounding). OVERHEAD_GB_CPU = 0.07 GB was measured once, on one configuration -- SmolLM2
 LoRA through the HF Trainer as `loram train` runs it, batch 1 x 512, gradient checkpointing, fp32:
@@ -189,7 +190,9 @@ def estimate(config, widths: list[LayerWidths], counts: ParamCounts, s: TrainSet
     st = storage(counts)
     if quantized:  # embeddings, lm_head and norms stored in the compute dtype (loram.nf4.nf4_stream_transform)
         weights = st.nf4_weights + st.nf4_constants + a * counts.non_linear
-        dequant = a * max(o * i for o, i in counts.linear_shapes)
+        # a GPU dequantises in one kernel into the compute dtype; bitsandbytes' CPU path (pure torch,
+        # backends/default) holds the codes as int32, the looked-up values and the scaled output at once
+        dequant = (a if s.device == "cuda" else 4 + 2 * a) * max(o * i for o, i in counts.linear_shapes)
     else:
         weights = a * counts.total
         dequant = 0
