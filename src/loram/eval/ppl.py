@@ -63,6 +63,11 @@ def perplexity_rows(model, tok, rows: list[dict], seq_len: int = 1024, batch_siz
     return _result(score_sequences(model, seqs, batch_size, _pad(tok)), cut)
 
 
+def perplexity_of(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8) -> Perplexity:
+    """Perplexity (and mean nll, scored tokens) of already encoded (input_ids, labels) examples."""
+    return _result(score_sequences(model, examples, batch_size, pad_id))
+
+
 def perplexity_examples(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 4,
                         bf16: bool = False) -> float:
     """Perplexity of encoded (input_ids, labels) examples, scored in eval mode (bf16 autocast if asked);
