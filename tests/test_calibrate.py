@@ -140,9 +140,24 @@ def test_calibrate_zero_rows(capsys, w):  # noqa: F811
           expect="--calibrate-rows", out=w.root / "o")
 
 
-def test_calibrate_model_over_the_memory_budget(capsys, w):  # noqa: F811
-    fails(capsys, "recover", w.adapter, "--base", w.base, "-o", w.root / "o", "--calibrate", w.data, "--max-memory", "0.00001",
-          expect="--calibrate evaluates the original model in memory", out=w.root / "o")
+def test_calibrate_streams_a_model_over_the_memory_budget(w, cal, tmp_path, capsys):  # noqa: F811
+    """Over the budget, the candidates are scored by the streamed evaluation: the same losses, the same choice."""
+    out = recover(w.adapter, w.base, tmp_path / "s", calibrate=str(w.data), calibrate_rows=ROWS, seq_len=SEQ, max_memory=0.00001)
+    assert "streaming layer by layer" in capsys.readouterr().err
+    got, ref = read_meta(out)["calibration"], read_meta(cal["global"])["calibration"]
+    assert got["streamed"] and not ref["streamed"]
+    assert got["scale"] == ref["scale"]
+    for s, v in ref["losses"].items():
+        assert got["losses"][s] == pytest.approx(v, rel=1e-5), s
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the scratch folder is gone
+    a, b = load_file(out / ADAPTER_WEIGHTS), load_file(cal["global"] / ADAPTER_WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_calibrate_hub_model_over_the_memory_budget(capsys, w, offline_hub):  # noqa: F811
+    offline_hub("org/tiny", w.base)
+    fails(capsys, "recover", w.adapter, "--base", "org/tiny", "-o", w.root / "o", "--calibrate", w.data, "--max-memory", "0.00001",
+          expect="is not a local safetensors folder, which could be read layer by layer", out=w.root / "o")
 
 
 def test_calibrate_library_scope_unknown(w, tmp_path):  # noqa: F811

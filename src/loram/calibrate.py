@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter import ADAPTER_CONFIG, read_meta, write_adapter
 from .errors import LoramError
 from .families import parse_name
 
@@ -117,18 +118,25 @@ def read_slice(tok, req: CalibrationRequest) -> Slice:
     return Slice(enc.examples, enc.truncated)
 
 
-def check_fits(config, req: CalibrationRequest, max_memory: float | None) -> None:
-    """Refuse (one line) when the original's in-memory evaluation does not fit the memory budget: the
-    calibration loads the model whole (streamed calibration is not built)."""
+def check_fits(base: str | Path, config, req: CalibrationRequest, max_memory: float | None) -> int | None:
+    """How the candidates are scored: None in memory; else the hidden-state bytes per wave of the streamed
+    evaluation (eval.streamed), chosen like `loram eval` does (runner.scoring_plan: the in-memory peak against
+    the memory budget). A model over the budget that cannot stream (a hub id, a GGUF file) is refused."""
     from .budget import GB, SAFETY_MARGIN, exceeds, memory_budget
+    from .eval.runner import scoring_plan
     from .planner.stages import StageInputs, predict_in_memory
 
+    stream, hidden = scoring_plan(str(base), req.max_len, BATCH, max_memory)
+    if stream:
+        return hidden
     budget = memory_budget(max_memory)
     need = predict_in_memory("eval", config, None, StageInputs(eval_batch=BATCH, eval_seq_len=req.max_len))
     if need is not None and exceeds(need, budget):
-        raise LoramError(f"--calibrate evaluates the original model in memory (~{need / GB:.1f} GB), more than "
-                         f"{1 - SAFETY_MARGIN:.0%} of the memory budget ({budget.gb:.1f} GB, {budget.source}): recover without "
-                         "--calibrate, or run it where the model fits (a larger --max-memory if the budget is wrong)")
+        raise LoramError(f"--calibrate evaluates the original model (~{need / GB:.1f} GB in memory, more than "
+                         f"{1 - SAFETY_MARGIN:.0%} of the memory budget: {budget.gb:.1f} GB, {budget.source}) and {base} is "
+                         "not a local safetensors folder, which could be read layer by layer: pass a local copy of the "
+                         "model, or recover without --calibrate")
+    return None
 
 
 def is_lora_b(key: str) -> bool:
@@ -167,6 +175,7 @@ class Outcome:
     passes: int = 0
     data: str = ""
     truncated: int = 0
+    streamed: bool = False
     grid: tuple = field(default=GRID)
 
     @property
@@ -180,7 +189,8 @@ class Outcome:
         out = {"scope": self.scope, "data": self.data, "rows": self.rows, "tokens": self.tokens, "scored_tokens": self.scored,
                "truncated": self.truncated, "grid": list(self.grid), "scale": self.scales[None], "loss": self.loss,
                "loss_at_1": g[1.0], "loss_at_0": g[0.0], "losses": {str(s): v for s, v in g.items()},
-               "passes": self.passes, "seconds": round(self.seconds, 2), "loss_unit": "mean nll per scored token (nats)"}
+               "passes": self.passes, "seconds": round(self.seconds, 2), "streamed": self.streamed,
+               "loss_unit": "mean nll per scored token (nats)"}
         if self.scope == "layer":
             out["layer_scales"] = {str(i): s for i, s in self.scales.items() if i is not None}
             out["layer_losses"] = {str(i): {str(s): v for s, v in c.items()} for i, c in self.losses["layers"].items()}
@@ -199,11 +209,12 @@ class Scorer:
     """The original model with an adapter attached (PEFT, unmerged) whose lora_B can be re-scaled per layer."""
 
     def __init__(self, base: str | Path, adapter: str | Path, tensors: dict[str, torch.Tensor], sl: Slice):
+        from .eval.ppl import pad_id
         from .merge import load_with_adapter
 
         self.pm, tok = load_with_adapter(base, adapter, dtype=torch.float32, check_base=False)  # recover checked the base
         self.pm.eval()
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.pad = pad_id(tok)
         self.examples = sl.examples
         params = {n.replace(".default", ""): p for n, p in self.pm.named_parameters()}
         self.b = {k: (params[k], v) for k, v in tensors.items() if is_lora_b(k)}  # key -> (model tensor, adapter's B)
@@ -219,6 +230,40 @@ class Scorer:
         self.passes += 1
         r = perplexity_of(self.pm, self.examples, self.pad, BATCH)
         return r.nll, r.tokens
+
+
+class StreamedScorer:
+    """The same losses for an original larger than memory: each candidate adapter (scale_adapter, the tensors
+    that would be written) is saved to a scratch folder beside ``adapter`` and scored by the streamed
+    evaluation (eval.streamed.open_streamed: one decoder layer in memory, the update folded in as it loads)."""
+
+    def __init__(self, base: str | Path, adapter: Path, tensors: dict[str, torch.Tensor], sl: Slice, max_hidden_bytes: int,
+                 device="cpu"):
+        from .io import read_json
+        from .prune_plan import PrunePlan
+
+        self.base, self.tensors, self.examples = base, tensors, sl.examples
+        self.cfg, self.meta, self.plan = read_json(adapter / ADAPTER_CONFIG), read_meta(adapter), PrunePlan.load(adapter)
+        self.scratch = adapter / ".calibrate"  # inside recover's temporary output folder; removed by ``close``
+        self.scratch.mkdir()
+        self.hidden, self.device = max_hidden_bytes, device
+        self.b = {k: v for k, v in tensors.items() if is_lora_b(k)}
+        self.passes = 0
+
+    def loss(self, scales: dict[int | None, float]) -> tuple[float, int]:
+        from .eval.ppl import pad_id, perplexity_of
+        from .eval.streamed import open_streamed
+
+        write_adapter(self.scratch, scale_adapter(self.tensors, scales), self.cfg, self.meta, self.plan)
+        lm, tok = open_streamed(self.base, self.scratch, device=self.device, max_hidden_bytes=self.hidden, check_base=False)
+        self.passes += 1
+        r = perplexity_of(lm, self.examples, pad_id(tok), BATCH)
+        return r.nll, r.tokens
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.scratch)
 
 
 def search(score, layers: list[int], scope: str) -> tuple[dict, dict, int]:
@@ -244,11 +289,18 @@ def search(score, layers: list[int], scope: str) -> tuple[dict, dict, int]:
     return scales, losses, tokens
 
 
-def calibrate(base: str | Path, adapter: str | Path, tensors: dict[str, torch.Tensor], sl: Slice, req: CalibrationRequest) -> Outcome:
-    """The scales of the adapter folder ``adapter`` (full shapes, ``tensors`` its contents) on ``base``."""
+def calibrate(base: str | Path, adapter: str | Path, tensors: dict[str, torch.Tensor], sl: Slice, req: CalibrationRequest,
+              stream_hidden_bytes: int | None = None) -> Outcome:
+    """The scales of the adapter folder ``adapter`` (full shapes, ``tensors`` its contents) on ``base``, scored in
+    memory, or streamed with that many bytes of hidden states per wave (``check_fits`` says which)."""
     t0 = time.time()
-    sc = Scorer(base, adapter, tensors, sl)
+    sc = Scorer(base, adapter, tensors, sl) if stream_hidden_bytes is None else \
+        StreamedScorer(base, Path(adapter), tensors, sl, stream_hidden_bytes)
     layers = sorted({i for k in sc.b if (i := layer_of(k)) is not None})
-    scales, losses, scored = search(sc.loss, layers, req.how)
+    try:
+        scales, losses, scored = search(sc.loss, layers, req.how)
+    finally:
+        if isinstance(sc, StreamedScorer):
+            sc.close()
     return Outcome(req.how, scales, losses, len(sl.examples), sl.tokens, scored, time.time() - t0, sc.passes, req.data,
-                   sl.truncated)
+                   sl.truncated, streamed=stream_hidden_bytes is not None)

@@ -167,7 +167,7 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
                              f"pass the original model ({plan.base.get('name')})")
         if verify_base == "full":
             check_base_full(fp, base, "this adapter's plan", "was made from")
-    sl = _calibration_slice(base, meta, config, calib, max_memory) if calibrate is not None else None
+    sl = _calibration_slice(base, meta, config, calib, max_memory) if calibrate is not None else None  # (rows, streamed?)
     if plan.kind == "structured":
         full = recover_tensors(tensors, plan, config, fill=fill, seed=seed)
     else:  # sparse plans keep shapes: recovery is the identity on the tensors
@@ -178,13 +178,14 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     with atomic_dir(out, overwrite, "recover", (adapter, base)) as tmp:
         write_adapter(tmp, full, lora_cfg, new_meta, plan)
         if sl is not None:  # scored on the adapter just written, then written again with lora_B x its scale
-            got = calibrate_scales(base, tmp, full, sl, calib)
+            got = calibrate_scales(base, tmp, full, sl[0], calib, stream_hidden_bytes=sl[1])
             write_adapter(tmp, scale_adapter(full, got.scales), lora_cfg, dict(new_meta, calibration=got.record()), plan)
     warn_lm_head_serving(full, f"`loram merge {base} {out} -o MERGED`")
     return Path(out)
 
 
 def _calibration_slice(base, meta: dict, config, calib, max_memory: float | None):
-    """The encoded --calibrate rows, read and checked (memory budget, enough rows) before recovery's work."""
-    check_fits(config, calib, max_memory)
-    return read_slice(tokenizer(base, meta), calib)
+    """(the encoded --calibrate rows, None in memory or the streamed evaluation's hidden-state bytes per wave),
+    read and checked (memory budget, enough rows) before recovery's work."""
+    hidden = check_fits(base, config, calib, max_memory)
+    return read_slice(tokenizer(base, meta), calib), hidden
