@@ -61,25 +61,25 @@ NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "alig
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
 
+def mixture_rows(out: Path, math: slice, code: slice, gsm: slice) -> None:
+    """Write ``out`` (jsonl): those rows of the training mixture's three sources, as instruction/output rows."""
+    rows = json.loads((q.DATA / "instruct/math_data.json").read_text())[math]
+    rows += json.loads((q.DATA / "instruct/codegen-instruct.json").read_text())[code]
+    rows += [{"instruction": r["question"], "output": r["answer"]} for r in
+             map(json.loads, (q.DATA / "gsm8k/train.jsonl").read_text().splitlines()[gsm])]
+    rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def dev_data(work: Path) -> dict:
     d = work / "dev"
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "indomain_dev.jsonl").exists():
-        rows = json.loads((q.DATA / "instruct/math_data.json").read_text())[3100:3133]
-        rows += json.loads((q.DATA / "instruct/codegen-instruct.json").read_text())[4100:4133]
-        rows += [{"instruction": r["question"], "output": r["answer"]} for r in
-                 map(json.loads, (q.DATA / "gsm8k/train.jsonl").read_text().splitlines()[3000:3033])]
-        rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
-        (d / "indomain_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        mixture_rows(d / "indomain_dev.jsonl", slice(3100, 3133), slice(4100, 4133), slice(3000, 3033))
         ood = json.loads((q.DATA / "instruct/alpaca_en_demo.json").read_text())[500:600]
         (d / "alpaca_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ood))
     if not (d / "calibrate.jsonl").exists():  # see the docstring: rows no training, dev or test set uses
-        rows = json.loads((q.DATA / "instruct/math_data.json").read_text())[3212:3223]
-        rows += json.loads((q.DATA / "instruct/codegen-instruct.json").read_text())[4200:4211]
-        rows += [{"instruction": r["question"], "output": r["answer"]} for r in
-                 map(json.loads, (q.DATA / "gsm8k/train.jsonl").read_text().splitlines()[3100:3110])]
-        rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
-        (d / "calibrate.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        mixture_rows(d / "calibrate.jsonl", slice(3212, 3223), slice(4200, 4211), slice(3100, 3110))
     return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")},
             "calibrate": str(d / "calibrate.jsonl")}
 
