@@ -127,7 +127,7 @@ def test_calibrate_missing_data_file(capsys, w):  # noqa: F811
 
 def test_calibrate_scope_without_calibrate(capsys, w):  # noqa: F811
     fails(capsys, "recover", w.adapter, "--base", w.base, "-o", w.root / "o", "--calibrate-scope", "layer",
-          expect="--calibrate-scope only apply with --calibrate DATA", out=w.root / "o")
+          expect="--calibrate-scope only applies with --calibrate DATA", out=w.root / "o")
 
 
 def test_calibrate_too_few_rows(capsys, w):  # noqa: F811

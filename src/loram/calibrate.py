@@ -61,8 +61,9 @@ class CalibrationRequest:
             given = [f for f, v in (("--calibrate-rows", self.rows), ("--calibrate-scope", self.scope), ("--seq-len", self.seq_len))
                      if v is not None]
             if given:
-                raise LoramError(f"{', '.join(given)} only apply with --calibrate DATA: add --calibrate with a few in-domain rows, "
-                                 f"or drop {given[0]}")
+                verb = "apply" if len(given) > 1 else "applies"
+                raise LoramError(f"{', '.join(given)} only {verb} with --calibrate DATA: add --calibrate with a few in-domain "
+                                 f"rows, or drop {given[0]}")
             return
         check_knobs("recover", calibrate_rows=self.rows, seq_len=self.seq_len)
         if self.scope is not None and self.scope not in SCOPES:
@@ -202,7 +203,8 @@ def summary(rec: dict) -> str:
     s = f"s*={rec['scale']:g}" if rec["scope"] == "global" else f"per-layer s in [{min(rec['layer_scales'].values()):g}, " \
         f"{max(rec['layer_scales'].values()):g}] (global s*={rec['scale']:g})"
     return (f"calibrated on {rec['rows']} rows ({rec['scored_tokens']} scored tokens): loss {rec['loss_at_1']:.4f} at s=1, "
-            f"{rec['loss']:.4f} with {s}, {rec['loss_at_0']:.4f} at s=0 (base); {rec['passes']} passes, {rec['seconds']:.0f} s")
+            f"{rec['loss']:.4f} with {s}, {rec['loss_at_0']:.4f} at s=0 (base); {rec['passes']} passes"
+            f"{' streamed' if rec.get('streamed') else ''}, {rec['seconds']:.0f} s")
 
 
 class Scorer:

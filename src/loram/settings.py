@@ -113,7 +113,7 @@ class RecoverSettings:
     seq_len: int | None = knob(None, check=SEQ_LEN, help="--calibrate: rows are cut to this many tokens (default 512)")
     max_memory: float | None = knob(None, check=POSITIVE, metavar="GB", outcome=False,
                                     help="--calibrate: memory budget in GB (default: what the cgroup's limit leaves, else "
-                                         "MemAvailable); the original is evaluated in memory, refused when it does not fit")
+                                         "MemAvailable); an original whose in-memory evaluation does not fit is read layer by layer")
 
 
 @dataclass
