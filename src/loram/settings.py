@@ -127,6 +127,18 @@ class RecoverSettings:
     fill: str = knob("zero", choices=("zero", "normal"),
                      help="pruned columns of lora_A (o/down): zero (exact) or N(0,1/r) noise (the paper's normA)")
     seed: int = knob(0, check=SEED, help="seed for --fill normal")
+    calibrate: str | None = knob(None, metavar="DATA",
+                                 help="choose the scale s of the recovered update (lora_B x s, s in 0..1.2) that minimises the "
+                                      "loss of a few in-domain rows on the original model (forward passes only); DATA as "
+                                      "`loram train --data` takes it (a file, FILE[a:b], a folder or hub id)")
+    calibrate_rows: int | None = knob(None, check=COUNT, metavar="N", help="--calibrate: rows used (default 32)")
+    calibrate_scope: str | None = knob(None, choices=("global", "layer"),
+                                       help="--calibrate: one s for the whole update (global, default) or one per decoder "
+                                            "layer (layer: coordinate descent, 13 passes per layer)")
+    seq_len: int | None = knob(None, check=SEQ_LEN, help="--calibrate: rows are cut to this many tokens (default 512)")
+    max_memory: float | None = knob(None, check=POSITIVE, metavar="GB", outcome=False,
+                                    help="--calibrate: memory budget in GB (default: what the cgroup's limit leaves, else "
+                                         "MemAvailable); an original whose in-memory evaluation does not fit is read layer by layer")
 
 
 @dataclass

@@ -60,7 +60,12 @@ def instruction_sequences(tok, rows: list[dict], seq_len: int = 1024) -> tuple[l
 def perplexity_rows(model, tok, rows: list[dict], seq_len: int = 1024, batch_size: int = 8) -> Perplexity:
     """Perplexity of the response tokens of instruction / chat rows (text rows: all tokens)."""
     seqs, cut = instruction_sequences(tok, rows, seq_len)
-    return _result(score_sequences(model, seqs, batch_size, _pad(tok)), cut)
+    return _result(score_sequences(model, seqs, batch_size, pad_id(tok)), cut)
+
+
+def perplexity_of(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8) -> Perplexity:
+    """Perplexity (and mean nll, scored tokens) of already encoded (input_ids, labels) examples."""
+    return _result(score_sequences(model, examples, batch_size, pad_id))
 
 
 def perplexity_examples(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 4,
@@ -118,8 +123,8 @@ def perplexity_text(model, tok, text: str, seq_len: int = 512, stride: int | Non
     if len(ids) < 2:
         raise LoramError("the text has fewer than 2 tokens: nothing to score")
     windows = text_windows(ids, seq_len, stride or seq_len)
-    return _result(score_sequences(model, windows, batch_size, _pad(tok)))
+    return _result(score_sequences(model, windows, batch_size, pad_id(tok)))
 
 
-def _pad(tok) -> int:
+def pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
