@@ -56,7 +56,7 @@ def child(cfg: dict) -> dict:
     preset, layers = cfg.get("preset", PRESET), cfg.get("layers", LAYERS)
     config = preset_config(preset)
     plan = random_plan(config, RATIO, layers=layers, name=preset)
-    settings = TrainSettings(seq_len=cfg["seq"], micro_batch=1, rank=8, grad_checkpointing=True, precision="fp32")
+    settings = TrainSettings(seq_len=cfg["seq"], micro_batch=1, rank=8, grad_checkpointing=True, precision="fp32", device="cpu")
     pred = predict(config, plan, settings, name=preset)
     q = pred.schemes["QLoRAM"]
     reset_peak()

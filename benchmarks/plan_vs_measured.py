@@ -140,7 +140,7 @@ def run_one(cfg: dict) -> dict:
     wall = time.time() - t0
     measured = peak_rss_gb() - baseline
     settings = TrainSettings(seq_len=cfg["seq"], micro_batch=cfg["batch"], rank=tc.rank, targets=tuple(tc.targets),
-                             dropout=tc.dropout, grad_checkpointing=cfg["gc"], precision=cfg["precision"])
+                             dropout=tc.dropout, grad_checkpointing=cfg["gc"], precision=cfg["precision"], device="cpu")
     pred = predict(model.config, plan, settings, name=cfg["model"])
     m = pred.schemes["LoRAM" if plan is not None else "LoRA"]
     return {**cfg, "params": pred.params_pruned, "baseline_gb": baseline, "after_build_gb": after_build,
@@ -164,7 +164,7 @@ def repredict(row: dict) -> dict:
 
     tc = TrainConfig(data=[])
     settings = TrainSettings(seq_len=row["seq"], micro_batch=row["batch"], rank=tc.rank, targets=tuple(tc.targets),
-                             dropout=tc.dropout, grad_checkpointing=row["gc"], precision=row["precision"])
+                             dropout=tc.dropout, grad_checkpointing=row["gc"], precision=row["precision"], device="cpu")
     spec = PruneSpec("random", row["ratio"], row["ratio"], row.get("layers")) if row["ratio"] > 0 else None
     pred = predict(config_of(row), spec, settings)
     m = pred.schemes["LoRAM" if spec else "LoRA"]

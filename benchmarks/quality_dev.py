@@ -7,6 +7,10 @@ separate dev split drawn from rows no test set and no training row uses:
 
     in-domain dev  math_data[3100:3133] + codegen-instruct[4100:4133] + gsm8k/train[3000:3033]
     OOD dev        alpaca_en_demo[500:600]           (the test set is alpaca_en_demo[:100])
+    calibration    math_data[3212:3223] + codegen-instruct[4200:4211] + gsm8k/train[3100:3110]  (32 rows for
+                   `loram recover --calibrate`: the training mixture's own sources, past its rows, and
+                   disjoint from the dev rows above and quality_smollm2.py's test rows; math_data
+                   starts at 3212 because row 3209 repeats a training row's instruction)
 
 Every variant trains like quality_smollm2.py (same mixture, 40 steps x 4 x 256, seed 0) unless its
 row says otherwise, then is served as the ORIGINAL model + recovered adapter. Adapters that
@@ -34,6 +38,11 @@ VARIANTS = {
     "stru": ("LoRAM-Stru as benchmarked (Taylor 0.5, MLP + 1/3 KV groups, lr 1e-3)", "stru", [], []),
     "stru_fill_normal": ("same adapter, recovered with --fill normal (paper's normA)", "stru", [], ["--fill", "normal"]),
     "aligned": ("stru after 300 alignment steps", "aligned", [], []),
+    # {calibrate}: dev_data's calibration slice; the same --seq-len as the evaluation
+    "stru_calibrated": ("stru's adapter recovered with --calibrate: one scale s chosen on 32 in-domain calibration rows", "stru", [],
+                        ["--calibrate", "{calibrate}", "--seq-len", "256"]),
+    "stru_calibrated_layer": ("same, one s per decoder layer (--calibrate-scope layer: 13 x 31 passes)", "stru", [],
+                              ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-scope", "layer"]),
     "stru_scale0.7": ("stru's recovered adapter with its scaling x0.7 (a diagnostic: are the updates too large?)", "stru", [], ["scale", "0.7"]),
     "mlp_only": ("MLP channels only, ratio 0.62, attention kept (1.42x)", "mlp0.62", [], []),
     "mlp_aligned": ("mlp_only after the same 300 alignment steps (lr 2e-5)", "align:mlp0.62:2e-5", [], []),
@@ -52,19 +61,27 @@ NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "alig
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
 
+def mixture_rows(out: Path, math: slice, code: slice, gsm: slice) -> None:
+    """Write ``out`` (jsonl): those rows of the training mixture's three sources, as instruction/output rows."""
+    rows = json.loads((q.DATA / "instruct/math_data.json").read_text())[math]
+    rows += json.loads((q.DATA / "instruct/codegen-instruct.json").read_text())[code]
+    rows += [{"instruction": r["question"], "output": r["answer"]} for r in
+             map(json.loads, (q.DATA / "gsm8k/train.jsonl").read_text().splitlines()[gsm])]
+    rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def dev_data(work: Path) -> dict:
     d = work / "dev"
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "indomain_dev.jsonl").exists():
-        rows = json.loads((q.DATA / "instruct/math_data.json").read_text())[3100:3133]
-        rows += json.loads((q.DATA / "instruct/codegen-instruct.json").read_text())[4100:4133]
-        rows += [{"instruction": r["question"], "output": r["answer"]} for r in
-                 map(json.loads, (q.DATA / "gsm8k/train.jsonl").read_text().splitlines()[3000:3033])]
-        rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
-        (d / "indomain_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        mixture_rows(d / "indomain_dev.jsonl", slice(3100, 3133), slice(4100, 4133), slice(3000, 3033))
         ood = json.loads((q.DATA / "instruct/alpaca_en_demo.json").read_text())[500:600]
         (d / "alpaca_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ood))
-    return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")}}
+    if not (d / "calibrate.jsonl").exists():  # see the docstring: rows no training, dev or test set uses
+        mixture_rows(d / "calibrate.jsonl", slice(3212, 3223), slice(4200, 4211), slice(3100, 3110))
+    return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")},
+            "calibrate": str(d / "calibrate.jsonl")}
 
 
 def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, data: dict) -> Path | None:
@@ -110,13 +127,18 @@ def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
         if rec_extra[:1] == ["scale"] and not (served / "adapter_config.json").exists():
             scaled(work / f"{trained.name}_recovered", served, float(rec_extra[1]))
         elif not (served / "adapter_config.json").exists():
-            q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(served), "--overwrite", *rec_extra],
-                 work / f"recover_{served.name}.log")
+            q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(served), "--overwrite",
+                  *(x.format(calibrate=dev["calibrate"]) for x in rec_extra)], work / f"recover_{served.name}.log")
         if key not in ("semi", "unst"):  # sparse models keep their shapes: no parameter reduction
             reduction = q.reduction(json.loads((trained / "train_report.json").read_text()), True)
     ev = q.evaluate(work / "dev", name, "smollm2", str(served) if served else None, dev, mc=False)
     res[name] = {"what": what, "in_domain": q.metric(ev, "ppl", "in_domain", "ppl"), "ood": q.metric(ev, "ppl", "alpaca_ood", "ppl"),
                  "reduction": round(reduction, 3)}
+    meta = served / "loram_adapter.json" if served else None
+    cal = json.loads(meta.read_text()).get("calibration") if meta and meta.exists() else None
+    if cal:  # what --calibrate chose and what it cost (CPU seconds of the recovery's forward passes)
+        res[name]["calibration"] = {k: cal.get(k) for k in ("scope", "scale", "layer_scales", "loss_at_1", "loss", "loss_at_0",
+                                                            "rows", "scored_tokens", "passes", "seconds")}
 
 
 def mean_nonzero(rows: list) -> float:

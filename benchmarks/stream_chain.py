@@ -3,6 +3,7 @@
     python benchmarks/stream_chain.py --geometry 13b --cap 12        # 26 GB of bf16 under a 12 GiB cap
     python benchmarks/stream_chain.py --geometry 1.1b --compare       # in-memory vs streamed, side by side
     python benchmarks/stream_chain.py --geometry smoke --cap 2        # a minute: checks the script
+    python benchmarks/stream_chain.py --geometry 13b --resume WORK    # an interrupted chain: the stages not yet measured
 
 Chain (each stage its own `python -m loram` process, no streaming flag: each stage decides from the
 memory budget it sees, here the cgroup limit that ../shared/tools/memcap sets):
@@ -90,7 +91,7 @@ def dataset(folder: Path) -> tuple[Path, Path]:
 
 def predictions(orig: Path, cap: float | None, timeout: int) -> tuple[dict, dict]:
     args = ["plan", str(orig), "--method", "taylor", "--ratio", "0.5", "--quantize", "nf4", "--seq-len", "64", "--micro-batch", "1",
-            "--rank", "8", "--json"]
+            "--rank", "8", "--grad-checkpointing", "--device", "cpu", "--json"]
     if cap is not None:
         args += ["--max-memory", str(cap * 2**30 / 1e9)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
@@ -108,13 +109,21 @@ def chain(args, work: Path) -> list[dict]:
     t0 = t_start = time.time()
     from loram.testing import random_checkpoint
 
-    random_checkpoint(orig, one_row=args.geometry == "13b", **GEOMETRIES[args.geometry])  # 13B: bytes matter, not values
-    size = sum(f.stat().st_size for f in orig.glob("*.safetensors"))
-    rows = [{"stage": "make checkpoint", "rc": 0, "wall_s": round(time.time() - t0, 1), "checkpoint_gb": round(size / 1e9, 2)}]
-    print(f"checkpoint: {size / 1e9:.2f} GB in {rows[0]['wall_s']} s", flush=True)
+    done = resumed(args, work)
+    if done:
+        rows = done
+        print(f"resuming in {work} after {', '.join(r['stage'] for r in rows)}", flush=True)
+    else:
+        random_checkpoint(orig, one_row=args.geometry == "13b", **GEOMETRIES[args.geometry])  # 13B: bytes matter, not values
+        size = sum(f.stat().st_size for f in orig.glob("*.safetensors"))
+        rows = [{"stage": "make checkpoint", "rc": 0, "wall_s": round(time.time() - t0, 1), "checkpoint_gb": round(size / 1e9, 2)}]
+        print(f"checkpoint: {size / 1e9:.2f} GB in {rows[0]['wall_s']} s", flush=True)
     train, text = dataset(work)
     plan_row, pred = predictions(orig, args.cap, 600)
-    rows.append(plan_row)
+    if done:  # the current planner's numbers beside the stages still to run; the rows measured keep theirs
+        rows = [r for r in rows if r["stage"] != "plan"] + [plan_row]
+    else:
+        rows.append(plan_row)
     cap, to = args.cap, args.timeout
     calib = ["--calib-samples", str(args.calib_samples), "--calib-seq-len", "64"]
     steps = [
@@ -126,6 +135,8 @@ def chain(args, work: Path) -> list[dict]:
         ("eval", ["eval", str(work / "merged"), "--ppl", f"text={text}", "--seq-len", "64", "--json"]),
     ]
     for stage, cmd in steps:
+        if any(r["stage"] == stage and r.get("rc") == 0 for r in rows):
+            continue  # measured before --resume
         row = run(stage, cmd, cap, to)
         p = pred.get(stage) or {}
         row["predicted_in_memory_gb"] = _gb(p.get("in_memory_gb"))
@@ -139,6 +150,14 @@ def chain(args, work: Path) -> list[dict]:
         if stage == "merge":
             shutil.rmtree(orig, ignore_errors=True)
     return rows
+
+
+def resumed(args, work: Path) -> list[dict]:
+    """With --resume: the rows an interrupted chain in ``work`` measured (its results json), failed stages dropped."""
+    if not args.resume:
+        return []
+    old = json.loads((RESULTS / f"stream_chain_{args.geometry}.json").read_text())["rows"]
+    return [r for r in old if r.get("rc") == 0]
 
 
 def compare(args, work: Path) -> list[dict]:
@@ -204,12 +223,17 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per stage")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (needs ~2.5x the checkpoint on disk)")
+    ap.add_argument("--resume", default=None, metavar="WORK",
+                    help="the work folder of an interrupted chain: keep the rows its results json holds, run the other stages")
     args = ap.parse_args()
     if not args.compare and not MEMCAP.exists():
         sys.exit(f"{MEMCAP} not found: the capped chain needs ../shared/tools/memcap (or use --compare)")
     t0 = time.time()
-    with tempfile.TemporaryDirectory(dir=args.workdir) as d:
-        rows = compare(args, Path(d)) if args.compare else chain(args, Path(d))
+    if args.resume:
+        rows = chain(args, Path(args.resume))
+    else:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as d:
+            rows = compare(args, Path(d)) if args.compare else chain(args, Path(d))
     write(args, rows, time.time() - t0)
 
 

@@ -68,7 +68,7 @@ def test_nf4_pruned_load_streams_and_equals_whole_model_quantisation(tmp_path, t
 
     out = prune(str(tiny_dir), tmp_path / "p", method="magnitude", ratio=0.5, layers="1:5").out
     streamed, _ = load_pruned_model(out, quantize="nf4")
-    whole = quantize_nf4(load_pruned_model(out)[0])  # the fp32 model first, then every linear (the old way)
+    whole = quantize_nf4(load_pruned_model(out)[0], torch.float32)  # the fp32 model first, then every linear (the old way)
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(streamed(input_ids=ids).logits, whole(input_ids=ids).logits, rtol=0, atol=0)

@@ -147,7 +147,7 @@ def test_loaders_return_the_plan_and_the_fingerprint(tmp_path, tiny_dir):
     model, plan = load_pruned_model(tmp_path / "P")
     assert plan.id == PrunePlan.load(tmp_path / "P").id and not hasattr(model, PLAN_ATTR)
     assert load_pruned(tmp_path / "P").loram_plan.id == plan.id  # the public loader hands it to users
-    m, p, fp = load_base(tmp_path / "P", None, False)
+    m, p, fp = load_base(tmp_path / "P", None)
     assert p.id == plan.id and fp == plan.base["fingerprint"] and not hasattr(m, "loram_base_fingerprint")
-    m, p, fp = load_base(str(tiny_dir), None, False)
+    m, p, fp = load_base(str(tiny_dir), None)
     assert p is None and fp == base_fingerprint(str(tiny_dir)) and not hasattr(m, "loram_base_fingerprint")

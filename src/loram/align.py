@@ -35,7 +35,7 @@ from .prune.sparse import sparse_mask_names
 from .prune_plan import PrunePlan, has_plan
 from .pruned_model import save_pruned
 from .settings import check_config
-from .training import TrainReport, claim_run, finish, fit, param_counts, save_final
+from .training import TrainReport, claim_run, finish, fit, param_counts, run_precision, save_final
 from .training.distributed import check_engine, gathered_state_dict, keep_zeros_callback
 
 
@@ -71,6 +71,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     from .loading import load_pruned_model  # looked up per call: tests swap it to prove errors come first
 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
+    run_precision(cfg)  # --precision for this device (fp16 needs CUDA), before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
     sparse = PrunePlan.load(pruned).kind == "sparse"
@@ -83,6 +84,8 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     blocks = corpus_blocks(tok, cfg)
     evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
     torch.manual_seed(cfg.seed)
+    # fp32 weights whatever --precision: align trains them, and the optimizer needs fp32 master weights;
+    # --precision sets the Trainer's autocast (training.fit)
     model, plan = load_pruned_model(pruned, dtype=torch.float32, device_map="auto")
     model.train()
     model.config.use_cache = False

@@ -146,13 +146,15 @@ def _check_source(plan: PrunePlan, config, source) -> Weights | None:
 
 
 def build_pruned_report(config, plan: PrunePlan, source: str | Path = "random", quantize: str | None = None,
-                        dtype=torch.bfloat16, seed: int = 0, compute_dtype=torch.bfloat16) -> tuple[nn.Module, BuildReport]:
+                        dtype=torch.bfloat16, seed: int = 0, compute_dtype=None) -> tuple[nn.Module, BuildReport]:
     """(model, BuildReport): the pruned model ``plan`` describes, built layer by layer without the full model.
 
     config: the base config (None: the plan's). source: "random" or a safetensors checkpoint folder.
-    quantize: None or "nf4" (decoder linears; embeddings, norms and lm_head stay in ``dtype``).
+    quantize: None or "nf4" (decoder linears; embeddings, norms and lm_head stay in ``dtype``), NF4's
+    compute dtype ``compute_dtype`` (default ``dtype``: one dtype for everything not NF4, as the loaders do).
     The model is a stock transformers model with smaller modules.
     """
+    compute_dtype = dtype if compute_dtype is None else compute_dtype
     if quantize not in (None, "nf4"):
         raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
     if plan.kind != "structured":
@@ -187,7 +189,7 @@ def build_pruned_report(config, plan: PrunePlan, source: str | Path = "random", 
 
 
 def build_pruned(config, plan: PrunePlan, source: str | Path = "random", quantize: str | None = None,
-                 dtype=torch.bfloat16, seed: int = 0, compute_dtype=torch.bfloat16):
+                 dtype=torch.bfloat16, seed: int = 0, compute_dtype=None):
     """The model of ``build_pruned_report``; for users it carries ``model.loram_build`` (the BuildReport)
     and ``model.loram_plan``, as ``loram.load_pruned``'s models do (loram itself reads neither)."""
     model, report = build_pruned_report(config, plan, source, quantize, dtype, seed, compute_dtype)

@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# --precision values (loram.device.resolve_precision turns one into a dtype); here, torch-free, for the flags
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def auto_precision(device_type: str, bf16_gpu: bool = True) -> str:
+    """What --precision auto computes in on a device of ``device_type``: bf16 on a GPU that has it, fp16
+    on one that does not (pre-Ampere: training adds loss scaling), fp32 elsewhere (a CPU's bf16 backward
+    is 60-150x slower than fp32 on the machines we measured). loram.device and the planner both use it."""
+    if device_type == "cuda":
+        return "bf16" if bf16_gpu else "fp16"
+    return "fp32"
+
 
 @dataclass
 class RunConfig:
@@ -25,7 +37,8 @@ class RunConfig:
     grad_accum: int = 1
     seq_len: int = 512
     grad_checkpointing: bool = False
-    bf16: bool = False
+    bf16: bool = False  # old spelling of precision="bf16" (recipes write `bf16: true`): settings.precision_of
+    precision: str = "auto"  # compute dtype: auto | bf16 | fp16 | fp32 (loram.device)
     seed: int = 0
     save_steps: int = 0
     logging_steps: int = 10

@@ -17,9 +17,9 @@ import re
 
 import torch
 
+from .configs import PRECISIONS, auto_precision
 from .errors import LoramError
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 
@@ -67,6 +67,41 @@ def resolve_precision(flag: str = "auto", device: torch.device | str = "cpu") ->
             raise LoramError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 (pre-Ampere): "
                              "use --precision fp16 (or auto)")
         return DTYPES[flag]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return DTYPES[auto_precision(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())]
+
+
+def compute_dtype(precision: str | None, device: torch.device | str = "cpu", bf16: bool = False) -> torch.dtype:
+    """The dtype a command computes in: ``--precision`` (the old ``--bf16`` switch read as bf16) on ``device``;
+    with fp32 on an Ampere+ GPU, matmuls use TF32 (``enable_tf32``)."""
+    from .settings import precision_of
+
+    dtype = resolve_precision(precision_of(precision, bf16), device)
+    enable_tf32(dtype, device)
+    return dtype
+
+
+def tf32_capable(device: torch.device | str) -> bool:
+    """TF32 tensor cores: CUDA compute capability 8.0 (Ampere) and later."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def enable_tf32(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """fp32 on an Ampere+ GPU: let matmuls and convolutions use TF32 (10-bit mantissa inputs, fp32
+    accumulation: ~8x the fp32 throughput, ample for training); off the GPU nothing changes."""
+    if dtype != torch.float32 or not tf32_capable(device):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def trainer_precision(dtype: torch.dtype, device: torch.device | str) -> dict:
+    """The TrainingArguments precision flags for compute ``dtype``: bf16 -> bf16 autocast; fp16 -> fp16
+    autocast with the Trainer's dynamic loss scaling (fp16's range underflows small gradients without
+    it), CUDA only; fp32 -> neither (TF32 is switched on by ``enable_tf32``)."""
+    device = torch.device(device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise LoramError("--precision fp16 trains with loss scaling, which needs a CUDA GPU: use --precision fp32 on "
+                         f"{device.type} (or bf16)")
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}

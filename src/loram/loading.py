@@ -24,7 +24,7 @@ from .errors import LoramError
 from .families import family_of, geometry, ties_embeddings
 from .hub import MODEL_FILES, download, is_repo_id
 from .io import SMOLLM2_ALIAS, _gguf_hint, load_config, read_json, resolve_model
-from .nf4 import QUANTIZED_MARK, quantize_block_nf4, require_bnb
+from .nf4 import QUANTIZED_MARK, nf4_stream_transform, quantize_block_nf4, require_bnb
 from .prune_plan import PLAN_FILE, PrunePlan, has_plan
 from .pruned_model import check_plan_binding, load_state_into, materialize_buffers, skeleton, skeleton_shapes
 from .weights import Weights, mismatch
@@ -217,7 +217,8 @@ def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch
 
     The model is built on the meta device with the plan's smaller modules, then the tensors are
     assigned: the full-size model never exists. quantize: None or "nf4" (bitsandbytes NF4 + double
-    quant on the decoder linears, QLoRAM).
+    quant on the decoder linears, QLoRAM; quantised layer by layer on the device, with ``dtype`` as
+    their compute dtype and the dtype of everything else).
     """
     if quantize not in (None, "nf4"):
         raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
@@ -226,7 +227,7 @@ def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch
     config, plan, weights = open_pruned(path)
     device = _resolve_device(device_map)
     if quantize == "nf4":
-        model = _load_nf4(weights, config, plan, compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+        model = _load_nf4(weights, config, plan, compute_dtype=dtype, device=device)
     else:
         model = skeleton(config, plan, dtype=dtype)
         load_state_into(model, weights.state_dict(dtype), str(Path(path)))
@@ -236,17 +237,28 @@ def load_pruned_model(path: str | Path, quantize: str | None = None, dtype=torch
     return PrunedModel(model, plan)
 
 
-def _load_nf4(weights: Weights, config, plan: PrunePlan, compute_dtype) -> nn.Module:
-    """The pruned model with NF4 decoder linears, read and quantised one decoder layer at a time:
-    the fp32 model never exists (a 0.5-pruned 13B would be 28 GB in fp32, 3.5 GB in NF4)."""
+def _load_nf4(weights: Weights, config, plan: PrunePlan | None, compute_dtype, device="cpu") -> nn.Module:
+    """The (pruned) model with NF4 decoder linears, read and quantised one decoder layer at a time on
+    ``device``: the fp32 model never exists (a 0.5-pruned 13B would be 28 GB in fp32, 3.5 GB in NF4),
+    one layer's fp32 linears at most (nf4_stream_transform: the rest arrives in ``compute_dtype``)."""
     from .progress import track
     from .stream import LayerStream
 
-    ls = LayerStream(weights, config, plan, dtype=torch.float32)
+    ls = LayerStream(weights, config, plan, dtype=torch.float32, device=device, transform=nf4_stream_transform(compute_dtype))
     for i in track(range(ls.n_layers), "loading + NF4", unit="layer"):
         quantize_block_nf4(ls.load(i), compute_dtype)
     setattr(ls.model, QUANTIZED_MARK, "nf4")
     return ls.model
+
+
+def load_original_nf4(name: str | Path, compute_dtype=torch.float32, device="cpu") -> nn.Module:
+    """An original model from a local safetensors folder with NF4 decoder linears (plain QLoRA), read and
+    quantised layer by layer on ``device`` as a pruned one is: never the fp32 model in host RAM."""
+    require_bnb()
+    config, _, weights = open_checkpoint(name, "--quantize nf4")
+    model = _load_nf4(weights, config, None, compute_dtype, device)
+    model.eval()
+    return model
 
 
 def load_pruned(path: str | Path, quantize: str | None = None, dtype=torch.float32, device_map="cpu"):

@@ -236,9 +236,9 @@ def _sparse_plan(base):
 
 
 def generate(model_name: str | Path, prompt: str, adapter: str | Path | None = None, max_new_tokens: int = 64,
-             chat: bool = True, temperature: float = 0.0, verify_base: str = "sampled", device="cpu") -> str:
-    """The model's (+ the adapter's, PEFT attached) continuation of ``prompt``, computed on ``device``."""
-    model, tok = load_with_adapter(model_name, adapter, verify_base=verify_base)
+             chat: bool = True, temperature: float = 0.0, verify_base: str = "sampled", device="cpu", dtype=torch.float32) -> str:
+    """The model's (+ the adapter's, PEFT attached) continuation of ``prompt``, computed on ``device`` in ``dtype``."""
+    model, tok = load_with_adapter(model_name, adapter, dtype=dtype, verify_base=verify_base)
     model = model.to(device)
     if chat and getattr(tok, "chat_template", None):
         from .data import chat_template_ids

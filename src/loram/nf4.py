@@ -3,8 +3,13 @@
     require_bnb()          import bitsandbytes (install hint if absent) and check, once per process,
                            that it quantises correctly here: bitsandbytes 0.49/0.50 quantise wrongly
                            on CPU under torch 2.13, which a round trip of a Gaussian shows at once
-    nf4_linear(w, b)       one Linear4bit quantised from a float weight
+    nf4_linear(w, b)       one Linear4bit quantised from a float weight, where the weight is (GPU or CPU)
     quantize_nf4(model)    every decoder-layer linear, one at a time
+    nf4_stream_transform   LayerStream transform of an NF4 load: the linears' weights come in fp32 (what
+                           the quantiser reads), everything else in the compute dtype, so a layer-by-layer
+                           load on the device (loading._load_nf4) holds one layer of fp32 at a time and
+                           stores embeddings, lm_head and norms in the compute dtype (not fp32)
+    store_rest_in(model)   the same for a model quantised whole: its non-NF4 parameters to the compute dtype
     random_nf4_linear      a Linear4bit drawn directly as random NF4 codes and block scales (build's
                            random weights: same tensors, dtypes and kernels as a quantised checkpoint,
                            without running the slow CPU quantiser on values that do not matter)
@@ -15,6 +20,7 @@ bitsandbytes is imported only here and only when NF4 is asked for.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import torch
@@ -25,6 +31,8 @@ from .families import decoder_layers
 
 QUANTIZED_MARK = "loram_quantized"  # model attribute: "nf4" once its decoder linears are quantised
 NF4_BLOCK = 64
+# the tensors quantize_block_nf4 turns into NF4: the weights of a decoder layer's attention / MLP linears
+QUANTISED_WEIGHT = re.compile(r"\.(self_attn|mlp)\.[^.]+_proj\.weight$")
 ABSMAX_SIGMAS = 2.5  # E[max |x|] over 64 N(0, s^2) draws ~ 2.4 s
 # relative error of an NF4 round trip of a Gaussian: ~0.09 when bitsandbytes works
 ROUND_TRIP_OK = 0.15
@@ -124,23 +132,46 @@ def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype=to
     return q.to(device) if device is not None else q
 
 
-def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> None:
-    """Replace the nn.Linear modules of one decoder layer by NF4 Linear4bit, one at a time."""
+def quantize_block_nf4(block, compute_dtype=torch.bfloat16, skip=("lm_head",), device=None) -> None:
+    """Replace the nn.Linear modules of one decoder layer by NF4 Linear4bit, one at a time, quantised on
+    ``device`` (default: where each weight is): one linear's weight travels there, not the model."""
     for parent_name in ("self_attn", "mlp"):
         parent = getattr(block, parent_name)
         for name, lin in list(parent.named_children()):
             if not isinstance(lin, nn.Linear) or name in skip:
                 continue
-            q = nf4_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, compute_dtype)
-            setattr(parent, name, q)
+            w, b = lin.weight.data, None if lin.bias is None else lin.bias.data
+            if device is not None:
+                w, b = w.to(device), None if b is None else b.to(device)
+            setattr(parent, name, nf4_linear(w, b, compute_dtype))
+            del w, b
 
 
-def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",)) -> nn.Module:
-    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit."""
+def quantize_nf4(model, compute_dtype=torch.bfloat16, skip=("lm_head",), device=None) -> nn.Module:
+    """Replace every decoder-layer nn.Linear by a bitsandbytes NF4 (+ double quant) Linear4bit, quantised
+    on ``device`` (default: where the weights are; the modules stay there)."""
     require_bnb()
     for block in decoder_layers(model):
-        quantize_block_nf4(block, compute_dtype, skip)
+        quantize_block_nf4(block, compute_dtype, skip, device)
     setattr(model, QUANTIZED_MARK, "nf4")
+    return model
+
+
+def nf4_stream_transform(compute_dtype):
+    """A LayerStream ``transform``: the linears that will be quantised keep fp32 (the quantiser's input:
+    the same NF4 bytes as quantising the fp32 model), every other tensor is stored in the compute dtype."""
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t if QUANTISED_WEIGHT.search(name) or not t.is_floating_point() else t.to(compute_dtype)
+
+    return transform
+
+
+def store_rest_in(model, compute_dtype) -> nn.Module:
+    """The parameters NF4 left as floats (embeddings, lm_head, norms) in ``compute_dtype``: an fp32 lm_head
+    beside bf16 compute is twice the bytes and a cast every step. Buffers (rotary inv_freq) stay fp32."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != compute_dtype:
+            p.data = p.data.to(compute_dtype)
     return model
 
 

@@ -394,7 +394,10 @@ def _run_eval(r: Recipe, st: Step, s: settings.EvalSettings) -> bool:
     if on not in targets:
         raise LoramError(f"recipe eval.target {on!r} is unknown: use merged, adapter or base")
     model, adapter = targets[on]
-    results = evaluate(model, adapter, req, max_memory=s.max_memory)  # streams when the model does not fit the budget
+    from .device import compute_dtype
+
+    # streams when the model does not fit the budget; on the CPU, where `precision: auto` is fp32
+    results = evaluate(model, adapter, req, dtype=compute_dtype(s.precision, "cpu", s.bf16), max_memory=s.max_memory)
     for x in results:
         print(f"[eval] {x.task} {x.metric} {x.value:.4f} (n={x.n})")
     with atomic_dir(st.out, overwrite=True, command="run") as tmp:

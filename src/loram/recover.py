@@ -19,6 +19,8 @@ import torch
 
 from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_PRUNED, STAGE_RECOVERED, read_meta, read_tensors, warn_lm_head_serving,
                       write_adapter)
+from .calibrate import CalibrationRequest, check_fits, read_slice, scale_adapter, tokenizer
+from .calibrate import calibrate as calibrate_scales
 from .errors import LoramError
 from .families import COL_PRUNED, UNPRUNED_MODULES, geometry, parse_name
 from .fingerprint import base_fingerprint, check_base_full, check_verify, describe_difference, same_model
@@ -124,14 +126,19 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
 
 @releases_locks
 def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = "zero", seed: int = 0,
-            overwrite: bool = False, check_base: bool = True, verify_base: str = "sampled") -> Path:
+            overwrite: bool = False, check_base: bool = True, verify_base: str = "sampled", calibrate: str | None = None,
+            calibrate_rows: int | None = None, calibrate_scope: str | None = None, seq_len: int | None = None,
+            max_memory: float | None = None) -> Path:
     """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
 
-    verify_base="full": also compare every byte of ``base`` with the digest the plan recorded."""
-
+    verify_base="full": also compare every byte of ``base`` with the digest the plan recorded.
+    calibrate=DATA: lora_B x the scale chosen on DATA's first ``calibrate_rows`` rows (loram.calibrate),
+    recorded under "calibration" in loram_adapter.json; without it the output is the plain recovery."""
+    calib = CalibrationRequest(calibrate, calibrate_rows, calibrate_scope, seq_len)
     adapter = Path(adapter)
     check_output(out, overwrite, inputs=(adapter, base))
     check_verify(verify_base)
+    calib.check()
     tensors = read_tensors(adapter)
     meta = read_meta(adapter)
     if meta is None or meta.get("stage") not in (STAGE_PRUNED, STAGE_RECOVERED):
@@ -160,6 +167,7 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
                              f"pass the original model ({plan.base.get('name')})")
         if verify_base == "full":
             check_base_full(fp, base, "this adapter's plan", "was made from")
+    sl = _calibration_slice(base, meta, config, calib, max_memory) if calibrate is not None else None  # (rows, streamed?)
     if plan.kind == "structured":
         full = recover_tensors(tensors, plan, config, fill=fill, seed=seed)
     else:  # sparse plans keep shapes: recovery is the identity on the tensors
@@ -169,5 +177,15 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
                     recovered_from=str(adapter))
     with atomic_dir(out, overwrite, "recover", (adapter, base)) as tmp:
         write_adapter(tmp, full, lora_cfg, new_meta, plan)
+        if sl is not None:  # scored on the adapter just written, then written again with lora_B x its scale
+            got = calibrate_scales(base, tmp, full, sl[0], calib, stream_hidden_bytes=sl[1])
+            write_adapter(tmp, scale_adapter(full, got.scales), lora_cfg, dict(new_meta, calibration=got.record()), plan)
     warn_lm_head_serving(full, f"`loram merge {base} {out} -o MERGED`")
     return Path(out)
+
+
+def _calibration_slice(base, meta: dict, config, calib, max_memory: float | None):
+    """(the encoded --calibrate rows, None in memory or the streamed evaluation's hidden-state bytes per wave),
+    read and checked (memory budget, enough rows) before recovery's work."""
+    hidden = check_fits(base, config, calib, max_memory)
+    return read_slice(tokenizer(base, meta), calib), hidden

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from dataclasses import MISSING, dataclass, field, fields, replace
 
-from .configs import LONG_ROWS, AlignConfig, TrainConfig
+from .configs import LONG_ROWS, PRECISIONS, AlignConfig, TrainConfig
 from .errors import LoramError
 from .validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, RATIO, SEED, SEQ_LEN, Number
 
@@ -69,6 +69,30 @@ MAX_MEMORY_HELP = ("memory budget in GB (default: what the memory cgroup's limit
                    "predicted in-memory peak does not fit, the model is streamed layer by layer (loram.budget)")
 
 
+PRECISION_HELP = ("compute dtype: auto (default: bf16 on a GPU that has it, fp16 + loss scaling before Ampere, fp32 on a CPU, "
+                  "where bf16 backward is 60-150x slower), bf16, fp16 (CUDA only) or fp32 (TF32 matmuls on Ampere+)")
+BF16_HELP = "same as --precision bf16 (the older flag, kept for recipes and scripts)"
+PRECISION = Knob("auto", choices=PRECISIONS, metavar="|".join(PRECISIONS), help=PRECISION_HELP)
+
+
+def precision_knob():
+    """The --precision field of a dataclass record (prune, eval); train/align take PRECISION in their table."""
+    return knob("auto", choices=PRECISIONS, metavar="|".join(PRECISIONS), help=PRECISION_HELP)
+
+
+def precision_of(precision: str | None, bf16: bool = False) -> str:
+    """The --precision a run asked for, with the old --bf16 switch read as --precision bf16 (recipes write
+    `bf16: true`); both given and different is refused (which one was meant is not knowable)."""
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise LoramError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if not bf16:
+        return precision
+    if precision not in ("auto", "bf16"):
+        raise LoramError(f"--bf16 and --precision {precision} disagree: drop --bf16 (it means --precision bf16)")
+    return "bf16"
+
+
 def max_memory_knob():
     """The --max-memory field of the stages that can stream (prune, merge, eval): a budget, not a result."""
     return knob(None, check=POSITIVE, metavar="GB", outcome=False, help=MAX_MEMORY_HELP)
@@ -93,6 +117,7 @@ class PruneSettings:
     calib_samples: int = knob(8, check=COUNT, help=CALIB + "number of calibration sequences")
     calib_seq_len: int = knob(128, check=SEQ_LEN, help=CALIB + "tokens per calibration sequence")
     max_memory: float | None = max_memory_knob()
+    precision: str = precision_knob()
 
 
 @dataclass
@@ -102,6 +127,18 @@ class RecoverSettings:
     fill: str = knob("zero", choices=("zero", "normal"),
                      help="pruned columns of lora_A (o/down): zero (exact) or N(0,1/r) noise (the paper's normA)")
     seed: int = knob(0, check=SEED, help="seed for --fill normal")
+    calibrate: str | None = knob(None, metavar="DATA",
+                                 help="choose the scale s of the recovered update (lora_B x s, s in 0..1.2) that minimises the "
+                                      "loss of a few in-domain rows on the original model (forward passes only); DATA as "
+                                      "`loram train --data` takes it (a file, FILE[a:b], a folder or hub id)")
+    calibrate_rows: int | None = knob(None, check=COUNT, metavar="N", help="--calibrate: rows used (default 32)")
+    calibrate_scope: str | None = knob(None, choices=("global", "layer"),
+                                       help="--calibrate: one s for the whole update (global, default) or one per decoder "
+                                            "layer (layer: coordinate descent, 13 passes per layer)")
+    seq_len: int | None = knob(None, check=SEQ_LEN, help="--calibrate: rows are cut to this many tokens (default 512)")
+    max_memory: float | None = knob(None, check=POSITIVE, metavar="GB", outcome=False,
+                                    help="--calibrate: memory budget in GB (default: what the cgroup's limit leaves, else "
+                                         "MemAvailable); an original whose in-memory evaluation does not fit is read layer by layer")
 
 
 @dataclass
@@ -144,15 +181,15 @@ class EvalSettings:
                                       help="lm-eval: run tasks marked unsafe (humaneval, mbpp): they execute the model's "
                                            "generated code on this machine, without loram's sandbox")
     batch_size: int = knob(8, check=COUNT)
-    bf16: bool = knob(False, switch=True, recipe=False,
-                      help="load the weights in bfloat16 (faster on bf16 CPUs/GPUs, less exact)")
+    bf16: bool = knob(False, switch=True, recipe=False, help=BF16_HELP)
+    precision: str = precision_knob()
     # `target`, not `on`: YAML 1.1 reads a bare `on:` key as True. None: merged if the recipe merges, else adapter
     target: str | None = knob(None, flag=False)
     max_memory: float | None = max_memory_knob()  # for load_for_eval, not the request
 
     def request_fields(self, ppl: list, mc: list) -> dict:
         """EvalRequest's keyword arguments, given the (name, path) pairs of ``ppl`` and ``mc``."""
-        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bf16", "target", "max_memory")}
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bf16", "precision", "target", "max_memory")}
         tasks = [t.strip() for t in self.lm_eval.split(",") if t.strip()] if isinstance(self.lm_eval, str) else self.lm_eval
         return {**shared, "ppl": ppl, "mc": mc, "lm_eval": tasks or []}
 
@@ -170,7 +207,8 @@ def _run_knobs(lr: float) -> dict[str, Knob]:
         "grad_accum": Knob(1, check=COUNT, help="micro-batches per optimizer step"),
         "seq_len": Knob(512, check=SEQ_LEN),
         "grad_checkpointing": Knob(False, switch=True, help="recompute activations (less memory, ~30%% slower)"),
-        "bf16": Knob(False, switch=True, help="bf16 autocast (~1.2-1.3x faster on a bf16 CPU)"),
+        "bf16": Knob(False, switch=True, help=BF16_HELP),
+        "precision": PRECISION,
         "weight_decay": Knob(0.0, check=NON_NEGATIVE),
         "loss_chunk": Knob(0, check=COUNT_OR_OFF, metavar="N",
                            help="cross-entropy N positions at a time, never the full logits (same loss, less memory; "
@@ -254,17 +292,26 @@ def record_class(stage: str):
 def add_flags(parser, stage: str) -> None:
     """Add a stage's flags to its verb's parser (help, default, validator, choices from the knobs)."""
     for name, k in knobs(stage).items():
-        if not k.flag:
-            continue
-        kw = {"default": k.default, "help": k.help}
-        if k.switch:
-            kw["action"] = "store_true"
-        if k.repeat:
-            kw["action"] = "append"
-        kw.update({a: v for a, v in (("type", k.check), ("choices", k.choices), ("metavar", k.metavar)) if v is not None})
-        if k.required:
-            kw["required"] = True
-        parser.add_argument(flag_name(name), **kw)
+        if k.flag:
+            add_flag(parser, name, k)
+
+
+def add_precision(parser) -> None:
+    """--precision on a verb without a settings record (generate, plan): the same knob as the stages'."""
+    add_flag(parser, "precision", PRECISION)
+
+
+def add_flag(parser, name: str, k: Knob) -> None:
+    """One knob's flag."""
+    kw = {"default": k.default, "help": k.help}
+    if k.switch:
+        kw["action"] = "store_true"
+    if k.repeat:
+        kw["action"] = "append"
+    kw.update({a: v for a, v in (("type", k.check), ("choices", k.choices), ("metavar", k.metavar)) if v is not None})
+    if k.required:
+        kw["required"] = True
+    parser.add_argument(flag_name(name), **kw)
 
 
 def from_args(stage: str, args):
@@ -385,6 +432,8 @@ def check_config(cfg, verb: str) -> None:
     plus what has no flag: mixture weights and knobs such as max_grad_norm > 0."""
     values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     check_knobs(verb, **values)
+    if "precision" in values:
+        precision_of(values["precision"], values.get("bf16", False))
     for w in getattr(cfg, "data_weights", None) or []:
         POSITIVE.named("mixture weight").check(w)
     for name, k in knobs(verb).items():

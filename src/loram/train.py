@@ -27,32 +27,33 @@ from .device import default_device
 from .errors import LoramError
 from .fingerprint import base_fingerprint
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
-from .loading import load_model, load_pruned_model, pruned_folder
-from .nf4 import quantize_nf4
+from .loading import load_model, load_original_nf4, load_pruned_model, pruned_folder, safetensors_folder
+from .nf4 import quantize_nf4, store_rest_in
 from .prune_plan import has_plan
 from .settings import check_config
-from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, save_final
+from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, run_precision, save_final
 from .training.distributed import check_engine, gathered_state_dict
 
 
 # ---- model and LoRA ---------------------------------------------------------------------------
-def load_base(model: str | Path, quantize: str | None, bf16: bool):
+def load_base(model: str | Path, quantize: str | None, dtype=torch.float32, device=None):
     """(model, plan or None, base fingerprint) for a pruned folder or an ordinary model (the tokenizer is
-    loaded first, by train)."""
-
-    dtype = torch.bfloat16 if bf16 and quantize is None else torch.float32
+    loaded first, by train), on ``device`` (default: cuda:LOCAL_RANK or cpu) with its weights in ``dtype``,
+    the compute dtype; with NF4, quantised layer by layer there and everything else stored in ``dtype``."""
+    device = default_device() if device is None else torch.device(device)
+    if quantize not in (None, "nf4"):
+        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
     if Path(str(model)).is_dir() and has_plan(model):
-        m, plan = load_pruned_model(model, quantize=quantize, dtype=dtype, device_map="auto")
+        m, plan = load_pruned_model(model, quantize=quantize, dtype=dtype, device_map=str(device))
         return m, plan, plan.base["fingerprint"]
-    m = load_model(model, dtype=dtype)
+    if quantize == "nf4" and safetensors_folder(model) is not None:  # fingerprinted from its files
+        return load_original_nf4(model, dtype, device), None, base_fingerprint(model)
+    m = load_model(model, dtype=torch.float32 if quantize else dtype)  # a .gguf or hub id: whole, then NF4
     # fingerprint the original now: after NF4 or PEFT wrapping the state dict no longer shows its weights
     fp = base_fingerprint(model, m)
     if quantize == "nf4":
-        quantize_nf4(m)
-    elif quantize is not None:
-        raise LoramError(f"--quantize {quantize!r} is not supported: use nf4")
-    if torch.cuda.is_available():
-        m.to(default_device())  # cuda:LOCAL_RANK, not GPU 0 for every rank
+        store_rest_in(quantize_nf4(m, dtype, device=device), dtype)  # each linear quantised on the device
+    m.to(device)  # cuda:LOCAL_RANK, not GPU 0 for every rank
     return m, None, fp
 
 
@@ -77,6 +78,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     from .data import collate  # looked up per call: tests/test_ddp.py swaps it to record each rank's batches
 
     check_config(cfg, "train")  # the CLI flags' ranges, for Python callers too, before any load
+    device, dtype = run_precision(cfg)  # --precision for this device (fp16 needs CUDA), before any load
     check_engine("train", quantize=cfg.quantize)
     template = read_chat_template(cfg.chat_template) if cfg.chat_template else None  # a missing or broken file: now
     inputs, ckpt, settings = claim_run(cfg, model_name, out, overwrite, checkpoint_dir, resume)
@@ -99,7 +101,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
     source = pruned_folder(model_name) if pruned else model_name
     torch.manual_seed(cfg.seed)
-    model, plan, base_fp = load_base(source, cfg.quantize, cfg.bf16)
+    model, plan, base_fp = load_base(source, cfg.quantize, dtype, device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

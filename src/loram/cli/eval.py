@@ -33,9 +33,7 @@ def run(a) -> int:
     import json
     from dataclasses import asdict
 
-    import torch
-
-    from ..device import resolve_device
+    from ..device import compute_dtype, resolve_device
     from ..eval.runner import EvalRequest, evaluate
     from ..progress import Measure
 
@@ -43,7 +41,7 @@ def run(a) -> int:
     s = from_args("eval", a)
     req = EvalRequest(**s.request_fields(ppl=[named(x, "--ppl") for x in s.ppl], mc=[named(x, "--mc") for x in s.mc]))
     device = resolve_device(a.device)  # before any model is read: a missing GPU is one line
-    results = evaluate(a.model, a.adapter, req, dtype=torch.bfloat16 if s.bf16 else torch.float32, max_memory=s.max_memory,
+    results = evaluate(a.model, a.adapter, req, dtype=compute_dtype(s.precision, device, s.bf16), max_memory=s.max_memory,
                        device=device)
     if a.json:
         print(json.dumps({"model": a.model, "adapter": a.adapter, "results": [asdict(r) for r in results],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..settings import add_precision
 from .common import COUNT, Number, add_device, add_verify_base
 
 
@@ -15,14 +16,16 @@ def add(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     add_verify_base(p, record=False)
     add_device(p)
+    add_precision(p)
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
-    from ..device import resolve_device
+    from ..device import compute_dtype, resolve_device
     from ..merge import generate
 
     device = resolve_device(a.device)  # before any model is read: a missing GPU is one line
     print(generate(a.model, a.prompt, adapter=a.adapter, max_new_tokens=a.max_new_tokens, chat=not a.no_chat,
-                   temperature=a.temperature, verify_base=a.verify_base, device=device))
+                   temperature=a.temperature, verify_base=a.verify_base, device=device,
+                   dtype=compute_dtype(a.precision, device)))
     return 0

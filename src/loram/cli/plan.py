@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..settings import add_precision
 from .common import ATTN_RATIO, COUNT, DROPOUT, NON_NEGATIVE, POSITIVE
 
 
@@ -23,7 +24,11 @@ def add(sub) -> None:
     p.add_argument("--dropout", type=DROPOUT, default=0.05, help="LoRA dropout (its masks cost activation memory)")
     p.add_argument("--targets", nargs="+", default=None, help="LoRA targets among q k v o gate up down lm_head (default: all seven)")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16: bf16/NF4 weights + autocast (default)")
+    add_precision(p)  # the same knob and default as `loram train`: auto is resolved for --device
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where the training is predicted to run (default cuda: adds the CUDA context, the allocator's reserve, "
+                        "cuBLAS/NCCL workspaces; --precision auto is bf16 there, fp32 on cpu). --try runs there when it can")
+    p.add_argument("--world-size", type=COUNT, default=1, help="GPUs of a torchrun launch (NCCL buffers when > 1)")
     p.add_argument("--overhead-gb", type=NON_NEGATIVE, default=None, help="framework overhead term (default: the CPU calibration)")
     p.add_argument("--gpu-gb", type=POSITIVE, default=None, help="memory budget: say what fits; without --ratio find the smallest ratio")
     p.add_argument("--max-memory", type=POSITIVE, default=None, metavar="GB",
@@ -48,7 +53,7 @@ def run(a) -> int:
     if bad:
         raise LoramError(f"unknown --targets {bad}: choose from {', '.join(DEFAULT_TARGETS + ('lm_head',))}")
     settings = TrainSettings(seq_len=a.seq_len, micro_batch=a.micro_batch, rank=a.rank, targets=targets, dropout=a.dropout,
-                             grad_checkpointing=a.grad_checkpointing, precision=a.precision,
+                             grad_checkpointing=a.grad_checkpointing, precision=a.precision, device=a.device, world=a.world_size,
                              overhead_gb=OVERHEAD_GB_CPU if a.overhead_gb is None else a.overhead_gb)
     searched = None
     if src.plan is not None and a.ratio is None:
@@ -132,7 +137,8 @@ def show(pred, searched, a) -> None:
                   f"{searched} ({scheme})" if searched > 0 else f"0 ({'QLoRA' if a.quantize == 'nf4' else 'LoRA'} fits unpruned)")
     c.print(t)
     m = Table(title=f"training memory, GB (batch {pred.settings.micro_batch} x {pred.settings.seq_len}, r {pred.settings.rank}, "
-                    f"{'grad checkpointing' if pred.settings.grad_checkpointing else 'no checkpointing'}, {pred.settings.precision})")
+                    f"{'grad checkpointing' if pred.settings.grad_checkpointing else 'no checkpointing'}, "
+                    f"{pred.settings.compute} on {pred.settings.device})")
     m.add_column("term")
     for s in SCHEMES:
         m.add_column(s, justify="right")
@@ -142,8 +148,8 @@ def show(pred, searched, a) -> None:
     if a.gpu_gb is not None:
         m.add_row(f"fits {a.gpu_gb} GB", *("yes" if pred.fits(s) else "no" for s in SCHEMES))
     c.print(m)
-    c.print(f"peak = {pred.schemes['LoRA'].peak_rule}; overhead {pred.settings.overhead_gb} GB is the CPU calibration "
-            "(on a GPU add the CUDA context).")
+    gpu = "; gpu_* terms: the CUDA context, the allocator's reserve, cuBLAS/NCCL workspaces" if pred.settings.device == "cuda" else ""
+    c.print(f"peak = {pred.schemes['LoRA'].peak_rule}; overhead {pred.settings.overhead_gb} GB is the CPU calibration{gpu}.")
 
 
 def try_it(a, src, spec, settings) -> int:
@@ -168,11 +174,14 @@ def try_it(a, src, spec, settings) -> int:
         return 0
     from .common import table
 
-    table([("scheme", f"{r['scheme']} ({r['precision']} compute)"), ("parameters", f"{r['params']:,}"),
+    cuda = r["device"] == "cuda"
+    table([("scheme", f"{r['scheme']} ({r['precision']} compute on {r['device']})"), ("parameters", f"{r['params']:,}"),
            ("build (random weights)", f"{r['build_s']:.1f} s"),
-           ("peak memory measured", f"{r['measured_gb']:.2f} GB (RSS above the pre-build baseline)"),
+           ("peak memory measured", f"{r['measured_gb']:.2f} GB " +
+            ("(torch.cuda.max_memory_allocated)" if cuda else "(RSS above the pre-build baseline)")),
            ("peak memory predicted", f"{r['predicted_gb']:.2f} GB" + (f" ({r['error']:+.1%})" if r["error"] is not None else "")),
-           *([("CUDA peak", f"{r['peak_cuda_gb']:.2f} GB")] if r["peak_cuda_gb"] is not None else []),
+           *([("CUDA reserved, measured / predicted", f"{r['cuda_reserved_gb']:.2f} / {r['predicted_reserved_gb']:.2f} GB")]
+             if cuda else []),
            ("step time", f"{r['s_per_step']:.2f} s ({r['tokens_per_s']:.1f} tokens/s, batch {settings.micro_batch} x {settings.seq_len})")],
           title=f"loram plan --try: {r['steps']} steps")
     return 0

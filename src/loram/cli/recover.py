@@ -1,4 +1,4 @@
-"""loram recover ADAPTER --base BASE -o OUT [--fill zero|normal]"""
+"""loram recover ADAPTER --base BASE -o OUT [--fill zero|normal] [--calibrate DATA [--calibrate-scope global|layer]]"""
 
 from __future__ import annotations
 
@@ -25,4 +25,9 @@ def run(a) -> int:
     m = Measure()
     out = recover(a.adapter, a.base, a.out, **asdict(from_args("recover", a)), overwrite=a.overwrite, verify_base=a.verify_base)
     print(m.line(f"recovered adapter for {a.base} written to {out}") + "; loads with stock PeftModel.from_pretrained")
+    if a.calibrate is not None:
+        from ..adapter import read_meta
+        from ..calibrate import summary
+
+        print(summary(read_meta(out)["calibration"]))
     return 0

@@ -60,23 +60,36 @@ def instruction_sequences(tok, rows: list[dict], seq_len: int = 1024) -> tuple[l
 def perplexity_rows(model, tok, rows: list[dict], seq_len: int = 1024, batch_size: int = 8) -> Perplexity:
     """Perplexity of the response tokens of instruction / chat rows (text rows: all tokens)."""
     seqs, cut = instruction_sequences(tok, rows, seq_len)
-    return _result(score_sequences(model, seqs, batch_size, _pad(tok)), cut)
+    return _result(score_sequences(model, seqs, batch_size, pad_id(tok)), cut)
+
+
+def perplexity_of(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8) -> Perplexity:
+    """Perplexity (and mean nll, scored tokens) of already encoded (input_ids, labels) examples."""
+    return _result(score_sequences(model, examples, batch_size, pad_id))
 
 
 def perplexity_examples(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 4,
-                        bf16: bool = False) -> float:
-    """Perplexity of encoded (input_ids, labels) examples, scored in eval mode (bf16 autocast if asked);
-    the model's train / eval mode is restored after."""
+                        autocast: torch.dtype | None = None) -> float:
+    """Perplexity of encoded (input_ids, labels) examples, scored in eval mode (``autocast``: bf16/fp16
+    autocast, the training run's precision); the model's train / eval mode is restored after."""
+    loglik, tokens = loglik_sums(model, examples, pad_id, batch_size, autocast)
+    # a set with no scored token reads as ppl 1 (as it always has) rather than failing a finished run
+    return math.exp(-loglik / tokens) if tokens else 1.0
+
+
+def loglik_sums(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 4,
+                autocast: torch.dtype | None = None) -> tuple[float, int]:
+    """(sum of log p over the scored tokens, scored tokens) of encoded examples: what ranks that each
+    scored a share of a held-out set add up (loram.training) before taking exp(-sum / tokens)."""
     was = model.training
     model.eval()
     try:
         dev = next(model.parameters()).device
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             scores = score_sequences(model, examples, batch_size, pad_id)
     finally:
         model.train(was)
-    # a set with no scored token reads as ppl 1 (as it always has) rather than failing a finished run
-    return _result(scores).ppl if any(s.tokens for s in scores) else 1.0
+    return sum(s.loglik for s in scores), sum(s.tokens for s in scores)
 
 
 def text_windows(ids: list[int], seq_len: int, stride: int) -> list[tuple[list[int], list[int]]]:
@@ -110,8 +123,8 @@ def perplexity_text(model, tok, text: str, seq_len: int = 512, stride: int | Non
     if len(ids) < 2:
         raise LoramError("the text has fewer than 2 tokens: nothing to score")
     windows = text_windows(ids, seq_len, stride or seq_len)
-    return _result(score_sequences(model, windows, batch_size, _pad(tok)))
+    return _result(score_sequences(model, windows, batch_size, pad_id(tok)))
 
 
-def _pad(tok) -> int:
+def pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -140,6 +140,13 @@ def _decide(model: str, req: EvalRequest, dtype, max_memory: float | None) -> tu
     return True, max(MIN_HIDDEN_BYTES, room)
 
 
+def scoring_plan(model: str, seq_len: int, batch_size: int, max_memory: float | None = None) -> tuple[bool, int | None]:
+    """(stream?, hidden-state bytes per wave) for scoring rows of at most ``seq_len`` tokens on ``model`` in fp32:
+    ``_decide`` for a perplexity-only request (`loram recover --calibrate` scores this way)."""
+    req = EvalRequest(ppl=[("rows", Path("rows.jsonl"))], seq_len=seq_len, batch_size=batch_size)
+    return _decide(model, req, torch.float32, max_memory)
+
+
 def run_tasks(model, tok, req: EvalRequest) -> list[EvalResult]:
 
     out: list[EvalResult] = []

@@ -2,11 +2,13 @@
 
 Notation: N = micro_batch * seq_len tokens, D hidden, per layer i: F_i MLP width, Q_i = kept
 query heads * d, KV_i = kept KV heads * d, H_i kept query heads; r the LoRA rank; V vocab.
-``a`` = bytes of an activation (2 with precision "bf16": bf16 weights or NF4 with bf16 compute,
-LoRA matrices in fp32, bf16 autocast -- what `loram train --bf16` does; 4 with "fp32").
+``a`` = bytes of an activation (2 with a 16-bit compute dtype, bf16 or fp16: weights in it or NF4 with
+it as compute dtype, LoRA matrices in fp32, autocast -- what `loram train --precision bf16` does; 4 with
+fp32). ``precision`` "auto" is what `loram train` picks on the target ``device`` (configs.auto_precision):
+bf16 on cuda, fp32 on cpu -- the same default for the planner and for training.
 
 Static terms
-    weights          bf16/fp32: bytes * params; NF4: 4-bit packed linears + constants + the rest in 16 bits
+    weights          a * params; NF4: 4-bit packed linears + constants + the rest in the compute dtype (a)
     LoRA             r * (in + out) per targeted module, fp32: params 4 B + grads 4 B + AdamW m, v 8 B
     LoRA bf16 copies autocast keeps a bf16 copy of each LoRA matrix for the step: 2 B * LoRA params
 Saved activations of one layer, bytes per token (counted from the tensors autograd saves with
@@ -27,7 +29,8 @@ Peak
     gradient checkpointing: weights + LoRA + checkpoints (aD per layer per token)
                             + max(logits, largest layer's saved activations + its backward transient)
     without:                weights + LoRA + all layers' saved activations + max(logits, transient)
-    NF4 adds a transient bf16 copy of the largest quantized matrix (dequantised for each matmul).
+    NF4 adds a transient copy of the largest quantized matrix in the compute dtype (dequantised per matmul);
+    on a CPU three (bitsandbytes' torch path: int32 codes, looked-up values, scaled output: 4 + 2a bytes).
 Overhead: a constant for what the terms above do not see (Trainer, dataloader, thread pools,
 allocator rounding). OVERHEAD_GB_CPU = 0.07 GB was measured once, on one configuration -- SmolLM2
 LoRA through the HF Trainer as `loram train` runs it, batch 1 x 512, gradient checkpointing, fp32:
@@ -36,14 +39,25 @@ unchanged for every other configuration (benchmarks/plan_vs_measured.py validate
 measurement, like the benchmark, pins glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_=131072):
 with glibc's default dynamic threshold, freed activations stay in the heap and CPU RSS carries
 another 0.3-1 GB of dead memory that varies from run to run, which no config-based model can
-predict (setting the variable for `loram train` on CPU removes it). On a GPU add the CUDA context
-(~0.5 GB) yourself: max_memory_allocated excludes it.
+predict (setting the variable for `loram train` on CPU removes it).
+GPU terms (device "cuda" only; absent on cpu):
+    gpu_cublas_workspace  cuBLAS's workspace, torch's default 32 MiB (CUBLAS_WORKSPACE_CONFIG=:4096:8)
+    gpu_nccl              world > 1: NCCL's communicator buffers (~0.25 GB per process) + DDP's
+                          gradient buckets, a copy of the trainable gradients (4 B * LoRA params)
+    gpu_allocator_reserve the caching allocator holds more than it hands out at the peak (block
+                          rounding, fragmentation): GPU_RESERVE_FRACTION of the allocated peak above
+                          the weights (the frozen weights are allocated once, in exact large blocks;
+                          the churn of activations and temporaries is what fragments)
+    gpu_context           the CUDA context and loaded kernels, ~0.3-0.5 GB, outside torch's allocator
+``MemoryEstimate.allocated`` is what torch.cuda.max_memory_allocated sees (everything but the last two),
+``total`` what the device must hold (nvidia-smi; what decides an out-of-memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..configs import PRECISIONS, auto_precision
 from ..errors import LoramError
 from ..families import geometry
 from .params import LayerWidths, ParamCounts, linear_shapes, storage
@@ -52,6 +66,13 @@ DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # Measured once (SmolLM2 LoRA, see the module docstring), the same for every configuration.
 OVERHEAD_GB_CPU = 0.07
 GB = 1e9
+DEVICES = ("cuda", "cpu")
+# GPU terms (see the module docstring); typical values, to be checked by benchmarks/gpu_check.sh
+GPU_CONTEXT_GB = 0.4
+GPU_RESERVE_FRACTION = 0.1
+CUBLAS_WORKSPACE = 32 * 2**20
+NCCL_GB = 0.25
+GPU_TERMS = ("gpu_cublas_workspace", "gpu_nccl", "gpu_allocator_reserve", "gpu_context")
 
 
 @dataclass(frozen=True)
@@ -64,18 +85,32 @@ class TrainSettings:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.05
     grad_checkpointing: bool = False
-    precision: str = "bf16"  # bf16 (weights bf16 / NF4, autocast) or fp32
+    precision: str = "auto"  # as `loram train --precision`: auto | bf16 | fp16 | fp32 (auto: by ``device``)
     overhead_gb: float = OVERHEAD_GB_CPU
+    device: str = "cuda"  # where the training runs: cuda adds the GPU terms, auto precision is bf16 there
+    world: int = 1  # processes (GPUs) of a torchrun / accelerate launch: NCCL buffers when > 1
 
     @property
     def tokens(self) -> int:
         return self.seq_len * self.micro_batch
 
     @property
+    def compute(self) -> str:
+        """The compute dtype's name: ``precision``, with auto resolved for ``device`` as training resolves it."""
+        if self.precision not in PRECISIONS:
+            raise LoramError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}: pick one")
+        if self.device not in DEVICES:
+            raise LoramError(f"device {self.device!r} is not one of {', '.join(DEVICES)}: pick one")
+        return auto_precision(self.device) if self.precision == "auto" else self.precision
+
+    @property
+    def half(self) -> bool:
+        """16-bit compute (bf16 or fp16 autocast)."""
+        return self.compute != "fp32"
+
+    @property
     def act_bytes(self) -> int:
-        if self.precision not in ("bf16", "fp32"):
-            raise LoramError(f"precision {self.precision!r} is not bf16 or fp32: pick one")
-        return 2 if self.precision == "bf16" else 4
+        return 2 if self.half else 4
 
 
 @dataclass
@@ -87,11 +122,17 @@ class MemoryEstimate:
     peak_rule: str = ""
 
     @property
-    def total(self) -> int:
+    def allocated(self) -> int:
+        """The peak of what torch allocates (torch.cuda.max_memory_allocated on a GPU)."""
         t = self.terms
         held = t["weights"] + t["lora_params"] + t["lora_grads"] + t["adamw_states"] + t["lora_bf16_copies"] + \
-            t["activations_held"] + t["nf4_dequant"] + t["overhead"]
+            t["activations_held"] + t["nf4_dequant"] + t["overhead"] + t.get("gpu_cublas_workspace", 0) + t.get("gpu_nccl", 0)
         return held + max(t["logits_loss"], t["layer_peak"])
+
+    @property
+    def total(self) -> int:
+        """What the device must hold: the allocated peak, the allocator's reserve and the CUDA context."""
+        return self.allocated + self.terms.get("gpu_allocator_reserve", 0) + self.terms.get("gpu_context", 0)
 
     @property
     def gb(self) -> float:
@@ -124,9 +165,9 @@ def layer_saved_bytes(g, w: LayerWidths, s: TrainSettings) -> int:
             continue
         width = sh[role][1]
         total += a * r + (4 * width if s.dropout > 0 else 0)
-        if s.precision == "bf16" or s.dropout > 0:
+        if s.half or s.dropout > 0:
             total += a * width  # a fresh copy: the autocast cast, or the dropout output
-    if s.precision == "fp32" and s.dropout == 0:
+    if not s.half and s.dropout == 0:
         # the inputs themselves: one normed x for q/k/v, one for gate/up, the product for down
         total += a * D * bool(t & {"q", "k", "v"}) + a * D * bool(t & {"gate", "up"}) + a * w.mlp * ("down" in t)
     return total
@@ -147,9 +188,11 @@ def estimate(config, widths: list[LayerWidths], counts: ParamCounts, s: TrainSet
     g = geometry(config)
     a, n = s.act_bytes, s.tokens
     st = storage(counts)
-    if quantized:
-        weights = st.nf4_weights + st.nf4_constants + 2 * counts.non_linear
-        dequant = 2 * max(o * i for o, i in counts.linear_shapes)
+    if quantized:  # embeddings, lm_head and norms stored in the compute dtype (loram.nf4.nf4_stream_transform)
+        weights = st.nf4_weights + st.nf4_constants + a * counts.non_linear
+        # a GPU dequantises in one kernel into the compute dtype; bitsandbytes' CPU path (pure torch,
+        # backends/default) holds the codes as int32, the looked-up values and the scaled output at once
+        dequant = (a if s.device == "cuda" else 4 + 2 * a) * max(o * i for o, i in counts.linear_shapes)
     else:
         weights = a * counts.total
         dequant = 0
@@ -171,7 +214,17 @@ def estimate(config, widths: list[LayerWidths], counts: ParamCounts, s: TrainSet
         rule = "weights + LoRA states + all layers' saved activations + max(logits/loss, backward transient)"
     terms = {
         "weights": weights, "lora_params": 4 * lp, "lora_grads": 4 * lp, "adamw_states": 8 * lp,
-        "lora_bf16_copies": 2 * lp if s.precision == "bf16" else 0, "activations_held": held,
+        "lora_bf16_copies": 2 * lp if s.half else 0, "activations_held": held,
         "layer_peak": layer_peak, "logits_loss": logits, "nf4_dequant": dequant, "overhead": int(s.overhead_gb * GB),
     }
+    if s.device == "cuda":
+        terms |= gpu_terms(terms, lp, s)
     return MemoryEstimate(scheme=scheme, terms=terms, peak_rule=rule)
+
+
+def gpu_terms(terms: dict, lp: int, s: TrainSettings) -> dict:
+    """The GPU's own terms (module docstring) on top of the tensor terms ``terms``."""
+    out = {"gpu_cublas_workspace": CUBLAS_WORKSPACE,
+           "gpu_nccl": int(NCCL_GB * GB) + 4 * lp if s.world > 1 else 0}
+    churn = MemoryEstimate("", terms | out).allocated - terms["weights"]
+    return out | {"gpu_allocator_reserve": int(GPU_RESERVE_FRACTION * churn), "gpu_context": int(GPU_CONTEXT_GB * GB)}

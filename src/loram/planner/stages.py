@@ -158,14 +158,14 @@ def _model(config, spec) -> _Model:
 
 
 def _fp32() -> TrainSettings:
-    return TrainSettings(precision="fp32", dropout=0.0, rank=0, overhead_gb=0.0)
+    return TrainSettings(precision="fp32", dropout=0.0, rank=0, overhead_gb=0.0, device="cpu")
 
 
 def _grad_step(seq_len: int) -> TrainSettings:
     """A full-gradient fp32 step of one sequence in memory.py's terms: rank 0 makes the LoRA terms
     vanish, and with fp32 and no dropout its count keeps exactly the linears' inputs, which their
     weight gradients need (it counts every layer: those below the scored range need less)."""
-    return TrainSettings(seq_len=seq_len, micro_batch=1, rank=0, targets=DEFAULT_TARGETS, dropout=0.0, precision="fp32",
+    return TrainSettings(seq_len=seq_len, micro_batch=1, rank=0, targets=DEFAULT_TARGETS, dropout=0.0, precision="fp32", device="cpu",
                          overhead_gb=0.0, grad_checkpointing=False)
 
 

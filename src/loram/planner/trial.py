@@ -17,6 +17,7 @@ from ..configs import DEFAULT_TARGETS, TARGET_MODULES
 from ..nf4 import QUANTIZED_MARK
 from ..procmem import PeakRSS, rss_gb
 from ..prune_plan import PrunePlan
+from .memory import GB
 from .predict import predict
 
 
@@ -100,7 +101,8 @@ def trial_steps(model, seq_len: int, steps: int = 2, batch: int = 1, rank: int =
     """Run ``steps`` LoRA steps (r ``rank``, all seven targets, AdamW) on random tokens and measure them.
 
     Mirrors `loram train`: PEFT LoRA (alpha 2r, dropout 0.05), non-reentrant gradient checkpointing.
-    NF4 on CPU: fp32 compute over the model's storage (``fp32_compute``); else bf16 autocast for bf16 models.
+    NF4 on CPU: fp32 compute over the model's storage (``fp32_compute``); else bf16 / fp16 autocast for
+    bf16 / fp16 models.
     ``on_step(step, seconds, loss, peak_rss_gb)`` is called after each step (progress of long runs).
     """
     from peft import LoraConfig, get_peft_model
@@ -120,12 +122,13 @@ def trial_steps(model, seq_len: int, steps: int = 2, batch: int = 1, rank: int =
     opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen).to(dev)
-    bf16 = not fp32 and model.get_input_embeddings().weight.dtype == torch.bfloat16
+    half = model.get_input_embeddings().weight.dtype  # bf16 / fp16 weights: autocast in it, as the Trainer does
+    half = None if fp32 or half not in (torch.bfloat16, torch.float16) else half
     pm.train()
     peak, times, losses = PeakRSS(), [], []
     for _ in range(steps):
         t0 = time.time()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=half or torch.bfloat16, enabled=half is not None):
             loss = pm(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -141,21 +144,32 @@ def trial_steps(model, seq_len: int, steps: int = 2, batch: int = 1, rank: int =
 
 
 def try_plan(config, plan: PrunePlan, settings, quantize: str | None, steps: int = 2) -> dict:
-    """`loram plan --try`: build ``plan`` with random weights, run ``steps`` LoRA steps, and return
-    the measured peak (RSS minus the RSS before building, the planner's convention) and step time
-    beside the planner's prediction for the same settings."""
+    """`loram plan --try`: build ``plan`` with random weights, run ``steps`` LoRA steps on the device the
+    prediction is for (``settings.device``; the CPU when this machine has no CUDA, compared then with the
+    CPU prediction), and return the measured peak beside the planner's prediction for the same settings:
+    on a GPU torch.cuda.max_memory_allocated (vs the prediction's ``allocated``) and max_memory_reserved
+    (vs ``allocated`` + the allocator's reserve); on the CPU the RSS above the RSS before building."""
+    from ..device import DTYPES, default_device
+
+    here = "cuda" if settings.device == "cuda" and torch.cuda.is_available() else "cpu"
+    s = replace(settings, device=here)
+    dtype = DTYPES[s.compute]  # as `loram train`: weights (NF4: everything but the linears) in the compute dtype
     baseline = rss_gb()
-    dtype = torch.float32 if settings.precision == "fp32" and quantize is None else torch.bfloat16
-    model, built = build_pruned_report(config, plan, source="random", quantize=quantize, dtype=dtype)
-    r = trial_steps(model, settings.seq_len, steps=steps, batch=settings.micro_batch, rank=settings.rank,
-                    grad_checkpointing=settings.grad_checkpointing)
-    fp32 = quantize == "nf4" and not torch.cuda.is_available()  # trial_steps computes in fp32 then
-    s = replace(settings, precision="fp32") if fp32 else settings
+    model, built = build_pruned_report(config, plan, source="random", quantize=quantize, dtype=dtype, compute_dtype=dtype)
+    if here == "cuda":
+        device = default_device()
+        torch.cuda.reset_peak_memory_stats(device)
+        model.to(device)
+    r = trial_steps(model, s.seq_len, steps=steps, batch=s.micro_batch, rank=s.rank, grad_checkpointing=s.grad_checkpointing)
     scheme = "QLoRAM" if quantize == "nf4" else "LoRAM"
-    pred = predict(config, plan, s).schemes[scheme].gb
-    # a tiny trial can peak at the baseline itself (nothing measurable above it): no error then
-    measured = r.peak_rss_gb - baseline
-    return {"scheme": scheme, "precision": s.precision, "build_s": built.seconds, "params": built.params,
+    est = predict(config, plan, s).schemes[scheme]
+    if here == "cuda":
+        measured, pred = torch.cuda.max_memory_allocated(device) / GB, est.allocated / GB
+        reserved = {"cuda_reserved_gb": torch.cuda.max_memory_reserved(device) / GB,
+                    "predicted_reserved_gb": (est.allocated + est.terms["gpu_allocator_reserve"]) / GB}
+    else:  # a tiny trial can peak at the baseline itself (nothing measurable above it): no error then
+        measured, pred, reserved = r.peak_rss_gb - baseline, est.gb, {}
+    return {"scheme": scheme, "device": here, "precision": s.compute, "build_s": built.seconds, "params": built.params,
             "measured_gb": measured, "predicted_gb": pred, "error": (pred - measured) / measured if measured > 0 else None,
-            "s_per_step": r.s_per_step,
+            **reserved, "s_per_step": r.s_per_step,
             "tokens_per_s": r.tokens_per_s, "peak_rss_gb": r.peak_rss_gb, "peak_cuda_gb": r.peak_cuda_gb, "steps": r.steps}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import compute_dtype
 from ..errors import LoramError
 from ..families import geometry
 from ..fingerprint import base_fingerprint, check_verify
@@ -48,7 +49,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
           calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
           verify_base: str = "sampled", max_memory: float | None = None, stream: bool | None = None,
-          device="cpu") -> PruneReport:
+          device="cpu", precision: str | None = None) -> PruneReport:
     """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
 
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
@@ -57,9 +58,12 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
 
     ``stream`` (structured methods): True prunes one decoder layer at a time from the safetensors
     (streamed.py: same scores and plan, the folder written in the checkpoint's dtype, computed in
-    ``dtype`` on ``device``); False or None loads the whole model (None: the default decision)."""
+    ``dtype`` on ``device``); False or None loads the whole model (None: the default decision).
+    ``precision`` (--precision auto|bf16|fp16|fp32), when given, sets ``dtype`` for ``device`` (loram.device)."""
 
     check_verify(verify_base)
+    if precision is not None:
+        dtype = compute_dtype(precision, device)
     check_knobs("prune", seed=seed, calib_samples=calib_samples, calib_seq_len=calib_seq_len)  # the flags' ranges
     check_method(method, sparsity)
     if sparsity is not None or method in SPARSE_ONLY:

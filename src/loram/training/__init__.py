@@ -13,8 +13,8 @@ from ..configs import RunConfig
 from .checkpoint import (CHECKPOINT_MARK, RESUME_SAFE, check_resume_settings, claim_run, complete_checkpoints, is_main,
                          last_checkpoint, run_settings, save_final)
 from .config import TrainReport
-from .trainer import FitResult, NonFiniteLoss, TrainingInterrupted, finish, fit, param_counts
+from .trainer import FitResult, NonFiniteLoss, TrainingInterrupted, finish, fit, param_counts, run_precision
 
 __all__ = ["CHECKPOINT_MARK", "RESUME_SAFE", "FitResult", "NonFiniteLoss", "RunConfig", "TrainReport", "TrainingInterrupted",
            "check_resume_settings", "claim_run", "complete_checkpoints", "finish", "fit", "is_main", "last_checkpoint", "param_counts",
-           "run_settings", "save_final"]
+           "run_precision", "run_settings", "save_final"]

@@ -11,6 +11,7 @@ optimizer, scheduler and every RNG are restored and the Trainer skips the batche
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from .. import progress
 from ..configs import RunConfig
 from ..data import packed_padding
 from ..errors import LoramError
-from ..eval.ppl import perplexity_examples
+from ..device import compute_dtype, default_device, trainer_precision
+from ..eval.ppl import loglik_sums
+from ..eval.scoring import IGNORE
 from ..io import is_disk_full, write_json, write_marker
 from ..loss import chunked_causal_lm_loss, hidden_states_as_logits
 from ..procmem import PeakRSS
@@ -108,17 +111,40 @@ def _trainer_class():
                 loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
+        checked_at = -1  # the optimizer step stop_if_non_finite last looked at
+        first_bad = None  # device tensor: the first optimizer step whose loss was non-finite (inf: none yet)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
-            bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+            # no .item() or all_reduce here: a host sync every micro-step stalls the GPU's queue. The first
+            # bad step is kept on the device and looked at when the Trainer logs or saves (stop_if_non_finite)
+            if self.first_bad is None:
+                self.first_bad = torch.tensor(float("inf"), device=loss.device)
+            step = torch.tensor(float(self.state.global_step + 1), device=loss.device)
+            bad = ~torch.isfinite(loss.detach()).all()
+            self.first_bad = torch.where(bad, torch.minimum(self.first_bad, step), self.first_bad)
+            return loss
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            # after each optimizer step, before anything is logged or saved: one sync per logging / saving
+            # step (and the last), not per micro-step
+            c, step = self.control, self.state.global_step
+            if step != self.checked_at and (c.should_log or c.should_save or c.should_evaluate or step >= self.state.max_steps):
+                self.checked_at = step  # the epoch's end calls this again for the same step
+                self.stop_if_non_finite()
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+        def stop_if_non_finite(self):
+            if self.first_bad is None:
+                return
+            first = self.first_bad.clone()
             if self.args.world_size > 1:  # all ranks must stop together or the next all-reduce hangs
-                torch.distributed.all_reduce(bad)
-            if bad.item() > 0:
+                torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            if math.isfinite(first.item()):
                 last = last_checkpoint(Path(self.args.output_dir))
                 kept = f"last good checkpoint {last} kept" if last else "no checkpoint was saved yet"
-                raise NonFiniteLoss(f"loss became non-finite at step {self.state.global_step + 1}, training stopped ({kept}): "
-                                    "lower --lr, use fp32 instead of --bf16, or check the data")
-            return loss
+                raise NonFiniteLoss(f"loss became non-finite at step {int(first.item())}, training stopped ({kept}): "
+                                    "lower --lr, use --precision fp32 instead of bf16/fp16, or check the data")
 
         def _save_checkpoint(self, model, trial):
             if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
@@ -142,16 +168,50 @@ def causal_lm_of(model):
     return m
 
 
-def _eval_ppl(model, evals: dict, pad_id: int, cfg: RunConfig) -> dict:
-    """name -> perplexity of each held-out set."""
+def run_precision(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
+    """(device, compute dtype) of a train / align run: --precision (or --bf16) resolved for this process's
+    device, refused here when the Trainer could not run it (fp16 off CUDA), before any weight is read."""
+    device = default_device()
+    dtype = compute_dtype(cfg.precision, device, cfg.bf16)  # TF32 on when fp32 on Ampere+
+    trainer_precision(dtype, device)
+    return device, dtype
+
+
+def _eval_ppl(model, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.dtype | None = None) -> dict:
+    """name -> perplexity of each held-out set. Under torchrun each rank scores its share of the rows and
+    the log-likelihood sums are all-reduced (every rank scoring every row would take world x the time)."""
+    rank, world = _rank_world()
     out = {}
     for n, ex in evals.items():
         with progress.stage(f"eval {n}"):
-            out[n] = perplexity_examples(model, ex, pad_id, cfg.micro_batch, cfg.bf16)
+            sums = loglik_sums(model, rank_share(ex, rank, world), pad_id, cfg.micro_batch, autocast)
+        total = torch.tensor(sums, dtype=torch.float64, device=next(model.parameters()).device)
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        loglik, tokens = total.tolist()
+        # a set with no scored token reads as ppl 1 (as it always has) rather than failing a finished run
+        out[n] = math.exp(-loglik / tokens) if tokens else 1.0
     return out
 
 
-def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig):
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def rank_share(examples: list, rank: int, world: int) -> list:
+    """Rows rank, rank + world, ... of ``examples``, padded with unscored rows (labels all ignored) to the
+    same count on every rank: under FSDP each forward is a collective, so every rank must run as many
+    batches as the others."""
+    share = examples[rank::world]
+    per = -(-len(examples) // world)
+    if examples:
+        blank = (examples[0][0], [IGNORE] * len(examples[0][0]))
+        share = share + [blank] * (per - len(share))
+    return share
+
+
+def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.dtype | None):
     from transformers import TrainerCallback
 
     class Record(TrainerCallback):
@@ -168,7 +228,7 @@ def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig):
             every = cfg.eval_steps or cfg.save_steps
             last = state.global_step >= state.max_steps  # evaluated here, while the trackers are still open
             if evals and (last or every and state.global_step % every == 0):
-                row = {"step": state.global_step} | _eval_ppl(model, evals, pad_id, cfg)
+                row = {"step": state.global_step} | _eval_ppl(model, evals, pad_id, cfg, autocast)
                 state_out["eval_history"].append(row)
                 if last:
                     state_out["final"] = {n: v for n, v in row.items() if n != "step"}
@@ -222,6 +282,8 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         ckpt.mkdir(parents=True, exist_ok=True)
         write_marker(ckpt, "checkpoints")
     cpu = not torch.cuda.is_available()
+    device, dtype = run_precision(cfg)
+    autocast = None if dtype == torch.float32 else dtype
     args = TrainingArguments(
         output_dir=str(ckpt), max_steps=cfg.steps if cfg.epochs is None else -1,
         num_train_epochs=cfg.epochs or 1, per_device_train_batch_size=cfg.micro_batch,
@@ -229,12 +291,13 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=cfg.bf16, use_cpu=cpu, report_to=report_to, disable_tqdm=not progress.enabled(), remove_unused_columns=False,
+        **trainer_precision(dtype, device), use_cpu=cpu, report_to=report_to, disable_tqdm=not progress.enabled(),
+        remove_unused_columns=False,
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", optim="adamw_torch",
         save_only_model=False, logging_nan_inf_filter=False, ddp_find_unused_parameters=False,
     )
     out = {"losses": [], "eval_history": []}
-    record = _callbacks(out, evals or {}, pad_id, cfg)
+    record = _callbacks(out, evals or {}, pad_id, cfg, autocast)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                callbacks=record + list(callbacks or []))
     record[0].trainer = trainer
@@ -265,7 +328,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     wall = time.time() - t0
     final = out.get("final")
     if final is None:  # no step ran (resumed at the end) or no --eval: evaluate the weights as they are
-        final = _eval_ppl(trainer.model, evals or {}, pad_id, cfg)
+        final = _eval_ppl(trainer.model, evals or {}, pad_id, cfg, autocast)
         if final:
             out["eval_history"].append({"step": trainer.state.global_step} | final)
     tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
