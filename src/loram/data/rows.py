@@ -183,7 +183,7 @@ SKIP_REASONS = {
     "too_long": ("longer than --seq-len {seq_len}", "raise --seq-len or shorten the rows"),
     "no_response": ("with no response tokens", "give every row a non-empty output / assistant turn"),
     "unknown_role": ("with an unknown role", f"use the roles {', '.join(KNOWN_ROLES)} (ShareGPT: human, gpt, system)"),
-    "missing_fields": ("in none of the known formats", "give instruction+output (or response), messages, or text"),
+    "missing_fields": ("in none of the known formats", "give instruction+output (or response), messages, prompt+completion, or text"),
     "malformed": ("malformed", "give JSON objects with string fields"),
     "template_error": ("rejected by the chat template", "fix the rows the template rejects"),
 }

@@ -34,7 +34,9 @@ Output: a pruned model folder with the original config and shapes, and a plan wi
                "modules": {"model.layers.4.self_attn.q_proj": 0.5, ...}}   (achieved zero fraction)
 
 Recovery of an adapter trained on it is the identity on the tensors (recover.py); the zeros are
-``sparse_masks(model)``, which alignment re-applies after every optimizer step.
+``sparse_masks(model)``; alignment keeps them zero under any engine (training.distributed.keep_zeros_callback:
+masks taken after the engine wraps the model, gradients cleared at the zeros before each optimizer step
+and the weights masked after it).
 """
 
 from __future__ import annotations
