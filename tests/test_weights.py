@@ -135,6 +135,25 @@ def test_chunked_nf4_equals_bitsandbytes_whole_tensor(shape, dtype):
     assert torch.equal(lin(x), x @ F.dequantize_4bit(want, st).t())
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_nf4_codes_equal_bitsandbytes_on_hard_values(seed):
+    """Zero blocks (bitsandbytes scales them to NaN and reads code 0), values exactly on the codes and on
+    the midpoints between them (ties), huge and tiny scales: the same bytes as bitsandbytes' argmin."""
+    import bitsandbytes.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    table = nf4.nf4_table()
+    w = torch.randn(64 * 300, generator=g) * torch.logspace(-6, 3, 64 * 300)[torch.randperm(64 * 300, generator=g)]
+    w[64:128] = 0  # a block of zeros
+    w[128:192] = table[torch.randint(16, (64,), generator=g)] * 0.37  # on the codes
+    mid = (table[1:] + table[:-1]) / 2
+    w[192:256] = torch.cat([mid, mid, mid, mid, mid[:4]]) * 2.5  # on the midpoints: ties
+    w[200] = 2.5  # the block's absmax: the midpoints scale back exactly
+    want, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    got, qs = nf4.quantize_codes(w, chunk=64 * 7)
+    assert torch.equal(got, want) and torch.equal(qs.absmax, st.absmax)
+
+
 # ---- loaders return what they loaded -----------------------------------------------------------
 def test_loaders_return_the_plan_and_the_fingerprint(tmp_path, tiny_dir):
     from loram.fingerprint import base_fingerprint

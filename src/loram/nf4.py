@@ -69,31 +69,62 @@ def round_trip_error() -> float:
     return float((back - w).norm() / w.norm())
 
 
-QUANT_CHUNK = 1 << 20  # elements quantised at once: bitsandbytes' CPU quantiser holds 16 floats per element
+QUANT_CHUNK = 1 << 20  # elements quantised at once (a few bytes of temporaries each)
+
+
+def nf4_table(device="cpu") -> torch.Tensor:
+    """The 16 NF4 code values, ascending (bitsandbytes' table: code i is the value of 4-bit code i)."""
+    import bitsandbytes.functional as F
+
+    return F.get_4bit_type("nf4", device=device).float()
+
+
+def quantize_block_codes(x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes uint8 [n/2], fp32 absmax per 64-block) of a flat chunk of whole blocks (a partial
+    block only at the very end): bitsandbytes' NF4 quantiser, value for value, without its [n, 16] table.
+
+    bitsandbytes (backends/default) scales each block by 1/absmax, clamps to [-1, 1] and takes
+    argmin_i |s - code_i| over the 16 codes: 128 bytes of temporaries per weight, ~9 GB for one
+    13824 x 5120 LLaMA-2-13B MLP linear, and slow. The codes are sorted, and fl(s - c) is monotone in c,
+    so the minimum is one of the two codes around s (torch.bucketize): compare those two distances,
+    computed as bitsandbytes computes them, the lower index winning a tie as argmin's first minimum
+    does. A block of zeros scales to NaN there (0 * inf), which argmin reads as code 0: kept."""
+    n = x.numel()
+    rem = n % NF4_BLOCK
+    full = x[: n - rem].reshape(-1, NF4_BLOCK).float()
+    absmax = full.abs().max(dim=-1)[0]
+    scaled = torch.clamp(full * (1 / absmax.view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        tail = x[n - rem:].float()
+        amax = tail.abs().max()
+        absmax = torch.cat([absmax, amax.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(tail * (1 / amax), -1, 1)])
+    hi = torch.bucketize(scaled, table).clamp_(0, 15)
+    lo = (hi - 1).clamp_(0, 15)
+    take_lo = (scaled - table[lo]).abs() <= (scaled - table[hi]).abs()
+    q = torch.where(take_lo, lo, hi)
+    q[scaled.isnan()] = 0
+    q = q.to(torch.uint8)
+    return q[::2] << 4 | q[1::2], absmax
 
 
 def quantize_codes(weight: torch.Tensor, chunk: int = QUANT_CHUNK):
     """(packed NF4 codes [n/2, 1] uint8, QuantState with double quant): the bytes bitsandbytes'
-    ``quantize_4bit(weight, 64, compress_statistics=True, quant_type="nf4")`` gives, computed in chunks.
+    ``quantize_4bit(weight, 64, compress_statistics=True, quant_type="nf4")`` gives (tests compare them).
 
-    Why chunks: bitsandbytes' CPU quantiser (backends/default) takes an argmin over an [n, 16] float
-    table, 128 bytes per weight: a 13824 x 5120 linear needs ~9 GB at once, which killed a 13B QLoRAM
-    load under a 12 GiB cap. NF4 blocks are independent (64 consecutive values, one absmax each), so
-    chunks of whole blocks give the same codes and absmax; the double quant of the absmax is then
-    done over the whole tensor, as bitsandbytes does it. Runs on ``weight``'s device (a GPU quantises
-    there); each chunk is converted to fp32 on its own, so no fp32 copy of the weight exists."""
-    import bitsandbytes.functional as F
-
+    In chunks of whole blocks (NF4 blocks are independent: 64 consecutive values, one absmax each) with
+    ``quantize_block_codes``; the double quant of the absmax runs over the whole tensor, as bitsandbytes
+    does it. Runs on ``weight``'s device; each chunk is converted to fp32 on its own, so no fp32 copy of
+    the weight exists. bitsandbytes itself needs an even number of weights; so does this."""
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     chunk = max(NF4_BLOCK, chunk - chunk % NF4_BLOCK)
+    table = nf4_table(flat.device)
     codes, absmax = [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        for a in range(0, n, chunk):
-            c, st = F.quantize_4bit(flat[a:a + chunk].float(), blocksize=NF4_BLOCK, quant_type="nf4")
-            codes.append(c.reshape(-1))
-            absmax.append(st.absmax)
+    for a in range(0, n, chunk):
+        c, m = quantize_block_codes(flat[a:a + chunk], table)
+        codes.append(c)
+        absmax.append(m)
     return torch.cat(codes).unsqueeze(1), double_quant(torch.cat(absmax), weight.shape)
 
 
