@@ -137,6 +137,9 @@ def _check_source(plan: PrunePlan, config, source) -> Weights | None:
     if fp.get("scheme") == RANDOM_SCHEME:
         raise LoramError("this plan was made for random weights: make a plan from the checkpoint "
                          "(`loram build CHECKPOINT --ratio R --plan-only`, or `loram prune`)")
+    if plan.compensation is not None:  # its o/down columns were refitted on calibration data: slicing gives other weights
+        raise LoramError("this plan was made with `loram prune --compensate`, whose weights are not slices of the original: "
+                         "use the pruned folder it wrote, or re-run the same `loram prune --compensate`")
     weights = Weights(source, use_index=True)
     got = fingerprint_safetensors(weights.files, config.to_dict())
     if not same_model(fp, got):

@@ -116,6 +116,10 @@ class PruneSettings:
     calib_data: str | None = knob(None, help=CALIB + ".txt or .jsonl {text} file (default: built-in text)")
     calib_samples: int = knob(8, check=COUNT, help=CALIB + "number of calibration sequences")
     calib_seq_len: int = knob(128, check=SEQ_LEN, help=CALIB + "tokens per calibration sequence")
+    compensate: bool = knob(False, switch=True,
+                            help="structured pruning: refit the kept input columns of o_proj / down_proj by least squares so each "
+                                 "pruned layer reproduces the original's output on the calibration text (--calib-data, read "
+                                 "for every method); in memory only, and `loram build` cannot rebuild such a folder")
     max_memory: float | None = max_memory_knob()
     precision: str = precision_knob()
 

@@ -24,8 +24,10 @@ from .decide import stream_decision
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured import CALIBRATED, calibration_batches, importance, select
+from .compensate import apply_compensation, compensation, compensation_record
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
+COMPENSATE_IN_MEMORY = "--compensate runs in memory (the streamed prune slices the original's weights): "
 
 
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
@@ -49,7 +51,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
           calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
           verify_base: str = "sampled", max_memory: float | None = None, stream: bool | None = None,
-          device="cpu", precision: str | None = None) -> PruneReport:
+          device="cpu", precision: str | None = None, compensate: bool = False) -> PruneReport:
     """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
 
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
@@ -59,7 +61,8 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     ``stream`` (structured methods): True prunes one decoder layer at a time from the safetensors
     (streamed.py: same scores and plan, the folder written in the checkpoint's dtype, computed in
     ``dtype`` on ``device``); False or None loads the whole model (None: the default decision).
-    ``precision`` (--precision auto|bf16|fp16|fp32), when given, sets ``dtype`` for ``device`` (loram.device)."""
+    ``precision`` (--precision auto|bf16|fp16|fp32), when given, sets ``dtype`` for ``device`` (loram.device).
+    ``compensate`` (structured, in memory): refit the kept o/down columns by least squares (compensate.py)."""
 
     check_verify(verify_base)
     if precision is not None:
@@ -67,6 +70,9 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     check_knobs("prune", seed=seed, calib_samples=calib_samples, calib_seq_len=calib_seq_len)  # the flags' ranges
     check_method(method, sparsity)
     if sparsity is not None or method in SPARSE_ONLY:
+        if compensate:
+            raise LoramError("--compensate applies to structured pruning only: drop it (sparsegpt already updates the "
+                             "kept weights; for wanda/magnitude --sparsity use sparsegpt)")
         if attn_ratio is not None:
             raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
         return prune_sparse(model_name, out, method, sparsity or "unstructured", ratio, layers, seed, calib_data,
@@ -76,6 +82,8 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     check_ratio("--ratio", ratio, allow_zero=False)
     check_ratio("--attn-ratio", attn_ratio, allow_zero=True)
     check_output(out, overwrite, inputs=(model_name, calib_data))
+    if stream and compensate:
+        raise LoramError(COMPENSATE_IN_MEMORY + "drop --stream (or --compensate)")
     if stream:
         from .streamed import check_streamable  # lazily: streamed imports build, which imports this package
 
@@ -85,6 +93,9 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         # a GGUF model is dequantised whole by transformers, so it is pruned in memory whatever the budget
         stream = can_stream(model_name) and stream_decision(model_name, method, ratio, layers, None, calib_samples, calib_seq_len,
                                                             max_memory)
+        if stream and compensate:  # the budget says stream: loading it whole anyway could run out of memory
+            raise LoramError(COMPENSATE_IN_MEMORY + "the model does not fit the memory budget in memory; give more "
+                             "--max-memory if it does fit, or drop --compensate")
     if stream:
         from .streamed import prune_streamed
 
@@ -101,9 +112,11 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     start, end = parse_layers(layers, g.n_layers)
     rng = range(start, end)
     fp = base_fingerprint(model_name, model, verify_base)
-    calib, scores = None, None
+    calib, scores, batches = None, None, None
+    if method in CALIBRATED or compensate:  # magnitude / random read the calibration text for --compensate only
+        batches, calib_desc = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
+        calib = calib_desc if method in CALIBRATED else None
     if method in CALIBRATED:
-        batches, calib = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
         scores = importance(model, method, rng, batches)
     elif method == "magnitude":
         scores = importance(model, "magnitude", rng)
@@ -112,8 +125,12 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": model.config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
+        compensation=compensation_record(calib_desc) if compensate else None,
     )
+    refit = compensation(model, plan, batches) if compensate else None  # on the original model, before shrinking
     apply_plan(model, plan)
+    if refit is not None:
+        apply_compensation(model, refit)
     n_pruned = count_params(model)
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
     if stored is not None:
