@@ -161,3 +161,25 @@ def test_grams_are_collected_on_the_original_inputs(pair):
     assert grams[(i, "down")].tokens == X.shape[0]
     assert torch.allclose(grams[(i, "down")].H, X.t() @ X, rtol=1e-4, atol=1e-4)
     assert not layer_module(orig, i, "down")._forward_hooks
+
+
+def test_streamed_compensation_equals_in_memory(pair, tmp_path, capsys):
+    """A budget below the in-memory peak streams by itself; the refit is the same (one original layer at a
+    time, over the same calibration hidden states) up to float summation order."""
+    from loram.cli import main
+    from loram.weights import Weights
+
+    base, _plain, comp = pair
+    out = tmp_path / "streamed"
+    assert main(["prune", str(base), "-o", str(out), "--method", "magnitude", "--ratio", "0.5", "--compensate",
+                 "--calib-samples", str(CAL["calib_samples"]), "--calib-seq-len", str(CAL["calib_seq_len"]),
+                 "--max-memory", "0.0001"]) == 0
+    assert "streaming layer by layer" in capsys.readouterr().err
+    ps, pm = PrunePlan.load(out), PrunePlan.load(comp)
+    assert ps.compensation == pm.compensation and ps.weights_digest() == pm.weights_digest()
+    ws, wm = Weights(out), Weights(comp)
+    assert set(ws.names) == set(wm.names)
+    for k in wm.names:
+        a, b = ws.get(k), wm.get(k)
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
+    load_pruned(out)  # binds: the plan's digest is the one the streamed writer recorded

@@ -610,19 +610,3 @@ def test_prune_refuses_non_finite_weights(capsys, w, tmp_path, method, value, wh
 def test_compensate_with_a_sparse_method(capsys, w, extra):
     fails(capsys, "prune", w.base, "-o", w.root / "o", "--compensate", *extra,
           expect="--compensate applies to structured pruning only", out=w.root / "o")
-
-
-def test_compensate_when_the_budget_says_stream(capsys, w):
-    """The automatic decision would stream (a budget below the in-memory peak): --compensate refuses
-    instead of loading the whole model anyway (it runs in memory only)."""
-    msg = fails(capsys, "prune", w.base, "-o", w.root / "o", "--compensate", "--method", "magnitude", "--max-memory", "0.0001",
-                expect="--compensate runs in memory", out=w.root / "o")
-    assert "--max-memory" in msg
-
-
-def test_compensate_with_stream_true(w):
-    from loram.prune import prune
-
-    with pytest.raises(LoramError, match="--compensate runs in memory.*drop --stream"):
-        prune(str(w.base), w.root / "o", method="magnitude", compensate=True, stream=True)
-    assert not (w.root / "o").exists()

@@ -119,7 +119,7 @@ class PruneSettings:
     compensate: bool = knob(False, switch=True,
                             help="structured pruning: refit the kept input columns of o_proj / down_proj by least squares so each "
                                  "pruned layer reproduces the original's output on the calibration text (--calib-data, read "
-                                 "for every method); in memory only, and `loram build` cannot rebuild such a folder")
+                                 "for every method; streamed too: one original layer at a time); `loram build` cannot rebuild the folder")
     max_memory: float | None = max_memory_knob()
     precision: str = precision_knob()
 

@@ -23,11 +23,10 @@ from .sparse import METHODS as SPARSE_METHODS
 from .decide import stream_decision
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 from .structured import METHODS as STRUCTURED_METHODS
-from .structured import CALIBRATED, calibration_batches, importance, select
+from .structured import CALIBRATED, importance, method_calibration, select
 from .compensate import apply_compensation, compensation, compensation_record
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
-COMPENSATE_IN_MEMORY = "--compensate runs in memory (the streamed prune slices the original's weights): "
 
 
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:
@@ -62,7 +61,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     (streamed.py: same scores and plan, the folder written in the checkpoint's dtype, computed in
     ``dtype`` on ``device``); False or None loads the whole model (None: the default decision).
     ``precision`` (--precision auto|bf16|fp16|fp32), when given, sets ``dtype`` for ``device`` (loram.device).
-    ``compensate`` (structured, in memory): refit the kept o/down columns by least squares (compensate.py)."""
+    ``compensate`` (structured, in memory or streamed): refit the kept o/down columns by least squares (compensate.py)."""
 
     check_verify(verify_base)
     if precision is not None:
@@ -82,8 +81,6 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     check_ratio("--ratio", ratio, allow_zero=False)
     check_ratio("--attn-ratio", attn_ratio, allow_zero=True)
     check_output(out, overwrite, inputs=(model_name, calib_data))
-    if stream and compensate:
-        raise LoramError(COMPENSATE_IN_MEMORY + "drop --stream (or --compensate)")
     if stream:
         from .streamed import check_streamable  # lazily: streamed imports build, which imports this package
 
@@ -93,14 +90,11 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         # a GGUF model is dequantised whole by transformers, so it is pruned in memory whatever the budget
         stream = can_stream(model_name) and stream_decision(model_name, method, ratio, layers, None, calib_samples, calib_seq_len,
                                                             max_memory)
-        if stream and compensate:  # the budget says stream: loading it whole anyway could run out of memory
-            raise LoramError(COMPENSATE_IN_MEMORY + "the model does not fit the memory budget in memory; give more "
-                             "--max-memory if it does fit, or drop --compensate")
     if stream:
         from .streamed import prune_streamed
 
         return prune_streamed(model_name, out, method, ratio, attn_ratio, layers, seed, calib_data, calib_samples,
-                              calib_seq_len, overwrite, dtype, verify_base, device)
+                              calib_seq_len, overwrite, dtype, verify_base, device, compensate)
     t0 = time.time()
     peak = PeakRSS()
     tok = load_tokenizer(model_name)  # before the weights: a missing tokenizer fails in a second, not after the load
@@ -112,10 +106,9 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     start, end = parse_layers(layers, g.n_layers)
     rng = range(start, end)
     fp = base_fingerprint(model_name, model, verify_base)
-    calib, scores, batches = None, None, None
-    if method in CALIBRATED or compensate:  # magnitude / random read the calibration text for --compensate only
-        batches, calib_desc = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
-        calib = calib_desc if method in CALIBRATED else None
+    scores = None
+    batches, calib_desc = method_calibration(tok, method, compensate, calib_data, calib_samples, calib_seq_len)
+    calib = calib_desc if method in CALIBRATED else None  # the scores' calibration; --compensate records its own
     if method in CALIBRATED:
         scores = importance(model, method, rng, batches)
     elif method == "magnitude":

@@ -17,14 +17,20 @@ in float64 (G[K, K] of a dead input is 0: the dampening keeps the system positiv
 Rows of q/k/v/gate/up are dropped as before; only o/down change. The update is computed before
 apply_plan shrinks the modules, so one forward of the original model per chunk of layers gives every
 Gram of the chunk (hooks on the o/down inputs); chunks keep the Grams under ``GRAM_BYTES``.
+
+Streamed (``streamed_refits``): the original decoder layers are read one at a time (loram.stream),
+each run over the captured inputs with hooks collecting its two Grams; the refit of layer i is handed to
+the writer (build.write_pruned) as it writes layer i, so one layer's Grams and weights are resident.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import LoramError
-from ..families import COL_PRUNED, geometry, layer_module
+from ..families import COL_PRUNED, MODULE_OF_ROLE, geometry, layer_module
 from ..progress import track
 from ..prune_plan import PrunePlan
 from .sparsegpt import DAMP, Hessian
@@ -69,21 +75,27 @@ def _chunks(model, targets: list, budget: int) -> list[list]:
     return chunks + ([cur] if cur else [])
 
 
-def _grams(model, chunk: list, batches: list[torch.Tensor]) -> dict[tuple[int, str], Hessian]:
-    """{(layer, role): running X^T X of that projection's input} over one forward of every batch."""
+@contextmanager
+def gram_hooks(linears: dict):
+    """{key: Hessian} accumulating X^T X of each linear's input in ``linears`` ({key: nn.Linear}) over every
+    forward run while the context is open."""
     grams, handles = {}, []
-    for i, role, _ in chunk:
-        lin = layer_module(model, i, role)
-        coll = grams[(i, role)] = Hessian(lin.in_features, lin.weight.device)
+    for key, lin in linears.items():
+        coll = grams[key] = Hessian(lin.in_features, lin.weight.device)
         handles.append(lin.register_forward_hook(lambda _m, args, _out, coll=coll: coll.add(args[0].detach())))
-    dev = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids.to(dev), use_cache=False)
+        yield grams
     finally:
         for h in handles:
             h.remove()
+
+
+def _grams(model, chunk: list, batches: list[torch.Tensor]) -> dict[tuple[int, str], Hessian]:
+    """{(layer, role): running X^T X of that projection's input} over one forward of every batch."""
+    dev = next(model.parameters()).device
+    with gram_hooks({(i, role): layer_module(model, i, role) for i, role, _ in chunk}) as grams, torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids.to(dev), use_cache=False)
     return grams
 
 
@@ -98,6 +110,32 @@ def compensation(model, plan: PrunePlan, batches: list[torch.Tensor], damp: floa
         for i, role, idx in chunk:
             out[(i, role)] = compensated_columns(layer_module(model, i, role).weight, grams.pop((i, role)).H, idx, damp)
     return out
+
+
+def streamed_refits(weights, config, plan: PrunePlan, batches: list[torch.Tensor], dtype=torch.float32, device="cpu",
+                    damp: float = DAMP):
+    """Yield, for decoder layer 0, 1, ... in order, {role: refitted kept columns} of that layer's pruned o/down
+    ({} for a layer the plan keeps whole), computed on the ORIGINAL layers streamed from ``weights``
+    over the original hidden states (in ``dtype`` on ``device``)."""
+    from ..stream import LayerStream
+
+    g = geometry(config)
+    keep = {i: {r: idx for r in COL_PRUNED if (idx := plan.kept_index(i, r, g)) is not None} for i in plan.pruned}
+    last = max((i for i, k in keep.items() if k), default=-1)
+    ls = LayerStream(weights, config, dtype=dtype, device=device, head=False)
+    xs = ls.inputs(batches)
+    ls.drop_outer()  # the embeddings served their purpose: only decoder layers from here on
+    for i in range(ls.n_layers):
+        if i > last:  # nothing refitted above the last pruned layer: no need to run it
+            yield {}
+            continue
+        block = ls.load(i)
+        with gram_hooks({role: block.get_submodule(MODULE_OF_ROLE[role]) for role in keep.get(i, {})}) as grams:
+            xs = [ls.run(block, x) for x in xs]
+        new = {role: compensated_columns(block.get_submodule(MODULE_OF_ROLE[role]).weight, grams.pop(role).H, idx, damp)
+               for role, idx in keep.get(i, {}).items()}
+        ls.unload(i)
+        yield new
 
 
 def apply_compensation(model, new: dict[tuple[int, str], torch.Tensor]) -> None:
