@@ -25,8 +25,6 @@ the writer (build.write_pruned) as it writes layer i, so one layer's Grams and w
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from ..errors import LoramError
@@ -34,6 +32,7 @@ from ..families import COL_PRUNED, MODULE_OF_ROLE, geometry, layer_module
 from ..progress import track
 from ..prune_plan import PrunePlan
 from .sparsegpt import DAMP, Hessian
+from .structured import input_stats
 
 GRAM_BYTES = 2 << 30  # fp32 Grams held at once (a 70B's down_proj Gram alone is 3.3 GB: then one per pass)
 
@@ -75,19 +74,10 @@ def _chunks(model, targets: list, budget: int) -> list[list]:
     return chunks + ([cur] if cur else [])
 
 
-@contextmanager
 def gram_hooks(linears: dict):
     """{key: Hessian} accumulating X^T X of each linear's input in ``linears`` ({key: nn.Linear}) over every
     forward run while the context is open."""
-    grams, handles = {}, []
-    for key, lin in linears.items():
-        coll = grams[key] = Hessian(lin.in_features, lin.weight.device)
-        handles.append(lin.register_forward_hook(lambda _m, args, _out, coll=coll: coll.add(args[0].detach())))
-    try:
-        yield grams
-    finally:
-        for h in handles:
-            h.remove()
+    return input_stats(linears, Hessian)
 
 
 def _grams(model, chunk: list, batches: list[torch.Tensor]) -> dict[tuple[int, str], Hessian]:
