@@ -43,7 +43,7 @@ def test_refit_is_the_least_squares_optimum():
     assert torch.allclose(exact, ref, rtol=1e-4, atol=1e-4)
     # the default (damped) refit solves the normal equations of the ridge towards the slice, and never
     # does worse than the plain slice on the calibration activations
-    damped = compensated_columns(W, G.float(), keep).double()
+    damped = compensated_columns(W, G.float(), keep, damp=0.01).double()
     GKK = G[keep][:, keep]
     lam = 0.01 * torch.diagonal(GKK).mean()
     lhs = damped @ (GKK + lam * torch.eye(len(keep), dtype=G.dtype))
