@@ -183,3 +183,28 @@ def test_streamed_compensation_equals_in_memory(pair, tmp_path, capsys):
         a, b = ws.get(k), wm.get(k)
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
     load_pruned(out)  # binds: the plan's digest is the one the streamed writer recorded
+
+
+def test_damp_is_recorded_and_used(pair, tmp_path):
+    """--compensate-damp D: the plan records D, and a smaller D fits the calibration activations closer."""
+    from loram.weights import Weights
+
+    base, plain, comp = pair
+    prune(str(base), tmp_path / "d", method="magnitude", ratio=0.5, compensate=True, compensate_damp=0.01, **CAL)
+    plan = PrunePlan.load(tmp_path / "d")
+    assert plan.compensation["damp"] == 0.01 and PrunePlan.load(comp).compensation["damp"] == 1.0
+    assert plan.weights_digest() != PrunePlan.load(comp).weights_digest()
+    i = plan.layers[0]
+    name = f"model.layers.{i}.mlp.down_proj.weight"
+    orig = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    xs = []
+    h = layer_module(orig, i, "down").register_forward_hook(lambda _m, a, _o: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for ids in _calib(base):
+            orig(input_ids=ids, use_cache=False)
+    h.remove()
+    X, W = torch.cat(xs).double(), layer_module(orig, i, "down").weight.detach().double()
+    idx = plan.kept_index(i, "down", geometry(orig.config))
+    err = {k: float((X @ W.t() - X[:, idx] @ Weights(f).get(name).double().t()).pow(2).sum())
+           for k, f in (("slice", plain), ("1", comp), ("0.01", tmp_path / "d"))}
+    assert err["0.01"] < err["1"] < err["slice"], err

@@ -610,3 +610,9 @@ def test_prune_refuses_non_finite_weights(capsys, w, tmp_path, method, value, wh
 def test_compensate_with_a_sparse_method(capsys, w, extra):
     fails(capsys, "prune", w.base, "-o", w.root / "o", "--compensate", *extra,
           expect="--compensate applies to structured pruning only", out=w.root / "o")
+
+
+@pytest.mark.parametrize("extra, expect", [(["--compensate-damp", "0.1"], "--compensate-damp sets the --compensate refit"),
+                                           (["--compensate", "--compensate-damp", "0"], "--compensate-damp")])
+def test_compensate_damp_without_compensate_or_not_positive(capsys, w, extra, expect):
+    fails(capsys, "prune", w.base, "-o", w.root / "o", *extra, expect=expect, out=w.root / "o")

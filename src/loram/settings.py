@@ -120,6 +120,10 @@ class PruneSettings:
                             help="structured pruning: refit the kept input columns of o_proj / down_proj by least squares so each "
                                  "pruned layer reproduces the original's output on the calibration text (--calib-data, read "
                                  "for every method; streamed too: one original layer at a time); `loram build` cannot rebuild the folder")
+    compensate_damp: float | None = knob(None, check=POSITIVE, metavar="D",
+                                         help="--compensate: ridge weight towards the plain slice, relative to the mean input "
+                                              "energy (default 1; smaller fits the calibration text closer: only with many "
+                                              "more calibration tokens than MLP channels)")
     max_memory: float | None = max_memory_knob()
     precision: str = precision_knob()
 

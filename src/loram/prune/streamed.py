@@ -54,7 +54,7 @@ from ..prune_plan import PrunePlan, parse_layers
 from ..pruned_model import count_params, skeleton
 from ..stream import Captured, LayerStream, run_block
 from ..weights import Weights
-from .compensate import compensation_record, streamed_refits
+from .compensate import DAMP, compensation_record, streamed_refits
 from .decide import STREAMING
 from .report import PruneReport
 from .structured import (CALIBRATED, check_finite, input_norms, layer_scores, magnitude_per, method_calibration, select, taylor_per,
@@ -165,7 +165,8 @@ def streamed_importance(weights: Weights | str | Path, config, method: str, laye
 # ---- the whole `loram prune`, streamed -------------------------------------------------------------------
 def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, attn_ratio: float, layers: str | None,
                    seed: int, calib_data: str | None, calib_samples: int, calib_seq_len: int, overwrite: bool,
-                   dtype=torch.float32, verify_base: str = "sampled", device="cpu", compensate: bool = False) -> PruneReport:
+                   dtype=torch.float32, verify_base: str = "sampled", device="cpu", compensate: bool = False,
+                   damp: float = DAMP) -> PruneReport:
     """Structured `loram prune` (arguments checked by prune()) with one decoder layer in memory at a time."""
     t0, peak = time.time(), PeakRSS()
     tok = load_tokenizer(model_name)  # before any weight: a missing tokenizer fails in a second
@@ -187,11 +188,11 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
-        compensation=compensation_record(calib_desc) if compensate else None,
+        compensation=compensation_record(calib_desc, damp) if compensate else None,
     )
     n_orig, n_pruned = count_params(skeleton(config, None)), count_params(skeleton(config, plan))  # shapes, no weights
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
-    refit = streamed_refits(weights, config, plan, batches, dtype, device) if compensate else None  # layer by layer, as written
+    refit = streamed_refits(weights, config, plan, batches, dtype, device, damp) if compensate else None  # layer by layer, as written
     write_pruned(config, plan, folder, out, dtype=weights.stored_dtype(), overwrite=overwrite, inputs=(calib_data,), command="prune",
                  refit=refit)
     return PruneReport(str(out), plan, n_orig, n_pruned, time.time() - t0, peak.gb())
