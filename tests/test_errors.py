@@ -603,3 +603,16 @@ def test_prune_refuses_non_finite_weights(capsys, w, tmp_path, method, value, wh
     fails(capsys, "prune", b, "--method", *method.split(), "-o", out,
           expect=f"weight model.layers.1.mlp.up_proj.weight of the model contains {what} values")
     assert not out.exists()
+
+
+# ---- loram prune --compensate ---------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [["--sparsity", "2:4"], ["--method", "sparsegpt"]])
+def test_compensate_with_a_sparse_method(capsys, w, extra):
+    fails(capsys, "prune", w.base, "-o", w.root / "o", "--compensate", *extra,
+          expect="--compensate applies to structured pruning only", out=w.root / "o")
+
+
+@pytest.mark.parametrize("extra, expect", [(["--compensate-damp", "0.1"], "--compensate-damp sets the --compensate refit"),
+                                           (["--compensate", "--compensate-damp", "0"], "--compensate-damp")])
+def test_compensate_damp_without_compensate_or_not_positive(capsys, w, extra, expect):
+    fails(capsys, "prune", w.base, "-o", w.root / "o", *extra, expect=expect, out=w.root / "o")

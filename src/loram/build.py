@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import LoramError
-from .families import ROLE_OF_PROJ, decoder_layers, geometry, is_tied_head, ties_embeddings
+from .families import MODULE_OF_ROLE, ROLE_OF_PROJ, decoder_layers, geometry, is_tied_head, ties_embeddings
 from .fingerprint import config_digest, describe_difference, fingerprint_safetensors, same_model
 from .io import TOKENIZER_FILES, atomic_dir, releases_locks
 from .loading import PLAN_ATTR
@@ -127,8 +127,18 @@ def _materialise_block(block: nn.Module, prefix: str, src: _Source, dtype, quant
             _assign(mod, full, src, dtype)
 
 
-def _check_source(plan: PrunePlan, config, source) -> Weights | None:
-    """The checkpoint's weights (None for random) once config, plan and checkpoint are known to agree."""
+def _replace_weights(block: nn.Module, new: dict[str, torch.Tensor], dtype) -> None:
+    """Put ``new`` ({role: weight}) in place of the sliced weights of decoder layer ``block``'s projections."""
+    for role, w in new.items():
+        lin = block.get_submodule(MODULE_OF_ROLE[role])
+        if tuple(w.shape) != tuple(lin.weight.shape):
+            raise LoramError(f"refitted {role} weight is {list(w.shape)}, the plan needs {list(lin.weight.shape)}: this is a loram bug")
+        lin.weight = nn.Parameter(w.to("cpu", dtype), requires_grad=False)
+
+
+def _check_source(plan: PrunePlan, config, source, refit: bool = False) -> Weights | None:
+    """The checkpoint's weights (None for random) once config, plan and checkpoint are known to agree.
+    ``refit``: the caller supplies the refitted o/down columns of a --compensate plan (the streamed prune)."""
     if config_digest(config) != config_digest(plan.base.get("config", {})):
         raise LoramError("the config differs from the one the plan was made for: pass the plan's own base config")
     fp = plan.base.get("fingerprint") or {}
@@ -137,6 +147,9 @@ def _check_source(plan: PrunePlan, config, source) -> Weights | None:
     if fp.get("scheme") == RANDOM_SCHEME:
         raise LoramError("this plan was made for random weights: make a plan from the checkpoint "
                          "(`loram build CHECKPOINT --ratio R --plan-only`, or `loram prune`)")
+    if plan.compensation is not None and not refit:  # its o/down columns were refitted on calibration data: slicing gives other weights
+        raise LoramError("this plan was made with `loram prune --compensate`, whose weights are not slices of the original: "
+                         "use the pruned folder it wrote, or re-run the same `loram prune --compensate`")
     weights = Weights(source, use_index=True)
     got = fingerprint_safetensors(weights.files, config.to_dict())
     if not same_model(fp, got):
@@ -211,16 +224,18 @@ def _layers_prefix(model) -> str:
 
 @releases_locks
 def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, dtype=torch.bfloat16, seed: int = 0,
-                 overwrite: bool = False, inputs=(), command: str = "build") -> BuildReport:
+                 overwrite: bool = False, inputs=(), command: str = "build", refit=None) -> BuildReport:
     """Write the pruned folder (loads with ``load_pruned``) one shard per decoder layer.
 
     Each layer is materialised, saved, then sent back to the meta device: peak = one layer.
     ``command`` names the writer in the folder's marker (the streamed `loram prune` writes through here).
+    ``refit``: an iterator giving, for decoder layer 0, 1, ... in turn, {role: weight} that replaces the
+    sliced weight of those projections (`loram prune --compensate`, streamed: prune.compensate.streamed_refits).
     """
     t0, peak = time.time(), PeakRSS()
     config = config if config is not None else plan.base_config()
     source = source if source == "random" else str(source)
-    weights = _check_source(plan, config, source)
+    weights = _check_source(plan, config, source, refit=refit is not None)
     model = skeleton(config, plan, dtype=dtype)
     n_params = count_params(model)
     src = _Source(weights, plan, config, seed)
@@ -241,6 +256,8 @@ def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, d
             else:
                 block, prefix = layers[k - 1], f"{pre}{k - 1}."
                 _materialise_block(block, prefix, src, dtype, None, dtype)
+                if refit is not None:
+                    _replace_weights(block, next(refit), dtype)
                 tensors = {prefix + p: t for p, t in block.state_dict().items()}
             writer.add(tensors)
             del tensors

@@ -97,6 +97,9 @@ class PrunePlan:
     calibration: dict | None = None
     sparse: dict | None = None  # non-structured variants: per-module pattern and sparsity
     extra: dict = field(default_factory=dict)
+    # `loram prune --compensate`: o/down kept columns refitted by least squares (prune/compensate.py), so
+    # the folder's weights are not slices of the original; in the plan id, not in the weights digest
+    compensation: dict | None = None
 
     # ---- index arithmetic -------------------------------------------------------------
     def pruned_modules(self, g: Geometry):
@@ -174,6 +177,8 @@ class PrunePlan:
             d["sparse"] = self.sparse
         if self.extra:
             d["extra"] = self.extra
+        if self.compensation is not None:
+            d["compensation"] = self.compensation
         return d
 
     @classmethod
@@ -202,7 +207,7 @@ class PrunePlan:
         if not _is_int(d.get("seed", 0)):
             raise LoramError(_bad(where, "seed", d.get("seed"), "an integer"))
         for key, need in (("base", dict), ("calibration", (dict, type(None))), ("sparse", (dict, type(None))),
-                          ("extra", dict), ("pruned", dict)):
+                          ("compensation", (dict, type(None))), ("extra", dict), ("pruned", dict)):
             if not isinstance(d.get(key, {}), need):
                 raise LoramError(_bad(where, key, d.get(key), "a JSON object"))
         base = d["base"]
@@ -212,7 +217,8 @@ class PrunePlan:
         plan = cls(kind=d["kind"], method=d["method"], layers=tuple(layers), base=base,
                    pruned={_layer_key(where, k): _layer_plan(where, k, v) for k, v in d.get("pruned", {}).items()},
                    mlp_ratio=d.get("mlp_ratio", 0.0), attn_ratio=d.get("attn_ratio", 0.0), seed=d.get("seed", 0),
-                   calibration=d.get("calibration"), sparse=d.get("sparse"), extra=d.get("extra", {}))
+                   calibration=d.get("calibration"), sparse=d.get("sparse"), extra=d.get("extra", {}),
+                   compensation=d.get("compensation"))
         g = plan._base_geometry(where)
         if g is not None:  # the plan carries its base config: indices and layers must fit that model
             plan.validate(g, where)
@@ -243,11 +249,14 @@ class PrunePlan:
         Written into the safetensors metadata of every pruned folder and adapter (``META_PLAN_DIGEST``)
         and checked on load, so a plan swapped for another of the same widths is refused instead of
         recovering the update onto the wrong channels. Fields that do not change the weights (method
-        name, ratios, calibration, extra) are left out, so e.g. `loram align` keeps the digest.
+        name, ratios, calibration, extra) are left out, so e.g. `loram align` keeps the digest; ``compensation``
+        (--compensate refits o/down columns: not the sliced weights) is in.
         """
         fp = self.base.get("fingerprint") or {}
         d = {"kind": self.kind, "layers": list(self.layers), "base": fp.get("id"),
              "pruned": {str(i): {"mlp_keep": lp.mlp_keep, "kv_keep": lp.kv_keep} for i, lp in sorted(self.pruned.items())}}
+        if self.compensation is not None:  # refitted o/down columns: not the sliced weights (absent: digests unchanged)
+            d["compensation"] = self.compensation
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def metadata(self) -> dict[str, str]:

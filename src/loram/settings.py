@@ -116,6 +116,14 @@ class PruneSettings:
     calib_data: str | None = knob(None, help=CALIB + ".txt or .jsonl {text} file (default: built-in text)")
     calib_samples: int = knob(8, check=COUNT, help=CALIB + "number of calibration sequences")
     calib_seq_len: int = knob(128, check=SEQ_LEN, help=CALIB + "tokens per calibration sequence")
+    compensate: bool = knob(False, switch=True,
+                            help="structured pruning: refit the kept input columns of o_proj / down_proj by least squares so each "
+                                 "pruned layer reproduces the original's output on the calibration text (--calib-data, read "
+                                 "for every method; streamed too: one original layer at a time); `loram build` cannot rebuild the folder")
+    compensate_damp: float | None = knob(None, check=POSITIVE, metavar="D",
+                                         help="--compensate: ridge weight towards the plain slice, relative to the mean input "
+                                              "energy (default 1; smaller fits the calibration text closer: only with many "
+                                              "more calibration tokens than MLP channels)")
     max_memory: float | None = max_memory_knob()
     precision: str = precision_knob()
 

@@ -32,7 +32,8 @@ def run(a) -> int:
                ("parameters (shapes kept)", f"{r.params_original:,}"), ("non-zero parameters", f"{r.params_nonzero:,}"),
                ("time", f"{r.seconds:.1f} s"), ("peak RSS", f"{r.peak_rss_gb:.2f} GB"), ("written", r.out)], title="loram prune")
         return 0
-    table([("method", r.plan.method), ("layers", f"{s}:{e}"), ("MLP / KV-group ratio", f"{r.plan.mlp_ratio} / {r.plan.attn_ratio}"),
+    method = r.plan.method + (" + --compensate (o/down refitted)" if r.plan.compensation else "")
+    table([("method", method), ("layers", f"{s}:{e}"), ("MLP / KV-group ratio", f"{r.plan.mlp_ratio} / {r.plan.attn_ratio}"),
            ("parameters original", f"{r.params_original:,}"), ("parameters pruned", f"{r.params_pruned:,}"),
            ("parameter reduction", f"{r.param_reduction:.2f}x"), ("time", f"{r.seconds:.1f} s"),
            ("peak RSS", f"{r.peak_rss_gb:.2f} GB"), ("written", r.out)], title="loram prune")

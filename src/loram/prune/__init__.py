@@ -23,7 +23,8 @@ from .sparse import METHODS as SPARSE_METHODS
 from .decide import stream_decision
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 from .structured import METHODS as STRUCTURED_METHODS
-from .structured import CALIBRATED, calibration_batches, importance, select
+from .structured import CALIBRATED, importance, method_calibration, select
+from .compensate import DAMP, apply_compensation, compensation, compensation_record
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
 
@@ -49,7 +50,8 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
           calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
           verify_base: str = "sampled", max_memory: float | None = None, stream: bool | None = None,
-          device="cpu", precision: str | None = None) -> PruneReport:
+          device="cpu", precision: str | None = None, compensate: bool = False,
+          compensate_damp: float | None = None) -> PruneReport:
     """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
 
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
@@ -59,14 +61,22 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     ``stream`` (structured methods): True prunes one decoder layer at a time from the safetensors
     (streamed.py: same scores and plan, the folder written in the checkpoint's dtype, computed in
     ``dtype`` on ``device``); False or None loads the whole model (None: the default decision).
-    ``precision`` (--precision auto|bf16|fp16|fp32), when given, sets ``dtype`` for ``device`` (loram.device)."""
+    ``precision`` (--precision auto|bf16|fp16|fp32), when given, sets ``dtype`` for ``device`` (loram.device).
+    ``compensate`` (structured, in memory or streamed): refit the kept o/down columns by least squares (compensate.py),
+    ridge weight ``compensate_damp`` (default compensate.DAMP)."""
 
     check_verify(verify_base)
     if precision is not None:
         dtype = compute_dtype(precision, device)
     check_knobs("prune", seed=seed, calib_samples=calib_samples, calib_seq_len=calib_seq_len)  # the flags' ranges
     check_method(method, sparsity)
+    if compensate_damp is not None and not compensate:
+        raise LoramError("--compensate-damp sets the --compensate refit: add --compensate, or drop it")
+    damp = DAMP if compensate_damp is None else compensate_damp
     if sparsity is not None or method in SPARSE_ONLY:
+        if compensate:
+            raise LoramError("--compensate applies to structured pruning only: drop it (sparsegpt already updates the "
+                             "kept weights; for wanda/magnitude --sparsity use sparsegpt)")
         if attn_ratio is not None:
             raise LoramError("--attn-ratio applies to structured pruning only: drop it (sparse methods use --ratio)")
         return prune_sparse(model_name, out, method, sparsity or "unstructured", ratio, layers, seed, calib_data,
@@ -89,7 +99,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         from .streamed import prune_streamed
 
         return prune_streamed(model_name, out, method, ratio, attn_ratio, layers, seed, calib_data, calib_samples,
-                              calib_seq_len, overwrite, dtype, verify_base, device)
+                              calib_seq_len, overwrite, dtype, verify_base, device, compensate, damp)
     t0 = time.time()
     peak = PeakRSS()
     tok = load_tokenizer(model_name)  # before the weights: a missing tokenizer fails in a second, not after the load
@@ -101,9 +111,10 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     start, end = parse_layers(layers, g.n_layers)
     rng = range(start, end)
     fp = base_fingerprint(model_name, model, verify_base)
-    calib, scores = None, None
+    scores = None
+    batches, calib_desc = method_calibration(tok, method, compensate, calib_data, calib_samples, calib_seq_len)
+    calib = calib_desc if method in CALIBRATED else None  # the scores' calibration; --compensate records its own
     if method in CALIBRATED:
-        batches, calib = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
         scores = importance(model, method, rng, batches)
     elif method == "magnitude":
         scores = importance(model, "magnitude", rng)
@@ -112,8 +123,12 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": model.config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
+        compensation=compensation_record(calib_desc, damp) if compensate else None,
     )
+    refit = compensation(model, plan, batches, damp) if compensate else None  # on the original model, before shrinking
     apply_plan(model, plan)
+    if refit is not None:
+        apply_compensation(model, refit)
     n_pruned = count_params(model)
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
     if stored is not None:

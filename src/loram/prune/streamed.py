@@ -25,6 +25,10 @@ The pruned folder is written layer by layer by build.write_pruned (kept rows / c
 Weights.read, one shard per decoder layer) in the checkpoint's own dtype: a bf16 checkpoint gives a
 bf16 pruned folder (the in-memory path writes what it computed in, fp32).
 
+--compensate (compensate.streamed_refits): one more streamed forward over the calibration sequences
+through the ORIGINAL layers; layer i's o/down Grams are collected as it runs and its refitted kept
+columns replace the slices as write_pruned writes layer i (one layer's Grams resident).
+
 Sources: a local safetensors folder, or a hub id downloaded first (loading.source_folder, hub.download).
 A .gguf (and the `smollm2` alias) is pruned in memory only: transformers' GGUF loader dequantises the
 whole model in memory before loram sees a tensor, so streaming afterwards would save little; convert
@@ -50,9 +54,10 @@ from ..prune_plan import PrunePlan, parse_layers
 from ..pruned_model import count_params, skeleton
 from ..stream import Captured, LayerStream, run_block
 from ..weights import Weights
+from .compensate import DAMP, compensation_record, streamed_refits
 from .decide import STREAMING
 from .report import PruneReport
-from .structured import (CALIBRATED, calibration_batches, check_finite, input_norms, layer_scores, magnitude_per, select, taylor_per,
+from .structured import (CALIBRATED, check_finite, input_norms, layer_scores, magnitude_per, method_calibration, select, taylor_per,
                          wanda_sp_per)
 
 class _LayersOnly(LayerStream):
@@ -160,7 +165,8 @@ def streamed_importance(weights: Weights | str | Path, config, method: str, laye
 # ---- the whole `loram prune`, streamed -------------------------------------------------------------------
 def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, attn_ratio: float, layers: str | None,
                    seed: int, calib_data: str | None, calib_samples: int, calib_seq_len: int, overwrite: bool,
-                   dtype=torch.float32, verify_base: str = "sampled", device="cpu") -> PruneReport:
+                   dtype=torch.float32, verify_base: str = "sampled", device="cpu", compensate: bool = False,
+                   damp: float = DAMP) -> PruneReport:
     """Structured `loram prune` (arguments checked by prune()) with one decoder layer in memory at a time."""
     t0, peak = time.time(), PeakRSS()
     tok = load_tokenizer(model_name)  # before any weight: a missing tokenizer fails in a second
@@ -171,9 +177,10 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
     start, end = parse_layers(layers, g.n_layers)
     rng = range(start, end)
     fp = base_fingerprint(folder, verify=verify_base)
-    calib, scores = None, None
+    scores = None
+    batches, calib_desc = method_calibration(tok, method, compensate, calib_data, calib_samples, calib_seq_len)
+    calib = calib_desc if method in CALIBRATED else None  # the scores' calibration; --compensate records its own
     if method in CALIBRATED:
-        batches, calib = calibration_batches(tok, calib_data, calib_samples, calib_seq_len)
         scores = streamed_importance(weights, config, method, rng, batches, dtype, device)
     elif method == "magnitude":
         scores = streamed_importance(weights, config, method, rng, dtype=dtype, device=device)
@@ -181,8 +188,11 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
+        compensation=compensation_record(calib_desc, damp) if compensate else None,
     )
     n_orig, n_pruned = count_params(skeleton(config, None)), count_params(skeleton(config, plan))  # shapes, no weights
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
-    write_pruned(config, plan, folder, out, dtype=weights.stored_dtype(), overwrite=overwrite, inputs=(calib_data,), command="prune")
+    refit = streamed_refits(weights, config, plan, batches, dtype, device, damp) if compensate else None  # layer by layer, as written
+    write_pruned(config, plan, folder, out, dtype=weights.stored_dtype(), overwrite=overwrite, inputs=(calib_data,), command="prune",
+                 refit=refit)
     return PruneReport(str(out), plan, n_orig, n_pruned, time.time() - t0, peak.gb())

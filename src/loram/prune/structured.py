@@ -63,6 +63,13 @@ def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> 
     return [s.unsqueeze(0) for s in seqs], desc
 
 
+def method_calibration(tokenizer, method: str, compensate: bool, source: str | None, n: int,
+                       seq_len: int) -> tuple[list[torch.Tensor] | None, dict | None]:
+    """(batches, description) when the method scores on calibration text or --compensate refits on it
+    (magnitude / random then read it too), else (None, None)."""
+    return calibration_batches(tokenizer, source, n, seq_len) if method in CALIBRATED or compensate else (None, None)
+
+
 def _proj(block, role: str):
     """The nn.Linear of ``role`` in one decoder layer."""
     return block.get_submodule(MODULE_OF_ROLE[role])
@@ -115,20 +122,24 @@ def wanda_sp_per(norms: dict):
 
 
 @contextmanager
-def input_norms(blocks):
-    """{linear: ColumnNorms} for the seven projections of each decoder layer in ``blocks``, accumulated
-    by forward hooks from every forward run while the context is open."""
-    norms, handles = {}, []
-    for block in blocks:
-        for role in ROLES:
-            lin = _proj(block, role)
-            coll = norms[lin] = ColumnNorms(lin.in_features, lin.weight.device)
-            handles.append(lin.register_forward_hook(lambda _m, args, _out, coll=coll: coll.add(args[0].detach())))
+def input_stats(linears: dict, make):
+    """{key: make(in_features, device)} for each linear of ``linears`` ({key: nn.Linear}), fed the linear's
+    input (``.add(x)``) by a forward hook on every forward run while the context is open."""
+    stats, handles = {}, []
+    for key, lin in linears.items():
+        coll = stats[key] = make(lin.in_features, lin.weight.device)
+        handles.append(lin.register_forward_hook(lambda _m, args, _out, coll=coll: coll.add(args[0].detach())))
     try:
-        yield norms
+        yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+def input_norms(blocks):
+    """{linear: ColumnNorms} for the seven projections of each decoder layer in ``blocks``, accumulated
+    by forward hooks from every forward run while the context is open."""
+    return input_stats({lin: lin for block in blocks for lin in (_proj(block, role) for role in ROLES)}, ColumnNorms)
 
 
 def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
