@@ -9,6 +9,8 @@ unchanged, so the adapter's plan id still matches).
     trained   every decoder-layer weight (attention, MLP, norms) and the final norm
     frozen    embed_tokens and lm_head (as the paper's code; --train-embeddings / --train-lm-head)
     budget    --steps, or --tokens T: steps = ceil(T / (seq_len * micro_batch * grad_accum * ranks))
+    distill   --distill: the loss is KL(original || pruned) on the original's top-k next-token distribution
+              (+ W x LM loss), the original run once beforehand and its top-k cached (loram.distill)
     sparse    (plan kind "sparse") M = (W != 0) for every decoder linear of the plan's layer range,
               taken at start from each rank's own part of W (after FSDP wrapped it); every optimizer
               step: grad <- grad * M before it, W <- W * M after it, so pruned zeros stay exactly 0
