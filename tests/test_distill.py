@@ -181,3 +181,18 @@ def test_sparse_plan_keeps_zeros_under_distill(tiny_dir, corpus, tmp_path):
         if ".layers.1." in k and k.endswith("proj.weight"):
             zero = a[k] == 0
             assert zero.any() and bool((b[k][zero] == 0).all()) and not torch.equal(a[k], b[k]), k
+
+
+def test_hub_teacher_is_checked_once_loaded(tiny_dir, pruned_dir, corpus, tmp_path, offline_hub):
+    """A teacher that is not a local folder (hub id, GGUF) has no headers to fingerprint: it is checked right
+    after it loads, before its pass; the right model aligns, another one is refused with nothing cached."""
+    from loram.errors import LoramError
+    from loram.testing import save_tiny
+
+    offline_hub("me/original", tiny_dir)
+    offline_hub("me/other", save_tiny(tmp_path / "other", "llama-gqa", seed=1))
+    r = align(pruned_dir, tmp_path / "al", dcfg(corpus, teacher="me/original"))
+    assert r.steps == 3 and load_pruned(tmp_path / "al").loram_plan.extra["aligned"]["distill"]["teacher"] == "me/original"
+    with pytest.raises(LoramError, match="teacher me/other is not the model the plan was made from"):
+        align(pruned_dir, tmp_path / "bad", dcfg(corpus, teacher="me/other", distill_cache=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "bad").exists()
