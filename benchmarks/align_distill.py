@@ -74,6 +74,20 @@ def kl_and_ppl(teacher, student, blocks: list, batch: int = 4) -> dict:
     return {"kl": kl / n, "ppl": math.exp(nll / n), "tokens": n}
 
 
+def run(pdir: Path, out: Path, ratio: float, how: str, cfg: dict, teacher, held: list, label: str | None = None) -> dict:
+    """One alignment of ``pdir`` and its row: wall seconds (teacher pass included), tokens, KL and ppl on ``held``."""
+    t0 = time.time()
+    r = align(pdir, out, AlignConfig(**cfg, **VARIANTS[how]), overwrite=True)
+    secs = time.time() - t0
+    rec = load_pruned(out).loram_plan.extra["aligned"]
+    row = {"ratio": ratio, "model": label or f"aligned ({how})", "steps": r.steps, "seconds": round(secs, 1),
+           "train_seconds": round(r.wall_s, 1), "train_tokens": r.tokens, **kl_and_ppl(teacher, load_pruned(out).eval(), held)}
+    if "distill" in rec:
+        row["teacher_seconds"] = rec["distill"].get("seconds")
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/loram-align-distill")
@@ -84,6 +98,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--held-blocks", type=int, default=64)
     ap.add_argument("--variants", default="lm,distill", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--equal-wall", action="store_true", help="also LM alignment for as long as distill took (more steps)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/align_distill"))
     a = ap.parse_args()
     work = Path(a.work)
@@ -108,18 +123,14 @@ def main() -> None:
         rows.append({"ratio": ratio, "model": "pruned" + (" (reused)" if reused else ""),
                      "seconds": None if reused else round(time.time() - t0, 1),
                      **kl_and_ppl(teacher, load_pruned(pdir).eval(), held)})
+        done = {}
         for how in a.variants.split(","):
-            out = work / f"aligned{ratio}_{how}"
-            t0 = time.time()
-            r = align(pdir, out, AlignConfig(**cfg_common, **VARIANTS[how]), overwrite=True)
-            secs = time.time() - t0
-            rec = load_pruned(out).loram_plan.extra["aligned"]
-            row = {"ratio": ratio, "model": f"aligned ({how})", "seconds": round(secs, 1), "train_seconds": round(r.wall_s, 1),
-                   "train_tokens": r.tokens, **kl_and_ppl(teacher, load_pruned(out).eval(), held)}
-            if how != "lm":
-                row["teacher_seconds"] = rec["distill"].get("seconds")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            done[how] = run(pdir, work / f"aligned{ratio}_{how}", ratio, how, cfg_common, teacher, held)
+            rows.append(done[how])
+        if a.equal_wall and "lm" in done and "distill" in done:  # LM alignment given the wall time distill took (teacher included)
+            steps = max(1, round(a.steps * done["distill"]["seconds"] / done["lm"]["seconds"]))
+            rows.append(run(pdir, work / f"aligned{ratio}_lm_wall", ratio, "lm", dict(cfg_common, steps=steps), teacher, held,
+                            label=f"aligned (lm, {steps} steps: distill's wall time)"))
     total = time.time() - t_all
     res = {"command": " ".join(["OMP_NUM_THREADS=1 nice -n 10 python benchmarks/align_distill.py", *sys.argv[1:]]),
            "settings": vars(a), "wall_s": round(total, 1), "held_out_tokens": rows[0]["tokens"], "rows": rows}

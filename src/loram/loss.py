@@ -108,14 +108,15 @@ def chunked_distill_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, te
 
     teacher: TEACHER_KEYS -> [batch, seq-1, k] log-probs (at temperature T), [batch, seq-1, k] token ids and
     [batch, seq-1] log of the remaining mass, for the positions 0..seq-2 (position t predicts token t+1).
-    chunk: positions per lm_head call (0: all at once); each chunk under checkpoint as in the LM loss."""
+    chunk: positions per lm_head call, each under checkpoint as in the LM loss (0: all at once, no checkpoint:
+    the full logits and their gradient are kept, as transformers' own loss keeps them)."""
     h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
     t = [teacher[k].to(hidden.device) for k in TEACHER_KEYS]
     step = chunk or h.shape[1]
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[1], step):
         args = (lm_head, h[:, s:s + step], y[:, s:s + step], *(x[:, s:s + step] for x in t), temperature, lm_weight, ignore_index)
-        if torch.is_grad_enabled() and args[1].requires_grad:
+        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
             total = total + checkpoint(_chunk_distill_sum, *args, use_reentrant=False)
         else:
             total = total + _chunk_distill_sum(*args)
