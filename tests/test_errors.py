@@ -616,3 +616,55 @@ def test_compensate_with_a_sparse_method(capsys, w, extra):
                                            (["--compensate", "--compensate-damp", "0"], "--compensate-damp")])
 def test_compensate_damp_without_compensate_or_not_positive(capsys, w, extra, expect):
     fails(capsys, "prune", w.base, "-o", w.root / "o", *extra, expect=expect, out=w.root / "o")
+
+
+# ---- align --distill: the teacher is checked from configs and headers, before anything loads ----------
+@pytest.fixture
+def no_teacher(monkeypatch, no_weights):
+    import loram.loading
+
+    def refuse(*a, **kw):
+        raise AssertionError("the teacher was loaded before the error")
+
+    monkeypatch.setattr(loram.loading, "load_model", refuse)
+
+
+def distill_fails(capsys, w, tmp_path, *flags, expect: str, pruned=None) -> str:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the river runs to the sea\n" * 40)
+    return fails(capsys, "align", pruned or w.pruned, "--data", corpus, "-o", tmp_path / "o", *flags, expect=expect,
+                 out=tmp_path / "o")
+
+
+def test_align_distill_flags_without_distill(capsys, w, tmp_path, no_teacher):
+    distill_fails(capsys, w, tmp_path, "--distill-top-k", "4", expect="--distill-top-k only applies with --distill")
+
+
+def test_align_distill_top_k_below_one(capsys, w, tmp_path, no_teacher):
+    distill_fails(capsys, w, tmp_path, "--distill", "--distill-top-k", "0", expect="--distill-top-k")
+
+
+def test_align_distill_top_k_above_vocab(capsys, w, tmp_path, no_teacher):
+    distill_fails(capsys, w, tmp_path, "--distill", "--distill-top-k", "100000", expect="is more than the vocabulary (256 tokens)")
+
+
+def test_align_distill_wrong_teacher(capsys, w, tmp_path, no_teacher):
+    distill_fails(capsys, w, tmp_path, "--distill", "--teacher", w.base2, expect="is not the model the plan was made from")
+
+
+def test_align_distill_teacher_vocab_mismatch(capsys, w, tmp_path, no_teacher):
+    other = save_tiny(tmp_path / "small-vocab", "llama-gqa", vocab_size=200)
+    distill_fails(capsys, w, tmp_path, "--distill", "--teacher", other, expect="has a vocabulary of 200 tokens, the pruned model 256")
+
+
+def test_align_distill_plan_without_base(capsys, w, tmp_path, no_teacher):
+    p = copy(w.pruned, tmp_path / "P")
+    plan = json.loads((p / PLAN_FILE).read_text())
+    plan["base"]["fingerprint"] = {}
+    (p / PLAN_FILE).write_text(json.dumps(plan))
+    distill_fails(capsys, w, tmp_path, "--distill", expect="records no base model fingerprint", pruned=p)
+
+
+def test_align_distill_under_torchrun(capsys, w, tmp_path, no_teacher, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distill_fails(capsys, w, tmp_path, "--distill", expect="runs the teacher pass in one process")

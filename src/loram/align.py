@@ -9,6 +9,8 @@ unchanged, so the adapter's plan id still matches).
     trained   every decoder-layer weight (attention, MLP, norms) and the final norm
     frozen    embed_tokens and lm_head (as the paper's code; --train-embeddings / --train-lm-head)
     budget    --steps, or --tokens T: steps = ceil(T / (seq_len * micro_batch * grad_accum * ranks))
+    distill   --distill: the loss is KL(original || pruned) on the original's top-k next-token distribution
+              (+ W x LM loss), the original run once beforehand and its top-k cached (loram.distill)
     sparse    (plan kind "sparse") M = (W != 0) for every decoder linear of the plan's layer range,
               taken at start from each rank's own part of W (after FSDP wrapped it); every optimizer
               step: grad <- grad * M before it, W <- W * M after it, so pruned zeros stay exactly 0
@@ -30,12 +32,14 @@ import torch
 from .configs import AlignConfig, RunConfig
 from .data import ListDataset, chunk_tokens, collate, examples_needed, mix, read_texts, streamed
 from .errors import LoramError
-from .io import atomic_dir, load_tokenizer, releases_locks, write_json
+from . import distill
+from .io import atomic_dir, load_tokenizer, releases_locks, write_json, write_marker
 from .prune.sparse import sparse_mask_names
 from .prune_plan import PrunePlan, has_plan
 from .pruned_model import save_pruned
 from .settings import check_config
 from .training import TrainReport, claim_run, finish, fit, param_counts, run_precision, save_final
+from .training.checkpoint import prepare_checkpoint_dir
 from .training.distributed import check_engine, gathered_state_dict, keep_zeros_callback
 
 
@@ -64,6 +68,19 @@ def corpus_blocks(tok, cfg: AlignConfig) -> list:
     return mix(sources, cfg.data_weights, cfg.seed)
 
 
+def distill_folder(cfg: AlignConfig, ckpt: Path, resume: bool, overwrite: bool) -> Path:
+    """Where the teacher's top-k is cached: --distill-cache, else inside the checkpoint folder. That folder is
+    settled first as fit would settle it (an --overwrite start clears earlier checkpoints now, not after the
+    cache is written; a new folder gets loram's marker), so the cache survives into the run and a --resume."""
+    if cfg.distill_cache:
+        return Path(cfg.distill_cache)
+    prepare_checkpoint_dir(ckpt, resume, overwrite, True)
+    if not ckpt.exists() or not any(ckpt.iterdir()):
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_marker(ckpt, "checkpoints")
+    return ckpt / "teacher-topk"
+
+
 @releases_locks
 def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = False, overwrite: bool = False,
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
@@ -74,8 +91,10 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     run_precision(cfg)  # --precision for this device (fp16 needs CUDA), before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
-    sparse = PrunePlan.load(pruned).kind == "sparse"
+    plan0 = PrunePlan.load(pruned)
+    sparse = plan0.kind == "sparse"
     check_engine("align", sparse=sparse)
+    teacher = distill.check_request(cfg, plan0, pruned)  # --distill: teacher, vocabulary, k, fingerprint; None without
     inputs, ckpt, settings = claim_run(cfg, pruned, out, overwrite, checkpoint_dir, resume)
     # tokenizer and corpus before the weights: a bad file fails in seconds
     tok = load_tokenizer(pruned)
@@ -83,6 +102,13 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
         cfg.steps, cfg.epochs = steps_for_tokens(cfg.tokens, cfg, int(os.environ.get("WORLD_SIZE", "1"))), None
     blocks = corpus_blocks(tok, cfg)
     evals = {n: chunk_tokens(tok, read_texts(f), cfg.seq_len, name=f"--eval {n}") for n, f in cfg.eval.items()}
+    dataset, collator, soft = ListDataset(blocks), collate(tok.pad_token_id), None
+    if teacher is not None:  # the teacher's pass (or its cache) before the student loads: never both in memory
+        blocks = distill.teacher_blocks(blocks, cfg)
+        cache, how = distill.ensure_cache(teacher, blocks, cfg, distill_folder(cfg, ckpt, resume, overwrite),
+                                          run_precision(cfg)[0])
+        dataset, collator = distill.DistillDataset(blocks, cache), distill.collate(tok.pad_token_id)
+        soft = distill.DistillLoss(cfg.distill_temperature, cfg.distill_lm_weight)
     torch.manual_seed(cfg.seed)
     # fp32 weights whatever --precision: align trains them, and the optimizer needs fp32 master weights;
     # --precision sets the Trainer's autocast (training.fit)
@@ -96,8 +122,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     masks = list(sparse_mask_names(plan)) if sparse else []
     cbs = ([keep_zeros_callback(masks)] if masks else []) + list(callbacks or [])
     trainable, frozen = param_counts(model)
-    r = fit(model, ListDataset(blocks), collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, cbs,
-            settings)
+    r = fit(model, dataset, collator, cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, cbs, settings, soft)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, {"total": 0}, r.eval_ppl, r.eval_history, r.resumed_from)
     state = gathered_state_dict(r.trainer)  # every rank: under FSDP / ZeRO-3 each holds only a part
@@ -107,7 +132,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
             "tokens_per_step": cfg.seq_len * cfg.micro_batch * cfg.grad_accum * r.trainer.args.world_size,
             "lr": cfg.lr, "seq_len": cfg.seq_len, "seed": cfg.seed, "final_loss": r.losses[-1]["loss"] if r.losses else None,
             "frozen": [n for n, on in (("embed_tokens", cfg.train_embeddings), ("lm_head", cfg.train_lm_head)) if not on],
-            "sparse_masks": len(masks)})
+            "sparse_masks": len(masks)} | ({"distill": distill.record(cfg, teacher, cache, how)} if teacher else {}))
         model.eval()
         def save():
             with atomic_dir(out, overwrite, "align", inputs) as tmp:

@@ -78,3 +78,11 @@ class AlignConfig(RunConfig):
     tokens: int | None = None  # token budget (overrides steps)
     train_embeddings: bool = False
     train_lm_head: bool = False
+    # --distill: align to the original's next-token distribution (loram.distill)
+    distill: bool = False
+    teacher: str | None = None  # default: the plan's base model
+    distill_top_k: int = 32
+    distill_lm_weight: float = 0.0
+    distill_temperature: float = 1.0
+    distill_cache: str | None = None  # default: CHECKPOINT_DIR/teacher-topk
+    max_memory: float | None = None  # the teacher pass's memory budget (streams the teacher when it does not fit)

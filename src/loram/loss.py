@@ -67,3 +67,57 @@ def hidden_states_as_logits(causal_lm):
         yield head
     finally:
         causal_lm.lm_head = head
+
+
+# ---- distillation: KL(teacher || student) on the teacher's cached top-k (loram.distill) ----------------
+# The teacher's next-token distribution at each position is kept as its k most likely tokens (log-probs,
+# token ids) and the log of the mass left outside them ("rest"). The student is compared on k + 1 outcomes:
+# the k tokens and one bucket for every other token, so student mass put outside the teacher's top-k is
+# penalised (a plain top-k renormalisation would not see it). With k = vocab the bucket is empty and the
+# value is the full KL.
+TEACHER_KEYS = ("teacher_logprobs", "teacher_indices", "teacher_rest")
+
+
+def _plogp(logp: torch.Tensor) -> torch.Tensor:
+    """p log p of the teacher (a constant), 0 where p underflowed to 0 (no 0 * -inf)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * logp, torch.zeros_like(p))
+
+
+def _chunk_distill_sum(lm_head, hidden, labels, t_logp, t_idx, t_rest, temperature: float, lm_weight: float,
+                       ignore_index: int) -> torch.Tensor:
+    logits = lm_head(hidden).float()
+    logq = torch.log_softmax(logits / temperature, dim=-1)
+    idx = t_idx.long()
+    kl = (_plogp(t_logp) - t_logp.exp() * logq.gather(-1, idx)).sum(-1)  # [b, c]: the k tokens
+    if idx.shape[-1] < logq.shape[-1]:  # the bucket: log of the student's mass outside the teacher's top-k
+        rest_q = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)
+        kl = kl + _plogp(t_rest) - t_rest.exp() * rest_q
+    valid = labels != ignore_index
+    total = (kl * valid).sum() * temperature ** 2  # T^2 keeps the gradient's scale independent of T (Hinton et al.)
+    if lm_weight:
+        total = total + lm_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    ignore_index=ignore_index, reduction="sum")
+    return total
+
+
+def chunked_distill_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, teacher: dict, temperature: float = 1.0,
+                         lm_weight: float = 0.0, chunk: int = 0, ignore_index: int = IGNORE_INDEX, num_items=None) -> torch.Tensor:
+    """T^2 x KL(teacher || student) + lm_weight x cross-entropy, each a mean over the positions that predict a
+    label (the same positions and count as ``chunked_causal_lm_loss``, so gradient accumulation stays exact).
+
+    teacher: TEACHER_KEYS -> [batch, seq-1, k] log-probs (at temperature T), [batch, seq-1, k] token ids and
+    [batch, seq-1] log of the remaining mass, for the positions 0..seq-2 (position t predicts token t+1).
+    chunk: positions per lm_head call, each under checkpoint as in the LM loss (0: all at once, no checkpoint:
+    the full logits and their gradient are kept, as transformers' own loss keeps them)."""
+    h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
+    t = [teacher[k].to(hidden.device) for k in TEACHER_KEYS]
+    step = chunk or h.shape[1]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[1], step):
+        args = (lm_head, h[:, s:s + step], y[:, s:s + step], *(x[:, s:s + step] for x in t), temperature, lm_weight, ignore_index)
+        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
+            total = total + checkpoint(_chunk_distill_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_distill_sum(*args)
+    return total / (num_items if num_items is not None else (y != ignore_index).sum())

@@ -263,6 +263,23 @@ ALIGN_KNOBS = {
     "tokens": Knob(None, check=COUNT, help="token budget (sets --steps from batch and sequence length)"),
     "train_embeddings": Knob(False, switch=True, help="also train embed_tokens (frozen by default)"),
     "train_lm_head": Knob(False, switch=True, help="also train lm_head (frozen by default, as the paper)"),
+    "distill": Knob(False, switch=True,
+                    help="align to the original model's next-token distribution (KL on its top-k, computed once before "
+                         "training, cached on disk, streamed when the original does not fit --max-memory) instead of "
+                         "the plain LM loss"),
+    "teacher": Knob(None, metavar="PATH|HUB_ID", help="--distill: the original model (default: the plan's base; its "
+                                                      "fingerprint must be the plan's)"),
+    "distill_top_k": Knob(32, check=COUNT, metavar="K", help="--distill: teacher tokens kept per position (default 32)"),
+    "distill_lm_weight": Knob(0.0, check=NON_NEGATIVE, metavar="W",
+                              help="--distill: loss = KL + W x LM loss (default 0: pure KL, as Minitron)"),
+    "distill_temperature": Knob(1.0, check=POSITIVE, metavar="T", help="--distill: softmax temperature of both models "
+                                                                        "(KL x T^2; default 1)"),
+    "distill_cache": Knob(None, metavar="DIR", outcome=False,
+                          help="--distill: folder of the teacher's cached top-k (default CHECKPOINT_DIR/teacher-topk); "
+                               "reused when it holds the same teacher, data and K"),
+    "max_memory": Knob(None, check=POSITIVE, metavar="GB", outcome=False,
+                       help="--distill: memory budget of the teacher pass (default: what the cgroup's limit leaves, else "
+                            "MemAvailable); a teacher whose in-memory pass does not fit is read layer by layer"),
     **_run_knobs(lr=2e-5),
 }
 RECORDS = {"prune": PruneSettings, "recover": RecoverSettings, "merge": MergeSettings, "eval": EvalSettings}

@@ -71,12 +71,13 @@ class TensorHeader:
         return next(t for t, n in ST_DTYPE.items() if n == self.dtype)
 
 
-def safetensors_headers(files: list[Path]) -> dict[str, TensorHeader]:
+def safetensors_headers(files: list[Path], dtypes: tuple[str, ...] = FLOAT_DTYPES) -> dict[str, TensorHeader]:
     """{tensor name: file, dtype, shape} from the headers only: the one reader every loader goes through.
 
     Refuses (one line each) a truncated or corrupt file, a tensor stored in two files (the later one
-    would silently win, e.g. a stale shard left beside new ones) and a non-float dtype (an I32
-    header over float bytes would be read as integers and cast).
+    would silently win, e.g. a stale shard left beside new ones) and a dtype outside ``dtypes`` (for a
+    model, a non-float dtype: an I32 header over float bytes would be read as integers and cast; loram's
+    own non-model files, such as the distillation cache's token ids, name the integer dtypes they hold).
     """
     out: dict[str, TensorHeader] = {}
     for f in files:
@@ -90,7 +91,7 @@ def safetensors_headers(files: list[Path]) -> dict[str, TensorHeader]:
             if k in out:
                 raise LoramError(f"tensor {k} is stored twice, in {out[k].file.name} and {Path(f).name} of {Path(f).parent}: "
                                  "the checkpoint is inconsistent (a stale shard?), remove the extra file or re-download it")
-            if hdr.dtype not in FLOAT_DTYPES:
+            if hdr.dtype not in dtypes:
                 raise LoramError(f"tensor {k} in {f} is stored as {hdr.dtype}, not a float type ({'/'.join(FLOAT_DTYPES)}): "
                                  "the file is corrupt or not a model checkpoint, re-create or re-download it")
             out[k] = hdr
@@ -189,7 +190,7 @@ class Weights:
     A ``Weights`` over a state dict (``from_state_dict``) serves a model loaded in memory (GGUF, hub).
     """
 
-    def __init__(self, folder: str | Path, use_index: bool = False):
+    def __init__(self, folder: str | Path, use_index: bool = False, dtypes: tuple[str, ...] = FLOAT_DTYPES):
         self.folder = Path(folder)
         wm = self._index() if use_index else None
         if wm:
@@ -199,7 +200,7 @@ class Weights:
                 raise LoramError(f"shard {missing[0].name} named in the index is missing from {self.folder}: finish the download")
         else:
             files = safetensors_files(self.folder)
-        self.headers = safetensors_headers(files)
+        self.headers = safetensors_headers(files, dtypes)
         self.files: list[Path] | None = files
         self._sd: dict | None = None
         wrong = [k for k, f in (wm or {}).items() if getattr(self.headers.get(k), "file", None) != self.folder / f]

@@ -79,12 +79,18 @@ class StreamedLM:
     # ---- the LogprobFn ---------------------------------------------------------------------------
     def batch_logprobs(self, batches: list[Batch]):
         """Per batch, in order, the log-probabilities of its scored tokens (scoring.LogprobFn)."""
+        for b, hidden in self.final_hidden(batches):
+            yield self._head_logprobs(b, hidden)
+
+    def final_hidden(self, batches: list[Batch]):
+        """(batch, output of the last decoder layer) per batch, in order, a wave at a time: ``stream.head``
+        turns one into logits (the distillation teacher takes its top-k from them, loram.distill)."""
         waves = self.waves(batches)
         for k, wave in enumerate(waves):
             hidden = self._through_layers(wave, "layer" if len(waves) == 1 else f"wave {k + 1}/{len(waves)}: layer")
             for j, b in enumerate(wave):
-                yield self._head_logprobs(b, hidden[j])
-                hidden[j] = None  # type: ignore[call-overload]  # its logits are done: free its hidden states
+                h, hidden[j] = hidden[j], None  # type: ignore[call-overload]  # the caller's once yielded: freed after its logits
+                yield b, h
 
     def _through_layers(self, wave: list[Batch], desc: str) -> list:
         ls = self.stream

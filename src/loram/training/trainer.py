@@ -26,7 +26,7 @@ from ..device import compute_dtype, default_device, trainer_precision
 from ..eval.ppl import loglik_sums
 from ..eval.scoring import IGNORE
 from ..io import is_disk_full, write_json, write_marker
-from ..loss import chunked_causal_lm_loss, hidden_states_as_logits
+from ..loss import TEACHER_KEYS, chunked_causal_lm_loss, chunked_distill_loss, hidden_states_as_logits
 from ..procmem import PeakRSS
 from ..pruned_model import count_params
 from .checkpoint import disk_full_in_checkpoint, is_main, last_checkpoint, mark_complete, prepare_checkpoint_dir
@@ -95,15 +95,24 @@ def _trainer_class():
             super()._track_num_input_tokens(inputs)
         loram_settings = None  # run_settings(...), recorded in each checkpoint's marker for --resume to compare
 
+        distill = None  # loram.distill.DistillLoss (align --distill), set by fit
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             chunk = self.loss_chunk
-            if not chunk or "labels" not in inputs:
+            soft = self.distill is not None and TEACHER_KEYS[0] in inputs  # batches carry the teacher's cached top-k
+            if not (chunk or soft) or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = dict(inputs)
             labels = inputs.pop("labels")
+            teacher = {k: inputs.pop(k) for k in TEACHER_KEYS} if soft else None
             with hidden_states_as_logits(causal_lm_of(self.accelerator.unwrap_model(model))) as head:
                 outputs = model(**inputs)
-            loss = chunked_causal_lm_loss(outputs.logits, head, labels, chunk, num_items=num_items_in_batch)
+            if soft:
+                d = self.distill
+                loss = chunked_distill_loss(outputs.logits, head, labels, teacher, d.temperature, d.lm_weight, chunk,
+                                            num_items=num_items_in_batch)
+            else:
+                loss = chunked_causal_lm_loss(outputs.logits, head, labels, chunk, num_items=num_items_in_batch)
             # the stock path's rule: with num_items_in_batch the loss is a share of the accumulated
             # batch's mean (Trainer skips its own /grad_accum); across ranks it is summed back
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
@@ -257,12 +266,15 @@ class FitResult:
 
 
 def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, overwrite: bool, evals: dict | None = None,
-        pad_id: int = 0, callbacks: list | None = None, settings: dict | None = None) -> FitResult:
+        pad_id: int = 0, callbacks: list | None = None, settings: dict | None = None, distill=None) -> FitResult:
     """Run transformers' Trainer on ``model`` (LoRA-wrapped or with its own requires_grad set).
 
     Works unchanged under torchrun / accelerate launch (DDP; FSDP and DeepSpeed through accelerate's
     config): the Trainer reads the launcher's environment. On a CPU-only machine it must be told
     use_cpu=True, else each rank trains alone with no error.
+
+    distill: a loram.distill.DistillLoss (temperature, lm_weight): batches that carry the teacher's
+    cached top-k (loss.TEACHER_KEYS) are scored by loss.chunked_distill_loss instead of the LM loss.
     """
     from transformers import TrainingArguments
 
@@ -301,10 +313,12 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                callbacks=record + list(callbacks or []))
     record[0].trainer = trainer
-    if cfg.loss_chunk and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        raise LoramError("--loss-chunk calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding "
-                         "do not allow: drop --loss-chunk")
+    if (cfg.loss_chunk or distill is not None) and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        what = "--distill" if distill is not None else "--loss-chunk"
+        raise LoramError(f"{what} calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding "
+                         f"do not allow: drop {what}")
     trainer.loss_chunk = cfg.loss_chunk
+    trainer.distill = distill
     trainer.pad_id = pad_id
     trainer.loram_settings = settings
     progress.trainer_quiet(trainer)

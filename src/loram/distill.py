@@ -1,0 +1,289 @@
+"""`loram align --distill`: align a pruned model to the ORIGINAL model's next-token distribution.
+
+Minitron and Sheared-LLaMA recover a pruned model with far fewer tokens by distilling from the
+model it was pruned from than by plain next-token training. Here the teacher is the plan's base
+(``--teacher`` points at another copy of it; its fingerprint must be the plan's). It is run ONCE,
+before the student is loaded, over exactly the blocks align trains on, and its top-k is cached:
+
+    blocks     the first steps x micro_batch x grad_accum blocks of the corpus mixture (all of them
+               when the corpus has fewer, or with --epochs); align then trains on exactly these
+    teacher    in memory, or layer by layer (eval.streamed) when its in-memory pass does not fit the
+               memory budget (--max-memory, else the cgroup / MemAvailable: loram.budget, as `loram eval`)
+    per block  for positions 0..seq-2: the k largest log-probabilities at temperature T, their token
+               ids, and the log of the mass outside them ("rest")
+    training   the teacher is gone (nothing of it stays in memory); each batch reads its blocks' rows
+               from the cache and the loss is T^2 x KL(teacher || student) + W x LM loss (loss.py)
+
+The KL is taken over k + 1 outcomes: the teacher's k tokens and one bucket for all others, so student
+mass outside the teacher's top-k costs what it costs in the full KL (a top-k renormalisation would
+ignore it); with k = vocab it is the full KL.
+
+Cache folder (``--distill-cache DIR``, default CHECKPOINT_DIR/teacher-topk), written atomically
+(io.atomic_dir) by the project's writer (weights.ShardWriter) and read by its reader (weights.Weights):
+
+    distill_cache.json                 format, key, teacher fingerprint id, k, temperature, seq_len, blocks
+    model-0000s-of-0000N.safetensors   per shard s of BLOCKS_PER_SHARD blocks:
+                                          logprobs.s  F32 [blocks, seq_len-1, k]
+                                          indices.s   I32 [blocks, seq_len-1, k]
+                                          rest.s      F32 [blocks, seq_len-1]
+    model.safetensors.index.json       tensor -> shard
+
+The key is a sha256 of the format, the teacher's fingerprint id, k, T and the token ids of every block
+(which fixes the data, tokenizer, seq_len, mixture seed and block count). A cache with the same key is
+reused (a resumed or repeated align runs no teacher); another key is recomputed and replaced.
+Size: (8 k + 4) bytes per position, 260 MB per million training tokens at k = 32.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LoramError
+from .loss import TEACHER_KEYS, hidden_states_as_logits
+
+FORMAT = "loram-distill-topk-v1"
+MANIFEST = "distill_cache.json"
+BLOCKS_PER_SHARD = 256
+CACHE_DTYPES = ("F32", "I32")
+HEAD_BYTES = 256 << 20  # the teacher's logits are made this many bytes of [rows, vocab] fp32 at a time
+LIVE: weakref.WeakSet = weakref.WeakSet()  # teacher models alive now: none may be during training (tests look)
+FLAGS = ("teacher", "distill_top_k", "distill_lm_weight", "distill_temperature", "distill_cache", "max_memory")
+DEFAULTS = {"teacher": None, "distill_top_k": 32, "distill_lm_weight": 0.0, "distill_temperature": 1.0, "distill_cache": None,
+            "max_memory": None}
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """What the Trainer's loss needs (training.fit's ``distill``)."""
+
+    temperature: float
+    lm_weight: float
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The checked teacher: its name, the fingerprint it must have (the plan's), whether that was checked yet."""
+
+    name: str
+    fingerprint: dict
+    checked: bool
+    vocab: int  # a local safetensors folder is checked from its headers; another source once it is loaded
+
+
+def check_request(cfg, plan, pruned: str | Path) -> Teacher | None:
+    """Refuse a wrong --distill request from configs and headers alone, before anything is loaded."""
+    from .fingerprint import base_fingerprint, describe_difference, same_model
+    from .io import load_config
+    from .loading import safetensors_folder
+
+    if not cfg.distill:
+        given = [f"--{n.replace('_', '-')}" for n in FLAGS if n != "max_memory" and getattr(cfg, n) != DEFAULTS[n]]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise LoramError(f"{', '.join(given)} only {verb} with --distill: add --distill or drop {given[0]}")
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LoramError("--distill runs the teacher pass in one process: run `loram align --distill` without "
+                         "torchrun / accelerate launch")
+    fp = plan.base.get("fingerprint") or {}
+    name = cfg.teacher or plan.base.get("name")
+    if not fp.get("id") or not name:
+        raise LoramError(f"the plan of {pruned} records no base model fingerprint, so no teacher can be checked against "
+                         "it: re-create the pruned model with `loram prune` from the original")
+    vocab, tvocab = load_config(pruned).vocab_size, load_config(name).vocab_size
+    if tvocab != vocab:
+        raise LoramError(f"teacher {name} has a vocabulary of {tvocab} tokens, the pruned model {vocab}: pass the original "
+                         "model the plan was made from (--teacher)")
+    if cfg.distill_top_k > vocab:
+        raise LoramError(f"--distill-top-k {cfg.distill_top_k} is more than the vocabulary ({vocab} tokens): give at most {vocab}")
+    checked = safetensors_folder(name) is not None
+    if checked:
+        got = base_fingerprint(name)
+        if not same_model(fp, got):
+            raise LoramError(f"teacher {name} is not the model the plan was made from ({describe_difference(fp, got)}): "
+                             f"pass the original model with --teacher (the plan names {plan.base.get('name')})")
+    return Teacher(str(name), fp, checked, vocab)
+
+
+def teacher_blocks(blocks: list, cfg) -> list:
+    """The blocks align trains on under --distill: as many as --steps draws, from the start of the mixture
+    (already shuffled by its seed), or all of them when there are fewer or with --epochs."""
+    need = None if cfg.epochs is not None else cfg.steps * cfg.micro_batch * cfg.grad_accum
+    return blocks if need is None else blocks[:need]
+
+
+def cache_key(teacher: Teacher, blocks: list, cfg) -> str:
+    h = hashlib.sha256(f"{FORMAT}|{teacher.fingerprint['id']}|k={cfg.distill_top_k}|T={cfg.distill_temperature!r}".encode())
+    for ids, _ in blocks:
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+# ---- the cache on disk ------------------------------------------------------------------------------
+class Cache:
+    """The teacher's top-k of every block, read a block at a time (weights.Weights: one row of one shard)."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        from .weights import Weights
+
+        self.folder, self.manifest = Path(folder), manifest
+        self.weights = Weights(folder, use_index=True, dtypes=CACHE_DTYPES)
+        self.blocks = manifest["blocks"]
+
+    def row(self, i: int) -> dict[str, torch.Tensor]:
+        """TEACHER_KEYS -> block ``i``'s [seq-1, k] log-probs, [seq-1, k] token ids, [seq-1] rest."""
+        s, j = divmod(i, BLOCKS_PER_SHARD)
+        rows = torch.tensor([j])
+        return {k: self.weights.read(f"{k.removeprefix('teacher_')}.{s}", rows=rows)[0] for k in TEACHER_KEYS}
+
+
+def open_cache(folder: Path, key: str) -> Cache | None:
+    """The cache in ``folder`` when it holds ``key`` (and reads back), else None (absent, stale or damaged: recomputed)."""
+    from .io import read_json
+
+    try:
+        m = read_json(folder / MANIFEST)
+        if m.get("format") != FORMAT or m.get("key") != key:
+            return None
+        return Cache(folder, m)
+    except (LoramError, OSError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _topk_rows(head, hidden: torch.Tensor, k: int, temperature: float, vocab: int):
+    """(log-probs [n, k], ids [n, k], rest [n]) of ``head(hidden)`` rows at temperature T, a few rows at a time."""
+    step = max(1, HEAD_BYTES // (4 * vocab))
+    out = []
+    for s in range(0, hidden.shape[0], step):
+        logp = torch.log_softmax(head(hidden[s:s + step]).float() / temperature, dim=-1)
+        v, i = logp.topk(k, dim=-1)
+        rest = logp.scatter(-1, i, float("-inf")).logsumexp(-1)  # -inf when k = vocab: nothing is left
+        out.append((v, i.to(torch.int32), rest))
+    return tuple(torch.cat([o[j] for o in out]) for j in range(3))
+
+
+def _in_memory(name: str, teacher: Teacher, blocks: list, batch: int, device):
+    """(block index, hidden states after the final norm, lm_head) per block, the teacher loaded whole."""
+    from .fingerprint import describe_difference, fingerprint_model, same_model
+    from .loading import load_model
+
+    model = load_model(name, dtype=torch.float32).to(device).eval()
+    LIVE.add(model)
+    if not teacher.checked:
+        got = fingerprint_model(model)
+        if not same_model(teacher.fingerprint, got):
+            raise LoramError(f"teacher {name} is not the model the plan was made from "
+                             f"({describe_difference(teacher.fingerprint, got)}): pass the original model with --teacher")
+    with torch.no_grad(), hidden_states_as_logits(model) as head:
+        for s in range(0, len(blocks), batch):
+            ids = torch.tensor([b[0] for b in blocks[s:s + batch]], device=device)
+            hidden = model(input_ids=ids, use_cache=False).logits
+            for j in range(len(ids)):
+                yield s + j, hidden[j], head
+
+
+def _streamed(name: str, blocks: list, batch: int, hidden_bytes: int, device):
+    """The same, the teacher read one decoder layer at a time (eval.streamed); the head is final norm + lm_head."""
+    from .eval.scoring import Batch
+    from .eval.streamed import open_streamed
+
+    lm, _ = open_streamed(name, dtype=torch.float32, device=device, max_hidden_bytes=hidden_bytes, check_base=False)
+    LIVE.add(lm.stream.model)
+    batches = []
+    for s in range(0, len(blocks), batch):
+        ids = torch.tensor([b[0] for b in blocks[s:s + batch]])
+        batches.append(Batch(list(range(s, s + len(ids))), ids, ids.clone(), torch.ones_like(ids)))
+    with torch.no_grad():
+        for b, hidden in lm.final_hidden(batches):
+            for j, i in enumerate(b.rows):
+                yield i, hidden[j], lm.stream.head
+
+
+def teacher_pass(teacher: Teacher, blocks: list, cfg, tmp: Path, hidden_bytes: int | None, device="cpu") -> None:
+    """Write the teacher's top-k of ``blocks`` into folder ``tmp`` (shards + index; the manifest is the caller's)."""
+    from .weights import ShardWriter
+
+    k, T, n = cfg.distill_top_k, cfg.distill_temperature, len(blocks)
+    shards = -(-n // BLOCKS_PER_SHARD)
+    writer = ShardWriter(tmp, shards, metadata={"loram": FORMAT})
+    rows = _in_memory(teacher.name, teacher, blocks, cfg.micro_batch, device) if hidden_bytes is None else \
+        _streamed(teacher.name, blocks, cfg.micro_batch, hidden_bytes, device)
+    part: list = []
+    total = 0
+    for _i, hidden, head in rows:  # in block order
+        part.append(_topk_rows(head, hidden[:-1], k, T, teacher.vocab))  # position seq-1 predicts nothing align scores
+        if len(part) == BLOCKS_PER_SHARD or total + len(part) == n:
+            s = total // BLOCKS_PER_SHARD
+            writer.add({f"{name}.{s}": torch.stack([p[j] for p in part]).cpu()
+                        for j, name in enumerate(("logprobs", "indices", "rest"))})
+            total += len(part)
+            part = []
+    writer.finish(total)
+    rows.close()  # the generator's teacher goes with it
+
+
+def ensure_cache(teacher: Teacher, blocks: list, cfg, folder: Path, device="cpu") -> tuple[Cache, dict]:
+    """The cache of ``blocks`` in ``folder``: reused when its key matches, else computed (the teacher loaded,
+    in memory or streamed, then released) and written atomically. Returns (cache, what happened)."""
+    from .eval.runner import scoring_plan
+    from .io import atomic_dir, write_json
+
+    key = cache_key(teacher, blocks, cfg)
+    cache = open_cache(folder, key)
+    if cache is not None:
+        return cache, {"computed": False}
+    stream, hidden_bytes = scoring_plan(teacher.name, cfg.seq_len, cfg.micro_batch, cfg.max_memory)
+    t0 = time.time()
+    with atomic_dir(folder, overwrite=True, command="align --distill") as tmp:
+        teacher_pass(teacher, blocks, cfg, Path(tmp), hidden_bytes if stream else None, device)
+        write_json(Path(tmp) / MANIFEST, {"format": FORMAT, "key": key, "teacher": teacher.name,
+                                          "teacher_fingerprint": teacher.fingerprint["id"], "top_k": cfg.distill_top_k,
+                                          "temperature": cfg.distill_temperature, "seq_len": cfg.seq_len,
+                                          "blocks": len(blocks)})
+    gc.collect()  # the teacher's modules are unreachable now; collect them before the student loads
+    return open_cache(folder, key), {"computed": True, "streamed": bool(stream), "seconds": round(time.time() - t0, 2)}
+
+
+# ---- training data: the blocks with their teacher rows ----------------------------------------------
+class DistillDataset(torch.utils.data.Dataset):
+    def __init__(self, blocks: list, cache: Cache):
+        if cache.blocks != len(blocks):
+            raise LoramError(f"the distillation cache {cache.folder} holds {cache.blocks} blocks, align trains on {len(blocks)}: "
+                             "delete it to recompute")
+        self.blocks, self.cache = blocks, cache
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        ids, labels = self.blocks[i]
+        return {"input_ids": ids, "labels": labels} | self.cache.row(i)
+
+
+def collate(pad_id: int):
+    """data.collate for the ids and labels, the teacher's rows stacked (every block has seq_len tokens)."""
+    from .data import collate as plain
+
+    base = plain(pad_id)
+
+    def fn(batch):
+        out = base([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
+        return out | {k: torch.stack([b[k] for b in batch]) for k in TEACHER_KEYS}
+
+    return fn
+
+
+def record(cfg, teacher: Teacher, cache: Cache, how: dict) -> dict:
+    """What extra["aligned"]["distill"] keeps."""
+    return {"teacher": teacher.name, "teacher_fingerprint": teacher.fingerprint["id"], "top_k": cfg.distill_top_k,
+            "lm_weight": cfg.distill_lm_weight, "temperature": cfg.distill_temperature, "cache": str(cache.folder),
+            "cache_key": cache.manifest["key"], "blocks": cache.blocks, "loss": "T^2 KL(teacher || student) on top-k + rest "
+            "bucket + W x LM", **how}
