@@ -1,0 +1,166 @@
+"""Issue 18, the demo goal: tries on the demo's DEV split, each recorded (including the ones that did not help).
+
+    python benchmarks/demo_dev.py --demo runs/demo NAME [key=value ...]
+
+--demo is a finished `loram demo` folder (its base/, pruned/, adapter-pruned/ and data/). A try changes one
+thing and scores, on the dev split, the pruned model served with its adapter and the original with the
+recovered adapter (exact match, 100 rows; general-text perplexity, the demo's shipped text):
+
+    scale=S                the demo's recovered adapter with its update scaled by S (no training)
+    ratio=R attn_ratio=A compensate=True
+                           prune the base again (taylor) with these, train as the demo trains, recover
+    steps=N lr=X rank=K targets=q,k,v,o
+                           the demo's training with these changed
+    kl_steps=N kl_lr=X     before training LoRA, align the pruned model to the original on the task's
+                           training rows (full-vocabulary KL(original || pruned), N steps of 8 rows, AdamW,
+                           decoder layers trained): a prototype of in-domain distillation (`loram align
+                           --distill` aligns on raw text with the top-k cache; this loop is its small cousin)
+
+Appends each try (with its wall seconds) to benchmarks/results/demo_dev.jsonl and rewrites demo_dev.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+RESULTS = ROOT / "benchmarks" / "results"
+
+import torch  # noqa: E402
+
+from loram import settings  # noqa: E402
+from loram.demo import DemoConfig, train_adapter  # noqa: E402
+from loram.demo_general import general_text  # noqa: E402
+from loram.eval import exact_match, load_for_eval, perplexity_text  # noqa: E402
+from loram.prune import prune  # noqa: E402
+from loram.recover import recover  # noqa: E402
+
+PRUNE = {"ratio": float, "attn_ratio": float, "compensate": lambda v: v == "True"}
+TRAIN = {"steps": int, "lr": float, "rank": int, "alpha": int}
+
+
+def kl_align(demo: Path, pruned: Path, out: Path, steps: int, lr: float) -> None:
+    """The prototype in-domain distillation (see the module doc); writes the aligned pruned folder to ``out``."""
+    import torch.nn.functional as F
+
+    from loram.data.batches import collate
+    from loram.data.rows import encode_all
+    from loram.io import load_tokenizer
+    from loram.loading import load_model, load_pruned_model
+    from loram.pruned_model import save_pruned
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(demo / "base")
+    teacher = load_model(demo / "base").eval()
+    student, plan = load_pruned_model(pruned)
+    for n, p in student.named_parameters():
+        p.requires_grad = ".layers." in n
+    rows = [json.loads(line) for line in open(demo / "data" / "train.jsonl")]
+    ex = [{"input_ids": list(a), "labels": list(b)} for a, b in encode_all(tok, rows, 128, train_on_inputs=True).examples]
+    col = collate(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rng = random.Random(0)
+    student.train()
+    for step in range(steps):
+        b = col(rng.sample(ex, 8))
+        m = b["attention_mask"].bool()
+        with torch.no_grad():
+            t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[m].float()
+        s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[m].float()
+        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+        kl.backward()
+        opt.step()
+        opt.zero_grad()
+        print(f"kl step {step}: {kl.item():.4f}", flush=True)
+    student.eval()
+    save_pruned(student, tok, plan, out)
+
+
+def score(model: Path, adapter: Path, dev: list[dict], text: str, scale: float = 1.0) -> dict:
+    m, tok = load_for_eval(str(model), str(adapter), merge=scale == 1.0)
+    if scale != 1.0:  # PEFT attached: the update is (alpha / r) * B A * scale
+        from peft.tuners.lora import LoraLayer
+
+        for mod in m.modules():
+            if isinstance(mod, LoraLayer):
+                for k in mod.scaling:
+                    mod.scaling[k] *= scale
+    em = exact_match(m, tok, [r["instruction"] for r in dev], [r["output"] for r in dev], max_new_tokens=16, batch_size=25)
+    return {"exact_match": em.accuracy, "general_ppl": round(perplexity_text(m, tok, text, seq_len=512, batch_size=4).ppl, 2)}
+
+
+def run(demo: Path, name: str, knobs: dict[str, str], work: Path) -> dict:
+    t0 = time.time()
+    dev = [json.loads(line) for line in open(demo / "data" / "dev.jsonl")]
+    text = general_text(None)
+    row = {"name": name, "knobs": knobs}
+    if set(knobs) == {"scale"}:
+        row["recovered"] = score(demo / "base", demo / "adapter-recovered", dev, text, float(knobs["scale"]))
+    else:
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        pkw = {k: PRUNE[k](v) for k, v in knobs.items() if k in PRUNE}
+        pruned = demo / "pruned"
+        if pkw:
+            pruned = out / "pruned"
+            row["param_reduction"] = round(prune(str(demo / "base"), pruned, method="taylor", **pkw).param_reduction, 3)
+        if "kl_steps" in knobs:
+            kl_align(demo, pruned, out / "aligned", int(knobs["kl_steps"]), float(knobs.get("kl_lr", 5e-5)))
+            pruned = out / "aligned"
+        cfg = DemoConfig(out=str(out), **{k: TRAIN[k](v) for k, v in knobs.items() if k in TRAIN})
+        argv = settings.argv
+        if "targets" in knobs:  # the demo's training command with --targets added
+            settings.argv = lambda stage, values: argv(stage, {**values, "targets": knobs["targets"]})
+        try:
+            train_adapter(pruned, demo / "data" / "train.jsonl", out / "adapter-pruned", cfg)
+        finally:
+            settings.argv = argv
+        recover(out / "adapter-pruned", demo / "base", out / "adapter-recovered", overwrite=True)
+        row["served_pruned"] = score(pruned, out / "adapter-pruned", dev, text)
+        row["recovered"] = score(demo / "base", out / "adapter-recovered", dev, text)
+    row["wall_s"] = round(time.time() - t0)
+    return row
+
+
+def write_md(rows: list[dict]) -> None:
+    def f(r, k):
+        if k not in r:
+            return "—"
+        g = r[k]["general_ppl"]
+        return f"{r[k]['exact_match']:.0%} / " + ("—" if g is None else f"{g:.2f}")
+    lines = ["# Demo, dev split: tries for issue 18's demo goal (recovered original vs pruned served with its adapter)", "",
+             "`python benchmarks/demo_dev.py --demo DEMO_FOLDER NAME key=value ...` (see its doc); 2-core CPU shared with other "
+             "jobs (wall times are rough). Dev split: 100 rows; exact match / general-text perplexity (base: 0 % / 37.90).", "",
+             "| try | knobs | param. reduction | served pruned + adapter | recovered (LoRAM) | wall s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        knobs = " ".join(f"{k}={v}" for k, v in r["knobs"].items()) + (f" {r['note']}" if r.get("note") else "")
+        lines.append(f"| {r['name']} | {knobs} | {r.get('param_reduction', '1.166')} | {f(r, 'served_pruned')} | {f(r, 'recovered')} | "
+                     f"{r['wall_s']} |")
+    (RESULTS / "demo_dev.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo", type=Path, required=True, help="a finished `loram demo` folder")
+    ap.add_argument("--work", type=Path, default=Path("runs/demo-dev"))
+    ap.add_argument("name")
+    ap.add_argument("knobs", nargs="*", help="key=value")
+    a = ap.parse_args()
+    row = run(a.demo, a.name, dict(k.split("=", 1) for k in a.knobs), a.work)
+    print(json.dumps(row))
+    log = RESULTS / "demo_dev.jsonl"
+    with log.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    write_md([json.loads(line) for line in log.read_text().splitlines() if line.strip()])
+
+
+if __name__ == "__main__":
+    main()
