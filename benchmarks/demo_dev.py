@@ -138,7 +138,9 @@ def write_md(rows: list[dict]) -> None:
         return f"{r[k]['exact_match']:.0%} / " + ("—" if g is None else f"{g:.2f}")
     lines = ["# Demo, dev split: tries for issue 18's demo goal (recovered original vs pruned served with its adapter)", "",
              "`python benchmarks/demo_dev.py --demo DEMO_FOLDER NAME key=value ...` (see its doc); 2-core CPU shared with other "
-             "jobs (wall times are rough). Dev split: 100 rows; exact match / general-text perplexity (base: 0 % / 37.90).", "",
+             "jobs (wall times are rough). Dev split: 100 rows; exact match / general-text perplexity (base: 0 % / 37.90). "
+             "DEMO_FOLDER for these rows: the full `loram demo` run of stop 6 (SmolLM2-135M-Instruct, taylor 0.3, 60 steps), "
+             "whose base, pruned model, adapters and data every try starts from.", "",
              "| try | knobs | param. reduction | served pruned + adapter | recovered (LoRAM) | wall s |", "|---|---|---|---|---|---|"]
     for r in rows:
         knobs = " ".join(f"{k}={v}" for k, v in r["knobs"].items()) + (f" {r['note']}" if r.get("note") else "")
