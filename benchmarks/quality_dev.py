@@ -46,6 +46,8 @@ VARIANTS = {
     "stru_scale0.7": ("stru's recovered adapter with its scaling x0.7 (a diagnostic: are the updates too large?)", "stru", [], ["scale", "0.7"]),
     "mlp_only": ("MLP channels only, ratio 0.62, attention kept (1.42x)", "mlp0.62", [], []),
     "mlp_aligned": ("mlp_only after the same 300 alignment steps (lr 2e-5)", "align:mlp0.62:2e-5", [], []),
+    "mlp_distilled": ("mlp_only after 300 steps of `align --distill` (KL to the original's top-32, lr 1e-4; same corpus)",
+                      "distill:mlp0.62:1e-4", [], []),
     "stru_lr2e-3": ("stru, lr 2e-3", "stru", ["--lr", "2e-3"], []),
     "stru_lr5e-4": ("stru, lr 5e-4", "stru", ["--lr", "5e-4"], []),
     "aligned_lr1e-4": ("stru after 300 alignment steps at lr 1e-4 (5x the benchmark's 2e-5)", "align:stru:1e-4", [], []),
@@ -95,9 +97,11 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
         if not (work / f"adapter_{key}" / "train_report.json").exists():
             raise SystemExit(f"adapter_{key} not trained yet: run benchmarks/quality_smollm2.py (its row or sweep point) first")
         return work / f"adapter_{key}"
-    if key.startswith("align:"):  # align:PRUNED:LR - another alignment budget of a pruned model
-        _, src, lr = key.split(":")
-        pruned, _ = q.align(work, q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src)), lr, work / f"aligned_{src}_lr{lr}")
+    if key.startswith(("align:", "distill:")):  # align:PRUNED:LR - another alignment budget; distill:...: align --distill
+        how, src, lr = key.split(":")
+        extra = ("--distill",) if how == "distill" else ()
+        pruned, _ = q.align(work, q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src)), lr,
+                            work / f"{'aligned' if how == 'align' else 'distilled'}_{src}_lr{lr}", extra)
     else:
         pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
     q.train(work, f"adapter_dev_{name}", str(pruned), extra, data)
@@ -210,7 +214,8 @@ def main() -> int:
         print(f"  {time.time() - t0:.0f} s: {res[name]}", flush=True)
         res = {k: res[k] for k in VARIANTS if k in res}
         write(out, command, res, {})
-    norms = update_norms(work, NORM_ADAPTERS)
+    old_norms = json.loads(out.read_text()).get("update_norms", {}) if out.exists() else {}
+    norms = {**old_norms, **update_norms(work, NORM_ADAPTERS)}  # a new --work holds only the new adapters
     write(out, command, res, norms)
     return 0
 

@@ -150,10 +150,10 @@ def recover(work: Path, adapter: Path) -> Path:
     return out
 
 
-def align(work: Path, pruned: Path, lr: str = ALIGN_LR, out: Path | None = None) -> tuple[Path, dict]:
+def align(work: Path, pruned: Path, lr: str = ALIGN_LR, out: Path | None = None, extra: tuple = ()) -> tuple[Path, dict]:
     out = out or work / f"aligned_{pruned.name.removeprefix('pruned_')}"
     if not (out / "align_report.json").exists():
-        sh(["loram", "align", str(pruned), "-o", str(out), "--overwrite", *ALIGN, "--lr", lr, "--data", f"{DATA}/corpus/wiki_demo.txt=0.5",
+        sh(["loram", "align", str(pruned), "-o", str(out), "--overwrite", *ALIGN, *extra, "--lr", lr, "--data", f"{DATA}/corpus/wiki_demo.txt=0.5",
             "--data", f"{DATA}/corpus/c4_demo.jsonl=0.5", "--eval", f"wikitext2={DATA}/wikitext2/valid.txt[:300]"],
            work / ("align.log" if out.name == "aligned_stru" else f"align_{out.name}.log"))
     rep = json.loads((out / "align_report.json").read_text())
