@@ -48,6 +48,7 @@ VARIANTS = {
     "mlp_aligned": ("mlp_only after the same 300 alignment steps (lr 2e-5)", "align:mlp0.62:2e-5", [], []),
     "mlp_distilled": ("mlp_only after 300 steps of `align --distill` (KL to the original's top-32, lr 1e-4; same corpus)",
                       "distill:mlp0.62:1e-4", [], []),
+    "distilled85": ("Taylor 0.85 (2.03x) after 300 steps of `align --distill` (lr 1e-4; same corpus)", "distill:stru0.85:1e-4", [], []),
     "stru_lr2e-3": ("stru, lr 2e-3", "stru", ["--lr", "2e-3"], []),
     "stru_lr5e-4": ("stru, lr 5e-4", "stru", ["--lr", "5e-4"], []),
     "aligned_lr1e-4": ("stru after 300 alignment steps at lr 1e-4 (5x the benchmark's 2e-5)", "align:stru:1e-4", [], []),
@@ -99,9 +100,9 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
         return work / f"adapter_{key}"
     if key.startswith(("align:", "distill:")):  # align:PRUNED:LR - another alignment budget; distill:...: align --distill
         how, src, lr = key.split(":")
-        extra = ("--distill",) if how == "distill" else ()
+        flags = ("--distill",) if how == "distill" else ()
         pruned, _ = q.align(work, q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src)), lr,
-                            work / f"{'aligned' if how == 'align' else 'distilled'}_{src}_lr{lr}", extra)
+                            work / f"{'aligned' if how == 'align' else 'distilled'}_{src}_lr{lr}", flags)
     else:
         pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
     q.train(work, f"adapter_dev_{name}", str(pruned), extra, data)
