@@ -88,7 +88,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     from .loading import load_pruned_model  # looked up per call: tests swap it to prove errors come first
 
     check_config(cfg, "align")  # the CLI flags' ranges, for Python callers too, before any load
-    run_precision(cfg)  # --precision for this device (fp16 needs CUDA), before any load
+    device = run_precision(cfg)[0]  # --precision for this device (fp16 needs CUDA), before any load
     if not Path(pruned).is_dir() or not has_plan(pruned):
         raise LoramError(f"{pruned} is not a pruned model folder (no loram_plan.json): create one with `loram prune`")
     plan0 = PrunePlan.load(pruned)
@@ -105,8 +105,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     dataset, collator, soft = ListDataset(blocks), collate(tok.pad_token_id), None
     if teacher is not None:  # the teacher's pass (or its cache) before the student loads: never both in memory
         blocks = distill.teacher_blocks(blocks, cfg)
-        cache, how = distill.ensure_cache(teacher, blocks, cfg, distill_folder(cfg, ckpt, resume, overwrite),
-                                          run_precision(cfg)[0])
+        cache, how = distill.ensure_cache(teacher, blocks, cfg, distill_folder(cfg, ckpt, resume, overwrite), device)
         dataset, collator = distill.DistillDataset(blocks, cache), distill.collate(tok.pad_token_id)
         soft = distill.DistillLoss(cfg.distill_temperature, cfg.distill_lm_weight)
     torch.manual_seed(cfg.seed)

@@ -127,13 +127,12 @@ def _materialise_block(block: nn.Module, prefix: str, src: _Source, dtype, quant
             _assign(mod, full, src, dtype)
 
 
-def _replace_weights(block: nn.Module, new: dict[str, torch.Tensor], dtype) -> None:
+def _replace_weights(block: nn.Module, new: dict[str, torch.Tensor]) -> None:
     """Put ``new`` ({role: weight}) in place of the sliced weights of decoder layer ``block``'s projections."""
+    from .prune.compensate import write_refit
+
     for role, w in new.items():
-        lin = block.get_submodule(MODULE_OF_ROLE[role])
-        if tuple(w.shape) != tuple(lin.weight.shape):
-            raise LoramError(f"refitted {role} weight is {list(w.shape)}, the plan needs {list(lin.weight.shape)}: this is a loram bug")
-        lin.weight = nn.Parameter(w.to("cpu", dtype), requires_grad=False)
+        write_refit(block.get_submodule(MODULE_OF_ROLE[role]), w)
 
 
 def _check_source(plan: PrunePlan, config, source, refit: bool = False) -> Weights | None:
@@ -257,7 +256,7 @@ def write_pruned(config, plan: PrunePlan, source: str | Path, out: str | Path, d
                 block, prefix = layers[k - 1], f"{pre}{k - 1}."
                 _materialise_block(block, prefix, src, dtype, None, dtype)
                 if refit is not None:
-                    _replace_weights(block, next(refit), dtype)
+                    _replace_weights(block, next(refit))
                 tensors = {prefix + p: t for p, t in block.state_dict().items()}
             writer.add(tensors)
             del tensors

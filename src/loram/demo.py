@@ -57,6 +57,7 @@ class DemoConfig:
     lr: float = 1e-3
     rank: int = 8
     alpha: int = 16
+    targets: str = "q,k,v,o,gate,up,down"  # the modules LoRA adapts (loram train --targets)
     micro_batch: int = 8
     seq_len: int = 128
     n_train: int = 2000
@@ -217,7 +218,7 @@ def _row(name: str, scores: dict, **cols) -> DemoRow:
 
 def train_adapter(model_dir: Path, data: Path, out: Path, cfg: DemoConfig) -> dict:
     """Train LoRA as `loram train` does (a child process unless cfg.isolate is off); returns its train report."""
-    knobs = {"data": [str(data)], "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank, "alpha": cfg.alpha,
+    knobs = {"data": [str(data)], "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets,
              "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "seed": cfg.seed,
              "logging_steps": max(1, cfg.steps // 30), "warmup": 0.05, "bf16": cfg.bf16}
     if cfg.isolate:

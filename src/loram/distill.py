@@ -41,13 +41,13 @@ import hashlib
 import os
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from .errors import LoramError
-from .loss import TEACHER_KEYS, hidden_states_as_logits
+from .loss import TEACHER_KEYS, hidden_states_as_logits, outside_logmass
 
 FORMAT = "loram-distill-topk-v1"
 MANIFEST = "distill_cache.json"
@@ -56,8 +56,6 @@ CACHE_DTYPES = ("F32", "I32")
 HEAD_BYTES = 256 << 20  # the teacher's logits are made this many bytes of [rows, vocab] fp32 at a time
 LIVE: weakref.WeakSet = weakref.WeakSet()  # teacher models alive now: none may be during training (tests look)
 FLAGS = ("teacher", "distill_top_k", "distill_lm_weight", "distill_temperature", "distill_cache", "max_memory")
-DEFAULTS = {"teacher": None, "distill_top_k": 32, "distill_lm_weight": 0.0, "distill_temperature": 1.0, "distill_cache": None,
-            "max_memory": None}
 
 
 @dataclass(frozen=True)
@@ -80,12 +78,13 @@ class Teacher:
 
 def check_request(cfg, plan, pruned: str | Path) -> Teacher | None:
     """Refuse a wrong --distill request from configs and headers alone, before anything is loaded."""
-    from .fingerprint import base_fingerprint, describe_difference, same_model
+    from .fingerprint import base_fingerprint
     from .io import load_config
     from .loading import safetensors_folder
 
     if not cfg.distill:
-        given = [f"--{n.replace('_', '-')}" for n in FLAGS if n != "max_memory" and getattr(cfg, n) != DEFAULTS[n]]
+        defaults = {f.name: f.default for f in fields(cfg)}  # AlignConfig's own defaults: no second copy here
+        given = [f"--{n.replace('_', '-')}" for n in FLAGS if n != "max_memory" and getattr(cfg, n) != defaults[n]]
         if given:
             verb = "apply" if len(given) > 1 else "applies"
             raise LoramError(f"{', '.join(given)} only {verb} with --distill: add --distill or drop {given[0]}")
@@ -106,11 +105,19 @@ def check_request(cfg, plan, pruned: str | Path) -> Teacher | None:
         raise LoramError(f"--distill-top-k {cfg.distill_top_k} is more than the vocabulary ({vocab} tokens): give at most {vocab}")
     checked = safetensors_folder(name) is not None
     if checked:
-        got = base_fingerprint(name)
-        if not same_model(fp, got):
-            raise LoramError(f"teacher {name} is not the model the plan was made from ({describe_difference(fp, got)}): "
-                             f"pass the original model with --teacher (the plan names {plan.base.get('name')})")
+        check_teacher(name, fp, base_fingerprint(name), plan.base.get("name"))
     return Teacher(str(name), fp, checked, vocab)
+
+
+def check_teacher(name, expected: dict, got: dict, plan_base=None) -> None:
+    """Refuse a teacher whose weights are not the plan's base: from its headers (a local folder, before it
+    loads) or from the loaded model (hub / GGUF, before its pass)."""
+    from .fingerprint import describe_difference, same_model
+
+    if not same_model(expected, got):
+        named = f" (the plan names {plan_base})" if plan_base else ""
+        raise LoramError(f"teacher {name} is not the model the plan was made from ({describe_difference(expected, got)}): "
+                         f"pass the original model with --teacher{named}")
 
 
 def teacher_blocks(blocks: list, cfg) -> list:
@@ -165,23 +172,20 @@ def _topk_rows(head, hidden: torch.Tensor, k: int, temperature: float, vocab: in
     for s in range(0, hidden.shape[0], step):
         logp = torch.log_softmax(head(hidden[s:s + step]).float() / temperature, dim=-1)
         v, i = logp.topk(k, dim=-1)
-        rest = logp.scatter(-1, i, float("-inf")).logsumexp(-1)  # -inf when k = vocab: nothing is left
+        rest = outside_logmass(logp, i)  # -inf when k = vocab: nothing is left
         out.append((v, i.to(torch.int32), rest))
     return tuple(torch.cat([o[j] for o in out]) for j in range(3))
 
 
 def _in_memory(name: str, teacher: Teacher, blocks: list, batch: int, device):
     """(block index, hidden states after the final norm, lm_head) per block, the teacher loaded whole."""
-    from .fingerprint import describe_difference, fingerprint_model, same_model
+    from .fingerprint import fingerprint_model
     from .loading import load_model
 
     model = load_model(name, dtype=torch.float32).to(device).eval()
     LIVE.add(model)
     if not teacher.checked:
-        got = fingerprint_model(model)
-        if not same_model(teacher.fingerprint, got):
-            raise LoramError(f"teacher {name} is not the model the plan was made from "
-                             f"({describe_difference(teacher.fingerprint, got)}): pass the original model with --teacher")
+        check_teacher(name, teacher.fingerprint, fingerprint_model(model))
     with torch.no_grad(), hidden_states_as_logits(model) as head:
         for s in range(0, len(blocks), batch):
             ids = torch.tensor([b[0] for b in blocks[s:s + batch]], device=device)

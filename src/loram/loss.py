@@ -84,6 +84,12 @@ def _plogp(logp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * logp, torch.zeros_like(p))
 
 
+def outside_logmass(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass of ``logp`` [..., vocab] outside the tokens ``idx`` [..., k] (-inf when k = vocab):
+    the teacher's "rest" when its cache is written (loram.distill) and the student's bucket in the loss below."""
+    return logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+
+
 def _chunk_distill_sum(lm_head, hidden, labels, t_logp, t_idx, t_rest, temperature: float, lm_weight: float,
                        ignore_index: int) -> torch.Tensor:
     logits = lm_head(hidden).float()
@@ -91,8 +97,7 @@ def _chunk_distill_sum(lm_head, hidden, labels, t_logp, t_idx, t_rest, temperatu
     idx = t_idx.long()
     kl = (_plogp(t_logp) - t_logp.exp() * logq.gather(-1, idx)).sum(-1)  # [b, c]: the k tokens
     if idx.shape[-1] < logq.shape[-1]:  # the bucket: log of the student's mass outside the teacher's top-k
-        rest_q = logq.scatter(-1, idx, float("-inf")).logsumexp(-1)
-        kl = kl + _plogp(t_rest) - t_rest.exp() * rest_q
+        kl = kl + _plogp(t_rest) - t_rest.exp() * outside_logmass(logq, idx)
     valid = labels != ignore_index
     total = (kl * valid).sum() * temperature ** 2  # T^2 keeps the gradient's scale independent of T (Hinton et al.)
     if lm_weight:

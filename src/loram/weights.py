@@ -92,7 +92,8 @@ def safetensors_headers(files: list[Path], dtypes: tuple[str, ...] = FLOAT_DTYPE
                 raise LoramError(f"tensor {k} is stored twice, in {out[k].file.name} and {Path(f).name} of {Path(f).parent}: "
                                  "the checkpoint is inconsistent (a stale shard?), remove the extra file or re-download it")
             if hdr.dtype not in dtypes:
-                raise LoramError(f"tensor {k} in {f} is stored as {hdr.dtype}, not a float type ({'/'.join(FLOAT_DTYPES)}): "
+                allowed = f"a float type ({'/'.join(FLOAT_DTYPES)})" if dtypes == FLOAT_DTYPES else f"one of {'/'.join(dtypes)}"
+                raise LoramError(f"tensor {k} in {f} is stored as {hdr.dtype}, not {allowed}: "
                                  "the file is corrupt or not a model checkpoint, re-create or re-download it")
             out[k] = hdr
     return out

@@ -23,8 +23,8 @@ from .sparse import METHODS as SPARSE_METHODS
 from .decide import stream_decision
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 from .structured import METHODS as STRUCTURED_METHODS
-from .structured import CALIBRATED, importance, method_calibration, select
-from .compensate import DAMP, apply_compensation, compensation, compensation_record
+from .structured import CALIBRATED, importance, select
+from .compensate import DAMP, apply_compensation, compensation, plan_calibration
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
 
@@ -112,8 +112,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     rng = range(start, end)
     fp = base_fingerprint(model_name, model, verify_base)
     scores = None
-    batches, calib_desc = method_calibration(tok, method, compensate, calib_data, calib_samples, calib_seq_len)
-    calib = calib_desc if method in CALIBRATED else None  # the scores' calibration; --compensate records its own
+    batches, calib, comp = plan_calibration(tok, method, compensate, calib_data, calib_samples, calib_seq_len, damp)
     if method in CALIBRATED:
         scores = importance(model, method, rng, batches)
     elif method == "magnitude":
@@ -123,7 +122,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": model.config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
-        compensation=compensation_record(calib_desc, damp) if compensate else None,
+        compensation=comp,
     )
     refit = compensation(model, plan, batches, damp) if compensate else None  # on the original model, before shrinking
     apply_plan(model, plan)

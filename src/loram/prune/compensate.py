@@ -36,7 +36,7 @@ from ..families import COL_PRUNED, MODULE_OF_ROLE, geometry, layer_module
 from ..progress import track
 from ..prune_plan import PrunePlan
 from .sparsegpt import Hessian
-from .structured import input_stats
+from .structured import CALIBRATED, calibration_batches, input_stats
 
 DAMP = 1.0  # ridge weight relative to mean(diag G[K, K]): see the module docstring
 GRAM_BYTES = 2 << 30  # fp32 Grams held at once (a 70B's down_proj Gram alone is 3.3 GB: then one per pass)
@@ -135,10 +135,27 @@ def streamed_refits(weights, config, plan: PrunePlan, batches: list[torch.Tensor
 
 def apply_compensation(model, new: dict[tuple[int, str], torch.Tensor]) -> None:
     """Write the refitted columns into the shrunk (apply_plan'd) projections of ``model``."""
+    for (i, role), w in new.items():
+        write_refit(layer_module(model, i, role), w)
+
+
+def plan_calibration(tokenizer, method: str, compensate: bool, source: str | None, n: int, seq_len: int,
+                     damp: float = DAMP) -> tuple[list | None, dict | None, dict | None]:
+    """(calibration batches, the plan's ``calibration``, the plan's ``compensation``) of a structured prune, in
+    memory or streamed: the text is read when the method scores on it or --compensate refits on it (magnitude /
+    random then read it too, and only ``compensation`` records it)."""
+    if method not in CALIBRATED and not compensate:
+        return None, None, None
+    batches, desc = calibration_batches(tokenizer, source, n, seq_len)
+    return batches, desc if method in CALIBRATED else None, compensation_record(desc, damp) if compensate else None
+
+
+def write_refit(lin, w: torch.Tensor) -> None:
+    """Put refitted kept columns ``w`` into the shrunk projection ``lin`` (its dtype and device kept)."""
+    if tuple(w.shape) != tuple(lin.weight.shape):
+        raise LoramError(f"refitted weight is {list(w.shape)}, the plan needs {list(lin.weight.shape)}: this is a loram bug")
     with torch.no_grad():
-        for (i, role), w in new.items():
-            lin = layer_module(model, i, role)
-            lin.weight.copy_(w.to(lin.weight.dtype))
+        lin.weight.copy_(w.to(lin.weight.device, lin.weight.dtype))
 
 
 def compensation_record(calib: dict, damp: float = DAMP) -> dict:

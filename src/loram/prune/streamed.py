@@ -54,10 +54,10 @@ from ..prune_plan import PrunePlan, parse_layers
 from ..pruned_model import count_params, skeleton
 from ..stream import Captured, LayerStream, run_block
 from ..weights import Weights
-from .compensate import DAMP, compensation_record, streamed_refits
+from .compensate import DAMP, plan_calibration, streamed_refits
 from .decide import STREAMING
 from .report import PruneReport
-from .structured import (CALIBRATED, check_finite, input_norms, layer_scores, magnitude_per, method_calibration, select, taylor_per,
+from .structured import (CALIBRATED, check_finite, input_norms, layer_scores, magnitude_per, select, taylor_per,
                          wanda_sp_per)
 
 class _LayersOnly(LayerStream):
@@ -178,8 +178,7 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
     rng = range(start, end)
     fp = base_fingerprint(folder, verify=verify_base)
     scores = None
-    batches, calib_desc = method_calibration(tok, method, compensate, calib_data, calib_samples, calib_seq_len)
-    calib = calib_desc if method in CALIBRATED else None  # the scores' calibration; --compensate records its own
+    batches, calib, comp = plan_calibration(tok, method, compensate, calib_data, calib_samples, calib_seq_len, damp)
     if method in CALIBRATED:
         scores = streamed_importance(weights, config, method, rng, batches, dtype, device)
     elif method == "magnitude":
@@ -188,7 +187,7 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
-        compensation=compensation_record(calib_desc, damp) if compensate else None,
+        compensation=comp,
     )
     n_orig, n_pruned = count_params(skeleton(config, None)), count_params(skeleton(config, plan))  # shapes, no weights
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}

@@ -63,13 +63,6 @@ def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> 
     return [s.unsqueeze(0) for s in seqs], desc
 
 
-def method_calibration(tokenizer, method: str, compensate: bool, source: str | None, n: int,
-                       seq_len: int) -> tuple[list[torch.Tensor] | None, dict | None]:
-    """(batches, description) when the method scores on calibration text or --compensate refits on it
-    (magnitude / random then read it too), else (None, None)."""
-    return calibration_batches(tokenizer, source, n, seq_len) if method in CALIBRATED or compensate else (None, None)
-
-
 def _proj(block, role: str):
     """The nn.Linear of ``role`` in one decoder layer."""
     return block.get_submodule(MODULE_OF_ROLE[role])
