@@ -7,6 +7,8 @@ thing and scores, on the dev split, the pruned model served with its adapter and
 recovered adapter (exact match, 100 rows; general-text perplexity, the demo's shipped text):
 
     scale=S                the demo's recovered adapter with its update scaled by S (no training)
+    calibrate=global|layer the demo's adapter recovered again with `loram recover --calibrate` on 32 training rows
+                           the demo never trained on (train.jsonl[1900:1932]; 60 steps x 8 rows read at most 480)
     ratio=R attn_ratio=A compensate=True
                            prune the base again (taylor) with these, train as the demo trains, recover
     steps=N lr=X rank=K targets=q,k,v,o
@@ -80,6 +82,15 @@ def run(demo: Path, name: str, knobs: dict[str, str], work: Path) -> dict:
     row = {"name": name, "knobs": knobs}
     if set(knobs) == {"scale"}:
         row["recovered"] = score(demo / "base", demo / "adapter-recovered", dev, text, float(knobs["scale"]))
+    elif set(knobs) == {"calibrate"}:
+        out = work / name
+        recover(demo / "adapter-pruned", demo / "base", out, overwrite=True, calibrate=f"{demo / 'data' / 'train.jsonl'}[1900:1932]",
+                calibrate_scope=knobs["calibrate"], seq_len=128)
+        cal = json.loads((out / "loram_adapter.json").read_text())["calibration"]
+        ls = cal.get("layer_scales") or []
+        chosen = cal.get("scale") if knobs["calibrate"] == "global" else f"one per layer, {min(ls)}-{max(ls)}"
+        row["note"] = f"(chosen scale: {chosen}; calibration {cal.get('seconds')} s)"
+        row["recovered"] = score(demo / "base", out, dev, text)
     else:
         out = work / name
         shutil.rmtree(out, ignore_errors=True)

@@ -48,7 +48,15 @@ VARIANTS = {
     "mlp_aligned": ("mlp_only after the same 300 alignment steps (lr 2e-5)", "align:mlp0.62:2e-5", [], []),
     "mlp_distilled": ("mlp_only after 300 steps of `align --distill` (KL to the original's top-32, lr 1e-4; same corpus)",
                       "distill:mlp0.62:1e-4", [], []),
+    "mlp_distilled_calibrated": ("mlp_distilled's adapter recovered with --calibrate (one scale, 32 calibration rows)",
+                                 "distill:mlp0.62:1e-4", [], ["--calibrate", "{calibrate}", "--seq-len", "256"]),
+    "mlp_distilled_calibrated_layer": ("same, one scale per decoder layer (--calibrate-scope layer)", "distill:mlp0.62:1e-4", [],
+                                       ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-scope", "layer"]),
+    "mlp_distilled1200": ("mlp_only after 1200 steps of `align --distill` (4x the tokens; lr 1e-4; same corpus)",
+                          "distill:mlp0.62:1e-4:1200", [], []),
     "distilled85": ("Taylor 0.85 (2.03x) after 300 steps of `align --distill` (lr 1e-4; same corpus)", "distill:stru0.85:1e-4", [], []),
+    "distilled85_calibrated": ("distilled85's adapter recovered with --calibrate (one scale)", "distill:stru0.85:1e-4", [],
+                               ["--calibrate", "{calibrate}", "--seq-len", "256"]),
     "stru_lr2e-3": ("stru, lr 2e-3", "stru", ["--lr", "2e-3"], []),
     "stru_lr5e-4": ("stru, lr 5e-4", "stru", ["--lr", "5e-4"], []),
     "aligned_lr1e-4": ("stru after 300 alignment steps at lr 1e-4 (5x the benchmark's 2e-5)", "align:stru:1e-4", [], []),
@@ -61,6 +69,9 @@ NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "alig
                  "stru_lr5e-4": "adapter_dev_stru_lr5e-4_recovered", "mlp_only": "adapter_dev_mlp_only_recovered",
                  "mlp_aligned": "adapter_dev_mlp_aligned_recovered",
                  "unst": "adapter_unst_recovered"}
+# variants that only recover differently: they reuse this variant's trained adapter
+SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_calibrated_layer": "mlp_distilled",
+                "distilled85_calibrated": "distilled85"}
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
 
@@ -98,13 +109,14 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
         if not (work / f"adapter_{key}" / "train_report.json").exists():
             raise SystemExit(f"adapter_{key} not trained yet: run benchmarks/quality_smollm2.py (its row or sweep point) first")
         return work / f"adapter_{key}"
-    if key.startswith(("align:", "distill:")):  # align:PRUNED:LR - another alignment budget; distill:...: align --distill
-        how, src, lr = key.split(":")
-        flags = ("--distill",) if how == "distill" else ()
+    if key.startswith(("align:", "distill:")):  # align:PRUNED:LR[:STEPS] - another alignment budget; distill:...: align --distill
+        how, src, lr, *steps = key.split(":")
+        flags = (("--distill",) if how == "distill" else ()) + (("--steps", steps[0]) if steps else ())
         pruned, _ = q.align(work, q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src)), lr,
-                            work / f"{'aligned' if how == 'align' else 'distilled'}_{src}_lr{lr}", flags)
+                            work / f"{'aligned' if how == 'align' else 'distilled'}_{src}_lr{lr}{'_steps' + steps[0] if steps else ''}", flags)
     else:
         pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
+    name = SAME_ADAPTER.get(name, name)
     q.train(work, f"adapter_dev_{name}", str(pruned), extra, data)
     return work / f"adapter_dev_{name}"
 
@@ -184,7 +196,7 @@ def norms_table(norms: dict) -> list[str]:
 def table(res: dict, command: str, norms: dict | None = None) -> str:
     b, l_ = res.get("base"), res.get("lora")
     lines = ["# LoRAM-Stru investigation on a dev split (SmolLM2-135M-Instruct; never the test sets)", "",
-             f"Command: `{command}`. Dev split: see the docstring of benchmarks/quality_dev.py. Every row served as the original "
+             f"Commands: {command}. Dev split: see the docstring of benchmarks/quality_dev.py. Every row served as the original "
              "model + recovered adapter; 40 steps x 4 x 256 tokens, seed 0, unless the row says otherwise.", "",
              "| variant | what | param. reduction | in-domain dev ppl | share of full LoRA's gain | OOD dev ppl | OOD vs base |",
              "|---|---|---|---|---|---|---|"]
@@ -206,16 +218,18 @@ def main() -> int:
     work = q.ROOT / a.work
     data, dev = q.prepare_data(work), dev_data(work)
     out = q.RESULTS / "quality_dev.json"
-    res = json.loads(out.read_text())["variants"] if out.exists() else {}
-    command = "OMP_NUM_THREADS=1 python benchmarks/quality_dev.py " + " ".join(sys.argv[1:])
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    res, old_norms = prev.get("variants", {}), prev.get("update_norms", {})
+    # the results accumulate over invocations (each reuses the cached stages): so does the record of the commands
+    command = (prev.get("command", "") + f"; on {time.strftime('%Y-%m-%d')}: " if prev.get("command") else "") + \
+        "`OMP_NUM_THREADS=1 python benchmarks/quality_dev.py " + " ".join(sys.argv[1:]) + "`"
     for name in filter(None, a.only.split(",")):
         t0 = time.time()
         print(name, flush=True)
         run(work, name, data, dev, res)
         print(f"  {time.time() - t0:.0f} s: {res[name]}", flush=True)
         res = {k: res[k] for k in VARIANTS if k in res}
-        write(out, command, res, {})
-    old_norms = json.loads(out.read_text()).get("update_norms", {}) if out.exists() else {}
+        write(out, command, res, old_norms)  # the norms measured earlier stay in the tables
     norms = {**old_norms, **update_norms(work, NORM_ADAPTERS)}  # a new --work holds only the new adapters
     write(out, command, res, norms)
     return 0

@@ -57,11 +57,18 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     # chosen on the dev split (benchmarks/quality_dev.py): MLP channels only, attention kept, same 1.41x
     "stru_mlp": ("LoRAM-Stru MLP-only", ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", LAYERS], [], True),
     "aligned_mlp": ("LoRAM-Stru MLP-only aligned", "stru_mlp", [], True),
+    # chosen on the dev split after align --distill (issue 18): the same pruned models aligned to the original's
+    # top-32 next-token distribution (300 steps, lr 1e-4, same corpus) instead of the LM loss
+    "distilled_mlp": ("LoRAM-Stru MLP-only distill-aligned", "stru_mlp", [], True),
+    "distilled85": ("LoRAM-Stru 0.85 distill-aligned", "stru0.85", [], True),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
     "unst": ("LoRAM-Unst (SparseGPT 50%)", ["--method", "sparsegpt", "--sparsity", "unstructured", "--ratio", "0.5"], [], False),
 }
-ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "stru_mlp", "aligned_mlp", "aligned85"]
-ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp"}  # row: the pruned model it aligns
+ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "stru_mlp", "aligned_mlp", "distilled_mlp", "aligned85",
+         "distilled85"]
+ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
+           "distilled_mlp": "stru_mlp", "distilled85": "stru0.85"}
+DISTILL_LR = "1e-4"  # align --distill rows (chosen on the dev split, benchmarks/quality_dev.py)
 MC = {"arc_easy": "mc/arc_easy.jsonl", "piqa": "mc/piqa.jsonl", "obqa": "mc/openbook_qa.jsonl"}
 MC_ROWS = 60
 ORIGINAL_PARAMS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings counted once)
@@ -203,8 +210,11 @@ def run_row(work: Path, name: str, data: dict, res: dict) -> None:
     if name in ALIGNED:
         key = ALIGNED[name]
         before = wikitext_ppl(work, f"wikitext_pruned_{key}", pruned)
-        pruned, row["align"] = align(work, pruned)
-        row["align"]["wikitext2_before_after"] = [before, wikitext_ppl(work, f"wikitext_aligned_{key}", pruned)]
+        if name.startswith("distilled"):
+            pruned, row["align"] = align(work, pruned, DISTILL_LR, work / f"distilled_{key}", ("--distill",))
+        else:
+            pruned, row["align"] = align(work, pruned)
+        row["align"]["wikitext2_before_after"] = [before, wikitext_ppl(work, f"wikitext_{pruned.name}", pruned)]
     row["train"] = train(work, f"adapter_{name}", str(pruned), extra, data)
     # NF4 packs two weights per stored element, so QLoRAM's frozen count is not a parameter count
     row["reduction"] = res["rows"]["stru"]["reduction"] if name == "qloram" and "stru" in res["rows"] else reduction(row["train"], structured)
@@ -252,7 +262,7 @@ def fmt(x, f=".2f") -> str:
 def tables(res: dict) -> str:
     rows, base = res["rows"], res["rows"].get("base", {}).get("recovered")
     lines = [f"# LoRAM quality on SmolLM2-135M-Instruct ({STEPS} LoRA steps x 4 x 256 tokens, lr 1e-3, seed 0; same for every row)", "",
-             f"Hardware: {res['hardware']}. Versions: {res['versions']}.", f"Command: `{res['command']}`", "",
+             f"Hardware: {res['hardware']}. Versions: {res['versions']}.", f"Commands: {res['command']}", "",
              "Perplexity on response tokens (in-domain: 99 held-out math / code / GSM8K rows; OOD: 100 Alpaca rows); accuracy "
              "`acc_norm` on the first 60 rows of ARC-Easy, PIQA, OpenBookQA (0-shot; a CPU budget, so +-6 points of noise), not "
              "measured on the served-pruned rows. *recovered* = the adapter recovered "
@@ -285,7 +295,8 @@ def tables(res: dict) -> str:
         if not al:
             continue
         lines += ["", f"Alignment for *{ROWS[name][0]}* ({' '.join(prune_args(key))}): {al['steps']} steps x {al['tokens'] // max(1, al['steps'])} tokens "
-                  f"(wiki + C4, lr 2e-5, full-parameter, embeddings/lm_head frozen): {al['tokens_per_s']:.0f} tok/s, peak RSS "
+                  f"(wiki + C4, {'`--distill`, KL to the original top-32, lr ' + DISTILL_LR if name.startswith('distilled') else 'LM loss, lr ' + ALIGN_LR}, "
+                  "full-parameter, embeddings/lm_head frozen): {al['tokens_per_s']:.0f} tok/s, peak RSS "
                   f"{al['peak_rss_gb']:.2f} GB, loss {al['loss_first_last'][0]:.2f} -> {al['loss_first_last'][1]:.2f}, "
                   f"wikitext-2 valid ppl of the pruned model (first 300 lines, 128-token windows, `loram eval`) "
                   f"{fmt((al.get('wikitext2_before_after') or [None])[0])} -> {fmt((al.get('wikitext2_before_after') or [None, None])[1])}."]
@@ -352,6 +363,7 @@ def main() -> int:
     ap.add_argument("--sweep", default="0.3,0.5,0.65,0.85")
     ap.add_argument("--work", default="runs/bench-quality")
     ap.add_argument("--assemble-only", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="do not start from the rows of the existing results JSON")
     a = ap.parse_args()
     global ASSEMBLE_ONLY
     ASSEMBLE_ONLY = a.assemble_only
@@ -361,6 +373,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
     res = {"rows": {}, "sweep": {}, "command": "python benchmarks/quality_smollm2.py " + " ".join(sys.argv[1:])}
+    old = RESULTS / "quality_smollm2.json"
+    if old.exists() and not a.fresh:  # rows measured by earlier invocations (their --work may be gone) stay in the tables
+        prev = json.loads(old.read_text())
+        res.update(rows=prev.get("rows", {}), sweep=prev.get("sweep", {}),
+                   command=f"{prev.get('command', '')}; on {time.strftime('%Y-%m-%d')}: `{res['command']}`")
     t0 = time.time()
     jobs = [(f"row {n}", run_row, n) for n in a.rows.split(",") if n]
     jobs += [(f"sweep {r}", run_sweep, float(r)) for r in a.sweep.split(",") if r]

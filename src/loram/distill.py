@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from .errors import LoramError
 from .loss import TEACHER_KEYS, hidden_states_as_logits, outside_logmass
 
@@ -222,7 +223,8 @@ def teacher_pass(teacher: Teacher, blocks: list, cfg, tmp: Path, hidden_bytes: i
         _streamed(teacher.name, blocks, cfg.micro_batch, hidden_bytes, device)
     part: list = []
     total = 0
-    for _i, hidden, head in rows:  # in block order
+    # minutes on a big teacher or many blocks: show a bar (count, rate, ETA) unless --quiet
+    for _i, hidden, head in progress.track(rows, "teacher top-k", total=n, unit="block"):  # in block order
         part.append(_topk_rows(head, hidden[:-1], k, T, teacher.vocab))  # position seq-1 predicts nothing align scores
         if len(part) == BLOCKS_PER_SHARD or total + len(part) == n:
             s = total // BLOCKS_PER_SHARD
