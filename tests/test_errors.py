@@ -668,3 +668,10 @@ def test_align_distill_plan_without_base(capsys, w, tmp_path, no_teacher):
 def test_align_distill_under_torchrun(capsys, w, tmp_path, no_teacher, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     distill_fails(capsys, w, tmp_path, "--distill", expect="runs the teacher pass in one process")
+
+
+def test_align_distill_eval_name_clash(capsys, w, tmp_path, no_teacher):
+    held = tmp_path / "h.txt"
+    held.write_text("the sea runs to the river\n" * 40)
+    distill_fails(capsys, w, tmp_path, "--distill", "--eval", f"h={held}", "--eval", f"h_kl={held}",
+                  expect="--eval h_kl has the name --distill gives the KL of --eval h: rename it")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -105,9 +104,11 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     dataset, collator, soft = ListDataset(blocks), collate(tok.pad_token_id), None
     if teacher is not None:  # the teacher's pass (or its cache) before the student loads: never both in memory
         blocks = distill.teacher_blocks(blocks, cfg)
-        cache, how = distill.ensure_cache(teacher, blocks, cfg, distill_folder(cfg, ckpt, resume, overwrite), device)
+        # the --eval blocks go through the same pass: their KL to the teacher is reported beside perplexity
+        cache, how = distill.ensure_cache(teacher, blocks, cfg, distill_folder(cfg, ckpt, resume, overwrite), device, evals)
         dataset, collator = distill.DistillDataset(blocks, cache), distill.collate(tok.pad_token_id)
-        soft = distill.DistillLoss(cfg.distill_temperature, cfg.distill_lm_weight)
+        held = {n: distill.DistillDataset(ex, cache, n) for n, ex in evals.items()}
+        soft = distill.DistillLoss(cfg.distill_temperature, cfg.distill_lm_weight, held)
     torch.manual_seed(cfg.seed)
     # fp32 weights whatever --precision: align trains them, and the optimizer needs fp32 master weights;
     # --precision sets the Trainer's autocast (training.fit)
@@ -123,7 +124,7 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     trainable, frozen = param_counts(model)
     r = fit(model, dataset, collator, cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, cbs, settings, soft)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
-                         trainable, frozen, r.losses, {"total": 0}, r.eval_ppl, r.eval_history, r.resumed_from)
+                         trainable, frozen, r.losses, {"total": 0}, r.eval_ppl, r.eval_history, r.resumed_from, eval_kl=r.eval_kl)
     state = gathered_state_dict(r.trainer)  # every rank: under FSDP / ZeRO-3 each holds only a part
     if r.trainer.args.process_index == 0:
         plan.extra = dict(plan.extra, aligned={
@@ -131,12 +132,12 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
             "tokens_per_step": cfg.seq_len * cfg.micro_batch * cfg.grad_accum * r.trainer.args.world_size,
             "lr": cfg.lr, "seq_len": cfg.seq_len, "seed": cfg.seed, "final_loss": r.losses[-1]["loss"] if r.losses else None,
             "frozen": [n for n, on in (("embed_tokens", cfg.train_embeddings), ("lm_head", cfg.train_lm_head)) if not on],
-            "sparse_masks": len(masks)} | ({"distill": distill.record(cfg, teacher, cache, how)} if teacher else {}))
+            "sparse_masks": len(masks)} | ({"distill": distill.record(cfg, teacher, cache, how, r.eval_kl)} if teacher else {}))
         model.eval()
         def save():
             with atomic_dir(out, overwrite, "align", inputs) as tmp:
                 save_pruned(model, tok, plan, tmp, state)
-                write_json(Path(tmp) / "align_report.json", asdict(report))
+                write_json(Path(tmp) / "align_report.json", report.as_json())
 
         save_final(ckpt, save)
     finish(r.trainer)

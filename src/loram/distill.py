@@ -11,8 +11,16 @@ before the student is loaded, over exactly the blocks align trains on, and its t
                memory budget (--max-memory, else the cgroup / MemAvailable: loram.budget, as `loram eval`)
     per block  for positions 0..seq-2: the k largest log-probabilities at temperature T, their token
                ids, and the log of the mass outside them ("rest")
+    eval       with --eval NAME=FILE, NAME's blocks go through the same pass after the training blocks,
+               so every held-out report also gives NAME's KL to the teacher (below)
     training   the teacher is gone (nothing of it stays in memory); each batch reads its blocks' rows
                from the cache and the loss is T^2 x KL(teacher || student) + W x LM loss (loss.py)
+
+Held-out KL (``eval_NAME_kl`` in the trainer's log, ``eval_kl`` / ``NAME_kl`` in align_report.json): the
+training loss's KL term exactly (the same k + 1 outcomes, the same --distill-temperature T, times T^2, no LM
+term), mean per scored position of NAME's blocks, so it reads on the training loss's scale (at
+--distill-lm-weight 0 the two are the same quantity on different text). With k = vocab and T = 1 it is the
+full KL(original || pruned) per token.
 
 The KL is taken over k + 1 outcomes: the teacher's k tokens and one bucket for all others, so student
 mass outside the teacher's top-k costs what it costs in the full KL (a top-k renormalisation would
@@ -22,14 +30,17 @@ Cache folder (``--distill-cache DIR``, default CHECKPOINT_DIR/teacher-topk), wri
 (io.atomic_dir) by the project's writer (weights.ShardWriter) and read by its reader (weights.Weights):
 
     distill_cache.json                 format, key, teacher fingerprint id, k, temperature, seq_len, blocks
-    model-0000s-of-0000N.safetensors   per shard s of BLOCKS_PER_SHARD blocks:
+                                       (the training blocks: rows 0..blocks-1), eval_blocks (only with --eval:
+                                       NAME -> its block count; their rows follow the training rows, in this order)
+    model-0000s-of-0000N.safetensors   per shard s of BLOCKS_PER_SHARD rows (training blocks, then eval blocks):
                                           logprobs.s  F32 [blocks, seq_len-1, k]
                                           indices.s   I32 [blocks, seq_len-1, k]
                                           rest.s      F32 [blocks, seq_len-1]
     model.safetensors.index.json       tensor -> shard
 
 The key is a sha256 of the format, the teacher's fingerprint id, k, T and the token ids of every block
-(which fixes the data, tokenizer, seq_len, mixture seed and block count). A cache with the same key is
+(which fixes the data, tokenizer, seq_len, mixture seed and block count), then each --eval name with its blocks'
+token ids (none: the key of a cache without eval blocks, so such caches stay valid). A cache with the same key is
 reused (a resumed or repeated align runs no teacher); another key is recomputed and replaced.
 Size: (8 k + 4) bytes per position, 260 MB per million training tokens at k = 32.
 """
@@ -41,14 +52,14 @@ import hashlib
 import os
 import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from . import progress
 from .errors import LoramError
-from .loss import TEACHER_KEYS, hidden_states_as_logits, outside_logmass
+from .loss import IGNORE_INDEX, TEACHER_KEYS, chunked_distill_loss, hidden_states_as_logits, outside_logmass
 
 FORMAT = "loram-distill-topk-v1"
 MANIFEST = "distill_cache.json"
@@ -56,6 +67,7 @@ BLOCKS_PER_SHARD = 256
 CACHE_DTYPES = ("F32", "I32")
 HEAD_BYTES = 256 << 20  # the teacher's logits are made this many bytes of [rows, vocab] fp32 at a time
 LIVE: weakref.WeakSet = weakref.WeakSet()  # teacher models alive now: none may be during training (tests look)
+EVAL_CHUNK = 128  # positions per lm_head call in the held-out KL: a block's full logits never exist at once
 FLAGS = ("teacher", "distill_top_k", "distill_lm_weight", "distill_temperature", "distill_cache", "max_memory")
 
 
@@ -65,6 +77,23 @@ class DistillLoss:
 
     temperature: float
     lm_weight: float
+    evals: dict = field(default_factory=dict)  # --eval NAME -> DistillDataset of its blocks: held-out KL to the teacher
+
+    def eval_sums(self, model, name: str, pad_id: int, batch_size: int, autocast=None) -> tuple[float, int]:
+        """(sum of T^2 x KL(teacher || model) over --eval ``name``'s scored positions, their count): the training
+        loss's KL term (loss.chunked_distill_loss, no LM term) as a sum, in eval mode and the run's precision."""
+        from .eval.ppl import scoring_mode
+
+        data, fn = self.evals[name], collate(pad_id)
+        total, n = 0.0, 0
+        with scoring_mode(model, autocast) as dev, torch.no_grad(), hidden_states_as_logits(model) as head:
+            for s in range(0, len(data), batch_size):
+                b = fn([data[i] for i in range(s, min(s + batch_size, len(data)))])
+                hidden = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), use_cache=False).logits
+                teacher = {k: b[k] for k in TEACHER_KEYS}
+                total += chunked_distill_loss(hidden, head, b["labels"], teacher, self.temperature, chunk=EVAL_CHUNK, num_items=1).item()
+                n += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return total, n
 
 
 @dataclass(frozen=True)
@@ -93,6 +122,9 @@ def check_request(cfg, plan, pruned: str | Path) -> Teacher | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LoramError("--distill runs the teacher pass in one process: run `loram align --distill` without "
                          "torchrun / accelerate launch")
+    clash = [n for n in cfg.eval if n.endswith("_kl") and n[:-3] in cfg.eval]  # NAME_kl is NAME's KL in the report
+    if clash:
+        raise LoramError(f"--eval {clash[0]} has the name --distill gives the KL of --eval {clash[0][:-3]}: rename it")
     fp = plan.base.get("fingerprint") or {}
     name = cfg.teacher or plan.base.get("name")
     if not fp.get("id") or not name:
@@ -128,10 +160,17 @@ def teacher_blocks(blocks: list, cfg) -> list:
     return blocks if need is None else blocks[:need]
 
 
-def cache_key(teacher: Teacher, blocks: list, cfg) -> str:
+def cache_key(teacher: Teacher, blocks: list, cfg, evals: dict | None = None) -> str:
     h = hashlib.sha256(f"{FORMAT}|{teacher.fingerprint['id']}|k={cfg.distill_top_k}|T={cfg.distill_temperature!r}".encode())
-    for ids, _ in blocks:
-        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+
+    def add(part):
+        for ids, _ in part:
+            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+
+    add(blocks)
+    for name, part in (evals or {}).items():  # nothing added without --eval: older caches keep their key
+        h.update(f"|eval {name}={len(part)}|".encode())
+        add(part)
     return h.hexdigest()[:32]
 
 
@@ -144,7 +183,19 @@ class Cache:
 
         self.folder, self.manifest = Path(folder), manifest
         self.weights = Weights(folder, use_index=True, dtypes=CACHE_DTYPES)
-        self.blocks = manifest["blocks"]
+        self.blocks = manifest["blocks"]  # the training blocks; the eval blocks' rows follow them
+        self.evals = manifest.get("eval_blocks", {})  # --eval NAME -> blocks (absent: a cache without eval rows)
+
+    def part(self, name: str | None = None) -> tuple[int, int]:
+        """(first row, block count) of the training blocks (``name`` None) or of --eval ``name``'s (0 blocks: none)."""
+        if name is None:
+            return 0, self.blocks
+        start = self.blocks
+        for n, count in self.evals.items():
+            if n == name:
+                return start, count
+            start += count
+        return start, 0
 
     def row(self, i: int) -> dict[str, torch.Tensor]:
         """TEACHER_KEYS -> block ``i``'s [seq-1, k] log-probs, [seq-1, k] token ids, [seq-1] rest."""
@@ -236,33 +287,42 @@ def teacher_pass(teacher: Teacher, blocks: list, cfg, tmp: Path, hidden_bytes: i
     rows.close()  # the generator's teacher goes with it
 
 
-def ensure_cache(teacher: Teacher, blocks: list, cfg, folder: Path, device="cpu") -> tuple[Cache, dict]:
-    """The cache of ``blocks`` in ``folder``: reused when its key matches, else computed (the teacher loaded,
-    in memory or streamed, then released) and written atomically. Returns (cache, what happened)."""
+def ensure_cache(teacher: Teacher, blocks: list, cfg, folder: Path, device="cpu", evals: dict | None = None) -> tuple[Cache, dict]:
+    """The cache of ``blocks`` (then of each of ``evals``: --eval NAME -> its blocks) in ``folder``: reused when its
+    key matches, else computed (the teacher loaded, in memory or streamed, then released) and written atomically.
+    Returns (cache, what happened)."""
     from .eval.runner import scoring_plan
     from .io import atomic_dir, write_json
 
-    key = cache_key(teacher, blocks, cfg)
+    evals = evals or {}
+    key = cache_key(teacher, blocks, cfg, evals)
     cache = open_cache(folder, key)
     if cache is not None:
         return cache, {"computed": False}
     stream, hidden_bytes = scoring_plan(teacher.name, cfg.seq_len, cfg.micro_batch, cfg.max_memory)
     t0 = time.time()
     with atomic_dir(folder, overwrite=True, command="align --distill") as tmp:
-        teacher_pass(teacher, blocks, cfg, Path(tmp), hidden_bytes if stream else None, device)
+        # one pass over the training blocks and the eval blocks after them: the teacher is loaded once
+        rows = blocks + [b for part in evals.values() for b in part]
+        teacher_pass(teacher, rows, cfg, Path(tmp), hidden_bytes if stream else None, device)
         write_json(Path(tmp) / MANIFEST, {"format": FORMAT, "key": key, "teacher": teacher.name,
                                           "teacher_fingerprint": teacher.fingerprint["id"], "top_k": cfg.distill_top_k,
                                           "temperature": cfg.distill_temperature, "seq_len": cfg.seq_len,
-                                          "blocks": len(blocks)})
+                                          "blocks": len(blocks)}
+                   | ({"eval_blocks": {n: len(part) for n, part in evals.items()}} if evals else {}))
     gc.collect()  # the teacher's modules are unreachable now; collect them before the student loads
     return open_cache(folder, key), {"computed": True, "streamed": bool(stream), "seconds": round(time.time() - t0, 2)}
 
 
 # ---- training data: the blocks with their teacher rows ----------------------------------------------
 class DistillDataset(torch.utils.data.Dataset):
-    def __init__(self, blocks: list, cache: Cache):
-        if cache.blocks != len(blocks):
-            raise LoramError(f"the distillation cache {cache.folder} holds {cache.blocks} blocks, align trains on {len(blocks)}: "
+    """The training blocks with their teacher rows, or (``name``) --eval NAME's blocks with theirs."""
+
+    def __init__(self, blocks: list, cache: Cache, name: str | None = None):
+        self.start, count = cache.part(name)
+        if count != len(blocks):
+            what = "align trains on" if name is None else f"--eval {name} has"
+            raise LoramError(f"the distillation cache {cache.folder} holds {count} blocks, {what} {len(blocks)}: "
                              "delete it to recompute")
         self.blocks, self.cache = blocks, cache
 
@@ -271,7 +331,7 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         ids, labels = self.blocks[i]
-        return {"input_ids": ids, "labels": labels} | self.cache.row(i)
+        return {"input_ids": ids, "labels": labels} | self.cache.row(self.start + i)
 
 
 def collate(pad_id: int):
@@ -287,9 +347,10 @@ def collate(pad_id: int):
     return fn
 
 
-def record(cfg, teacher: Teacher, cache: Cache, how: dict) -> dict:
-    """What extra["aligned"]["distill"] keeps."""
+def record(cfg, teacher: Teacher, cache: Cache, how: dict, eval_kl: dict | None = None) -> dict:
+    """What extra["aligned"]["distill"] keeps (with --eval: each set's block count and final KL to the teacher)."""
+    held = {"eval_blocks": cache.evals, "eval_kl": eval_kl} if eval_kl else {}
     return {"teacher": teacher.name, "teacher_fingerprint": teacher.fingerprint["id"], "top_k": cfg.distill_top_k,
             "lm_weight": cfg.distill_lm_weight, "temperature": cfg.distill_temperature, "cache": str(cache.folder),
             "cache_key": cache.manifest["key"], "blocks": cache.blocks, "loss": "T^2 KL(teacher || student) on top-k + rest "
-            "bucket + W x LM", **how}
+            "bucket + W x LM", **how} | held

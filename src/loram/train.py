@@ -139,5 +139,5 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
     meta["train"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
     with atomic_dir(out, overwrite, "train", inputs) as tmp:
         write_adapter(tmp, sd, lcfg, meta, plan)
-        write_json(Path(tmp) / "train_report.json", asdict(report))
+        write_json(Path(tmp) / "train_report.json", report.as_json())
     assert (Path(out) / ADAPTER_META).exists()

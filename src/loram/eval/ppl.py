@@ -19,6 +19,7 @@ through ``perplexity_examples``, the same scoring, in eval mode and the run's pr
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,15 +82,23 @@ def loglik_sums(model, examples: list[tuple[list[int], list[int]]], pad_id: int,
                 autocast: torch.dtype | None = None) -> tuple[float, int]:
     """(sum of log p over the scored tokens, scored tokens) of encoded examples: what ranks that each
     scored a share of a held-out set add up (loram.training) before taking exp(-sum / tokens)."""
+    with scoring_mode(model, autocast):
+        scores = score_sequences(model, examples, batch_size, pad_id)
+    return sum(s.loglik for s in scores), sum(s.tokens for s in scores)
+
+
+@contextmanager
+def scoring_mode(model, autocast: torch.dtype | None = None):
+    """Inside: ``model`` in eval mode (no dropout) under the training run's autocast; yields its device. The train /
+    eval mode is restored after: held-out scoring (perplexity, align --distill's KL) runs in the middle of training."""
     was = model.training
     model.eval()
     try:
         dev = next(model.parameters()).device
         with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            scores = score_sequences(model, examples, batch_size, pad_id)
+            yield dev
     finally:
         model.train(was)
-    return sum(s.loglik for s in scores), sum(s.tokens for s in scores)
 
 
 def text_windows(ids: list[int], seq_len: int, stride: int) -> list[tuple[list[int], list[int]]]:

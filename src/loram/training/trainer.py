@@ -5,7 +5,8 @@ weights, marks complete checkpoints (checkpoint.py), keeps optimizer / scheduler
 pickle-free (state.py) and can compute the loss in chunks (loram.loss). Resume is exact: the
 optimizer, scheduler and every RNG are restored and the Trainer skips the batches already seen
 (the sampler is seeded by --seed), so k steps + resume = one run. Held-out perplexity
-(``--eval NAME=FILE``) is token-weighted: exp(sum NLL / scored tokens), loram.eval.ppl.
+(``--eval NAME=FILE``) is token-weighted: exp(sum NLL / scored tokens), loram.eval.ppl. Under align --distill
+each set also reports its KL to the teacher (``NAME_kl``: loram.distill, from the teacher's cached rows).
 """
 
 from __future__ import annotations
@@ -186,21 +187,38 @@ def run_precision(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def _eval_ppl(model, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.dtype | None = None) -> dict:
-    """name -> perplexity of each held-out set. Under torchrun each rank scores its share of the rows and
-    the log-likelihood sums are all-reduced (every rank scoring every row would take world x the time)."""
+def _eval_ppl(model, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.dtype | None = None, distill=None) -> dict:
+    """name -> perplexity of each held-out set, and (``distill``: align --distill) name_kl -> its mean KL to the
+    teacher per scored position. Under torchrun each rank scores its share of the rows and the log-likelihood
+    sums are all-reduced (every rank scoring every row would take world x the time)."""
     rank, world = _rank_world()
     out = {}
     for n, ex in evals.items():
         with progress.stage(f"eval {n}"):
             sums = loglik_sums(model, rank_share(ex, rank, world), pad_id, cfg.micro_batch, autocast)
-        total = torch.tensor(sums, dtype=torch.float64, device=next(model.parameters()).device)
+            # every row on this rank: --distill runs in one process (distill.check_request refuses torchrun)
+            kl = distill.eval_sums(model, n, pad_id, cfg.micro_batch, autocast) if distill and n in distill.evals else ()
+        total = torch.tensor((*sums, *kl), dtype=torch.float64, device=next(model.parameters()).device)
         if world > 1:
             torch.distributed.all_reduce(total)
-        loglik, tokens = total.tolist()
+        loglik, tokens, *kl = total.tolist()
         # a set with no scored token reads as ppl 1 (as it always has) rather than failing a finished run
         out[n] = math.exp(-loglik / tokens) if tokens else 1.0
+        if kl:
+            out[f"{n}_kl"] = kl[0] / kl[1] if kl[1] else 0.0
     return out
+
+
+def _eval_line(row: dict, evals: dict) -> str:
+    """The printed line: "eval NAME ppl P[ kl K], ... (step S)" (kl under align --distill)."""
+    kl = {n: f" kl {row[f'{n}_kl']:.4g}" if f"{n}_kl" in row else "" for n in evals}
+    return "eval " + ", ".join(f"{n} ppl {row[n]:.3f}{kl[n]}" for n in evals) + f" (step {row['step']})"
+
+
+def _history_row(logged: dict) -> dict:
+    """An eval_history row back from the Trainer's log history (--resume): eval_NAME_ppl -> NAME, eval_NAME_kl -> NAME_kl."""
+    return ({"step": logged["step"]} | {k[5:-4]: v for k, v in logged.items() if k.endswith("_ppl")}
+            | {k[5:]: v for k, v in logged.items() if k.startswith("eval_") and k.endswith("_kl")})
 
 
 def _rank_world() -> tuple[int, int]:
@@ -220,7 +238,7 @@ def rank_share(examples: list, rank: int, world: int) -> list:
     return share
 
 
-def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.dtype | None):
+def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.dtype | None, distill=None):
     from transformers import TrainerCallback
 
     class Record(TrainerCallback):
@@ -237,16 +255,16 @@ def _callbacks(state_out: dict, evals: dict, pad_id: int, cfg: RunConfig, autoca
             every = cfg.eval_steps or cfg.save_steps
             last = state.global_step >= state.max_steps  # evaluated here, while the trackers are still open
             if evals and (last or every and state.global_step % every == 0):
-                row = {"step": state.global_step} | _eval_ppl(model, evals, pad_id, cfg, autocast)
+                row = {"step": state.global_step} | _eval_ppl(model, evals, pad_id, cfg, autocast, distill)
                 state_out["eval_history"].append(row)
                 if last:
                     state_out["final"] = {n: v for n, v in row.items() if n != "step"}
                 should_log = control.should_log  # Trainer.log clears it: this step's loss must still be logged
-                self.trainer.log({f"eval_{n}_ppl": v for n, v in row.items() if n != "step"})
+                self.trainer.log({f"eval_{n}_ppl": row[n] for n in evals}  # + eval_NAME_kl under --distill
+                                 | {f"eval_{n}_kl": row[f"{n}_kl"] for n in evals if f"{n}_kl" in row})
                 control.should_log = should_log
                 if state.is_world_process_zero:
-                    print("eval " + ", ".join(f"{n} ppl {v:.3f}" for n, v in row.items() if n != "step") + f" (step {row['step']})",
-                          flush=True)
+                    print(_eval_line(row, evals), flush=True)
 
     return [Record()]
 
@@ -263,6 +281,7 @@ class FitResult:
     eval_ppl: dict
     eval_history: list
     resumed_from: str | None
+    eval_kl: dict  # align --distill: name -> final KL to the teacher ({} otherwise)
 
 
 def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, overwrite: bool, evals: dict | None = None,
@@ -309,7 +328,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
         save_only_model=False, logging_nan_inf_filter=False, ddp_find_unused_parameters=False,
     )
     out = {"losses": [], "eval_history": []}
-    record = _callbacks(out, evals or {}, pad_id, cfg, autocast)
+    record = _callbacks(out, evals or {}, pad_id, cfg, autocast, distill)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                callbacks=record + list(callbacks or []))
     record[0].trainer = trainer
@@ -325,8 +344,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     if resume_from is not None:  # restore the history so the report covers the whole run
         prev = json.loads((resume_from / "trainer_state.json").read_text())
         out["losses"] = [{"step": r["step"], "loss": float(r["loss"])} for r in prev.get("log_history", []) if "loss" in r]
-        out["eval_history"] = [{"step": r["step"]} | {k[5:-4]: v for k, v in r.items() if k.endswith("_ppl")}
-                               for r in prev.get("log_history", []) if any(k.endswith("_ppl") for k in r)]
+        out["eval_history"] = [_history_row(r) for r in prev.get("log_history", []) if any(k.endswith("_ppl") for k in r)]
     peak = PeakRSS()
     t0 = time.time()
     try:
@@ -342,12 +360,14 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     wall = time.time() - t0
     final = out.get("final")
     if final is None:  # no step ran (resumed at the end) or no --eval: evaluate the weights as they are
-        final = _eval_ppl(trainer.model, evals or {}, pad_id, cfg, autocast)
+        final = _eval_ppl(trainer.model, evals or {}, pad_id, cfg, autocast, distill)
         if final:
             out["eval_history"].append({"step": trainer.state.global_step} | final)
     tokens = int(trainer.state.num_input_tokens_seen or 0) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
-    return FitResult(trainer, trainer.state.global_step, wall, tokens, peak.gb(), PeakRSS.cuda_gb(), out["losses"], final,
-                     out["eval_history"], str(resume_from) if resume_from else None)
+    ppl = {n: final[n] for n in evals or {} if n in final}  # final also holds NAME_kl under --distill
+    kl = {n: final[f"{n}_kl"] for n in evals or {} if f"{n}_kl" in final}
+    return FitResult(trainer, trainer.state.global_step, wall, tokens, peak.gb(), PeakRSS.cuda_gb(), out["losses"], ppl,
+                     out["eval_history"], str(resume_from) if resume_from else None, kl)
 
 
 def finish(trainer) -> None:
