@@ -52,6 +52,9 @@ VARIANTS = {
                                  "distill:mlp0.62:1e-4", [], ["--calibrate", "{calibrate}", "--seq-len", "256"]),
     "mlp_distilled_calibrated_layer": ("same, one scale per decoder layer (--calibrate-scope layer)", "distill:mlp0.62:1e-4", [],
                                        ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-scope", "layer"]),
+    # --calibrate chose s = 1.2, the top of its range, for mlp_distilled: is its update too small on the original?
+    "mlp_distilled_lr2e-3": ("mlp_distilled's pruned model, LoRA at lr 2e-3 (full LoRA stays at 1e-3)", "distill:mlp0.62:1e-4",
+                             ["--lr", "2e-3"], []),
     "mlp_distilled1200": ("mlp_only after 1200 steps of `align --distill` (4x the tokens; lr 1e-4; same corpus)",
                           "distill:mlp0.62:1e-4:1200", [], []),
     "distilled85": ("Taylor 0.85 (2.03x) after 300 steps of `align --distill` (lr 1e-4; same corpus)", "distill:stru0.85:1e-4", [], []),

@@ -296,7 +296,7 @@ def tables(res: dict) -> str:
             continue
         lines += ["", f"Alignment for *{ROWS[name][0]}* ({' '.join(prune_args(key))}): {al['steps']} steps x {al['tokens'] // max(1, al['steps'])} tokens "
                   f"(wiki + C4, {'`--distill`, KL to the original top-32, lr ' + DISTILL_LR if name.startswith('distilled') else 'LM loss, lr ' + ALIGN_LR}, "
-                  "full-parameter, embeddings/lm_head frozen): {al['tokens_per_s']:.0f} tok/s, peak RSS "
+                  f"full-parameter, embeddings/lm_head frozen): {al['tokens_per_s']:.0f} tok/s, peak RSS "
                   f"{al['peak_rss_gb']:.2f} GB, loss {al['loss_first_last'][0]:.2f} -> {al['loss_first_last'][1]:.2f}, "
                   f"wikitext-2 valid ppl of the pruned model (first 300 lines, 128-token windows, `loram eval`) "
                   f"{fmt((al.get('wikitext2_before_after') or [None])[0])} -> {fmt((al.get('wikitext2_before_after') or [None, None])[1])}."]
@@ -378,6 +378,8 @@ def main() -> int:
         prev = json.loads(old.read_text())
         res.update(rows=prev.get("rows", {}), sweep=prev.get("sweep", {}),
                    command=f"{prev.get('command', '')}; on {time.strftime('%Y-%m-%d')}: `{res['command']}`")
+        if prev.get("hardware"):
+            res["hardware"] = prev["hardware"]
     t0 = time.time()
     jobs = [(f"row {n}", run_row, n) for n in a.rows.split(",") if n]
     jobs += [(f"sweep {r}", run_sweep, float(r)) for r in a.sweep.split(",") if r]
@@ -395,7 +397,8 @@ def report(res: dict, t0: float) -> None:
     import torch
     import transformers
 
-    res["hardware"] = f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    # rows of earlier invocations keep their (hand-completed) hardware line; a fresh results file gets this machine
+    res.setdefault("hardware", f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
     res["wall_s_this_invocation"] = round(time.time() - t0)
     RESULTS.mkdir(parents=True, exist_ok=True)
