@@ -57,6 +57,9 @@ VARIANTS = {
                              ["--lr", "2e-3"], []),
     "mlp_distilled1200": ("mlp_only after 1200 steps of `align --distill` (4x the tokens; lr 1e-4; same corpus)",
                           "distill:mlp0.62:1e-4:1200", [], []),
+    # 1200 steps transferred worse than 300 (drift from the original's weights): less drift
+    "mlp_distilled100": ("mlp_only after 100 steps of `align --distill` (lr 1e-4)", "distill:mlp0.62:1e-4:100", [], []),
+    "mlp_distilled_lr3e-5": ("mlp_only after 300 steps of `align --distill` at lr 3e-5", "distill:mlp0.62:3e-5", [], []),
     "distilled85": ("Taylor 0.85 (2.03x) after 300 steps of `align --distill` (lr 1e-4; same corpus)", "distill:stru0.85:1e-4", [], []),
     "distilled85_calibrated": ("distilled85's adapter recovered with --calibrate (one scale)", "distill:stru0.85:1e-4", [],
                                ["--calibrate", "{calibrate}", "--seq-len", "256"]),
