@@ -2,6 +2,7 @@
 rows of the one teacher pass (cached with the training rows), equal to the KL of the real models' logits."""
 
 import json
+import math
 import re
 import shutil
 from dataclasses import fields
@@ -41,6 +42,11 @@ def test_eval_kl_is_the_full_kl_to_the_original_and_drops(tiny_dir, pruned_dir, 
         t, s = load_model(tiny_dir).eval()(input_ids=ids).logits, load_pruned(tmp_path / "al").eval()(input_ids=ids).logits
     want = (full_kl(t.float(), s.float(), T).mean() * T * T).item()
     assert r.eval_kl["held"] == pytest.approx(want, rel=1e-4)
+    # the perplexity comes from the same forward as the KL: it is the one the plain --eval path computes
+    from loram.eval.ppl import loglik_sums
+
+    loglik, tokens = loglik_sums(load_pruned(tmp_path / "al"), blocks, 0, 4)
+    assert r.eval_ppl["held"] == pytest.approx(math.exp(-loglik / tokens), rel=1e-5)
     # reported where perplexity is: the report, its history, the plan's record, the printed line
     assert set(r.eval_ppl) == {"held"} and [set(h) for h in r.eval_history] == [{"step", "held", "held_kl"}] * 2
     assert r.eval_history[-1]["held_kl"] == r.eval_kl["held"]

@@ -79,21 +79,24 @@ class DistillLoss:
     lm_weight: float
     evals: dict = field(default_factory=dict)  # --eval NAME -> DistillDataset of its blocks: held-out KL to the teacher
 
-    def eval_sums(self, model, name: str, pad_id: int, batch_size: int, autocast=None) -> tuple[float, int]:
-        """(sum of T^2 x KL(teacher || model) over --eval ``name``'s scored positions, their count): the training
-        loss's KL term (loss.chunked_distill_loss, no LM term) as a sum, in eval mode and the run's precision."""
+    def eval_sums(self, model, name: str, pad_id: int, batch_size: int, autocast=None) -> tuple[tuple[float, int], tuple[float, int]]:
+        """((sum of log p, scored tokens), (sum of T^2 x KL(teacher || model), scored positions)) over --eval ``name``:
+        the perplexity's sums and the training loss's KL term (loss.chunked_distill_loss, no LM term), both from
+        ONE forward per batch (the body is most of the cost), in eval mode and the run's precision."""
         from .eval.ppl import scoring_mode
+        from .loss import chunked_causal_lm_loss
 
         data, fn = self.evals[name], collate(pad_id)
-        total, n = 0.0, 0
+        nll, kl, n = 0.0, 0.0, 0
         with scoring_mode(model, autocast) as dev, torch.no_grad(), hidden_states_as_logits(model) as head:
             for s in range(0, len(data), batch_size):
                 b = fn([data[i] for i in range(s, min(s + batch_size, len(data)))])
                 hidden = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), use_cache=False).logits
                 teacher = {k: b[k] for k in TEACHER_KEYS}
-                total += chunked_distill_loss(hidden, head, b["labels"], teacher, self.temperature, chunk=EVAL_CHUNK, num_items=1).item()
+                kl += chunked_distill_loss(hidden, head, b["labels"], teacher, self.temperature, chunk=EVAL_CHUNK, num_items=1).item()
+                nll += chunked_causal_lm_loss(hidden, head, b["labels"], chunk=EVAL_CHUNK, num_items=1).item()
                 n += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return total, n
+        return (-nll, n), (kl, n)
 
 
 @dataclass(frozen=True)

@@ -195,9 +195,11 @@ def _eval_ppl(model, evals: dict, pad_id: int, cfg: RunConfig, autocast: torch.d
     out = {}
     for n, ex in evals.items():
         with progress.stage(f"eval {n}"):
-            sums = loglik_sums(model, rank_share(ex, rank, world), pad_id, cfg.micro_batch, autocast)
-            # every row on this rank: --distill runs in one process (distill.check_request refuses torchrun)
-            kl = distill.eval_sums(model, n, pad_id, cfg.micro_batch, autocast) if distill and n in distill.evals else ()
+            if distill and n in distill.evals:  # perplexity and KL from one forward per batch; every row on this
+                # rank: --distill runs in one process (distill.check_request refuses torchrun)
+                sums, kl = distill.eval_sums(model, n, pad_id, cfg.micro_batch, autocast)
+            else:
+                sums, kl = loglik_sums(model, rank_share(ex, rank, world), pad_id, cfg.micro_batch, autocast), ()
         total = torch.tensor((*sums, *kl), dtype=torch.float64, device=next(model.parameters()).device)
         if world > 1:
             torch.distributed.all_reduce(total)
