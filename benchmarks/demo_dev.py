@@ -11,8 +11,8 @@ recovered adapter (exact match, 100 rows; general-text perplexity, the demo's sh
                            the demo never trained on (train.jsonl[1900:1932]; 60 steps x 8 rows read at most 480)
     ratio=R attn_ratio=A compensate=True
                            prune the base again (taylor) with these, train as the demo trains, recover
-    steps=N lr=X rank=K targets=q,k,v,o
-                           the demo's training with these changed
+    steps=N lr=X rank=K targets=q,k,v,o original_offset=True
+                           the demo's training with these changed (original_offset: `loram train --original-offset`)
     kl_steps=N kl_lr=X     before training LoRA, `loram align --distill` the pruned model to the original on the
                            task's training rows (rendered with the chat template as text; N steps of 8 x 128
                            tokens, lr X, top-32): in-domain distillation
@@ -43,7 +43,7 @@ from loram.prune import prune  # noqa: E402
 from loram.recover import recover  # noqa: E402
 
 PRUNE = {"ratio": float, "attn_ratio": float, "compensate": lambda v: v == "True"}
-TRAIN = {"steps": int, "lr": float, "rank": int, "alpha": int, "targets": str}
+TRAIN = {"steps": int, "lr": float, "rank": int, "alpha": int, "targets": str, "original_offset": lambda v: v == "True"}
 
 
 def kl_align(demo: Path, pruned: Path, out: Path, steps: int, lr: float) -> None:

@@ -63,6 +63,23 @@ VARIANTS = {
     "distilled85": ("Taylor 0.85 (2.03x) after 300 steps of `align --distill` (lr 1e-4; same corpus)", "distill:stru0.85:1e-4", [], []),
     "distilled85_calibrated": ("distilled85's adapter recovered with --calibrate (one scale)", "distill:stru0.85:1e-4", [],
                                ["--calibrate", "{calibrate}", "--seq-len", "256"]),
+    # `train --original-offset` (loram.offset): it trains on a seeded subset of the mixture, so these rows and their
+    # reference full LoRA train on the same 162 rows (54 per source; the run draws 160): their share is of lora_rows162's gain
+    "lora_rows162": ("full LoRA on the original, on the 162-row training subset (the reference of the *_rows162 / *_offset rows)",
+                     None, [], []),
+    "mlp_only_rows162": ("mlp_only on the 162-row subset", "mlp0.62", [], []),
+    "mlp_only_offset": ("mlp_only on the 162-row subset, `train --original-offset` (top-32)", "mlp0.62", ["--original-offset"], []),
+    "mlp_only_offset_lr2e-3": ("mlp_only_offset at LoRA lr 2e-3", "mlp0.62", ["--original-offset", "--lr", "2e-3"], []),
+    "mlp_only_offset_calibrated": ("mlp_only_offset's adapter recovered with --calibrate (one scale, 32 calibration rows)", "mlp0.62",
+                                   ["--original-offset"], ["--calibrate", "{calibrate}", "--seq-len", "256"]),
+    "mlp_distilled_rows162": ("mlp_distilled on the 162-row subset", "distill:mlp0.62:1e-4", [], []),
+    "mlp_distilled_offset": ("mlp_distilled on the 162-row subset, `train --original-offset` (top-32)", "distill:mlp0.62:1e-4",
+                             ["--original-offset"], []),
+    "mlp_distilled_offset_lr2e-3": ("mlp_distilled_offset at LoRA lr 2e-3", "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "2e-3"],
+                                    []),
+    "distilled85_rows162": ("distilled85 on the 162-row subset", "distill:stru0.85:1e-4", [], []),
+    "distilled85_offset": ("distilled85 on the 162-row subset, `train --original-offset` (top-32)", "distill:stru0.85:1e-4",
+                           ["--original-offset"], []),
     "stru_lr2e-3": ("stru, lr 2e-3", "stru", ["--lr", "2e-3"], []),
     "stru_lr5e-4": ("stru, lr 5e-4", "stru", ["--lr", "5e-4"], []),
     "aligned_lr1e-4": ("stru after 300 alignment steps at lr 1e-4 (5x the benchmark's 2e-5)", "align:stru:1e-4", [], []),
@@ -77,7 +94,10 @@ NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "alig
                  "unst": "adapter_unst_recovered"}
 # variants that only recover differently: they reuse this variant's trained adapter
 SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_calibrated_layer": "mlp_distilled",
-                "distilled85_calibrated": "distilled85"}
+                "distilled85_calibrated": "distilled85", "mlp_only_offset_calibrated": "mlp_only_offset"}
+SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
+SUBSET = {"lora_rows162", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3", "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
+          "distilled85_rows162", "distilled85_offset"}
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
 
@@ -108,10 +128,13 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
     """The (pruned-shape) adapter of a variant: quality_smollm2's own (adapter_ROW) when it trained the same thing."""
     if extra is None:
         return None
+    if name in SUBSET:
+        data = dict(data, train=[f"{f.split('[')[0]}[:{SUBSET_ROWS}]" for f in data["train"]])
     if key is None:
-        q.train(work, "adapter_lora", "smollm2", [], data)
-        return work / "adapter_lora"
-    if not extra and (key in q.ROWS or key.startswith("stru0.")):  # a benchmark row or sweep point
+        out = "adapter_lora" if name == "lora" else f"adapter_dev_{name}"
+        q.train(work, out, "smollm2", extra, data)
+        return work / out
+    if not extra and name not in SUBSET and (key in q.ROWS or key.startswith("stru0.")):  # a benchmark row or sweep point
         if not (work / f"adapter_{key}" / "train_report.json").exists():
             raise SystemExit(f"adapter_{key} not trained yet: run benchmarks/quality_smollm2.py (its row or sweep point) first")
         return work / f"adapter_{key}"
@@ -156,7 +179,7 @@ def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
             reduction = q.reduction(json.loads((trained / "train_report.json").read_text()), True)
     ev = q.evaluate(work / "dev", name, "smollm2", str(served) if served else None, dev, mc=False)
     res[name] = {"what": what, "in_domain": q.metric(ev, "ppl", "in_domain", "ppl"), "ood": q.metric(ev, "ppl", "alpaca_ood", "ppl"),
-                 "reduction": round(reduction, 3)}
+                 "reduction": round(reduction, 3)} | ({"reference": "lora_rows162"} if name in SUBSET else {})
     meta = served / "loram_adapter.json" if served else None
     cal = json.loads(meta.read_text()).get("calibration") if meta and meta.exists() else None
     if cal:  # what --calibrate chose and what it cost (CPU seconds of the recovery's forward passes)
@@ -207,7 +230,8 @@ def table(res: dict, command: str, norms: dict | None = None) -> str:
              "| variant | what | param. reduction | in-domain dev ppl | share of full LoRA's gain | OOD dev ppl | OOD vs base |",
              "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
-        gain = (b["in_domain"] - r["in_domain"]) / (b["in_domain"] - l_["in_domain"]) if b and l_ and r["in_domain"] else None
+        ref = res.get(r.get("reference", "lora"), l_)  # the full LoRA trained on the same rows
+        gain = (b["in_domain"] - r["in_domain"]) / (b["in_domain"] - ref["in_domain"]) if b and ref and r["in_domain"] else None
         ood = (r["ood"] / b["ood"] - 1) if b and r["ood"] else None
         lines.append(f"| {name} | {r['what']} | {r['reduction']:.2f}x | {q.fmt(r['in_domain'], '.3f')} | "
                      f"{'-' if gain is None else f'{gain:.0%}'} | {q.fmt(r['ood'], '.3f')} | {'-' if ood is None else f'{ood:+.1%}'} |")

@@ -61,13 +61,18 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     # top-32 next-token distribution (300 steps, lr 1e-4, same corpus) instead of the LM loss
     "distilled_mlp": ("LoRAM-Stru MLP-only distill-aligned", "stru_mlp", [], True),
     "distilled85": ("LoRAM-Stru 0.85 distill-aligned", "stru0.85", [], True),
+    # issue 18, chosen on the dev split: the same distill-aligned models, LoRA trained through the original (`train
+    # --original-offset`, loram.offset; it trains on a seeded 160 of the mixture's rows, the Trainer samples another 160)
+    "offset_distilled_mlp": ("LoRAM-Stru MLP-only distill-aligned, trained through the original", "stru_mlp", ["--original-offset"], True),
+    "offset_distilled85": ("LoRAM-Stru 0.85 distill-aligned, trained through the original", "stru0.85", ["--original-offset"], True),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
     "unst": ("LoRAM-Unst (SparseGPT 50%)", ["--method", "sparsegpt", "--sparsity", "unstructured", "--ratio", "0.5"], [], False),
 }
 ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "stru_mlp", "aligned_mlp", "distilled_mlp", "aligned85",
-         "distilled85"]
+         "distilled85", "offset_distilled_mlp", "offset_distilled85"]
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
-           "distilled_mlp": "stru_mlp", "distilled85": "stru0.85"}
+           "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85": "stru0.85"}
+DISTILLED = {"distilled_mlp", "distilled85", "offset_distilled_mlp", "offset_distilled85"}  # aligned with `align --distill`
 DISTILL_LR = "1e-4"  # align --distill rows (chosen on the dev split, benchmarks/quality_dev.py)
 MC = {"arc_easy": "mc/arc_easy.jsonl", "piqa": "mc/piqa.jsonl", "obqa": "mc/openbook_qa.jsonl"}
 MC_ROWS = 60
@@ -210,7 +215,7 @@ def run_row(work: Path, name: str, data: dict, res: dict) -> None:
     if name in ALIGNED:
         key = ALIGNED[name]
         before = wikitext_ppl(work, f"wikitext_pruned_{key}", pruned)
-        if name.startswith("distilled"):
+        if name in DISTILLED:
             pruned, row["align"] = align(work, pruned, DISTILL_LR, work / f"distilled_{key}", ("--distill",))
         else:
             pruned, row["align"] = align(work, pruned)
@@ -295,7 +300,7 @@ def tables(res: dict) -> str:
         if not al:
             continue
         lines += ["", f"Alignment for *{ROWS[name][0]}* ({' '.join(prune_args(key))}): {al['steps']} steps x {al['tokens'] // max(1, al['steps'])} tokens "
-                  f"(wiki + C4, {'`--distill`, KL to the original top-32, lr ' + DISTILL_LR if name.startswith('distilled') else 'LM loss, lr ' + ALIGN_LR}, "
+                  f"(wiki + C4, {'`--distill`, KL to the original top-32, lr ' + DISTILL_LR if name in DISTILLED else 'LM loss, lr ' + ALIGN_LR}, "
                   f"full-parameter, embeddings/lm_head frozen): {al['tokens_per_s']:.0f} tok/s, peak RSS "
                   f"{al['peak_rss_gb']:.2f} GB, loss {al['loss_first_last'][0]:.2f} -> {al['loss_first_last'][1]:.2f}, "
                   f"wikitext-2 valid ppl of the pruned model (first 300 lines, 128-token windows, `loram eval`) "

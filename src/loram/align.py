@@ -32,13 +32,12 @@ from .configs import AlignConfig, RunConfig
 from .data import ListDataset, chunk_tokens, collate, examples_needed, mix, read_texts, streamed
 from .errors import LoramError
 from . import distill
-from .io import atomic_dir, load_tokenizer, releases_locks, write_json, write_marker
+from .io import atomic_dir, load_tokenizer, releases_locks, write_json
 from .prune.sparse import sparse_mask_names
 from .prune_plan import PrunePlan, has_plan
 from .pruned_model import save_pruned
 from .settings import check_config
 from .training import TrainReport, claim_run, finish, fit, param_counts, run_precision, save_final
-from .training.checkpoint import prepare_checkpoint_dir
 from .training.distributed import check_engine, gathered_state_dict, keep_zeros_callback
 
 
@@ -67,19 +66,6 @@ def corpus_blocks(tok, cfg: AlignConfig) -> list:
     return mix(sources, cfg.data_weights, cfg.seed)
 
 
-def distill_folder(cfg: AlignConfig, ckpt: Path, resume: bool, overwrite: bool) -> Path:
-    """Where the teacher's top-k is cached: --distill-cache, else inside the checkpoint folder. That folder is
-    settled first as fit would settle it (an --overwrite start clears earlier checkpoints now, not after the
-    cache is written; a new folder gets loram's marker), so the cache survives into the run and a --resume."""
-    if cfg.distill_cache:
-        return Path(cfg.distill_cache)
-    prepare_checkpoint_dir(ckpt, resume, overwrite, True)
-    if not ckpt.exists() or not any(ckpt.iterdir()):
-        ckpt.mkdir(parents=True, exist_ok=True)
-        write_marker(ckpt, "checkpoints")
-    return ckpt / "teacher-topk"
-
-
 @releases_locks
 def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = False, overwrite: bool = False,
           checkpoint_dir: str | Path | None = None, callbacks: list | None = None) -> TrainReport:
@@ -105,7 +91,8 @@ def align(pruned: str | Path, out: str | Path, cfg: AlignConfig, resume: bool = 
     if teacher is not None:  # the teacher's pass (or its cache) before the student loads: never both in memory
         blocks = distill.teacher_blocks(blocks, cfg)
         # the --eval blocks go through the same pass: their KL to the teacher is reported beside perplexity
-        cache, how = distill.ensure_cache(teacher, blocks, cfg, distill_folder(cfg, ckpt, resume, overwrite), device, evals)
+        folder = distill.cache_folder(cfg.distill_cache, ckpt, resume, overwrite)
+        cache, how = distill.ensure_cache(teacher, blocks, cfg, folder, device, evals)
         dataset, collator = distill.DistillDataset(blocks, cache), distill.collate(tok.pad_token_id)
         held = {n: distill.DistillDataset(ex, cache, n) for n, ex in evals.items()}
         soft = distill.DistillLoss(cfg.distill_temperature, cfg.distill_lm_weight, held)

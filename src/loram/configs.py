@@ -69,6 +69,12 @@ class TrainConfig(RunConfig):
     long_rows: str = "truncate"  # LONG_ROWS
     chat_template: str | None = None  # Jinja file replacing the tokenizer's chat template
     packing: bool = False
+    # --original-offset: train the update as it acts on the original (loram.offset)
+    original_offset: bool = False
+    teacher: str | None = None  # default: the plan's base model
+    offset_top_k: int = 32
+    offset_cache: str | None = None  # default: CHECKPOINT_DIR/teacher-topk
+    max_memory: float | None = None  # the original's pass's memory budget (streams it when it does not fit)
     extra: dict = field(default_factory=dict)
 
 

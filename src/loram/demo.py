@@ -69,6 +69,7 @@ class DemoConfig:
     general_lines: int | None = None  # None: the whole shipped excerpt (450 lines, ~6,300 SmolLM2 tokens)
     quiz_rows: int | None = None  # None: all 256 questions of the capital quiz
     bf16: bool = False  # bf16 training measured far slower than fp32 on this CPU: off by default
+    original_offset: bool = False  # loram train --original-offset: the adapter trained through the original (loram.offset)
     with_baseline: bool = False
     smoke: bool = False
     isolate: bool = True  # train in a child process (clean peak memory)
@@ -221,6 +222,8 @@ def train_adapter(model_dir: Path, data: Path, out: Path, cfg: DemoConfig) -> di
     knobs = {"data": [str(data)], "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets,
              "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "seed": cfg.seed,
              "logging_steps": max(1, cfg.steps // 30), "warmup": 0.05, "bf16": cfg.bf16}
+    if cfg.original_offset and (model_dir / "loram_plan.json").exists():  # pruned models only: the original's offset is 0
+        knobs["original_offset"] = True
     if cfg.isolate:
         args = ["train", str(model_dir), "-o", str(out), "--overwrite", *settings.argv("train", knobs)]
         r = subprocess.run([sys.executable, "-m", "loram", *args], stdout=2)  # its summary to stderr: stdout is the demo's (--json)

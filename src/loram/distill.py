@@ -78,6 +78,7 @@ class DistillLoss:
     temperature: float
     lm_weight: float
     evals: dict = field(default_factory=dict)  # --eval NAME -> DistillDataset of its blocks: held-out KL to the teacher
+    needs_base = False  # offset.OffsetLoss: True
 
     def eval_sums(self, model, name: str, pad_id: int, batch_size: int, autocast=None) -> tuple[tuple[float, int], tuple[float, int]]:
         """((sum of log p, scored tokens), (sum of T^2 x KL(teacher || model), scored positions)) over --eval ``name``:
@@ -111,10 +112,6 @@ class Teacher:
 
 def check_request(cfg, plan, pruned: str | Path) -> Teacher | None:
     """Refuse a wrong --distill request from configs and headers alone, before anything is loaded."""
-    from .fingerprint import base_fingerprint
-    from .io import load_config
-    from .loading import safetensors_folder
-
     if not cfg.distill:
         defaults = {f.name: f.default for f in fields(cfg)}  # AlignConfig's own defaults: no second copy here
         given = [f"--{n.replace('_', '-')}" for n in FLAGS if n != "max_memory" and getattr(cfg, n) != defaults[n]]
@@ -128,8 +125,18 @@ def check_request(cfg, plan, pruned: str | Path) -> Teacher | None:
     clash = [n for n in cfg.eval if n.endswith("_kl") and n[:-3] in cfg.eval]  # NAME_kl is NAME's KL in the report
     if clash:
         raise LoramError(f"--eval {clash[0]} has the name --distill gives the KL of --eval {clash[0][:-3]}: rename it")
+    return resolve_teacher(plan, pruned, cfg.teacher, cfg.distill_top_k, "--distill-top-k")
+
+
+def resolve_teacher(plan, pruned, teacher: str | None, top_k: int, k_flag: str) -> Teacher:
+    """The teacher (``teacher`` or the plan's base), checked against the plan's base fingerprint from its headers when
+    it is a local folder (else once loaded), its vocabulary against the pruned model's and ``top_k`` against it."""
+    from .fingerprint import base_fingerprint
+    from .io import load_config
+    from .loading import safetensors_folder
+
     fp = plan.base.get("fingerprint") or {}
-    name = cfg.teacher or plan.base.get("name")
+    name = teacher or plan.base.get("name")
     if not fp.get("id") or not name:
         raise LoramError(f"the plan of {pruned} records no base model fingerprint, so no teacher can be checked against "
                          "it: re-create the pruned model with `loram prune` from the original")
@@ -137,8 +144,8 @@ def check_request(cfg, plan, pruned: str | Path) -> Teacher | None:
     if tvocab != vocab:
         raise LoramError(f"teacher {name} has a vocabulary of {tvocab} tokens, the pruned model {vocab}: pass the original "
                          "model the plan was made from (--teacher)")
-    if cfg.distill_top_k > vocab:
-        raise LoramError(f"--distill-top-k {cfg.distill_top_k} is more than the vocabulary ({vocab} tokens): give at most {vocab}")
+    if top_k > vocab:
+        raise LoramError(f"{k_flag} {top_k} is more than the vocabulary ({vocab} tokens): give at most {vocab}")
     checked = safetensors_folder(name) is not None
     if checked:
         check_teacher(name, fp, base_fingerprint(name), plan.base.get("name"))
@@ -175,6 +182,22 @@ def cache_key(teacher: Teacher, blocks: list, cfg, evals: dict | None = None) ->
         h.update(f"|eval {name}={len(part)}|".encode())
         add(part)
     return h.hexdigest()[:32]
+
+
+def cache_folder(given: str | None, ckpt: Path, resume: bool, overwrite: bool) -> Path:
+    """Where the teacher's top-k is cached: ``given`` (--distill-cache / --offset-cache), else inside the checkpoint
+    folder. That folder is settled first as fit would settle it (an --overwrite start clears earlier checkpoints now,
+    not after the cache is written; a new folder gets loram's marker), so the cache survives into the run and a --resume."""
+    from .io import write_marker
+    from .training.checkpoint import prepare_checkpoint_dir
+
+    if given:
+        return Path(given)
+    prepare_checkpoint_dir(ckpt, resume, overwrite, True)
+    if not ckpt.exists() or not any(ckpt.iterdir()):
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_marker(ckpt, "checkpoints")
+    return ckpt / "teacher-topk"
 
 
 # ---- the cache on disk ------------------------------------------------------------------------------
@@ -290,7 +313,8 @@ def teacher_pass(teacher: Teacher, blocks: list, cfg, tmp: Path, hidden_bytes: i
     rows.close()  # the generator's teacher goes with it
 
 
-def ensure_cache(teacher: Teacher, blocks: list, cfg, folder: Path, device="cpu", evals: dict | None = None) -> tuple[Cache, dict]:
+def ensure_cache(teacher: Teacher, blocks: list, cfg, folder: Path, device="cpu", evals: dict | None = None,
+                 command: str = "align --distill") -> tuple[Cache, dict]:
     """The cache of ``blocks`` (then of each of ``evals``: --eval NAME -> its blocks) in ``folder``: reused when its
     key matches, else computed (the teacher loaded, in memory or streamed, then released) and written atomically.
     Returns (cache, what happened)."""
@@ -304,7 +328,7 @@ def ensure_cache(teacher: Teacher, blocks: list, cfg, folder: Path, device="cpu"
         return cache, {"computed": False}
     stream, hidden_bytes = scoring_plan(teacher.name, cfg.seq_len, cfg.micro_batch, cfg.max_memory)
     t0 = time.time()
-    with atomic_dir(folder, overwrite=True, command="align --distill") as tmp:
+    with atomic_dir(folder, overwrite=True, command=command) as tmp:
         # one pass over the training blocks and the eval blocks after them: the teacher is loaded once
         rows = blocks + [b for part in evals.values() for b in part]
         teacher_pass(teacher, rows, cfg, Path(tmp), hidden_bytes if stream else None, device)

@@ -126,3 +126,49 @@ def chunked_distill_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, te
         else:
             total = total + _chunk_distill_sum(*args)
     return total / (num_items if num_items is not None else (y != ignore_index).sum())
+
+
+# ---- the original's offset: train the update as it acts on the original (loram.offset) ----------------
+# log p_combined = log q + (log p_original - log p_pruned): the student q (pruned + LoRA) is scored through the
+# original's next-token distribution. The original is kept as its cached top-k + rest bucket; the pruned
+# base (adapter off, no gradient) is compared on the same k + 1 outcomes, and the tokens outside the top-k
+# share the rest bucket's ratio. With k = vocab the offset is exact, and at the start of training (q = the
+# pruned base) the combined distribution IS the original's.
+def offset_log_probs(logits: torch.Tensor, base_logits: torch.Tensor, t_logp, t_idx, t_rest) -> torch.Tensor:
+    """log_softmax(logits) + (log p_original - log p_pruned base) [..., vocab], normalised over the vocabulary."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        logp = torch.log_softmax(base_logits.float(), dim=-1)
+        idx = t_idx.long()
+        rest = torch.where(torch.isinf(t_rest), torch.zeros_like(t_rest), t_rest - outside_logmass(logp, idx))  # k = vocab: none
+        off = rest.unsqueeze(-1).expand_as(logp).clone()
+        off.scatter_(-1, idx, t_logp - logp.gather(-1, idx))
+    return torch.log_softmax(logq + off, dim=-1)  # renormalised: exact with k = vocab, the bucket's approximation otherwise
+
+
+def _chunk_offset_sum(lm_head, hidden, base_hidden, labels, t_logp, t_idx, t_rest, ignore_index: int) -> torch.Tensor:
+    with torch.no_grad():
+        base_logits = lm_head(base_hidden)
+    logc = offset_log_probs(lm_head(hidden), base_logits, t_logp, t_idx, t_rest)
+    return F.nll_loss(logc.reshape(-1, logc.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_offset_loss(hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head, labels: torch.Tensor, teacher: dict,
+                        chunk: int = 0, ignore_index: int = IGNORE_INDEX, num_items=None) -> torch.Tensor:
+    """Mean next-token cross-entropy of the combined distribution (offset_log_probs) against ``labels``: the same
+    positions, count and gradient-accumulation rule as ``chunked_causal_lm_loss``.
+
+    hidden / base_hidden: [batch, seq, d] final hidden states of the student and of the pruned base (adapter off);
+    teacher: TEACHER_KEYS -> the original's top-k at temperature 1 for positions 0..seq-2 (``chunked_distill_loss``).
+    chunk: positions per lm_head call, each under checkpoint (0: all at once)."""
+    h, hb, y = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:].to(hidden.device)
+    t = [teacher[k].to(hidden.device) for k in TEACHER_KEYS]
+    step = chunk or h.shape[1]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[1], step):
+        args = (lm_head, h[:, s:s + step], hb[:, s:s + step], y[:, s:s + step], *(x[:, s:s + step] for x in t), ignore_index)
+        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
+            total = total + checkpoint(_chunk_offset_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_offset_sum(*args)
+    return total / (num_items if num_items is not None else (y != ignore_index).sum())

@@ -255,6 +255,21 @@ TRAIN_KNOBS = {
                           help="Jinja chat template file used instead of the tokenizer's (e.g. for a base model without one)"),
     "packing": Knob(False, switch=True, help="pack rows into --seq-len sequences, each row attending only to itself "
                                             "(positions restart per row; same loss as unpacked, fewer pad tokens)"),
+    "original_offset": Knob(False, switch=True,
+                            help="pruned model: train the update as it acts on the original, scoring the student through "
+                                 "log p_original - log p_pruned (the original's top-k computed once before training, "
+                                 "cached, streamed when it does not fit --max-memory), so the adapter does not learn to "
+                                 "repair the pruning"),
+    "teacher": Knob(None, metavar="PATH|HUB_ID", help="--original-offset: the original model (default: the plan's base; its "
+                                                      "fingerprint must be the plan's)"),
+    "offset_top_k": Knob(32, check=COUNT, metavar="K", help="--original-offset: the original's tokens kept per position "
+                                                           "(default 32; the vocabulary size: exact)"),
+    "offset_cache": Knob(None, metavar="DIR", outcome=False,
+                         help="--original-offset: folder of the original's cached top-k (default CHECKPOINT_DIR/teacher-topk); "
+                              "reused when it holds the same original, examples and K"),
+    "max_memory": Knob(None, check=POSITIVE, metavar="GB", outcome=False,
+                       help="--original-offset: memory budget of the original's pass (default: what the cgroup's limit "
+                            "leaves, else MemAvailable); an original whose in-memory pass does not fit is read layer by layer"),
     **_run_knobs(lr=2e-4),
 }
 ALIGN_KNOBS = {

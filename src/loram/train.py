@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import distill, offset
 from .adapter import ADAPTER_META, STAGE_PRUNED, warn_lm_head_serving, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, read_chat_template, skip_summary
@@ -29,7 +30,7 @@ from .fingerprint import base_fingerprint
 from .io import atomic_dir, load_tokenizer, releases_locks, write_json
 from .loading import load_model, load_original_nf4, load_pruned_model, pruned_folder, safetensors_folder
 from .nf4 import quantize_nf4, store_rest_in
-from .prune_plan import has_plan
+from .prune_plan import PrunePlan, has_plan
 from .settings import check_config
 from .training import TrainReport, claim_run, finish, fit, is_main, param_counts, run_precision, save_final
 from .training.distributed import check_engine, gathered_state_dict
@@ -86,6 +87,8 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     # as a local pruned folder; the adapter still records ``model_name``. Here only its plan is downloaded
     # (a repo that cannot be had fails now), its weights after the tokenizer and data checks.
     pruned = pruned_folder(model_name, fetch=False)
+    folder = pruned_folder(model_name) if pruned and (cfg.original_offset or cfg.teacher) else None  # its plan only
+    teacher = offset.check_request(cfg, PrunePlan.load(folder) if folder else None, folder or model_name)
     if is_main():
         warn_lm_head_serving(cfg.targets, f"`loram recover {out} --base ORIGINAL -o R`, then `loram merge ORIGINAL R -o MERGED`"
                              if pruned else f"`loram merge {model_name} {out} -o MERGED`")
@@ -99,6 +102,13 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
         for what, skipped in [("--data", dropped)] + [(f"--eval {n}", d) for n, d in eval_dropped.items()]:
             if skipped["total"] or skipped.get("truncated"):
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
+    soft = offset_record = None
+    if teacher is not None:  # the original's pass (or its cache) before the student loads: never both in memory
+        cache_dir = distill.cache_folder(cfg.offset_cache, ckpt, resume, overwrite)
+        examples = offset.run_examples(dataset.examples, cfg)
+        dataset, collator, soft, offset_record = offset.prepare(teacher, examples, cfg, tok.pad_token_id, cache_dir, device)
+    else:
+        collator = collate(tok.pad_token_id)
     source = pruned_folder(model_name) if pruned else model_name
     torch.manual_seed(cfg.seed)
     model, plan, base_fp = load_base(source, cfg.quantize, dtype, device)
@@ -108,19 +118,21 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     model.config.use_cache = False
     pm = get_peft_model(model, lora_config(cfg))
     trainable, frozen = param_counts(pm)
-    r = fit(pm, dataset, collate(tok.pad_token_id), cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, callbacks, settings)
+    r = fit(pm, dataset, collator, cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, callbacks, settings, soft)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from, eval_dropped)
     state = gathered_state_dict(r.trainer, trainable_only=True)  # every rank: under FSDP / ZeRO-3 each holds only a part
     if r.trainer.args.process_index == 0:
-        save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs, base_fp, state))
+        save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs, base_fp, state,
+                                              offset_record))
     finish(r.trainer)
     return report
 
 
 def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainReport, overwrite: bool, inputs=(),
-                 base_fp: dict | None = None, state: dict | None = None) -> None:
-    """``base_fp``: the original's fingerprint taken at load time (load_base), for an adapter of an original.
+                 base_fp: dict | None = None, state: dict | None = None, original_offset: dict | None = None) -> None:
+    """``original_offset``: what --original-offset used (offset.prepare's record), kept in loram_adapter.json.
+    ``base_fp``: the original's fingerprint taken at load time (load_base), for an adapter of an original.
     ``state``: the trained weights gathered from every rank (training.distributed.gathered_state_dict);
     None: the model's own (one process)."""
     from peft import get_peft_model_state_dict
@@ -137,6 +149,8 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
         meta = {"stage": "original", "base_fingerprint": base_fp or base_fingerprint(model_name),
                 "base_name": str(model_name)}
     meta["train"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    if original_offset:
+        meta["original_offset"] = original_offset
     with atomic_dir(out, overwrite, "train", inputs) as tmp:
         write_adapter(tmp, sd, lcfg, meta, plan)
         write_json(Path(tmp) / "train_report.json", report.as_json())

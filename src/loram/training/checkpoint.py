@@ -100,7 +100,7 @@ def prepare_checkpoint_dir(ckpt: Path, resume: bool, overwrite: bool, is_main: b
 # take. Everything else (lr, schedule, data, rank, seed, ...) must equal the checkpoint's run: a
 # resume with other values is neither run, and its adapter would record settings it was not trained with.
 RESUME_SAFE = ("steps", "epochs", "tokens", "save_steps", "logging_steps", "eval", "eval_steps", "grad_checkpointing",
-               "report_to", "teacher", "distill_cache", "max_memory")  # --distill: the cache key checks the teacher
+               "report_to", "teacher", "distill_cache", "offset_cache", "max_memory")  # the cache key checks the teacher
 
 
 def model_identity(model: str | Path) -> str:

@@ -106,9 +106,16 @@ def _trainer_class():
             inputs = dict(inputs)
             labels = inputs.pop("labels")
             teacher = {k: inputs.pop(k) for k in TEACHER_KEYS} if soft else None
-            with hidden_states_as_logits(causal_lm_of(self.accelerator.unwrap_model(model))) as head:
+            peft = self.accelerator.unwrap_model(model)
+            with hidden_states_as_logits(causal_lm_of(peft)) as head:
                 outputs = model(**inputs)
-            if soft:
+                base = None
+                if soft and self.distill.needs_base:  # --original-offset: the pruned base, adapter off, no gradient
+                    with torch.no_grad(), peft.disable_adapter():
+                        base = peft(**inputs).logits
+            if base is not None:
+                loss = self.distill(outputs.logits, base, head, labels, teacher, chunk, num_items_in_batch)
+            elif soft:
                 d = self.distill
                 loss = chunked_distill_loss(outputs.logits, head, labels, teacher, d.temperature, d.lm_weight, chunk,
                                             num_items=num_items_in_batch)
