@@ -77,6 +77,13 @@ VARIANTS = {
                              ["--original-offset"], []),
     "mlp_distilled_offset_lr2e-3": ("mlp_distilled_offset at LoRA lr 2e-3", "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "2e-3"],
                                     []),
+    "mlp_distilled_offset_lr3e-3": ("mlp_distilled_offset at LoRA lr 3e-3", "distill:mlp0.62:1e-4",
+                                    ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
+    "mlp_distilled_offset_lr5e-3": ("mlp_distilled_offset at LoRA lr 5e-3", "distill:mlp0.62:1e-4",
+                                    ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}"], []),
+    "lora_rows162_lr2e-3": ("lora_rows162 at lr 2e-3 (context: does full LoRA gain as much from the larger lr?)", None, ["--lr", "2e-3"], []),
+    "distilled85_offset_lr2e-3": ("distilled85 on the 162-row subset, `train --original-offset`, LoRA lr 2e-3", "distill:stru0.85:1e-4",
+                                  ["--original-offset", "--lr", "2e-3", "--offset-cache", "{offset_cache}"], []),
     "distilled85_rows162": ("distilled85 on the 162-row subset", "distill:stru0.85:1e-4", [], []),
     "distilled85_offset": ("distilled85 on the 162-row subset, `train --original-offset` (top-32)", "distill:stru0.85:1e-4",
                            ["--original-offset"], []),
@@ -96,8 +103,9 @@ NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "alig
 SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_calibrated_layer": "mlp_distilled",
                 "distilled85_calibrated": "distilled85", "mlp_only_offset_calibrated": "mlp_only_offset"}
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3", "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
-          "distilled85_rows162", "distilled85_offset"}
+SUBSET = {"lora_rows162", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
+          "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
+          "mlp_distilled_offset_lr3e-3", "mlp_distilled_offset_lr5e-3", "distilled85_rows162", "distilled85_offset", "distilled85_offset_lr2e-3"}
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
 
@@ -146,6 +154,8 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
     else:
         pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
     name = SAME_ADAPTER.get(name, name)
+    # the original's top-k of the subset's rows: the same for every student (its key has no student in it), so shared
+    extra = [x.format(offset_cache=work / "offset-cache-rows162") for x in extra]
     q.train(work, f"adapter_dev_{name}", str(pruned), extra, data)
     return work / f"adapter_dev_{name}"
 
