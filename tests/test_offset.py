@@ -125,7 +125,8 @@ def test_train_end_to_end_without_the_original_in_memory(tiny_dir, pruned_dir, t
     meta = json.loads((tmp_path / "ad" / "loram_adapter.json").read_text())
     rec = meta["original_offset"]
     assert rec["examples"] == 8 and rec["top_k"] == 8 and rec["computed"] and meta["train"]["original_offset"]
-    assert main(["recover", str(tmp_path / "ad"), "--base", str(tiny_dir), "-o", str(tmp_path / "rec")]) == 0  # a standard adapter of the original
+    # a standard adapter of the original
+    assert main(["recover", str(tmp_path / "ad"), "--base", str(tiny_dir), "-o", str(tmp_path / "rec")]) == 0
     assert (tmp_path / "rec" / "adapter_model.safetensors").exists()
     monkeypatch.setattr(distill, "teacher_pass", lambda *a, **kw: pytest.fail("the original ran again for the same rows"))
     train(pruned_dir, tmp_path / "ad2", ocfg(data, steps=4, offset_cache=str(tmp_path / "c")))
