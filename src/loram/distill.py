@@ -362,14 +362,17 @@ class DistillDataset(torch.utils.data.Dataset):
 
 
 def collate(pad_id: int):
-    """data.collate for the ids and labels, the teacher's rows stacked (every block has seq_len tokens)."""
+    """data.collate for the ids and labels, the teacher's rows stacked and cut to the batch's length - 1 (align's
+    blocks all have seq_len tokens, so nothing is cut there; train --original-offset's rows are padded to the
+    longest row for the teacher pass and a batch may be shorter)."""
     from .data import collate as plain
 
     base = plain(pad_id)
 
     def fn(batch):
         out = base([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
-        return out | {k: torch.stack([b[k] for b in batch]) for k in TEACHER_KEYS}
+        n = out["input_ids"].shape[1] - 1
+        return out | {k: torch.stack([b[k][:n] for b in batch]) for k in TEACHER_KEYS}
 
     return fn
 

@@ -44,7 +44,7 @@ import torch
 
 from . import distill
 from .errors import LoramError
-from .loss import TEACHER_KEYS, chunked_offset_loss
+from .loss import chunked_offset_loss
 
 
 @dataclass(frozen=True)
@@ -118,18 +118,5 @@ def prepare(teacher: distill.Teacher, examples: list, cfg, pad_id: int, folder: 
     rec = {"teacher": teacher.name, "teacher_fingerprint": teacher.fingerprint["id"], "top_k": cfg.offset_top_k,
            "cache": str(cache.folder), "cache_key": cache.manifest["key"], "examples": len(examples),
            "loss": "CE of log q + log p_original(top-k + rest) - log p_pruned"} | how
-    return data, collate(pad_id), OffsetLoss(), rec
+    return data, distill.collate(pad_id), OffsetLoss(), rec
 
-
-def collate(pad_id: int):
-    """data.collate for the ids and labels; the teacher's rows stacked and cut to the batch's length - 1."""
-    from .data import collate as plain
-
-    base = plain(pad_id)
-
-    def fn(batch):
-        out = base([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
-        n = out["input_ids"].shape[1] - 1
-        return out | {k: torch.stack([b[k][:n] for b in batch]) for k in TEACHER_KEYS}
-
-    return fn

@@ -87,8 +87,8 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     # as a local pruned folder; the adapter still records ``model_name``. Here only its plan is downloaded
     # (a repo that cannot be had fails now), its weights after the tokenizer and data checks.
     pruned = pruned_folder(model_name, fetch=False)
-    folder = pruned_folder(model_name) if pruned and (cfg.original_offset or cfg.teacher) else None  # its plan only
-    teacher = offset.check_request(cfg, PrunePlan.load(folder) if folder else None, folder or model_name)
+    # --original-offset: checked from the plan (``pruned`` holds it, a hub repo's weights are not fetched yet) and configs
+    teacher = offset.check_request(cfg, PrunePlan.load(pruned) if pruned and cfg.original_offset else None, model_name)
     if is_main():
         warn_lm_head_serving(cfg.targets, f"`loram recover {out} --base ORIGINAL -o R`, then `loram merge ORIGINAL R -o MERGED`"
                              if pruned else f"`loram merge {model_name} {out} -o MERGED`")
