@@ -81,6 +81,25 @@ VARIANTS = {
                                     ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
     "mlp_distilled_offset_lr5e-3": ("mlp_distilled_offset at LoRA lr 5e-3", "distill:mlp0.62:1e-4",
                                     ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}"], []),
+    "mlp_distilled_offset_lr3e-3_calibrated": ("mlp_distilled_offset_lr3e-3's adapter recovered with --calibrate (one scale)",
+                                               "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"],
+                                               ["--calibrate", "{calibrate}", "--seq-len", "256"]),
+    "mlp_distilled_offset_lr5e-3_calibrated": ("mlp_distilled_offset_lr5e-3's adapter recovered with --calibrate (one scale)",
+                                               "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}"],
+                                               ["--calibrate", "{calibrate}", "--seq-len", "256"]),
+    # --anchor (loram.anchor): KL to the adapter-off model on general text (C4 excerpt, the alignment corpus; OOD is Alpaca)
+    "mlp_distilled_offset_lr5e-3_anchor": ("mlp_distilled_offset_lr5e-3 with `--anchor` C4 (weight 1, one 256-token block per micro-step)",
+                                           "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
+                                                                    "--anchor", "{anchor}"], []),
+    "mlp_distilled_offset_lr5e-3_anchor10": ("same, --anchor-weight 10", "distill:mlp0.62:1e-4",
+                                             ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}",
+                                              "--anchor-weight", "10"], []),
+    "mlp_distilled_offset_lr8e-3_anchor": ("mlp_distilled_offset with `--anchor` C4 (weight 1) at LoRA lr 8e-3", "distill:mlp0.62:1e-4",
+                                           ["--original-offset", "--lr", "8e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
+    "distilled85_offset_lr5e-3_anchor": ("distilled85_offset with `--anchor` C4 (weight 1) at LoRA lr 5e-3", "distill:stru0.85:1e-4",
+                                         ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
+    "mlp_distilled_offset_lr6e-3_anchor": ("mlp_distilled_offset with `--anchor` C4 (weight 1) at LoRA lr 6e-3", "distill:mlp0.62:1e-4",
+                                           ["--original-offset", "--lr", "6e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
     "lora_rows162_lr2e-3": ("lora_rows162 at lr 2e-3 (context: does full LoRA gain as much from the larger lr?)", None, ["--lr", "2e-3"], []),
     "distilled85_offset_lr2e-3": ("distilled85 on the 162-row subset, `train --original-offset`, LoRA lr 2e-3", "distill:stru0.85:1e-4",
                                   ["--original-offset", "--lr", "2e-3", "--offset-cache", "{offset_cache}"], []),
@@ -101,11 +120,18 @@ NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "alig
                  "unst": "adapter_unst_recovered"}
 # variants that only recover differently: they reuse this variant's trained adapter
 SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_calibrated_layer": "mlp_distilled",
-                "distilled85_calibrated": "distilled85", "mlp_only_offset_calibrated": "mlp_only_offset"}
+                "distilled85_calibrated": "distilled85", "mlp_only_offset_calibrated": "mlp_only_offset",
+                "mlp_distilled_offset_lr3e-3_calibrated": "mlp_distilled_offset_lr3e-3",
+                "mlp_distilled_offset_lr5e-3_calibrated": "mlp_distilled_offset_lr5e-3"}
+ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
 SUBSET = {"lora_rows162", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
-          "mlp_distilled_offset_lr3e-3", "mlp_distilled_offset_lr5e-3", "distilled85_rows162", "distilled85_offset", "distilled85_offset_lr2e-3"}
+          "mlp_distilled_offset_lr3e-3", "mlp_distilled_offset_lr5e-3", "mlp_distilled_offset_lr3e-3_calibrated",
+          "mlp_distilled_offset_lr5e-3_calibrated", "mlp_distilled_offset_lr5e-3_anchor",
+          "mlp_distilled_offset_lr5e-3_anchor10", "mlp_distilled_offset_lr8e-3_anchor", "distilled85_offset_lr5e-3_anchor",
+          "mlp_distilled_offset_lr6e-3_anchor",
+          "distilled85_rows162", "distilled85_offset", "distilled85_offset_lr2e-3"}
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
 
@@ -155,7 +181,7 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
         pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
     name = SAME_ADAPTER.get(name, name)
     # the original's top-k of the subset's rows: the same for every student (its key has no student in it), so shared
-    extra = [x.format(offset_cache=work / "offset-cache-rows162") for x in extra]
+    extra = [x.format(offset_cache=work / "offset-cache-rows162", anchor=ANCHOR) for x in extra]
     q.train(work, f"adapter_dev_{name}", str(pruned), extra, data)
     return work / f"adapter_dev_{name}"
 

@@ -56,9 +56,14 @@ def test_demo_smoke(tmp_path, capsys):
     for f in ("loss_curves.png", "inspect-loram/attn_heads.png", "inspect-loram/mlp_layers.png", "results.md",
               "adapter-recovered/adapter_model.safetensors", "data/test.jsonl"):
         assert (out / f).exists(), f
-    # running it again into the same folder replaces the previous demo
-    assert main(["demo", "--smoke", "--out", str(out), "--json"]) == 0
+    # the adapter was trained through the original (the default), on MLP-only pruning (attention kept whole)
+    meta = json.loads((out / "adapter-pruned" / "loram_adapter.json").read_text())
+    assert meta["original_offset"]["examples"] > 0 and meta["train"]["original_offset"]
+    assert json.loads((out / "pruned" / "loram_plan.json").read_text())["attn_ratio"] == 0
+    # running it again into the same folder replaces the previous demo; --plain trains the paper's way
+    assert main(["demo", "--smoke", "--out", str(out), "--json", "--plain"]) == 0
     assert len(json.loads((out / "demo.json").read_text())["rows"]) == 3
+    assert "original_offset" not in json.loads((out / "adapter-pruned" / "loram_adapter.json").read_text())
     assert '"timings"' in capsys.readouterr().out
 
 

@@ -75,6 +75,10 @@ class TrainConfig(RunConfig):
     offset_top_k: int = 32
     offset_cache: str | None = None  # default: CHECKPOINT_DIR/teacher-topk
     max_memory: float | None = None  # the original's pass's memory budget (streams it when it does not fit)
+    # --anchor: KL to the adapter-off model on general text blocks (loram.anchor)
+    anchor: str | None = None
+    anchor_weight: float = 1.0
+    anchor_batch: int = 1
     extra: dict = field(default_factory=dict)
 
 

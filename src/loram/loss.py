@@ -172,3 +172,29 @@ def chunked_offset_loss(hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head
         else:
             total = total + _chunk_offset_sum(*args)
     return total / (num_items if num_items is not None else (y != ignore_index).sum())
+
+
+# ---- the anchor: keep the update from moving the model on general text (loram.anchor) ------------------
+# KL(p_base || p_adapted) over the full vocabulary at every position of an anchor block: p_base is the same
+# model with the adapter off (no gradient). It is 0, with a zero gradient, while the update is zero, and it
+# grows only as the update changes what the model predicts on text that is not the task.
+def _chunk_anchor_sum(lm_head, hidden, base_hidden) -> torch.Tensor:
+    logq = torch.log_softmax(lm_head(hidden).float(), dim=-1)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm_head(base_hidden).float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def chunked_anchor_kl(hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head, chunk: int = 0) -> torch.Tensor:
+    """Mean over positions of KL(base || adapted): hidden / base_hidden [batch, seq, d] final hidden states of the
+    adapted model and of the same model with its adapter off. chunk: positions per lm_head call, each under
+    checkpoint (0: all at once)."""
+    step = chunk or hidden.shape[1]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[1], step):
+        args = (lm_head, hidden[:, s:s + step], base_hidden[:, s:s + step])
+        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
+            total = total + checkpoint(_chunk_anchor_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_anchor_sum(*args)
+    return total / (hidden.shape[0] * hidden.shape[1])

@@ -270,6 +270,12 @@ TRAIN_KNOBS = {
     "max_memory": Knob(None, check=POSITIVE, metavar="GB", outcome=False,
                        help="--original-offset: memory budget of the original's pass (default: what the cgroup's limit "
                             "leaves, else MemAvailable); an original whose in-memory pass does not fit is read layer by layer"),
+    "anchor": Knob(None, metavar="TEXT",
+                   help="raw corpus (as `loram align --data`: .txt lines or `text` rows, folder or hub id) on which the update "
+                        "should change nothing: the loss adds --anchor-weight x KL(adapter off || adapter on) on its "
+                        "--seq-len blocks, keeping the model's general-text behaviour (loram.anchor)"),
+    "anchor_weight": Knob(1.0, check=NON_NEGATIVE, metavar="W", help="--anchor: weight of the KL term (default 1)"),
+    "anchor_batch": Knob(1, check=COUNT, metavar="N", help="--anchor: blocks read per micro-step (default 1)"),
     **_run_knobs(lr=2e-4),
 }
 ALIGN_KNOBS = {

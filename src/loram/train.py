@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import anchor as anchors
 from . import distill, offset
 from .adapter import ADAPTER_META, STAGE_PRUNED, warn_lm_head_serving, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
@@ -89,6 +90,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     pruned = pruned_folder(model_name, fetch=False)
     # --original-offset: checked from the plan (``pruned`` holds it, a hub repo's weights are not fetched yet) and configs
     teacher = offset.check_request(cfg, PrunePlan.load(pruned) if pruned and cfg.original_offset else None, model_name)
+    anchors.check_request(cfg)
     if is_main():
         warn_lm_head_serving(cfg.targets, f"`loram recover {out} --base ORIGINAL -o R`, then `loram merge ORIGINAL R -o MERGED`"
                              if pruned else f"`loram merge {model_name} {out} -o MERGED`")
@@ -98,6 +100,7 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
         tok.chat_template = template
     dataset, dropped = build_dataset(tok, cfg)
     evals, eval_dropped = eval_sets(tok, cfg)
+    anchor = anchors.load(tok, cfg)  # --anchor's corpus, tokenized before the weights load (a bad file fails now)
     if is_main():
         for what, skipped in [("--data", dropped)] + [(f"--eval {n}", d) for n, d in eval_dropped.items()]:
             if skipped["total"] or skipped.get("truncated"):
@@ -118,20 +121,22 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
     model.config.use_cache = False
     pm = get_peft_model(model, lora_config(cfg))
     trainable, frozen = param_counts(pm)
-    r = fit(pm, dataset, collator, cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, callbacks, settings, soft)
+    r = fit(pm, dataset, collator, cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, callbacks, settings, soft, anchor)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
                          trainable, frozen, r.losses, dropped, r.eval_ppl, r.eval_history, r.resumed_from, eval_dropped)
     state = gathered_state_dict(r.trainer, trainable_only=True)  # every rank: under FSDP / ZeRO-3 each holds only a part
     if r.trainer.args.process_index == 0:
+        records = {"original_offset": offset_record, "anchor": anchor.record() if anchor else None}
         save_final(ckpt, lambda: save_adapter(pm, out, model_name, plan, cfg, report, overwrite, inputs, base_fp, state,
-                                              offset_record))
+                                              records))
     finish(r.trainer)
     return report
 
 
 def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainReport, overwrite: bool, inputs=(),
-                 base_fp: dict | None = None, state: dict | None = None, original_offset: dict | None = None) -> None:
-    """``original_offset``: what --original-offset used (offset.prepare's record), kept in loram_adapter.json.
+                 base_fp: dict | None = None, state: dict | None = None, records: dict | None = None) -> None:
+    """``records``: what --original-offset / --anchor used (offset.prepare's record, Anchor.record), kept in
+    loram_adapter.json under their names (None: not used).
     ``base_fp``: the original's fingerprint taken at load time (load_base), for an adapter of an original.
     ``state``: the trained weights gathered from every rank (training.distributed.gathered_state_dict);
     None: the model's own (one process)."""
@@ -149,8 +154,7 @@ def save_adapter(pm, out, model_name, plan, cfg: TrainConfig, report: TrainRepor
         meta = {"stage": "original", "base_fingerprint": base_fp or base_fingerprint(model_name),
                 "base_name": str(model_name)}
     meta["train"] = {k: v for k, v in asdict(cfg).items() if k != "extra"}
-    if original_offset:
-        meta["original_offset"] = original_offset
+    meta |= {k: v for k, v in (records or {}).items() if v}
     with atomic_dir(out, overwrite, "train", inputs) as tmp:
         write_adapter(tmp, sd, lcfg, meta, plan)
         write_json(Path(tmp) / "train_report.json", report.as_json())

@@ -13,7 +13,10 @@ def add(sub) -> None:
     p.add_argument("--with-baseline", action="store_true", help="also train plain LoRA on the original (about +4 min)")
     p.add_argument("--steps", type=COUNT, default=None, help="LoRA steps (default 60)")
     p.add_argument("--lr", type=POSITIVE, default=None)
-    p.add_argument("--ratio", type=RATIO, default=None, help="pruning ratio (default 0.3)")
+    p.add_argument("--ratio", type=RATIO, default=None, help="MLP pruning ratio (default 0.5)")
+    p.add_argument("--attn-ratio", type=RATIO, default=None, help="KV-group pruning ratio (default 0: attention kept whole)")
+    p.add_argument("--plain", action="store_true", help="train LoRA on the pruned model plainly (the paper's LoRAM) instead of "
+                                                       "through the original (loram train --original-offset)")
     p.add_argument("--bf16", action="store_true", help="bf16 training (slower than fp32 on some CPUs)")
     p.add_argument("--eval-split", default="test", choices=["dev", "test"], help="dev: for choosing settings")
     p.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then includes the rest)")
@@ -29,7 +32,9 @@ def run(a) -> int:
 
     from ..demo import DemoConfig, run_demo
 
-    kw = {k: v for k, v in dict(steps=a.steps, lr=a.lr, ratio=a.ratio).items() if v is not None}
+    kw = {k: v for k, v in dict(steps=a.steps, lr=a.lr, ratio=a.ratio, attn_ratio=a.attn_ratio).items() if v is not None}
+    if a.plain:
+        kw["original_offset"] = False
     kw.update(out=a.out, with_baseline=a.with_baseline, eval_split=a.eval_split, overwrite=a.overwrite)
     if a.bf16:
         kw["bf16"] = True

@@ -27,7 +27,7 @@ from ..device import compute_dtype, default_device, trainer_precision
 from ..eval.ppl import loglik_sums
 from ..eval.scoring import IGNORE
 from ..io import is_disk_full, write_json, write_marker
-from ..loss import TEACHER_KEYS, chunked_causal_lm_loss, chunked_distill_loss, hidden_states_as_logits
+from ..loss import TEACHER_KEYS, chunked_anchor_kl, chunked_causal_lm_loss, chunked_distill_loss, hidden_states_as_logits
 from ..procmem import PeakRSS
 from ..pruned_model import count_params
 from .checkpoint import disk_full_in_checkpoint, is_main, last_checkpoint, mark_complete, prepare_checkpoint_dir
@@ -98,11 +98,20 @@ def _trainer_class():
 
         distill = None  # loram.distill.DistillLoss (align --distill), set by fit
 
+        anchor = None  # loram.anchor.Anchor (train --anchor), set by fit
+        anchor_next = None  # the next anchor micro-step: from the restored global step on the first call (resume)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = self._task_loss(model, inputs, num_items_in_batch)
+            if self.anchor is not None and model.training:
+                loss = loss + self._anchor_loss(model, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+        def _task_loss(self, model, inputs, num_items_in_batch):
             chunk = self.loss_chunk
             soft = self.distill is not None and TEACHER_KEYS[0] in inputs  # batches carry the teacher's cached top-k
             if not (chunk or soft) or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return super().compute_loss(model, inputs, True, num_items_in_batch)
             inputs = dict(inputs)
             labels = inputs.pop("labels")
             teacher = {k: inputs.pop(k) for k in TEACHER_KEYS} if soft else None
@@ -126,7 +135,28 @@ def _trainer_class():
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
-            return (loss, outputs) if return_outputs else loss
+            return loss, outputs
+
+        def _anchor_loss(self, model, num_items_in_batch):
+            """--anchor's term for this micro-step: weight x KL(adapter off || on) on its blocks (loram.anchor)."""
+            a, ga = self.anchor, self.args.gradient_accumulation_steps
+            if self.anchor_next is None:
+                self.anchor_next = self.state.global_step * ga
+            ids = a.batch_at(self.anchor_next, self.args.process_index, self.args.world_size).to(self.args.device)
+            self.anchor_next += 1
+            peft = self.accelerator.unwrap_model(model)
+            with hidden_states_as_logits(causal_lm_of(peft)) as head:
+                hidden = model(input_ids=ids).logits
+                with torch.no_grad(), peft.disable_adapter():
+                    base = peft(input_ids=ids).logits
+            kl = a.weight * chunked_anchor_kl(hidden, base, head, self.loss_chunk)
+            # a per-micro-step mean; the Trainer divides the step's loss by the accumulation unless the task loss
+            # was already a share of the accumulated batch (its rule in training_step): then divide here. DDP
+            # averages the ranks' gradients, so the anchor is not scaled back up as the task loss is.
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            return kl / ga if scaled else kl
 
         checked_at = -1  # the optimizer step stop_if_non_finite last looked at
         first_bad = None  # device tensor: the first optimizer step whose loss was non-finite (inf: none yet)
@@ -294,7 +324,8 @@ class FitResult:
 
 
 def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, overwrite: bool, evals: dict | None = None,
-        pad_id: int = 0, callbacks: list | None = None, settings: dict | None = None, distill=None) -> FitResult:
+        pad_id: int = 0, callbacks: list | None = None, settings: dict | None = None, distill=None,
+        anchor=None) -> FitResult:
     """Run transformers' Trainer on ``model`` (LoRA-wrapped or with its own requires_grad set).
 
     Works unchanged under torchrun / accelerate launch (DDP; FSDP and DeepSpeed through accelerate's
@@ -303,6 +334,7 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
 
     distill: a loram.distill.DistillLoss (temperature, lm_weight): batches that carry the teacher's
     cached top-k (loss.TEACHER_KEYS) are scored by loss.chunked_distill_loss instead of the LM loss.
+    anchor: a loram.anchor.Anchor (train --anchor): each micro-step adds its KL term on general-text blocks.
     """
     from transformers import TrainingArguments
 
@@ -341,12 +373,13 @@ def fit(model, dataset, collator, cfg: RunConfig, ckpt: Path, resume: bool, over
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                callbacks=record + list(callbacks or []))
     record[0].trainer = trainer
-    if (cfg.loss_chunk or distill is not None) and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        what = "--distill" if distill is not None else "--loss-chunk"
+    if (cfg.loss_chunk or distill is not None or anchor is not None) and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        what = "--distill" if distill is not None else "--anchor" if anchor is not None else "--loss-chunk"
         raise LoramError(f"{what} calls lm_head outside the model's forward, which FSDP / DeepSpeed sharding "
                          f"do not allow: drop {what}")
     trainer.loss_chunk = cfg.loss_chunk
     trainer.distill = distill
+    trainer.anchor = anchor
     trainer.pad_id = pad_id
     trainer.loram_settings = settings
     progress.trainer_quiet(trainer)
