@@ -102,16 +102,17 @@ def _trainer_class():
         anchor_next = None  # the next anchor micro-step: from the restored global step on the first call (resume)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = self._task_loss(model, inputs, num_items_in_batch)
-            if self.anchor is not None and model.training:
-                loss = loss + self._anchor_loss(model, num_items_in_batch)
+            if self.anchor is None or not model.training:
+                return self._task_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = self._task_loss(model, inputs, True, num_items_in_batch)
+            loss = loss + self._anchor_loss(model, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
-        def _task_loss(self, model, inputs, num_items_in_batch):
+        def _task_loss(self, model, inputs, return_outputs, num_items_in_batch):
             chunk = self.loss_chunk
             soft = self.distill is not None and TEACHER_KEYS[0] in inputs  # batches carry the teacher's cached top-k
             if not (chunk or soft) or "labels" not in inputs:
-                return super().compute_loss(model, inputs, True, num_items_in_batch)
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = dict(inputs)
             labels = inputs.pop("labels")
             teacher = {k: inputs.pop(k) for k in TEACHER_KEYS} if soft else None
@@ -135,7 +136,7 @@ def _trainer_class():
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
-            return loss, outputs
+            return (loss, outputs) if return_outputs else loss
 
         def _anchor_loss(self, model, num_items_in_batch):
             """--anchor's term for this micro-step: weight x KL(adapter off || on) on its blocks (loram.anchor)."""
