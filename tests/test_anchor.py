@@ -98,7 +98,8 @@ def test_anchor_with_original_offset_and_accumulation(pruned_dir, tmp_path):
     (["--anchor-batch", "3"], "--anchor-batch only applies with --anchor"),
     (["--anchor", "MISSING.txt"], "does not exist"),
     (["--anchor", "SHORT.txt"], "fewer than one block of --seq-len"),
-    (["--anchor", "GENERAL", "--anchor-weight", "-1"], "--anchor-weight"),
+    (["--anchor", "GENERAL", "--anchor-weight", "-1"], "--anchor-weight -1 is out of range"),
+    (["--anchor", "GENERAL", "--targets", "q,lm_head"], "--anchor needs lm_head without an adapter"),
 ])
 def test_wrong_requests_fail_in_one_line(pruned_dir, tmp_path, capsys, flags, msg):
     (tmp_path / "SHORT.txt").write_text("too short\n")
@@ -116,3 +117,26 @@ def test_python_callers_get_the_same_refusal(pruned_dir, tmp_path):
     with pytest.raises(LoramError, match="--anchor-batch only applies with --anchor"):
         train(pruned_dir, tmp_path / "ad", acfg(rows_file(tmp_path), anchor_batch=2))
     assert not (tmp_path / "ad").exists()
+
+
+def test_a_resumed_run_continues_with_the_anchor_blocks_it_stopped_at(pruned_dir, tmp_path):
+    """Stopped after step 2 and resumed, the run logs the same losses (task + anchor) and ends with the same adapter as
+    one that never stopped: the anchor blocks continue from the restored step, not from the first block."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 2:  # checkpoint-2 is written
+                raise KeyboardInterrupt
+
+    c = acfg(rows_file(tmp_path), steps=4, save_steps=2, anchor=str(general_file(tmp_path)), anchor_weight=5.0)
+    ref = train(pruned_dir, tmp_path / "ref", c)
+    with pytest.raises(LoramError, match="continue with --resume"):
+        train(pruned_dir, tmp_path / "A", c, callbacks=[Stop()])
+    r = train(pruned_dir, tmp_path / "A", c, resume=True)
+    assert r.resumed_from and r.resumed_from.endswith("checkpoint-2")
+    la, lb = [x["loss"] for x in ref.losses], [x["loss"] for x in r.losses]
+    assert len(la) == len(lb) == 4 and max(abs(a - b) for a, b in zip(la, lb)) < 1e-5, (la, lb)
+    A, B = load_file(str(tmp_path / "ref" / "adapter_model.safetensors")), load_file(str(tmp_path / "A" / "adapter_model.safetensors"))
+    assert max((A[k] - B[k]).abs().max().item() for k in A) < 1e-5

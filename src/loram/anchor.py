@@ -52,7 +52,9 @@ class Anchor:
 
 
 def check_request(cfg) -> None:
-    """Refuse --anchor-weight / --anchor-batch without --anchor, before anything is loaded."""
+    """Refuse --anchor-weight / --anchor-batch without --anchor, and an lm_head target with it, before anything loads."""
+    if cfg.anchor is not None and "lm_head" in cfg.targets:
+        raise LoramError("--anchor needs lm_head without an adapter (the adapter-off logits): drop lm_head from --targets")
     if cfg.anchor is None:
         from dataclasses import fields
 
