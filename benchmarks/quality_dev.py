@@ -100,6 +100,8 @@ VARIANTS = {
                                          ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
     "mlp_distilled_offset_lr6e-3_anchor": ("mlp_distilled_offset with `--anchor` C4 (weight 1) at LoRA lr 6e-3", "distill:mlp0.62:1e-4",
                                            ["--original-offset", "--lr", "6e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
+    "distilled85_offset_lr2e-3_anchor": ("distilled85_offset_lr2e-3 with `--anchor` C4 (weight 1)", "distill:stru0.85:1e-4",
+                                         ["--original-offset", "--lr", "2e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
     "lora_rows162_lr2e-3": ("lora_rows162 at lr 2e-3 (context: does full LoRA gain as much from the larger lr?)", None, ["--lr", "2e-3"], []),
     "distilled85_offset_lr2e-3": ("distilled85 on the 162-row subset, `train --original-offset`, LoRA lr 2e-3", "distill:stru0.85:1e-4",
                                   ["--original-offset", "--lr", "2e-3", "--offset-cache", "{offset_cache}"], []),
@@ -130,7 +132,7 @@ SUBSET = {"lora_rows162", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_o
           "mlp_distilled_offset_lr3e-3", "mlp_distilled_offset_lr5e-3", "mlp_distilled_offset_lr3e-3_calibrated",
           "mlp_distilled_offset_lr5e-3_calibrated", "mlp_distilled_offset_lr5e-3_anchor",
           "mlp_distilled_offset_lr5e-3_anchor10", "mlp_distilled_offset_lr8e-3_anchor", "distilled85_offset_lr5e-3_anchor",
-          "mlp_distilled_offset_lr6e-3_anchor",
+          "mlp_distilled_offset_lr6e-3_anchor", "distilled85_offset_lr2e-3_anchor",
           "distilled85_rows162", "distilled85_offset", "distilled85_offset_lr2e-3"}
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
