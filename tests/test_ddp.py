@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent('''
     import hashlib, json, math, os, sys
     import torch
@@ -14,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     import loram.data as data
     from loram.train import TrainConfig, train
 
-    model, data_file, out, log = sys.argv[1:5]
+    model, data_file, out, log, anchor = sys.argv[1:6]
     rank, seen, steps = int(os.environ["RANK"]), [], []
     real = data.collate
 
@@ -34,21 +36,26 @@ SCRIPT = textwrap.dedent('''
             steps.append({"step": state.global_step, "sha": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
                           "norm": flat.norm().item()})
 
-    r = train(model, out, TrainConfig(data=[data_file], steps=3, micro_batch=2, lr=1e-2, logging_steps=1, seq_len=64),
-              callbacks=[Weights()])
+    r = train(model, out, TrainConfig(data=[data_file], steps=3, micro_batch=2, lr=1e-2, logging_steps=1, seq_len=64,
+                                      **({"anchor": anchor, "anchor_weight": 5.0} if anchor else {})), callbacks=[Weights()])
     json.dump({"rank": rank, "world": int(os.environ["WORLD_SIZE"]), "seen": seen, "steps": steps,
                "losses": [x["loss"] for x in r.losses]}, open(f"{log}.{rank}.json", "w"))
 ''')
 
 
-def test_two_rank_ddp_on_cpu(tiny_dir, alpaca_file, tmp_path):
+@pytest.mark.parametrize("anchor", [False, True], ids=["plain", "anchor"])
+def test_two_rank_ddp_on_cpu(tiny_dir, alpaca_file, tmp_path, anchor):
+    """With --anchor the ranks read different anchor blocks: identical weights mean its gradient was averaged too."""
+    text = tmp_path / "general.txt"
+    text.write_text("\n".join(f"the {w} walked along the {v} and looked at the sky for a while" for w in ("cat", "dog", "fox")
+                              for v in ("road", "river", "field", "wall")))
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     out, log = tmp_path / "A", tmp_path / "log"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                        str(tiny_dir), str(alpaca_file), str(out), str(log)], env=env, capture_output=True, text=True,
-                       timeout=300)
+                        str(tiny_dir), str(alpaca_file), str(out), str(log), str(text) if anchor else ""], env=env,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"log.{i}.json").read_text()) for i in (0, 1))
     assert r0["world"] == r1["world"] == 2

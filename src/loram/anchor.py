@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LoramError
+from .settings import refuse_without
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,7 @@ def check_request(cfg) -> None:
     if cfg.anchor is not None and "lm_head" in cfg.targets:
         raise LoramError("--anchor needs lm_head without an adapter (the adapter-off logits): drop lm_head from --targets")
     if cfg.anchor is None:
-        from dataclasses import fields
-
-        defaults = {f.name: f.default for f in fields(cfg)}  # TrainConfig's own: no second copy here
-        given = [f"--{n.replace('_', '-')}" for n in ("anchor_weight", "anchor_batch") if getattr(cfg, n) != defaults[n]]
-        if given:
-            raise LoramError(f"{given[0]} only applies with --anchor: add --anchor TEXT or drop {given[0]}")
+        refuse_without(cfg, ("anchor_weight", "anchor_batch"), "--anchor", "--anchor TEXT")
 
 
 STREAMED_CAP = 4096  # blocks read from a streamed corpus (hub id, folder) when --epochs leaves the need open

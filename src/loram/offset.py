@@ -37,7 +37,7 @@ the adapter) or torchrun (the teacher pass is one process).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ import torch
 from . import distill
 from .errors import LoramError
 from .loss import chunked_offset_loss
+from .settings import refuse_without
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,7 @@ class OffsetLoss:
 def check_request(cfg, plan, model) -> distill.Teacher | None:
     """Refuse a wrong --original-offset request from configs and headers alone, before anything is loaded."""
     if not cfg.original_offset:
-        defaults = {f.name: f.default for f in fields(cfg)}  # TrainConfig's own: no second copy here
-        given = [f"--{n.replace('_', '-')}" for n in ("teacher", "offset_top_k", "offset_cache") if getattr(cfg, n) != defaults[n]]
-        if given:
-            raise LoramError(f"{given[0]} only applies with --original-offset: add --original-offset or drop {given[0]}")
+        refuse_without(cfg, ("teacher", "offset_top_k", "offset_cache"), "--original-offset", "--original-offset")
         return None
     if plan is None or plan.kind == "sparse":
         raise LoramError(f"--original-offset needs a structurally pruned model folder (from `loram prune`); {model} is "

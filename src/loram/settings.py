@@ -474,6 +474,15 @@ def check_knobs(verb: str, **values) -> None:
             table[k].checker(k).check(v)
 
 
+def refuse_without(cfg, names: tuple[str, ...], switch: str, add: str) -> None:
+    """Refuse knobs ``names`` of a config dataclass set away from their defaults while the option they belong to
+    (``switch``, e.g. --anchor) is off: one line naming the flag and the two fixes (``add`` it, or drop the flag)."""
+    defaults = {f.name: f.default for f in fields(cfg)}
+    given = [flag_name(n) for n in names if getattr(cfg, n) != defaults[n]]
+    if given:
+        raise LoramError(f"{given[0]} only applies with {switch}: add {add} or drop {given[0]}")
+
+
 def check_config(cfg, verb: str) -> None:
     """check_knobs on a config dataclass (TrainConfig, AlignConfig, EvalRequest) before anything is loaded,
     plus what has no flag: mixture weights and knobs such as max_grad_norm > 0."""
