@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_smollm2 as q  # noqa: E402  (same stages, same caching)
+import transfer_dev  # noqa: E402
 
 # name: (what it tests, pruned-model key (prune_args) or None for the original, train extra, recover extra)
 # MLP-only at 0.62: 0.62 x 2.65M MLP params ~ the 1.63M/layer that stru's 0.5 MLP + 1 of 3 KV groups removes -> 1.42x vs 1.41x
@@ -102,6 +103,27 @@ VARIANTS = {
                                            ["--original-offset", "--lr", "6e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
     "distilled85_offset_lr2e-3_anchor": ("distilled85_offset_lr2e-3 with `--anchor` C4 (weight 1)", "distill:stru0.85:1e-4",
                                          ["--original-offset", "--lr", "2e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"], []),
+    # where the gain lives, and how each part transfers (benchmarks/transfer_dev.py keep): the other updates zeroed
+    "lora_rows162_attn_updates": ("lora_rows162's adapter with only its q/k/v/o updates (diagnostic)", None, [], ["keep", "q,k,v,o"]),
+    "lora_rows162_mlp_updates": ("lora_rows162's adapter with only its gate/up/down updates (diagnostic)", None, [], ["keep", "gate,up,down"]),
+    "mlp_distilled_offset_lr3e-3_attn_updates": ("mlp_distilled_offset_lr3e-3's recovered adapter with only its q/k/v/o updates "
+                                                 "(diagnostic; attention is not pruned here)", "distill:mlp0.62:1e-4",
+                                                 ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], ["keep", "q,k,v,o"]),
+    "mlp_distilled_offset_lr3e-3_mlp_updates": ("mlp_distilled_offset_lr3e-3's recovered adapter with only its gate/up/down updates "
+                                                "(diagnostic)", "distill:mlp0.62:1e-4",
+                                                ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], ["keep", "gate,up,down"]),
+    # input-matched transfer (benchmarks/transfer_dev.py transfer, a prototype): each lora_A re-fitted on the original's
+    # inputs to give what it gave on the pruned model's, on 96 of the training rows (lam 0.01)
+    "mlp_distilled_offset_lr3e-3_transfer": ("mlp_distilled_offset_lr3e-3's recovered adapter, lora_A re-fitted to the original's inputs",
+                                             "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"],
+                                             ["transfer", "0.01"]),
+    "mlp_distilled_offset_lr5e-3_transfer": ("mlp_distilled_offset_lr5e-3's recovered adapter, lora_A re-fitted to the original's inputs",
+                                             "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}"],
+                                             ["transfer", "0.01"]),
+    "mlp_distilled_offset_lr5e-3_anchor_transfer": ("mlp_distilled_offset_lr5e-3_anchor's recovered adapter, lora_A re-fitted to the "
+                                                    "original's inputs", "distill:mlp0.62:1e-4",
+                                                    ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}", "--anchor",
+                                                     "{anchor}"], ["transfer", "0.01"]),
     "lora_rows162_lr2e-3": ("lora_rows162 at lr 2e-3 (context: does full LoRA gain as much from the larger lr?)", None, ["--lr", "2e-3"], []),
     "distilled85_offset_lr2e-3": ("distilled85 on the 162-row subset, `train --original-offset`, LoRA lr 2e-3", "distill:stru0.85:1e-4",
                                   ["--original-offset", "--lr", "2e-3", "--offset-cache", "{offset_cache}"], []),
@@ -124,7 +146,15 @@ NORM_ADAPTERS = {"lora": "adapter_lora", "stru": "adapter_stru_recovered", "alig
 SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_calibrated_layer": "mlp_distilled",
                 "distilled85_calibrated": "distilled85", "mlp_only_offset_calibrated": "mlp_only_offset",
                 "mlp_distilled_offset_lr3e-3_calibrated": "mlp_distilled_offset_lr3e-3",
-                "mlp_distilled_offset_lr5e-3_calibrated": "mlp_distilled_offset_lr5e-3"}
+                "mlp_distilled_offset_lr5e-3_calibrated": "mlp_distilled_offset_lr5e-3",
+                "lora_rows162_attn_updates": "lora_rows162", "lora_rows162_mlp_updates": "lora_rows162",
+                "mlp_distilled_offset_lr3e-3_attn_updates": "mlp_distilled_offset_lr3e-3",
+                "mlp_distilled_offset_lr3e-3_mlp_updates": "mlp_distilled_offset_lr3e-3",
+                "mlp_distilled_offset_lr3e-3_transfer": "mlp_distilled_offset_lr3e-3",
+                "mlp_distilled_offset_lr5e-3_transfer": "mlp_distilled_offset_lr5e-3",
+                "mlp_distilled_offset_lr5e-3_anchor_transfer": "mlp_distilled_offset_lr5e-3_anchor"}
+DERIVED = ("keep", "transfer")  # recover extras made by benchmarks/transfer_dev.py from the plainly recovered adapter
+SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
 SUBSET = {"lora_rows162", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
@@ -133,7 +163,7 @@ SUBSET = {"lora_rows162", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_o
           "mlp_distilled_offset_lr5e-3_calibrated", "mlp_distilled_offset_lr5e-3_anchor",
           "mlp_distilled_offset_lr5e-3_anchor10", "mlp_distilled_offset_lr8e-3_anchor", "distilled85_offset_lr5e-3_anchor",
           "mlp_distilled_offset_lr6e-3_anchor", "distilled85_offset_lr2e-3_anchor",
-          "distilled85_rows162", "distilled85_offset", "distilled85_offset_lr2e-3"}
+          "distilled85_rows162", "distilled85_offset", "distilled85_offset_lr2e-3", *SAME_ADAPTER_SUBSET}
 PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
 
 
@@ -156,8 +186,12 @@ def dev_data(work: Path) -> dict:
         (d / "alpaca_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ood))
     if not (d / "calibrate.jsonl").exists():  # see the docstring: rows no training, dev or test set uses
         mixture_rows(d / "calibrate.jsonl", slice(3212, 3223), slice(4200, 4211), slice(3100, 3110))
+    if not (d / "train_mix.jsonl").exists():  # the SUBSET variants' 162 training rows, sources interleaved (transfer_dev.py)
+        mixture_rows(d / "train162.jsonl", slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS))
+        rows = (d / "train162.jsonl").read_text().splitlines(keepends=True)
+        (d / "train_mix.jsonl").write_text("".join(rows[i + SUBSET_ROWS * s] for i in range(SUBSET_ROWS) for s in range(3)))
     return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")},
-            "calibrate": str(d / "calibrate.jsonl")}
+            "calibrate": str(d / "calibrate.jsonl"), "train_mix": str(d / "train_mix.jsonl")}
 
 
 def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, data: dict) -> Path | None:
@@ -167,6 +201,7 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
     if name in SUBSET:
         data = dict(data, train=[f"{f.split('[')[0]}[:{SUBSET_ROWS}]" for f in data["train"]])
     if key is None:
+        name = SAME_ADAPTER.get(name, name)
         out = "adapter_lora" if name == "lora" else f"adapter_dev_{name}"
         q.train(work, out, "smollm2", extra, data)
         return work / out
@@ -206,9 +241,22 @@ def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
     what, key, extra, rec_extra = VARIANTS[name]
     trained = adapter_of(work, name, key, extra, data)
     served, reduction = trained, 1.0
+    if trained is not None and key is None and rec_extra[:1] == ["keep"]:
+        served = work / f"{trained.name}_{name}"
+        if not (served / "adapter_config.json").exists():
+            transfer_dev.keep_roles(trained, served, rec_extra[1].split(","))
     if trained is not None and key is not None:
         served = work / f"{trained.name}_recovered{'_' + name if rec_extra else ''}"
-        if rec_extra[:1] == ["scale"] and not (served / "adapter_config.json").exists():
+        plain = work / f"{trained.name}_recovered"
+        if rec_extra[:1] in (["keep"], ["transfer"]) and not (plain / "adapter_config.json").exists():
+            q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(plain), "--overwrite"], work / f"recover_{plain.name}.log")
+        if rec_extra[:1] == ["keep"] and not (served / "adapter_config.json").exists():
+            transfer_dev.keep_roles(plain, served, rec_extra[1].split(","))
+        elif rec_extra[:1] == ["transfer"] and not (served / "adapter_config.json").exists():
+            pruned = Path(json.loads((trained / "loram_adapter.json").read_text())["trained_on"])
+            rec = transfer_dev.transfer(plain, pruned, served, dev["train_mix"], 96, float(rec_extra[1]))
+            (work / f"transfer_{served.name}.json").write_text(json.dumps(rec, indent=2))
+        elif rec_extra[:1] == ["scale"] and not (served / "adapter_config.json").exists():
             scaled(work / f"{trained.name}_recovered", served, float(rec_extra[1]))
         elif not (served / "adapter_config.json").exists():
             q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(served), "--overwrite",
@@ -220,6 +268,9 @@ def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
                  "reduction": round(reduction, 3)} | ({"reference": "lora_rows162"} if name in SUBSET else {})
     meta = served / "loram_adapter.json" if served else None
     cal = json.loads(meta.read_text()).get("calibration") if meta and meta.exists() else None
+    tr = work / f"transfer_{served.name}.json" if served else None
+    if tr and tr.exists():  # transfer_dev.transfer's record: how much A moved, and its CPU seconds
+        res[name]["transfer"] = json.loads(tr.read_text())
     if cal:  # what --calibrate chose and what it cost (CPU seconds of the recovery's forward passes)
         res[name]["calibration"] = {k: cal.get(k) for k in ("scope", "scale", "layer_scales", "loss_at_1", "loss", "loss_at_0",
                                                             "rows", "scored_tokens", "passes", "seconds")}
