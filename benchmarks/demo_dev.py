@@ -13,6 +13,9 @@ recovered adapter (exact match, 100 rows; general-text perplexity, the demo's sh
                            prune the base again (taylor) with these, train as the demo trains, recover
     steps=N lr=X rank=K targets=q,k,v,o original_offset=True
                            the demo's training with these changed (original_offset: `loram train --original-offset`)
+    anchor=True anchor_weight=W
+                           `loram train --anchor` on the shipped anchor text (demo_general.ANCHOR_TEXT: another Austen
+                           novel than the general text the rows score), weight W
     kl_steps=N kl_lr=X     before training LoRA, `loram align --distill` the pruned model to the original on the
                            task's training rows (rendered with the chat template as text; N steps of 8 x 128
                            tokens, lr X, top-32): in-domain distillation
@@ -43,7 +46,8 @@ from loram.prune import prune  # noqa: E402
 from loram.recover import recover  # noqa: E402
 
 PRUNE = {"ratio": float, "attn_ratio": float, "compensate": lambda v: v == "True"}
-TRAIN = {"steps": int, "lr": float, "rank": int, "alpha": int, "targets": str, "original_offset": lambda v: v == "True"}
+TRAIN = {"steps": int, "lr": float, "rank": int, "alpha": int, "targets": str, "original_offset": lambda v: v == "True",
+         "anchor": lambda v: v == "True", "anchor_weight": float}
 
 
 def kl_align(demo: Path, pruned: Path, out: Path, steps: int, lr: float) -> None:

@@ -2,9 +2,11 @@
 
     python benchmarks/transfer_dev.py keep ADAPTER OUT q,k,v,o
     python benchmarks/transfer_dev.py transfer ADAPTER PRUNED OUT DATA [--rows 96] [--lam 0.01]
+    python benchmarks/transfer_dev.py norms REFERENCE ADAPTER...
 
 keep      a copy of a recovered adapter with only the updates of the named roles (the other lora_B zeroed):
           which modules carry the gain, and how well each part transfers.
+norms     per role (q ... down), the sum over layers of ||B A||_F of each recovered ADAPTER over REFERENCE's.
 transfer  input-matched transfer, a prototype (not a loram feature): the pruned model's modules read other
           inputs than the original's (its residual stream lacks the pruned channels' contributions), so each
           recovered lora_A is re-fitted on the ORIGINAL's inputs x_o to give what it gave on the pruned model's
@@ -43,6 +45,16 @@ def keep_roles(src: Path, out: Path, roles: list[str]) -> None:
     shutil.copytree(src, tmp, dirs_exist_ok=True)
     save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     tmp.rename(out)
+
+
+def update_norms(folder: Path) -> dict[str, float]:
+    """{role: sum over layers of ||B A||_F} (the update without its alpha / r, which the compared adapters share)."""
+    tensors, out = load_file(folder / WEIGHTS), {}
+    for k, a in tensors.items():
+        if ".lora_A." in k:
+            role = k.split(".")[-3].removesuffix("_proj")
+            out[role] = out.get(role, 0.0) + float((tensors[k.replace(".lora_A.", ".lora_B.")].float() @ a.float()).norm())
+    return out
 
 
 def shared_input(module: str) -> str:
@@ -136,9 +148,16 @@ def main() -> None:
     t.add_argument("data")
     t.add_argument("--rows", type=int, default=96)
     t.add_argument("--lam", type=float, default=0.01)
+    n = sub.add_parser("norms")
+    n.add_argument("reference", type=Path)
+    n.add_argument("adapters", type=Path, nargs="+")
     a = ap.parse_args()
     if a.cmd == "keep":
         keep_roles(a.adapter, a.out, a.roles.split(","))
+    elif a.cmd == "norms":
+        ref = update_norms(a.reference)
+        for folder in a.adapters:
+            print(folder.name, json.dumps({r: round(v / ref[r], 2) for r, v in update_norms(folder).items()}))
     else:
         print(json.dumps(transfer(a.adapter, a.pruned, a.out, a.data, a.rows, a.lam)))
 

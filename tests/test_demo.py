@@ -9,7 +9,7 @@ from pathlib import Path
 import tomllib
 
 from loram.demo import DemoConfig
-from loram.demo_general import CAPITALS, GENERAL_TEXT, capital_quiz, capitals, general_text, standard_error
+from loram.demo_general import ANCHOR_SOURCE, ANCHOR_TEXT, CAPITALS, GENERAL_TEXT, capital_quiz, capitals, general_text, standard_error
 from loram.demo_task import make_splits
 from loram.eval import load_for_eval, multiple_choice, perplexity_text
 
@@ -60,10 +60,14 @@ def test_demo_smoke(tmp_path, capsys):
     meta = json.loads((out / "adapter-pruned" / "loram_adapter.json").read_text())
     assert meta["original_offset"]["examples"] > 0 and meta["train"]["original_offset"]
     assert json.loads((out / "pruned" / "loram_plan.json").read_text())["attn_ratio"] == 0
-    # running it again into the same folder replaces the previous demo; --plain trains the paper's way
-    assert main(["demo", "--smoke", "--out", str(out), "--json", "--plain"]) == 0
-    assert len(json.loads((out / "demo.json").read_text())["rows"]) == 3
-    assert "original_offset" not in json.loads((out / "adapter-pruned" / "loram_adapter.json").read_text())
+    assert "anchor" not in meta and d["config"]["anchor_text"] is None
+    # running it again into the same folder replaces the previous demo; --plain trains the paper's way, and
+    # --anchor (independent of it) keeps the adapter from changing the shipped anchor text's predictions
+    assert main(["demo", "--smoke", "--out", str(out), "--json", "--plain", "--anchor"]) == 0
+    d = json.loads((out / "demo.json").read_text())
+    assert len(d["rows"]) == 3 and d["config"]["anchor_text"] == ANCHOR_SOURCE
+    meta = json.loads((out / "adapter-pruned" / "loram_adapter.json").read_text())
+    assert "original_offset" not in meta and meta["anchor"]["source"] == str(ANCHOR_TEXT) and meta["anchor"]["weight"] == 1.0
     assert '"timings"' in capsys.readouterr().out
 
 
@@ -78,7 +82,13 @@ def test_general_data_is_shipped_with_its_source_and_license():
     assert "bsdgames" in lic and "BSD-3-Clause" in lic and "The Regents of the University of California" in lic
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["loram"]
-    for f in ("general_text.txt", "general_text.LICENSE.md", "capitals.txt", "capitals.LICENSE.md"):
+    lic = ANCHOR_TEXT.with_name("anchor_text.LICENSE.md").read_text()
+    assert "Northanger Abbey" in lic and "Jane Austen" in lic and "public domain" in lic
+    # the anchor text is another novel: no line of the scored general text is in it
+    anchor = set(ANCHOR_TEXT.read_text(encoding="utf-8").splitlines())
+    assert len(anchor) > 300 and not {x for x in lines if x.strip()} & anchor
+    for f in ("general_text.txt", "general_text.LICENSE.md", "capitals.txt", "capitals.LICENSE.md", "anchor_text.txt",
+              "anchor_text.LICENSE.md"):
         assert any(fnmatch(f"data/{f}", p) for p in patterns), f
     # the smoke variant scores a prefix of the same text
     assert general_text(40).splitlines() == lines[:40]

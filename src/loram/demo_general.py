@@ -1,6 +1,7 @@
 """The demo's general columns: what a model kept of the base's general ability, on data shipped in loram/data.
 
     general_text.txt   chapters 1-2 of Austen's Persuasion (1818, public domain)       -> perplexity
+    anchor_text.txt    chapters 1-4 of Austen's Northanger Abbey (1817, public domain) -> `train --anchor` text
     capitals.txt       256 capitals of countries, territories and US states          -> 4-way multiple choice
                        (from the bsdgames `quiz` files, BSD-3-Clause)
 
@@ -21,8 +22,10 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
 GENERAL_TEXT = DATA / "general_text.txt"
+ANCHOR_TEXT = DATA / "anchor_text.txt"  # never scored: what `loram train --anchor` keeps the adapter from changing
 CAPITALS = DATA / "capitals.txt"
 GENERAL_SOURCE = "chapters 1-2 of Jane Austen's Persuasion (1818, public domain)"
+ANCHOR_SOURCE = "chapters 1-4 of Jane Austen's Northanger Abbey (1817, public domain)"
 QUIZ_SOURCE = "capital-city quiz (bsdgames quiz data, BSD-3-Clause)"
 
 

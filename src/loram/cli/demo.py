@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from .common import COUNT, POSITIVE, RATIO
 
 
@@ -17,6 +19,9 @@ def add(sub) -> None:
     p.add_argument("--attn-ratio", type=RATIO, default=None, help="KV-group pruning ratio (default 0: attention kept whole)")
     p.add_argument("--plain", action="store_true", help="train LoRA on the pruned model plainly (the paper's LoRAM) instead of "
                                                        "through the original (loram train --original-offset)")
+    p.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=None,
+                   help="train with `loram train --anchor` on the shipped anchor text (another novel than the general text scored): "
+                        "keeps the original's general ability (default: off; see docs/evaluation.md#the-demo)")
     p.add_argument("--bf16", action="store_true", help="bf16 training (slower than fp32 on some CPUs)")
     p.add_argument("--eval-split", default="test", choices=["dev", "test"], help="dev: for choosing settings")
     p.add_argument("--no-isolate", action="store_true", help="train in this process (peak memory then includes the rest)")
@@ -35,6 +40,8 @@ def run(a) -> int:
     kw = {k: v for k, v in dict(steps=a.steps, lr=a.lr, ratio=a.ratio, attn_ratio=a.attn_ratio).items() if v is not None}
     if a.plain:
         kw["original_offset"] = False
+    if a.anchor is not None:
+        kw["anchor"] = a.anchor
     kw.update(out=a.out, with_baseline=a.with_baseline, eval_split=a.eval_split, overwrite=a.overwrite)
     if a.bf16:
         kw["bf16"] = True
