@@ -74,18 +74,35 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     # text, loram.anchor; the C4 excerpt the alignment reads, not the OOD set) at the larger lr it makes safe
     "offset_anchor_distilled_mlp_lr5e-3": ("LoRAM-Stru MLP-only distill-aligned, trained through the original, anchored, LoRA lr 5e-3",
                                            "stru_mlp", ["--original-offset", "--lr", "5e-3", "--anchor", f"{DATA}/corpus/c4_demo.jsonl"], True),
+    # seed noise of the two rows above (issue 18): seed 1 draws other training rows, LoRA init and dropout
+    "offset_distilled_mlp_lr3e-3_seed1": ("LoRAM-Stru MLP-only distill-aligned, trained through the original, LoRA lr 3e-3, seed 1",
+                                          "stru_mlp", ["--original-offset", "--lr", "3e-3", "--seed", "1"], True),
+    "offset_anchor_distilled_mlp_lr5e-3_seed1": ("LoRAM-Stru MLP-only distill-aligned, trained through the original, anchored, LoRA lr 5e-3, "
+                                                 "seed 1", "stru_mlp", ["--original-offset", "--lr", "5e-3", "--anchor",
+                                                                        f"{DATA}/corpus/c4_demo.jsonl", "--seed", "1"], True),
+    "offset_distilled_mlp_lr3e-3_seed2": ("LoRAM-Stru MLP-only distill-aligned, trained through the original, LoRA lr 3e-3, seed 2",
+                                          "stru_mlp", ["--original-offset", "--lr", "3e-3", "--seed", "2"], True),
+    "offset_anchor_distilled_mlp_lr5e-3_seed2": ("LoRAM-Stru MLP-only distill-aligned, trained through the original, anchored, LoRA lr 5e-3, "
+                                                 "seed 2", "stru_mlp", ["--original-offset", "--lr", "5e-3", "--anchor",
+                                                                        f"{DATA}/corpus/c4_demo.jsonl", "--seed", "2"], True),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
     "unst": ("LoRAM-Unst (SparseGPT 50%)", ["--method", "sparsegpt", "--sparsity", "unstructured", "--ratio", "0.5"], [], False),
 }
 ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "stru_mlp", "aligned_mlp", "distilled_mlp", "aligned85",
          "distilled85", "offset_distilled_mlp", "offset_distilled_mlp_lr2e-3",
-         "offset_distilled_mlp_lr3e-3", "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3"]
+         "offset_distilled_mlp_lr3e-3", "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3",
+         "offset_distilled_mlp_lr3e-3_seed1", "offset_anchor_distilled_mlp_lr5e-3_seed1", "offset_distilled_mlp_lr3e-3_seed2",
+         "offset_anchor_distilled_mlp_lr5e-3_seed2"]
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
            "offset_distilled_mlp_lr2e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3": "stru_mlp",
-           "offset_anchor_distilled_mlp_lr5e-3": "stru_mlp"}
+           "offset_anchor_distilled_mlp_lr5e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed1": "stru_mlp",
+           "offset_anchor_distilled_mlp_lr5e-3_seed1": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed2": "stru_mlp",
+           "offset_anchor_distilled_mlp_lr5e-3_seed2": "stru_mlp"}
 DISTILLED = {"distilled_mlp", "distilled85", "offset_distilled_mlp", "offset_distilled_mlp_lr2e-3", "offset_distilled_mlp_lr3e-3",
-             "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3"}  # aligned with `align --distill`
+             "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3", "offset_distilled_mlp_lr3e-3_seed1",
+             "offset_anchor_distilled_mlp_lr5e-3_seed1", "offset_distilled_mlp_lr3e-3_seed2",
+             "offset_anchor_distilled_mlp_lr5e-3_seed2"}  # aligned with `align --distill`
 DISTILL_LR = "1e-4"  # align --distill rows (chosen on the dev split, benchmarks/quality_dev.py)
 MC = {"arc_easy": "mc/arc_easy.jsonl", "piqa": "mc/piqa.jsonl", "obqa": "mc/openbook_qa.jsonl"}
 MC_ROWS = 60
