@@ -153,7 +153,7 @@ SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_cali
                 "mlp_distilled_offset_lr3e-3_transfer": "mlp_distilled_offset_lr3e-3",
                 "mlp_distilled_offset_lr5e-3_transfer": "mlp_distilled_offset_lr5e-3",
                 "mlp_distilled_offset_lr5e-3_anchor_transfer": "mlp_distilled_offset_lr5e-3_anchor"}
-DERIVED = ("keep", "transfer")  # recover extras made by benchmarks/transfer_dev.py from the plainly recovered adapter
+DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served adapter from the plainly recovered one (derive)
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
@@ -223,45 +223,35 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
     return work / f"adapter_dev_{name}"
 
 
-def scaled(src: Path, out: Path, factor: float) -> None:
-    """A copy of a recovered adapter whose update B@A*alpha/r is ``factor`` times as large (lora_alpha scaled)."""
-    import shutil
-
-    shutil.copytree(src, out.with_name(out.name + ".tmp"), dirs_exist_ok=True)
-    cfg_path = out.with_name(out.name + ".tmp") / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("alpha_pattern") or cfg.get("rank_pattern"):
-        raise SystemExit("scaling an adapter with alpha/rank patterns is not supported here")
-    cfg["lora_alpha"] = cfg["lora_alpha"] * factor
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    out.with_name(out.name + ".tmp").rename(out)
+def derive(work: Path, trained: Path, plain: Path, served: Path, rec_extra: list[str], dev: dict) -> None:
+    """The served adapter of a DERIVED recover extra, made from ``plain`` (the recovered adapter, or full LoRA's own)."""
+    how, arg = rec_extra
+    if how == "keep":
+        transfer_dev.keep_roles(plain, served, arg.split(","))
+    elif how == "scale":
+        transfer_dev.write_copy(plain, served, lora_alpha_factor=float(arg))  # the update B A alpha/r x arg
+    else:  # transfer: needs the pruned model the adapter was trained on
+        pruned = Path(json.loads((trained / "loram_adapter.json").read_text())["trained_on"])
+        rec = transfer_dev.transfer(plain, pruned, served, dev["train_mix"], 96, float(arg))
+        (work / f"transfer_{served.name}.json").write_text(json.dumps(rec, indent=2))
 
 
 def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
     what, key, extra, rec_extra = VARIANTS[name]
     trained = adapter_of(work, name, key, extra, data)
     served, reduction = trained, 1.0
-    if trained is not None and key is None and rec_extra[:1] == ["keep"]:
-        served = work / f"{trained.name}_{name}"
-        if not (served / "adapter_config.json").exists():
-            transfer_dev.keep_roles(trained, served, rec_extra[1].split(","))
-    if trained is not None and key is not None:
-        served = work / f"{trained.name}_recovered{'_' + name if rec_extra else ''}"
-        plain = work / f"{trained.name}_recovered"
-        if rec_extra[:1] in (["keep"], ["transfer"]) and not (plain / "adapter_config.json").exists():
+    if trained is not None:
+        plain = trained if key is None else work / f"{trained.name}_recovered"  # what `loram recover` makes without extras
+        derived = rec_extra[:1] and rec_extra[0] in DERIVED
+        if key is not None and (derived or not rec_extra) and not (plain / "adapter_config.json").exists():
             q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(plain), "--overwrite"], work / f"recover_{plain.name}.log")
-        if rec_extra[:1] == ["keep"] and not (served / "adapter_config.json").exists():
-            transfer_dev.keep_roles(plain, served, rec_extra[1].split(","))
-        elif rec_extra[:1] == ["transfer"] and not (served / "adapter_config.json").exists():
-            pruned = Path(json.loads((trained / "loram_adapter.json").read_text())["trained_on"])
-            rec = transfer_dev.transfer(plain, pruned, served, dev["train_mix"], 96, float(rec_extra[1]))
-            (work / f"transfer_{served.name}.json").write_text(json.dumps(rec, indent=2))
-        elif rec_extra[:1] == ["scale"] and not (served / "adapter_config.json").exists():
-            scaled(work / f"{trained.name}_recovered", served, float(rec_extra[1]))
-        elif not (served / "adapter_config.json").exists():
+        served = work / f"{plain.name}_{name}" if rec_extra else plain
+        if derived and not (served / "adapter_config.json").exists():
+            derive(work, trained, plain, served, rec_extra, dev)
+        elif rec_extra and not (served / "adapter_config.json").exists():  # extras that are `loram recover` flags
             q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(served), "--overwrite",
                   *(x.format(calibrate=dev["calibrate"]) for x in rec_extra)], work / f"recover_{served.name}.log")
-        if key not in ("semi", "unst"):  # sparse models keep their shapes: no parameter reduction
+        if key is not None and key not in ("semi", "unst"):  # sparse models keep their shapes: no parameter reduction
             reduction = q.reduction(json.loads((trained / "train_report.json").read_text()), True)
     ev = q.evaluate(work / "dev", name, "smollm2", str(served) if served else None, dev, mc=False)
     res[name] = {"what": what, "in_domain": q.metric(ev, "ppl", "in_domain", "ppl"), "ood": q.metric(ev, "ppl", "alpaca_ood", "ppl"),

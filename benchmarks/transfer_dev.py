@@ -36,15 +36,27 @@ from safetensors.torch import load_file, save_file
 WEIGHTS = "adapter_model.safetensors"
 
 
+def write_copy(src: Path, out: Path, tensors: dict | None = None, lora_alpha_factor: float = 1.0) -> None:
+    """``out``: a copy of adapter ``src`` with ``tensors`` as its weights and/or lora_alpha scaled, renamed into place whole."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if tensors is not None:
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    if lora_alpha_factor != 1.0:
+        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        if cfg.get("alpha_pattern") or cfg.get("rank_pattern"):
+            raise SystemExit("scaling an adapter with alpha/rank patterns is not supported here")
+        cfg["lora_alpha"] = cfg["lora_alpha"] * lora_alpha_factor
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    tmp.rename(out)
+
+
 def keep_roles(src: Path, out: Path, roles: list[str]) -> None:
     tensors = load_file(src / WEIGHTS)
     for k, v in tensors.items():
         if "lora_B" in k and not any(f".{r}_proj." in k for r in roles):
             tensors[k] = torch.zeros_like(v)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-    tmp.rename(out)
+    write_copy(src, out, tensors)
 
 
 def update_norms(folder: Path) -> dict[str, float]:
@@ -125,10 +137,7 @@ def transfer(src: Path, pruned_dir: Path, out: Path, data: str, rows: int, lam: 
         new = refit(tensors[key], *stats[shared_input(m)], lam)
         change[m] = float((new - tensors[key].double()).norm() / tensors[key].double().norm())
         tensors[key] = new.to(tensors[key].dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-    tmp.rename(out)
+    write_copy(src, out, tensors)
     by_role = {r: round(statistics.mean(c for m, c in change.items() if m.endswith(f"{r}_proj")), 3)
                for r in ("q", "k", "v", "o", "gate", "up", "down")}
     return {"rows": rows, "lam": lam, "relative_change_of_A": by_role, "seconds": round(time.time() - t0, 1)}

@@ -65,8 +65,8 @@ STREAMED_CAP = 4096  # blocks read from a streamed corpus (hub id, folder) when 
 
 def load(tok, cfg) -> Anchor | None:
     """The anchor of a run (None without --anchor): the corpus tokenized into blocks of --seq-len tokens, read only
-    as far as the run's micro-steps use them (a local file is read whole; a block is reused once all were)."""
-    check_request(cfg)
+    as far as the run's micro-steps use them (a local file is read whole; a block is reused once all were).
+    ``cfg`` has passed check_request (train does it before anything loads)."""
     if cfg.anchor is None:
         return None
     from .data.corpus import chunk_tokens, read_texts

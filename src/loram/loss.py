@@ -24,6 +24,23 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
+def _sum_over_chunks(fn, lm_head, sliced: list, const: tuple = (), chunk: int = 0) -> torch.Tensor:
+    """Sum of ``fn(lm_head, *sliced chunks, *const)`` over chunks of ``chunk`` positions (dim 1 of every tensor in
+    ``sliced``; 0: one chunk). Chunked, a chunk whose hidden states (``sliced[0]``) need a gradient runs under
+    non-reentrant checkpoint, so the backward holds one chunk's logits at a time. Every chunked loss below
+    (LM, distillation, offset, anchor) goes through here."""
+    n = sliced[0].shape[1]
+    step = chunk or max(n, 1)
+    total = sliced[0].new_zeros((), dtype=torch.float32)
+    for s in range(0, n, step):
+        args = (lm_head, *(x[:, s:s + step] for x in sliced), *const)
+        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
+            total = total + checkpoint(fn, *args, use_reentrant=False)
+        else:
+            total = total + fn(*args)
+    return total
+
+
 def _chunk_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     logits = lm_head(hidden).float()  # fp32 as the stock loss upcasts
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
@@ -43,13 +60,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, 
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
     n = (y != ignore_index).sum()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[1], chunk):
-        hc, yc = h[:, s : s + chunk], y[:, s : s + chunk]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(_chunk_loss_sum, lm_head, hc, yc, ignore_index, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(lm_head, hc, yc, ignore_index)
+    total = _sum_over_chunks(_chunk_loss_sum, lm_head, [h, y], (ignore_index,), chunk)
     if num_items is not None:
         return total / num_items
     # all targets ignored: 0/0 would be nan, as the stock mean is; keep that behaviour
@@ -117,14 +128,7 @@ def chunked_distill_loss(hidden: torch.Tensor, lm_head, labels: torch.Tensor, te
     the full logits and their gradient are kept, as transformers' own loss keeps them)."""
     h, y = hidden[:, :-1], labels[:, 1:].to(hidden.device)
     t = [teacher[k].to(hidden.device) for k in TEACHER_KEYS]
-    step = chunk or h.shape[1]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[1], step):
-        args = (lm_head, h[:, s:s + step], y[:, s:s + step], *(x[:, s:s + step] for x in t), temperature, lm_weight, ignore_index)
-        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
-            total = total + checkpoint(_chunk_distill_sum, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_distill_sum(*args)
+    total = _sum_over_chunks(_chunk_distill_sum, lm_head, [h, y, *t], (temperature, lm_weight, ignore_index), chunk)
     return total / (num_items if num_items is not None else (y != ignore_index).sum())
 
 
@@ -163,14 +167,7 @@ def chunked_offset_loss(hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head
     chunk: positions per lm_head call, each under checkpoint (0: all at once)."""
     h, hb, y = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:].to(hidden.device)
     t = [teacher[k].to(hidden.device) for k in TEACHER_KEYS]
-    step = chunk or h.shape[1]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[1], step):
-        args = (lm_head, h[:, s:s + step], hb[:, s:s + step], y[:, s:s + step], *(x[:, s:s + step] for x in t), ignore_index)
-        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
-            total = total + checkpoint(_chunk_offset_sum, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_offset_sum(*args)
+    total = _sum_over_chunks(_chunk_offset_sum, lm_head, [h, hb, y, *t], (ignore_index,), chunk)
     return total / (num_items if num_items is not None else (y != ignore_index).sum())
 
 
@@ -189,12 +186,5 @@ def chunked_anchor_kl(hidden: torch.Tensor, base_hidden: torch.Tensor, lm_head, 
     """Mean over positions of KL(base || adapted): hidden / base_hidden [batch, seq, d] final hidden states of the
     adapted model and of the same model with its adapter off. chunk: positions per lm_head call, each under
     checkpoint (0: all at once)."""
-    step = chunk or hidden.shape[1]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, hidden.shape[1], step):
-        args = (lm_head, hidden[:, s:s + step], base_hidden[:, s:s + step])
-        if chunk and torch.is_grad_enabled() and args[1].requires_grad:
-            total = total + checkpoint(_chunk_anchor_sum, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_anchor_sum(*args)
+    total = _sum_over_chunks(_chunk_anchor_sum, lm_head, [hidden, base_hidden], (), chunk)
     return total / (hidden.shape[0] * hidden.shape[1])
