@@ -675,3 +675,11 @@ def test_align_distill_eval_name_clash(capsys, w, tmp_path, no_teacher):
     held.write_text("the sea runs to the river\n" * 40)
     distill_fails(capsys, w, tmp_path, "--distill", "--eval", f"h={held}", "--eval", f"h_kl={held}",
                   expect="--eval h_kl has the name --distill gives the KL of --eval h: rename it")
+
+
+# ---- loram prune --allocate -----------------------------------------------------------------------
+@pytest.mark.parametrize("extra, expect", [(["--method", "random"], "--allocate global ranks channel scores across layers and random"),
+                                           (["--sparsity", "2:4"], "--allocate applies to structured pruning only"),
+                                           (["--method", "sparsegpt"], "--allocate applies to structured pruning only")])
+def test_allocate_global_needs_structured_scores(capsys, w, extra, expect):
+    fails(capsys, "prune", w.base, "-o", w.root / "o", "--allocate", "global", *extra, expect=expect, out=w.root / "o")

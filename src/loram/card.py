@@ -77,7 +77,9 @@ def card_text(folder: str | Path, command: str) -> str:
                   if isinstance(extra.get("params_original"), int) and isinstance(extra.get("params_pruned"), int) else "")
         sparse = plan.get("sparse") or {}
         ratio = (f"{sparse.get('pattern')} sparsity {sparse.get('sparsity')}" if plan.get("kind") == "sparse" else
-                 f"MLP ratio {plan.get('mlp_ratio')}, attention ratio {plan.get('attn_ratio')}")
+                 f"MLP ratio {plan.get('mlp_ratio')}"
+                 + (f" ({plan['allocation']} allocation over the layers)" if plan.get("allocation") else "")
+                 + f", attention ratio {plan.get('attn_ratio')}")
         lines += [f"- Prune plan: {plan.get('kind')} / {plan.get('method')}, layers {plan.get('layers')}, {ratio}{counts}"]
     if adapter:
         lines += [f"- LoRA: rank {lora.get('r')}, alpha {lora.get('lora_alpha')}, targets "

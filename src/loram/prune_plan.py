@@ -39,6 +39,7 @@ PLAN_VERSION = 1
 KINDS = ("structured", "sparse")
 # every method a plan can record: prune/structured.py, prune/sparse.py, and import-plan's "imported"
 METHODS = ("random", "magnitude", "taylor", "wanda-sp", "sparsegpt", "wanda", "imported")
+ALLOCATIONS = ("uniform", "global")  # structured MLP widths per layer: prune/structured.mlp_widths
 # safetensors __metadata__ keys binding a pruned folder's (or adapter's) weights to their plan
 META_PLAN_ID, META_PLAN_DIGEST = "loram_plan_id", "loram_plan_digest"
 
@@ -100,6 +101,9 @@ class PrunePlan:
     # `loram prune --compensate`: o/down kept columns refitted by least squares (prune/compensate.py), so
     # the folder's weights are not slices of the original; in the plan id, not in the weights digest
     compensation: dict | None = None
+    # `loram prune --allocate global`: the MLP channels removed were ranked across the layer range, so the
+    # widths differ per layer (None: uniform, the same width in every pruned layer; absent keeps old plans' ids)
+    allocation: str | None = None
 
     # ---- index arithmetic -------------------------------------------------------------
     def pruned_modules(self, g: Geometry):
@@ -179,6 +183,8 @@ class PrunePlan:
             d["extra"] = self.extra
         if self.compensation is not None:
             d["compensation"] = self.compensation
+        if self.allocation is not None:
+            d["allocation"] = self.allocation
         return d
 
     @classmethod
@@ -197,6 +203,8 @@ class PrunePlan:
                 raise LoramError(f"{where} has no \"{key}\" field: the plan file is corrupt, re-create it with `loram prune`")
         _check_choice(where, "kind", d["kind"], KINDS)
         _check_choice(where, "method", d["method"], METHODS)
+        if d.get("allocation") is not None:
+            _check_choice(where, "allocation", d["allocation"], ALLOCATIONS)
         layers = d["layers"]
         if not (isinstance(layers, list) and len(layers) == 2 and all(_is_int(x) for x in layers) and 0 <= layers[0] < layers[1]):
             raise LoramError(_bad(where, "layers", layers, "[START, END] with integers 0 <= START < END"))
@@ -218,7 +226,7 @@ class PrunePlan:
                    pruned={_layer_key(where, k): _layer_plan(where, k, v) for k, v in d.get("pruned", {}).items()},
                    mlp_ratio=d.get("mlp_ratio", 0.0), attn_ratio=d.get("attn_ratio", 0.0), seed=d.get("seed", 0),
                    calibration=d.get("calibration"), sparse=d.get("sparse"), extra=d.get("extra", {}),
-                   compensation=d.get("compensation"))
+                   compensation=d.get("compensation"), allocation=d.get("allocation"))
         g = plan._base_geometry(where)
         if g is not None:  # the plan carries its base config: indices and layers must fit that model
             plan.validate(g, where)

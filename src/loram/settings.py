@@ -23,6 +23,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .configs import LONG_ROWS, PRECISIONS, AlignConfig, TrainConfig
 from .errors import LoramError
+from .prune_plan import ALLOCATIONS
 from .validate import ATTN_RATIO, COUNT, COUNT_OR_OFF, DROPOUT, NON_NEGATIVE, POSITIVE, RATIO, SEED, SEQ_LEN, Number
 
 STAGES = ("prune", "align", "train", "recover", "merge", "eval")
@@ -112,6 +113,10 @@ class PruneSettings:
                                     "--sparsity unstructured; implied by N:M")
     attn_ratio: float | None = knob(None, check=ATTN_RATIO, help="fraction of KV groups removed (default: --ratio; 0 keeps attention)")
     layers: str | None = knob(None, help="START:END layers to prune (default: skip first 4 and last 2)")
+    allocate: str = knob("uniform", choices=ALLOCATIONS,
+                         help="structured: how the removed MLP channels spread over the layers: uniform (default: --ratio "
+                              "in every layer) or global (the same total, the lowest-scored channels of the whole range, so "
+                              "layers the scores find less important lose more; at most halfway from --ratio to all)")
     seed: int = knob(0, check=SEED)
     calib_data: str | None = knob(None, help=CALIB + ".txt or .jsonl {text} file (default: built-in text)")
     calib_samples: int = knob(8, check=COUNT, help=CALIB + "number of calibration sequences")

@@ -18,6 +18,16 @@ def add(sub) -> None:
     p.set_defaults(func=run)
 
 
+def allocation_rows(plan) -> list[tuple[str, str]]:
+    """--allocate global: the MLP widths it chose (uniform plans show none: every layer has the ratio's width)."""
+    if plan.allocation is None:
+        return []
+    kept = [len(lp.mlp_keep) for lp in plan.pruned.values() if lp.mlp_keep is not None]
+    whole = sum(lp.mlp_keep is None for lp in plan.pruned.values())
+    span = f"{min(kept)}-{max(kept)}" if kept else "-"
+    return [("MLP allocation", f"{plan.allocation}: {span} channels kept per layer" + (f", {whole} layer(s) whole" if whole else ""))]
+
+
 def run(a) -> int:
     from ..device import resolve_device
     from ..prune import prune
@@ -34,6 +44,7 @@ def run(a) -> int:
         return 0
     method = r.plan.method + (" + --compensate (o/down refitted)" if r.plan.compensation else "")
     table([("method", method), ("layers", f"{s}:{e}"), ("MLP / KV-group ratio", f"{r.plan.mlp_ratio} / {r.plan.attn_ratio}"),
+           *allocation_rows(r.plan),
            ("parameters original", f"{r.params_original:,}"), ("parameters pruned", f"{r.params_pruned:,}"),
            ("parameter reduction", f"{r.param_reduction:.2f}x"), ("time", f"{r.seconds:.1f} s"),
            ("peak RSS", f"{r.peak_rss_gb:.2f} GB"), ("written", r.out)], title="loram prune")

@@ -14,7 +14,7 @@ from ..fingerprint import base_fingerprint, check_verify
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
 from ..loading import can_stream, checkpoint_dtype, load_model
 from ..procmem import PeakRSS
-from ..prune_plan import PrunePlan, kept_mlp_channels, parse_layers
+from ..prune_plan import ALLOCATIONS, PrunePlan, kept_mlp_channels, parse_layers
 from ..pruned_model import apply_plan, count_params, save_pruned
 from ..settings import check_knobs
 from ..validate import check_ratio
@@ -45,13 +45,26 @@ def check_method(method: str, sparsity: str | None = None) -> None:
                          f"(structured) or {', '.join(SPARSE_METHODS)} with --sparsity")
 
 
+def check_allocation(allocate: str, method: str, sparsity: str | None = None) -> None:
+    """Refuse an --allocate that cannot apply, before anything is loaded."""
+    if allocate not in ALLOCATIONS:
+        raise LoramError(f"unknown --allocate {allocate!r}: choose one of {', '.join(ALLOCATIONS)}")
+    if allocate == "uniform":
+        return
+    if sparsity is not None or method in SPARSE_ONLY:
+        raise LoramError("--allocate applies to structured pruning only: drop it (sparse methods prune --ratio of every layer)")
+    if method == "random":
+        raise LoramError("--allocate global ranks channel scores across layers and random has none: use --method taylor "
+                         "(or magnitude, wanda-sp), or drop --allocate")
+
+
 @releases_locks
 def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float | None = None, attn_ratio: float | None = None,
           layers: str | None = None, seed: int = 0, calib_data: str | None = None, calib_samples: int = 8,
           calib_seq_len: int = 128, overwrite: bool = False, dtype=torch.float32, sparsity: str | None = None,
           verify_base: str = "sampled", max_memory: float | None = None, stream: bool | None = None,
           device="cpu", precision: str | None = None, compensate: bool = False,
-          compensate_damp: float | None = None) -> PruneReport:
+          compensate_damp: float | None = None, allocate: str = "uniform") -> PruneReport:
     """Prune ``model_name`` and write a pruned model folder (HF folder + loram_plan.json) to ``out``.
 
     ``sparsity`` (unstructured | N:M) selects the non-structured methods (sparse.py); without it
@@ -63,7 +76,8 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     ``dtype`` on ``device``); False or None loads the whole model (None: the default decision).
     ``precision`` (--precision auto|bf16|fp16|fp32), when given, sets ``dtype`` for ``device`` (loram.device).
     ``compensate`` (structured, in memory or streamed): refit the kept o/down columns by least squares (compensate.py),
-    ridge weight ``compensate_damp`` (default compensate.DAMP)."""
+    ridge weight ``compensate_damp`` (default compensate.DAMP). ``allocate`` (structured): "uniform" removes ``ratio``
+    of the MLP channels in every layer, "global" the same total ranked across the layers (structured.mlp_widths)."""
 
     check_verify(verify_base)
     if precision is not None:
@@ -73,6 +87,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     if compensate_damp is not None and not compensate:
         raise LoramError("--compensate-damp sets the --compensate refit: add --compensate, or drop it")
     damp = DAMP if compensate_damp is None else compensate_damp
+    check_allocation(allocate, method, sparsity)
     if sparsity is not None or method in SPARSE_ONLY:
         if compensate:
             raise LoramError("--compensate applies to structured pruning only: drop it (sparsegpt already updates the "
@@ -99,7 +114,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         from .streamed import prune_streamed
 
         return prune_streamed(model_name, out, method, ratio, attn_ratio, layers, seed, calib_data, calib_samples,
-                              calib_seq_len, overwrite, dtype, verify_base, device, compensate, damp)
+                              calib_seq_len, overwrite, dtype, verify_base, device, compensate, damp, allocate)
     t0 = time.time()
     peak = PeakRSS()
     tok = load_tokenizer(model_name)  # before the weights: a missing tokenizer fails in a second, not after the load
@@ -121,8 +136,8 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
     plan = PrunePlan(
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": model.config.to_dict(), "fingerprint": fp},
-        pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
-        compensation=comp,
+        pruned=select(g, method, rng, ratio, attn_ratio, seed, scores, allocate),
+        compensation=comp, allocation=None if allocate == "uniform" else allocate,
     )
     refit = compensation(model, plan, batches, damp) if compensate else None  # on the original model, before shrinking
     apply_plan(model, plan)

@@ -166,7 +166,7 @@ def streamed_importance(weights: Weights | str | Path, config, method: str, laye
 def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, attn_ratio: float, layers: str | None,
                    seed: int, calib_data: str | None, calib_samples: int, calib_seq_len: int, overwrite: bool,
                    dtype=torch.float32, verify_base: str = "sampled", device="cpu", compensate: bool = False,
-                   damp: float = DAMP) -> PruneReport:
+                   damp: float = DAMP, allocate: str = "uniform") -> PruneReport:
     """Structured `loram prune` (arguments checked by prune()) with one decoder layer in memory at a time."""
     t0, peak = time.time(), PeakRSS()
     tok = load_tokenizer(model_name)  # before any weight: a missing tokenizer fails in a second
@@ -186,8 +186,8 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
     plan = PrunePlan(
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": config.to_dict(), "fingerprint": fp},
-        pruned=select(g, method, rng, ratio, attn_ratio, seed, scores),
-        compensation=comp,
+        pruned=select(g, method, rng, ratio, attn_ratio, seed, scores, allocate),
+        compensation=comp, allocation=None if allocate == "uniform" else allocate,
     )
     n_orig, n_pruned = count_params(skeleton(config, None)), count_params(skeleton(config, plan))  # shapes, no weights
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}

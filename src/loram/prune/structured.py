@@ -31,7 +31,7 @@ import torch
 from ..errors import LoramError
 from ..families import ATTN_ROLES, MLP_ROLES, MODULE_OF_ROLE, ROLES, Geometry, decoder_layers, geometry
 from ..progress import track
-from ..prune_plan import LayerPlan, kept_kv_groups, kept_mlp_channels
+from ..prune_plan import ALLOCATIONS, LayerPlan, kept_kv_groups, kept_mlp_channels
 from .wanda import ColumnNorms
 
 METHODS = ("random", "magnitude", "taylor", "wanda-sp")
@@ -202,12 +202,44 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order.tolist())
 
 
+def mlp_widths(g: Geometry, layers: range, mlp_ratio: float, allocate: str = "uniform",
+               scores: dict | None = None) -> dict[int, int]:
+    """MLP channels kept in each layer of ``layers``. uniform: ``kept_mlp_channels`` everywhere. global: the
+    same total removed, taken as the lowest channel scores of the whole range (LLM-Pruner's global ranking:
+    a Taylor score estimates the loss change of removing the channel, so scores of different layers compare),
+    with no layer losing more than halfway from ``mlp_ratio`` to all of its channels, so that no layer is
+    emptied by a few low scores. Ties go to the lower layer and index, so plans stay reproducible."""
+    if allocate not in ALLOCATIONS:
+        raise LoramError(f"unknown --allocate {allocate!r}: choose one of {', '.join(ALLOCATIONS)}")
+    kept = kept_mlp_channels(g.intermediate, mlp_ratio)
+    if allocate == "uniform":
+        return {i: kept for i in layers}
+    if scores is None:
+        raise LoramError("--allocate global ranks channel scores across layers: use --method magnitude, taylor or "
+                         "wanda-sp (random has no scores)")
+    cap = min(g.intermediate - 1, g.intermediate - kept_mlp_channels(g.intermediate, (1 + mlp_ratio) / 2))
+    budget = (g.intermediate - kept) * len(layers)
+    flat = torch.cat([scores[i][0].double() for i in layers])
+    order = torch.argsort(flat, stable=True).tolist()  # ascending: the least important first
+    removed = {i: 0 for i in layers}
+    for j in order:
+        if budget == 0:
+            break
+        i = layers[j // g.intermediate]
+        if removed[i] < cap:
+            removed[i] += 1
+            budget -= 1
+    return {i: g.intermediate - removed[i] for i in layers}
+
+
 def select(g: Geometry, method: str, layers: range, mlp_ratio: float, attn_ratio: float, seed: int,
-           scores: dict | None = None) -> dict[int, LayerPlan]:
-    n_ch, n_grp = kept_mlp_channels(g.intermediate, mlp_ratio), kept_kv_groups(g.n_kv_heads, attn_ratio)
+           scores: dict | None = None, allocate: str = "uniform") -> dict[int, LayerPlan]:
+    widths = mlp_widths(g, layers, mlp_ratio, allocate, scores if method != "random" else None)
+    n_grp = kept_kv_groups(g.n_kv_heads, attn_ratio)
     gen = torch.Generator().manual_seed(seed)
     plans = {}
     for i in layers:
+        n_ch = widths[i]
         if method == "random":
             ch = sorted(torch.randperm(g.intermediate, generator=gen)[:n_ch].tolist())
             grp = sorted(torch.randperm(g.n_kv_heads, generator=gen)[:n_grp].tolist())
