@@ -80,6 +80,13 @@ VARIANTS = {
                                     []),
     "mlp_distilled_offset_lr3e-3": ("mlp_distilled_offset at LoRA lr 3e-3", "distill:mlp0.62:1e-4",
                                     ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
+    "mlpg_distilled_offset_lr3e-3": ("mlp_distilled_offset_lr3e-3 with `prune --allocate global` (channels ranked across layers 4:28)",
+                                     "distill:mlp0.62g:1e-4", ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
+    "mlpallg_distilled_offset_lr3e-3": ("same, the same channel count ranked across all 30 layers (--layers 0:30 --ratio 0.4965)",
+                                        "distill:mlpall0.4965g:1e-4",
+                                        ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
+    "mlpall_distilled_offset_lr3e-3": ("the ablation of mlpallg: all 30 layers, uniform (--layers 0:30 --ratio 0.4965, no --allocate)",
+                                       "distill:mlpall0.4965:1e-4", ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
     "mlp_distilled_offset_lr5e-3": ("mlp_distilled_offset at LoRA lr 5e-3", "distill:mlp0.62:1e-4",
                                     ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}"], []),
     "mlp_distilled_offset_lr3e-3_calibrated": ("mlp_distilled_offset_lr3e-3's adapter recovered with --calibrate (one scale)",
@@ -157,14 +164,18 @@ DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
+SUBSET = {"lora_rows162", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
           "mlp_distilled_offset_lr3e-3", "mlp_distilled_offset_lr5e-3", "mlp_distilled_offset_lr3e-3_calibrated",
           "mlp_distilled_offset_lr5e-3_calibrated", "mlp_distilled_offset_lr5e-3_anchor",
           "mlp_distilled_offset_lr5e-3_anchor10", "mlp_distilled_offset_lr8e-3_anchor", "distilled85_offset_lr5e-3_anchor",
           "mlp_distilled_offset_lr6e-3_anchor", "distilled85_offset_lr2e-3_anchor",
           "distilled85_rows162", "distilled85_offset", "distilled85_offset_lr2e-3", *SAME_ADAPTER_SUBSET}
-PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS]}
+PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS],
+               # --allocate global: the same 22.9 k channels removed, ranked across the layers (in 4:28, or in all 30 layers)
+               "mlp0.62g": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS, "--allocate", "global"],
+               "mlpall0.4965g": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global"],
+               "mlpall0.4965": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30"]}  # the ablation: uniform
 
 
 def mixture_rows(out: Path, math: slice, code: slice, gsm: slice) -> None:

@@ -85,6 +85,18 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     "offset_anchor_distilled_mlp_lr5e-3_seed2": ("LoRAM-Stru MLP-only distill-aligned, trained through the original, anchored, LoRA lr 5e-3, "
                                                  "seed 2", "stru_mlp", ["--original-offset", "--lr", "5e-3", "--anchor",
                                                                         f"{DATA}/corpus/c4_demo.jsonl", "--seed", "2"], True),
+    # issue 18, stop 12, chosen on the dev split: `prune --allocate global` over all 30 layers (the MLP-only rows' channel
+    # count, 22.9 k, ranked across layers 0:30), distill-aligned, trained through the original at lr 3e-3, three seeds;
+    # and full LoRA at seeds 1, 2 (a seed-matched reference)
+    "stru_mlpallg": ("LoRAM-Stru MLP-only, all layers, global allocation", ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0",
+                                                                            "--layers", "0:30", "--allocate", "global"], [], True),
+    **{f"offset_distilled_mlpallg_lr3e-3{sfx}": (f"LoRAM-Stru MLP-only all layers global allocation, distill-aligned, trained through the "
+                                                 f"original, LoRA lr 3e-3{', seed ' + sfx[-1] if sfx else ''}", "stru_mlpallg",
+                                                 ["--original-offset", "--lr", "3e-3", *(["--seed", sfx[-1]] if sfx else []), "--offset-cache",
+                                                  f"{{work}}/adapter_offset_distilled_mlp_lr3e-3{sfx}-checkpoints/teacher-topk"], True)
+       for sfx in ("", "_seed1", "_seed2")},
+    "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
+    "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
     "unst": ("LoRAM-Unst (SparseGPT 50%)", ["--method", "sparsegpt", "--sparsity", "unstructured", "--ratio", "0.5"], [], False),
 }
@@ -92,17 +104,19 @@ ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "s
          "distilled85", "offset_distilled_mlp", "offset_distilled_mlp_lr2e-3",
          "offset_distilled_mlp_lr3e-3", "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3",
          "offset_distilled_mlp_lr3e-3_seed1", "offset_anchor_distilled_mlp_lr5e-3_seed1", "offset_distilled_mlp_lr3e-3_seed2",
-         "offset_anchor_distilled_mlp_lr5e-3_seed2"]
+         "offset_anchor_distilled_mlp_lr5e-3_seed2", "lora_seed1", "lora_seed2", "offset_distilled_mlpallg_lr3e-3",
+         "offset_distilled_mlpallg_lr3e-3_seed1", "offset_distilled_mlpallg_lr3e-3_seed2"]
+GLOBAL = {"offset_distilled_mlpallg_lr3e-3", "offset_distilled_mlpallg_lr3e-3_seed1", "offset_distilled_mlpallg_lr3e-3_seed2"}
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
            "offset_distilled_mlp_lr2e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3": "stru_mlp",
            "offset_anchor_distilled_mlp_lr5e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed1": "stru_mlp",
            "offset_anchor_distilled_mlp_lr5e-3_seed1": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed2": "stru_mlp",
-           "offset_anchor_distilled_mlp_lr5e-3_seed2": "stru_mlp"}
+           "offset_anchor_distilled_mlp_lr5e-3_seed2": "stru_mlp", **dict.fromkeys(GLOBAL, "stru_mlpallg")}
 DISTILLED = {"distilled_mlp", "distilled85", "offset_distilled_mlp", "offset_distilled_mlp_lr2e-3", "offset_distilled_mlp_lr3e-3",
              "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3", "offset_distilled_mlp_lr3e-3_seed1",
              "offset_anchor_distilled_mlp_lr5e-3_seed1", "offset_distilled_mlp_lr3e-3_seed2",
-             "offset_anchor_distilled_mlp_lr5e-3_seed2"}  # aligned with `align --distill`
+             "offset_anchor_distilled_mlp_lr5e-3_seed2", *GLOBAL}  # aligned with `align --distill`
 DISTILL_LR = "1e-4"  # align --distill rows (chosen on the dev split, benchmarks/quality_dev.py)
 MC = {"arc_easy": "mc/arc_easy.jsonl", "piqa": "mc/piqa.jsonl", "obqa": "mc/openbook_qa.jsonl"}
 MC_ROWS = 60
@@ -170,7 +184,8 @@ def evaluate(work: Path, name: str, model: str, adapter: str | None, data: dict,
 def train(work: Path, name: str, model: str, extra: list[str], data: dict) -> dict:
     out = work / name
     if not (out / "train_report.json").exists():
-        cmd = ["loram", "train", model, "-o", str(out), "--overwrite", *TRAIN, *extra]
+        # {work}: rows that reuse another row's cache of the original's top-k (the same seed draws the same rows)
+        cmd = ["loram", "train", model, "-o", str(out), "--overwrite", *TRAIN, *(x.format(work=work) for x in extra)]
         for f in data["train"]:
             cmd += ["--data", f"{f}=0.3333"]
         sh(cmd, work / f"{name}.log")
@@ -318,7 +333,7 @@ def tables(res: dict) -> str:
             red_s = fmt(red, ".2f") + "x" if red else "-"
             if name in ("semi", "unst"):
                 red_s = f"1.00x stored ({fmt(1 / (1 - 0.5), '.1f')}x fewer non-zeros)"
-            served = {"recovered": "original" if name in ("base", "lora") else "recovered (LoRAM)", "served_pruned": "pruned, w/o recovery"}[how]
+            served = {"recovered": "original" if name in ("base", "lora") or name.startswith("lora_seed") else "recovered (LoRAM)", "served_pruned": "pruned, w/o recovery"}[how]
             lines.append(f"| {r['label']} | {served if ev else served + ': not run'} | {red_s} | "
                          f"{fmt(metric(ev, 'ppl', 'in_domain', 'ppl'), '.3f')} | {fmt(metric(ev, 'ppl', 'alpaca_ood', 'ppl'), '.3f')} | "
                          + " | ".join(fmt(metric(ev, "mc", k, "acc_norm"), ".2f") for k in ("arc_easy", "piqa", "obqa"))
@@ -357,17 +372,30 @@ def goals(res: dict) -> list[str]:
     out = ["", "Goals (issue 5): in-domain gain >= 50 % of full LoRA's, OOD no worse than the base (at 1.41x, and at >= 2x aligned):", ""]
     if None in (b_in, l_in, b_ood):
         return out + ["- base and full LoRA have not both run"]
-    out += ["| row | param. reduction | share of full LoRA's in-domain gain | OOD vs base | recovered vs served pruned (in-domain, OOD) |",
-            "|---|---|---|---|---|"]
+    out += ["| row | param. reduction | share of full LoRA's in-domain gain | OOD vs base | recovered vs served pruned (in-domain, OOD) "
+            "| share of the same seed's full LoRA gain |", "|---|---|---|---|---|---|"]
     for name in ORDER:
         s_in, s_ood = g(name, "recovered", "in_domain"), g(name, "recovered", "alpaca_ood")
-        if name in ("base", "lora") or None in (s_in, s_ood):
+        if name in ("base", "lora") or name.startswith("lora_seed") or None in (s_in, s_ood):
             continue
         sv = (g(name, "served_pruned", "in_domain"), g(name, "served_pruned", "alpaca_ood"))
         served = f"{s_in:.2f} vs {sv[0]:.2f}, {s_ood:.2f} vs {sv[1]:.2f}" if None not in sv else "-"
+        # seed-matched reference (lora_seed1/2 for the *_seed1/2 rows, lora for seed 0), where that full LoRA has run
+        ref = g(seed_reference(name), "recovered", "in_domain")
+        same = f"{(b_in - s_in) / (b_in - ref):.0%}" if ref is not None else "-"
         out.append(f"| {ROWS[name][0]} | {fmt(rows[name].get('reduction'))}x | {(b_in - s_in) / (b_in - l_in):.0%} | "
-                   f"{s_ood / b_ood - 1:+.1%} | {served} |")
+                   f"{s_ood / b_ood - 1:+.1%} | {served} | {same} |")
+    refs = [n for n in ("lora", "lora_seed1", "lora_seed2") if g(n, "recovered", "in_domain") is not None]
+    if len(refs) > 1:
+        out += ["", "Full LoRA by seed (in-domain ppl, OOD vs base): " + "; ".join(
+            f"seed {n[-1] if n != 'lora' else 0}: {g(n, 'recovered', 'in_domain'):.3f}, {g(n, 'recovered', 'alpaca_ood') / b_ood - 1:+.1%}"
+            for n in refs)]
     return out
+
+
+def seed_reference(name: str) -> str:
+    """The full-LoRA row trained with the same --seed as ``name`` (the rows' seed is the suffix _seed1 / _seed2)."""
+    return f"lora_seed{name[-1]}" if name[-6:-1] == "_seed" else "lora"
 
 
 def sweep_png(res: dict, path: Path) -> None:
