@@ -32,12 +32,14 @@ def test_global_removes_the_same_total_from_the_least_important_layers():
     # layer 2's channels score low, layer 4's high: a global ranking takes from layer 2 first
     scores = {2: (torch.linspace(0, 1, 100), torch.ones(2)), 3: (torch.linspace(1, 2, 100), torch.ones(2)),
               4: (torch.linspace(5, 6, 100), torch.ones(2))}
-    uniform = mlp_widths(g, layers, 0.5, "uniform")
+    uniform = mlp_widths(g, "taylor", layers, 0.5, "uniform")
     assert uniform == {i: kept_mlp_channels(100, 0.5) for i in layers} == {2: 50, 3: 50, 4: 50}
-    w = mlp_widths(g, layers, 0.5, "global", scores)
+    w = mlp_widths(g, "taylor", layers, 0.5, "global", scores)
     assert sum(100 - k for k in w.values()) == sum(100 - k for k in uniform.values())  # the same total
     # no layer loses more than halfway from the ratio to all of it (0.75 of 100): the rest comes from layer 3
     assert w == {2: 25, 3: 25, 4: 100}
+    # a ratio near 1 still leaves every layer a channel (the cap is at most n - 1)
+    assert min(mlp_widths(g, "taylor", layers, 0.98, "global", scores).values()) >= 1
     plans = select(g, "taylor", layers, 0.5, 0.0, 0, scores, "global")
     assert plans[4].mlp_keep is None  # untouched layers keep their MLP whole
     assert plans[2].mlp_keep == list(range(75, 100))  # the highest-scored channels are the kept ones
@@ -47,18 +49,18 @@ def test_global_ranking_follows_the_scores_and_ties_stay_reproducible():
     g = _geometry()
     gen = torch.Generator().manual_seed(0)
     scores = {i: (torch.rand(100, generator=gen) * (i + 1), torch.ones(2)) for i in range(4)}
-    w = mlp_widths(g, range(4), 0.3, "global", scores)
+    w = mlp_widths(g, "taylor", range(4), 0.3, "global", scores)
     # the threshold is global: every removed channel scores below every kept one, within the cap
     removed = torch.cat([scores[i][0].sort().values[: 100 - w[i]] for i in range(4)])
     kept = torch.cat([scores[i][0].sort().values[100 - w[i]:] for i in range(4)])
     assert removed.max() <= kept.min()
     assert w[0] < w[3]  # the layer with the smallest scores loses the most
     flat = {i: (torch.ones(100), torch.ones(2)) for i in range(4)}  # all ties: lower layers first, same every time
-    assert mlp_widths(g, range(4), 0.3, "global", flat) == mlp_widths(g, range(4), 0.3, "global", flat)
-    with pytest.raises(LoramError, match="random has no scores"):
-        mlp_widths(g, range(4), 0.3, "global", None)
+    assert mlp_widths(g, "taylor", range(4), 0.3, "global", flat) == mlp_widths(g, "taylor", range(4), 0.3, "global", flat)
+    with pytest.raises(LoramError, match="random has none"):
+        mlp_widths(g, "random", range(4), 0.3, "global")
     with pytest.raises(LoramError, match="unknown --allocate"):
-        mlp_widths(g, range(4), 0.3, "layerwise", flat)
+        mlp_widths(g, "taylor", range(4), 0.3, "layerwise", flat)
 
 
 @pytest.mark.parametrize("stream", [False, True])

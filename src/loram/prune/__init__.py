@@ -14,7 +14,7 @@ from ..fingerprint import base_fingerprint, check_verify
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
 from ..loading import can_stream, checkpoint_dtype, load_model
 from ..procmem import PeakRSS
-from ..prune_plan import ALLOCATIONS, PrunePlan, kept_mlp_channels, parse_layers
+from ..prune_plan import PrunePlan, kept_mlp_channels, parse_layers
 from ..pruned_model import apply_plan, count_params, save_pruned
 from ..settings import check_knobs
 from ..validate import check_ratio
@@ -23,7 +23,7 @@ from .sparse import METHODS as SPARSE_METHODS
 from .decide import stream_decision
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
 from .structured import METHODS as STRUCTURED_METHODS
-from .structured import CALIBRATED, importance, select
+from .structured import CALIBRATED, check_allocation, importance, select
 from .compensate import DAMP, apply_compensation, compensation, plan_calibration
 
 SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
@@ -43,19 +43,6 @@ def check_method(method: str, sparsity: str | None = None) -> None:
     if sparsity is None and method not in STRUCTURED_METHODS + SPARSE_ONLY:
         raise LoramError(f"unknown --method {method!r}: choose one of {', '.join(STRUCTURED_METHODS)} "
                          f"(structured) or {', '.join(SPARSE_METHODS)} with --sparsity")
-
-
-def check_allocation(allocate: str, method: str, sparsity: str | None = None) -> None:
-    """Refuse an --allocate that cannot apply, before anything is loaded."""
-    if allocate not in ALLOCATIONS:
-        raise LoramError(f"unknown --allocate {allocate!r}: choose one of {', '.join(ALLOCATIONS)}")
-    if allocate == "uniform":
-        return
-    if sparsity is not None or method in SPARSE_ONLY:
-        raise LoramError("--allocate applies to structured pruning only: drop it (sparse methods prune --ratio of every layer)")
-    if method == "random":
-        raise LoramError("--allocate global ranks channel scores across layers and random has none: use --method taylor "
-                         "(or magnitude, wanda-sp), or drop --allocate")
 
 
 @releases_locks

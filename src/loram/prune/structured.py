@@ -23,6 +23,7 @@ backward: peak = weights + scored-layer grads + one sequence's activations.
 from __future__ import annotations
 
 import hashlib
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -202,39 +203,48 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order.tolist())
 
 
-def mlp_widths(g: Geometry, layers: range, mlp_ratio: float, allocate: str = "uniform",
+def check_allocation(allocate: str, method: str, sparsity: str | None = None) -> None:
+    """Refuse an --allocate that cannot apply (prune() calls it before anything is loaded)."""
+    if allocate not in ALLOCATIONS:
+        raise LoramError(f"unknown --allocate {allocate!r}: choose one of {', '.join(ALLOCATIONS)}")
+    if allocate == "uniform":
+        return
+    if sparsity is not None or method not in METHODS:
+        raise LoramError("--allocate applies to structured pruning only: drop it (sparse methods prune --ratio of every layer)")
+    if method == "random":
+        raise LoramError("--allocate global ranks channel scores across layers and random has none: use --method taylor "
+                         "(or magnitude, wanda-sp), or drop --allocate")
+
+
+def mlp_widths(g: Geometry, method: str, layers: range, mlp_ratio: float, allocate: str = "uniform",
                scores: dict | None = None) -> dict[int, int]:
     """MLP channels kept in each layer of ``layers``. uniform: ``kept_mlp_channels`` everywhere. global: the
     same total removed, taken as the lowest channel scores of the whole range (LLM-Pruner's global ranking:
     a Taylor score estimates the loss change of removing the channel, so scores of different layers compare),
     with no layer losing more than halfway from ``mlp_ratio`` to all of its channels, so that no layer is
     emptied by a few low scores. Ties go to the lower layer and index, so plans stay reproducible."""
-    if allocate not in ALLOCATIONS:
-        raise LoramError(f"unknown --allocate {allocate!r}: choose one of {', '.join(ALLOCATIONS)}")
-    kept = kept_mlp_channels(g.intermediate, mlp_ratio)
+    check_allocation(allocate, method)
+    n = g.intermediate
+    kept = kept_mlp_channels(n, mlp_ratio)
     if allocate == "uniform":
         return {i: kept for i in layers}
-    if scores is None:
-        raise LoramError("--allocate global ranks channel scores across layers: use --method magnitude, taylor or "
-                         "wanda-sp (random has no scores)")
-    cap = min(g.intermediate - 1, g.intermediate - kept_mlp_channels(g.intermediate, (1 + mlp_ratio) / 2))
-    budget = (g.intermediate - kept) * len(layers)
-    flat = torch.cat([scores[i][0].double() for i in layers])
-    order = torch.argsort(flat, stable=True).tolist()  # ascending: the least important first
+    cap = min(n - 1, math.ceil(n * (1 + mlp_ratio) / 2))  # removed at most; every layer keeps >= 1 channel
+    budget = (n - kept) * len(layers)
+    order = torch.argsort(torch.cat([scores[i][0].double() for i in layers]), stable=True).tolist()  # least important first
     removed = {i: 0 for i in layers}
     for j in order:
         if budget == 0:
             break
-        i = layers[j // g.intermediate]
+        i = layers[j // n]
         if removed[i] < cap:
             removed[i] += 1
             budget -= 1
-    return {i: g.intermediate - removed[i] for i in layers}
+    return {i: n - removed[i] for i in layers}
 
 
 def select(g: Geometry, method: str, layers: range, mlp_ratio: float, attn_ratio: float, seed: int,
            scores: dict | None = None, allocate: str = "uniform") -> dict[int, LayerPlan]:
-    widths = mlp_widths(g, layers, mlp_ratio, allocate, scores if method != "random" else None)
+    widths = mlp_widths(g, method, layers, mlp_ratio, allocate, scores)
     n_grp = kept_kv_groups(g.n_kv_heads, attn_ratio)
     gen = torch.Generator().manual_seed(seed)
     plans = {}
