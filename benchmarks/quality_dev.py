@@ -85,6 +85,18 @@ VARIANTS = {
     "mlpallg_distilled_offset_lr3e-3": ("same, the same channel count ranked across all 30 layers (--layers 0:30 --ratio 0.4965)",
                                         "distill:mlpall0.4965g:1e-4",
                                         ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
+    # stop 13: --anchor on the global all-layer pruning (its test OOD was above the base on 2 of 3 seeds)
+    "mlpallg_distilled_offset_lr3e-3_anchor": ("mlpallg_distilled_offset_lr3e-3 with `--anchor` C4 (weight 1)", "distill:mlpall0.4965g:1e-4",
+                                               ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}", "--anchor",
+                                                "{anchor}"], []),
+    "mlpallg_distilled_offset_lr5e-3_anchor": ("same at LoRA lr 5e-3 (the lr the anchor made safe on the 4:28 pruning)",
+                                               "distill:mlpall0.4965g:1e-4",
+                                               ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}", "--anchor",
+                                                "{anchor}"], []),
+    # stop 13: 2x with the global ranking over all layers: 1 of 3 KV groups per layer and 73 % of the MLP channels
+    "allg_distilled_offset_lr2e-3": ("2x: all 30 layers, global MLP allocation (--ratio 0.7335) and 1 of 3 KV groups (--attn-ratio 0.34), "
+                                     "distill-aligned, offset, lr 2e-3 (distilled85_offset_lr2e-3's training)", "distill:all0.7335g:1e-4",
+                                     ["--original-offset", "--lr", "2e-3"], []),  # its own top-k cache: it ran beside the rows above
     "mlpall_distilled_offset_lr3e-3": ("the ablation of mlpallg: all 30 layers, uniform (--layers 0:30 --ratio 0.4965, no --allocate)",
                                        "distill:mlpall0.4965:1e-4", ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
     "mlp_distilled_offset_lr5e-3": ("mlp_distilled_offset at LoRA lr 5e-3", "distill:mlp0.62:1e-4",
@@ -164,7 +176,8 @@ DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
+SUBSET = {"lora_rows162", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
+          "mlpallg_distilled_offset_lr5e-3_anchor", "allg_distilled_offset_lr2e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
           "mlp_distilled_offset_lr3e-3", "mlp_distilled_offset_lr5e-3", "mlp_distilled_offset_lr3e-3_calibrated",
           "mlp_distilled_offset_lr5e-3_calibrated", "mlp_distilled_offset_lr5e-3_anchor",
@@ -175,6 +188,7 @@ PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-rati
                # --allocate global: the same 22.9 k channels removed, ranked across the layers (in 4:28, or in all 30 layers)
                "mlp0.62g": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS, "--allocate", "global"],
                "mlpall0.4965g": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global"],
+               "all0.7335g": ["--method", "taylor", "--ratio", "0.7335", "--attn-ratio", "0.34", "--layers", "0:30", "--allocate", "global"],
                "mlpall0.4965": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30"]}  # the ablation: uniform
 
 

@@ -24,8 +24,9 @@ def test_paper_recipes_dry_run(name, capsys):
     assert any(f"loram run recipes/{name}" in x for x in header)  # the header holds the exact command
 
 
-def test_smollm2_recipe_dry_run(tmp_path, alpaca_file):
-    """The shipped SmolLM2 recipe validates. Its data paths (benchmark data outside the repo) are
+@pytest.mark.parametrize("name", ["smollm2-loram.yaml", "smollm2-loram-quality.yaml"])
+def test_smollm2_recipe_dry_run(name, tmp_path, alpaca_file, capsys):
+    """The shipped SmolLM2 recipes validate. Their data paths (benchmark data outside the repo) are
     pointed at a local file, keeping their slices and weights; everything else is as shipped."""
     import re
 
@@ -40,12 +41,17 @@ def test_smollm2_recipe_dry_run(tmp_path, alpaca_file):
             return re.sub(r"^[^\[=]+", str(alpaca_file), x)
         return x
 
-    r = local(yaml.safe_load((RECIPES / "smollm2-loram.yaml").read_text()))
+    shipped = yaml.safe_load((RECIPES / name).read_text())
+    r = local(shipped)
     r["workdir"] = str(tmp_path / "w")
-    p = tmp_path / "smollm2-loram.yaml"
+    p = tmp_path / name
     p.write_text(yaml.safe_dump(r))
-    steps = run_recipe(p, dry_run=True, echo=lambda *a: None)
+    steps = run_recipe(p, dry_run=True)
     assert [s.stage for s in steps] == ["prune", "align", "train", "recover", "merge", "eval"]
+    out = capsys.readouterr().out
+    if name == "smollm2-loram-quality.yaml":  # the benchmark's best setting reaches the stage commands
+        assert "--allocate global" in out and "--distill" in out and "--original-offset" in out
+        assert shipped["prune"]["layers"] == "0:30" and shipped["train"]["lr"] == 3.0e-3
 
 
 def write_recipe(tmp_path, tiny_dir, alpaca_file, steps=3):
