@@ -173,6 +173,24 @@ def test_cli_eval_json(tiny_dir, alpaca_file, tmp_path, capsys):
     assert main(["eval", str(tiny_dir)]) == 2  # nothing to evaluate: one-line error
 
 
+def test_cli_eval_file_slice(tiny_dir, alpaca_file, tmp_path, capsys):
+    """--ppl NAME=FILE[a:b] scores those rows, as a file holding only them (the form a recipe's eval prints)."""
+    from loram.cli import main
+
+    part = tmp_path / "part.jsonl"  # the fixture is JSON lines
+    part.write_text("\n".join(alpaca_file.read_text().splitlines()[2:6]))
+    assert main(["eval", str(tiny_dir), "--ppl", f"sliced={alpaca_file}[2:6]", "--ppl", f"file={part}", "--seq-len", "64",
+                 "--json"]) == 0
+    res = {r["task"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert res["sliced"]["n"] == res["file"]["n"] == 4
+    assert res["sliced"]["value"] == pytest.approx(res["file"]["value"], rel=1e-6)
+    assert main(["eval", str(tiny_dir), "--ppl", f"x={tmp_path / 'nope.jsonl'}[0:4]"]) == 2  # the file part is checked
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
+    # not a local path: a hub id, which the data layer loads (here offline: its one-line error, not "file does not exist")
+    assert main(["eval", str(tiny_dir), "--ppl", "x=no-such-dataset-here", "--seq-len", "64"]) == 2
+    assert "cannot load dataset 'no-such-dataset-here'" in capsys.readouterr().err
+
+
 def test_generation_tasks_wiring(mt):
     from loram.eval.generation import gsm8k
     from loram.eval.humaneval import humaneval, program_of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data import FILE_SUFFIXES, split_slice
 from ..errors import LoramError
 from ..settings import add_flags, from_args
 from .common import add_device
@@ -20,13 +21,18 @@ def add(sub) -> None:
 
 
 def named(spec: str, flag: str) -> tuple[str, Path]:
+    """NAME=SOURCE (or SOURCE, named by its stem). SOURCE is what `loram train --data` reads: a file, which may
+    carry a slice (FILE[a:b], as a recipe's eval section prints it), a dataset folder or a hub id (streamed).
+    A missing local file is refused here, before the model loads; a hub id is left to the data layer."""
     name, eq, f = spec.partition("=")
+    source = f if eq else spec
+    file, _ = split_slice(source)
     if not eq:
-        name, f = Path(spec).stem, spec
-    path = Path(f)
-    if not path.exists():
-        raise LoramError(f"{flag} {spec}: file {path} does not exist")
-    return name, path
+        name = Path(file).stem
+    local = file.startswith((".", "/")) or file.endswith((*FILE_SUFFIXES, ".txt"))
+    if local and not Path(file).exists():
+        raise LoramError(f"{flag} {spec}: file {file} does not exist")
+    return name, Path(source)
 
 
 def run(a) -> int:
