@@ -46,6 +46,20 @@ STEPS, ALIGN_STEPS, LAYERS = 40, 300, "4:28"
 TRAIN = ["--steps", str(STEPS), "--micro-batch", "4", "--seq-len", "256", "--lr", "1e-3", "--seed", "0", "--logging-steps", "5"]
 ALIGN_LR = "2e-5"
 ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", "--logging-steps", "20"]
+
+
+def _mlpallg_row(lr: str, sfx: str, anchor: bool) -> tuple:
+    """A row on the stru_mlpallg pruning, distill-aligned, trained through the original at ``lr`` (seed from the
+    suffix _seed1 / _seed2), optionally anchored. The original's top-k of the seed's rows is the cache of the
+    offset_distilled_mlp_lr3e-3 row of that seed ({work} is filled in by train)."""
+    label = (f"LoRAM-Stru MLP-only all layers global allocation, distill-aligned, trained through the original, "
+             f"{'anchored, ' if anchor else ''}LoRA lr {lr}{', seed ' + sfx[-1] if sfx else ''}")
+    extra = ["--original-offset", "--lr", lr, *(["--seed", sfx[-1]] if sfx else []),
+             *(["--anchor", f"{DATA}/corpus/c4_demo.jsonl"] if anchor else []),
+             "--offset-cache", f"{{work}}/adapter_offset_distilled_mlp_lr3e-3{sfx}-checkpoints/teacher-topk"]
+    return label, "stru_mlpallg", extra, True
+
+
 ROWS = {  # name: (label, prune args or None, train extra, structured?)
     "base": ("base w/o FT", None, None, False),
     "lora": ("full LoRA", None, [], False),
@@ -90,19 +104,10 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     # and full LoRA at seeds 1, 2 (a seed-matched reference)
     "stru_mlpallg": ("LoRAM-Stru MLP-only, all layers, global allocation", ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0",
                                                                             "--layers", "0:30", "--allocate", "global"], [], True),
-    **{f"offset_distilled_mlpallg_lr3e-3{sfx}": (f"LoRAM-Stru MLP-only all layers global allocation, distill-aligned, trained through the "
-                                                 f"original, LoRA lr 3e-3{', seed ' + sfx[-1] if sfx else ''}", "stru_mlpallg",
-                                                 ["--original-offset", "--lr", "3e-3", *(["--seed", sfx[-1]] if sfx else []), "--offset-cache",
-                                                  f"{{work}}/adapter_offset_distilled_mlp_lr3e-3{sfx}-checkpoints/teacher-topk"], True)
-       for sfx in ("", "_seed1", "_seed2")},
+    **{f"offset_distilled_mlpallg_lr3e-3{sfx}": _mlpallg_row("3e-3", sfx, False) for sfx in ("", "_seed1", "_seed2")},
     # issue 18, stop 13, chosen on the dev split: the same with `train --anchor` at lr 5e-3 (without it, OOD was above
     # the base on 2 of 3 seeds)
-    **{f"offset_anchor_distilled_mlpallg_lr{lr}{sfx}": (
-        f"LoRAM-Stru MLP-only all layers global allocation, distill-aligned, trained through the original, anchored, LoRA lr {lr}"
-        f"{', seed ' + sfx[-1] if sfx else ''}", "stru_mlpallg",
-        ["--original-offset", "--lr", lr, *(["--seed", sfx[-1]] if sfx else []), "--anchor", f"{DATA}/corpus/c4_demo.jsonl", "--offset-cache",
-         f"{{work}}/adapter_offset_distilled_mlp_lr3e-3{sfx}-checkpoints/teacher-topk"], True)
-       for lr in ("5e-3",) for sfx in ("", "_seed1", "_seed2")},
+    **{f"offset_anchor_distilled_mlpallg_lr5e-3{sfx}": _mlpallg_row("5e-3", sfx, True) for sfx in ("", "_seed1", "_seed2")},
     "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
     "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
@@ -115,8 +120,7 @@ ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "s
          "offset_anchor_distilled_mlp_lr5e-3_seed2", "lora_seed1", "lora_seed2", "offset_distilled_mlpallg_lr3e-3",
          "offset_distilled_mlpallg_lr3e-3_seed1", "offset_distilled_mlpallg_lr3e-3_seed2", "offset_anchor_distilled_mlpallg_lr5e-3",
          "offset_anchor_distilled_mlpallg_lr5e-3_seed1", "offset_anchor_distilled_mlpallg_lr5e-3_seed2"]
-GLOBAL = {"offset_distilled_mlpallg_lr3e-3", "offset_distilled_mlpallg_lr3e-3_seed1", "offset_distilled_mlpallg_lr3e-3_seed2",
-          *(k for k in ROWS if k.startswith("offset_anchor_distilled_mlpallg_"))}
+GLOBAL = [k for k, v in ROWS.items() if v[1] == "stru_mlpallg"]  # the rows on the global all-layer pruning (ROWS order: the tables list them so)
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
            "offset_distilled_mlp_lr2e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3": "stru_mlp",

@@ -105,6 +105,10 @@ class PrunePlan:
     # widths differ per layer (None: uniform, the same width in every pruned layer; absent keeps old plans' ids)
     allocation: str | None = None
 
+    def __post_init__(self):
+        if self.allocation == "uniform":  # the default is not recorded, so uniform plans keep their ids
+            self.allocation = None
+
     # ---- index arithmetic -------------------------------------------------------------
     def pruned_modules(self, g: Geometry):
         """(layer, role, kept indices) of every projection this plan prunes, in layer order."""

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import settings
 from .align import align
-from .data import FILE_SUFFIXES, folder_split, read_chat_template, split_slice
+from .data import FILE_SUFFIXES, missing_local_file, read_chat_template, split_slice
 from .errors import LoramError
 from .io import _local_inputs, _real, atomic_dir, check_replace, lock_output, unlock_output, write_json, write_marker
 from .merge import merge
@@ -148,7 +148,7 @@ def _data_list(spec, stage: str) -> list[str]:
 def _check_local(spec: str, what: str) -> None:
     """A path that looks local must exist; hub ids are checked when the stage runs."""
     path, _ = split_slice(data_source(spec)[0])
-    if (path.endswith(DATA_SUFFIXES) or path.startswith((".", "/"))) and not Path(path).exists() and not folder_split(path):
+    if missing_local_file(path, DATA_SUFFIXES):
         raise LoramError(f"{what}: data file {path} does not exist: fix the path (relative paths start at the current directory)")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import FILE_SUFFIXES, split_slice
+from ..data import FILE_SUFFIXES, missing_local_file, split_slice
 from ..errors import LoramError
 from ..settings import add_flags, from_args
 from .common import add_device
@@ -29,8 +29,7 @@ def named(spec: str, flag: str) -> tuple[str, Path]:
     file, _ = split_slice(source)
     if not eq:
         name = Path(file).stem
-    local = file.startswith((".", "/")) or file.endswith((*FILE_SUFFIXES, ".txt"))
-    if local and not Path(file).exists():
+    if missing_local_file(file, (*FILE_SUFFIXES, ".txt")):  # .txt: raw-text perplexity
         raise LoramError(f"{flag} {spec}: file {file} does not exist")
     return name, Path(source)
 

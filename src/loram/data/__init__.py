@@ -49,7 +49,7 @@ re-exported here: ``from loram.data import encode``.
 from __future__ import annotations
 
 from .sources import (
-    SLICE, split_slice, source_digest, FILE_SUFFIXES, read_rows, streamed, iter_rows, folder_split,
+    SLICE, split_slice, source_digest, FILE_SUFFIXES, read_rows, streamed, iter_rows, folder_split, missing_local_file,
     stream_rows, present, read_utf8, read_table, read_csv,
 )
 from .rows import (
@@ -66,7 +66,7 @@ from .batches import (
 
 __all__ = [
     'SLICE', 'split_slice', 'source_digest', 'FILE_SUFFIXES', 'read_rows', 'streamed', 'iter_rows',
-    'folder_split', 'stream_rows', 'present', 'read_utf8', 'read_table', 'read_csv', 'IGNORE',
+    'folder_split', 'missing_local_file', 'stream_rows', 'present', 'read_utf8', 'read_table', 'read_csv', 'IGNORE',
     'SHAREGPT_ROLES', 'KNOWN_ROLES', 'FALLBACK_PROMPT', 'FALLBACK_PROMPT_INPUT', 'RowSkipped',
     'check_messages', 'row_kind', 'to_messages', 'chat_template_ids', 'read_chat_template',
     'prompt_response_ids', 'encode', 'SKIP_REASONS', 'Encoded', 'skip_counts', 'skip_summary', 'encode_all',

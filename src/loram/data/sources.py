@@ -67,7 +67,7 @@ def iter_rows(source: str) -> Iterator[dict]:
         elif not rows:
             raise LoramError(f"dataset {source} is empty: give it at least one row")
         return iter(rows)
-    if not p.is_dir() and not folder_split(path) and (path.startswith((".", "/")) or path.endswith(FILE_SUFFIXES)):
+    if missing_local_file(path):
         raise LoramError(f"dataset file {path} does not exist: check the path")
     return _nonempty(_sliced(stream_rows(path), part), source)
 
@@ -90,6 +90,12 @@ def _nonempty(rows: Iterator[dict], source: str) -> Iterator[dict]:
     if not seen:
         raise LoramError(f"dataset {source} selects no rows: check the slice" if split_slice(source)[1]
                          else f"dataset {source} is empty: give it at least one row")
+
+
+def missing_local_file(path: str, suffixes: tuple = FILE_SUFFIXES) -> bool:
+    """``path`` looks like a local file (starts with . or /, or ends with one of ``suffixes``) and is not there:
+    a one-line error before any loading. A folder, FOLDER:split or hub id ("org/name") is not a file."""
+    return (path.startswith((".", "/")) or path.endswith(suffixes)) and not Path(path).exists() and not folder_split(path)
 
 
 def folder_split(source: str) -> tuple[str, str] | None:

@@ -124,7 +124,7 @@ def prune(model_name: str, out: str | Path, method: str = "taylor", ratio: float
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": model.config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores, allocate),
-        compensation=comp, allocation=None if allocate == "uniform" else allocate,
+        compensation=comp, allocation=allocate,
     )
     refit = compensation(model, plan, batches, damp) if compensate else None  # on the original model, before shrinking
     apply_plan(model, plan)

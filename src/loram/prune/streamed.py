@@ -187,7 +187,7 @@ def prune_streamed(model_name: str, out: str | Path, method: str, ratio: float, 
         kind="structured", method=method, layers=(start, end), mlp_ratio=ratio, attn_ratio=attn_ratio, seed=seed,
         calibration=calib, base={"name": str(model_name), "config": config.to_dict(), "fingerprint": fp},
         pruned=select(g, method, rng, ratio, attn_ratio, seed, scores, allocate),
-        compensation=comp, allocation=None if allocate == "uniform" else allocate,
+        compensation=comp, allocation=allocate,
     )
     n_orig, n_pruned = count_params(skeleton(config, None)), count_params(skeleton(config, plan))  # shapes, no weights
     plan.extra = {"params_original": n_orig, "params_pruned": n_pruned}
