@@ -11,6 +11,8 @@ separate dev split drawn from rows no test set and no training row uses:
                    `loram recover --calibrate`: the training mixture's own sources, past its rows, and
                    disjoint from the dev rows above and quality_smollm2.py's test rows; math_data
                    starts at 3212 because row 3209 repeats a training row's instruction)
+    general        alpaca_en_demo[600:632]         (32 rows for `--calibrate-general`: the kind of text OOD
+                   measures, rows neither OOD set uses)
 
 Every variant trains like quality_smollm2.py (same mixture, 40 steps x 4 x 256, seed 0) unless its
 row says otherwise, then is served as the ORIGINAL model + recovered adapter. Adapters that
@@ -107,6 +109,15 @@ VARIANTS = {
     "mlp_distilled_offset_lr5e-3_calibrated": ("mlp_distilled_offset_lr5e-3's adapter recovered with --calibrate (one scale)",
                                                "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}"],
                                                ["--calibrate", "{calibrate}", "--seq-len", "256"]),
+    # stop 14: --calibrate-general (the scale chosen on in-domain rows, keeping general text at the base's; grid to 2.0)
+    **{f"{src}_calgen{sfx}": (f"{src}'s adapter recovered with --calibrate and --calibrate-general {what} (one scale, s in "
+                              "0..2.0, general-text perplexity kept at the base's)", key,
+                              extra, ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general", gen])
+       for src, key, extra in (("mlpallg_distilled_offset_lr3e-3", "distill:mlpall0.4965g:1e-4",
+                                ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"]),
+                               ("mlpallg_distilled_offset_lr5e-3_anchor", "distill:mlpall0.4965g:1e-4",
+                                ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"]))
+       for sfx, what, gen in (("", "Alpaca rows 600:632", "{general}"), ("_c4", "C4 rows 0:32", "{general_c4}"))},
     # --anchor (loram.anchor): KL to the adapter-off model on general text (C4 excerpt, the alignment corpus; OOD is Alpaca)
     "mlp_distilled_offset_lr5e-3_anchor": ("mlp_distilled_offset_lr5e-3 with `--anchor` C4 (weight 1, one 256-token block per micro-step)",
                                            "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
@@ -171,9 +182,11 @@ SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_cali
                 "mlp_distilled_offset_lr3e-3_mlp_updates": "mlp_distilled_offset_lr3e-3",
                 "mlp_distilled_offset_lr3e-3_transfer": "mlp_distilled_offset_lr3e-3",
                 "mlp_distilled_offset_lr5e-3_transfer": "mlp_distilled_offset_lr5e-3",
-                "mlp_distilled_offset_lr5e-3_anchor_transfer": "mlp_distilled_offset_lr5e-3_anchor"}
+                "mlp_distilled_offset_lr5e-3_anchor_transfer": "mlp_distilled_offset_lr5e-3_anchor",
+                **{f"{src}_calgen{sfx}": src for src in ("mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr5e-3_anchor")
+                   for sfx in ("", "_c4")}}
 DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served adapter from the plainly recovered one (derive)
-SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset"))]
+SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
 SUBSET = {"lora_rows162", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
@@ -192,14 +205,7 @@ PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-rati
                "mlpall0.4965": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30"]}  # the ablation: uniform
 
 
-def mixture_rows(out: Path, math: slice, code: slice, gsm: slice) -> None:
-    """Write ``out`` (jsonl): those rows of the training mixture's three sources, as instruction/output rows."""
-    rows = json.loads((q.DATA / "instruct/math_data.json").read_text())[math]
-    rows += json.loads((q.DATA / "instruct/codegen-instruct.json").read_text())[code]
-    rows += [{"instruction": r["question"], "output": r["answer"]} for r in
-             map(json.loads, (q.DATA / "gsm8k/train.jsonl").read_text().splitlines()[gsm])]
-    rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+mixture_rows = q.mixture_rows
 
 
 def dev_data(work: Path) -> dict:
@@ -209,14 +215,13 @@ def dev_data(work: Path) -> dict:
         mixture_rows(d / "indomain_dev.jsonl", slice(3100, 3133), slice(4100, 4133), slice(3000, 3033))
         ood = json.loads((q.DATA / "instruct/alpaca_en_demo.json").read_text())[500:600]
         (d / "alpaca_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ood))
-    if not (d / "calibrate.jsonl").exists():  # see the docstring: rows no training, dev or test set uses
-        mixture_rows(d / "calibrate.jsonl", slice(3212, 3223), slice(4200, 4211), slice(3100, 3110))
+    cal = q.calibration_rows(d)  # see the docstring: rows no training, dev or test set uses
     if not (d / "train_mix.jsonl").exists():  # the SUBSET variants' 162 training rows, sources interleaved (transfer_dev.py)
         mixture_rows(d / "train162.jsonl", slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS))
         rows = (d / "train162.jsonl").read_text().splitlines(keepends=True)
         (d / "train_mix.jsonl").write_text("".join(rows[i + SUBSET_ROWS * s] for i in range(SUBSET_ROWS) for s in range(3)))
     return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")},
-            "calibrate": str(d / "calibrate.jsonl"), "train_mix": str(d / "train_mix.jsonl")}
+            **cal, "general_c4": f"{q.DATA}/corpus/c4_demo.jsonl[:32]", "train_mix": str(d / "train_mix.jsonl")}
 
 
 def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, data: dict) -> Path | None:
@@ -275,7 +280,8 @@ def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
             derive(work, trained, plain, served, rec_extra, dev)
         elif rec_extra and not (served / "adapter_config.json").exists():  # extras that are `loram recover` flags
             q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(served), "--overwrite",
-                  *(x.format(calibrate=dev["calibrate"]) for x in rec_extra)], work / f"recover_{served.name}.log")
+                  *(x.format(calibrate=dev["calibrate"], general=dev["general"], general_c4=dev["general_c4"]) for x in rec_extra)],
+                 work / f"recover_{served.name}.log")
         if key is not None and key not in ("semi", "unst"):  # sparse models keep their shapes: no parameter reduction
             reduction = q.reduction(json.loads((trained / "train_report.json").read_text()), True)
     ev = q.evaluate(work / "dev", name, "smollm2", str(served) if served else None, dev, mc=False)
@@ -289,6 +295,8 @@ def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
     if cal:  # what --calibrate chose and what it cost (CPU seconds of the recovery's forward passes)
         res[name]["calibration"] = {k: cal.get(k) for k in ("scope", "scale", "layer_scales", "loss_at_1", "loss", "loss_at_0",
                                                             "rows", "scored_tokens", "passes", "seconds")}
+        if cal.get("general"):  # --calibrate-general: the bound and the written adapter's general-text loss
+            res[name]["calibration"]["general"] = {k: cal["general"][k] for k in ("loss_at_0", "bound", "loss", "binding")}
 
 
 def mean_nonzero(rows: list) -> float:

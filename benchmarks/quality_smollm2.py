@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -108,6 +109,10 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     # issue 18, stop 13, chosen on the dev split: the same with `train --anchor` at lr 5e-3 (without it, OOD was above
     # the base on 2 of 3 seeds)
     **{f"offset_anchor_distilled_mlpallg_lr5e-3{sfx}": _mlpallg_row("5e-3", sfx, True) for sfx in ("", "_seed1", "_seed2")},
+    # issue 18, stop 14: those adapters recovered with --calibrate under --calibrate-general (chosen on the dev split)
+    **{f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (_mlpallg_row("3e-3", sfx, False)[0] + ", recovered with --calibrate "
+                                                       "and --calibrate-general (general text kept at the base's)",
+                                                       *_mlpallg_row("3e-3", sfx, False)[1:]) for sfx in ("", "_seed1", "_seed2")},
     "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
     "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
@@ -119,7 +124,14 @@ ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "s
          "offset_distilled_mlp_lr3e-3_seed1", "offset_anchor_distilled_mlp_lr5e-3_seed1", "offset_distilled_mlp_lr3e-3_seed2",
          "offset_anchor_distilled_mlp_lr5e-3_seed2", "lora_seed1", "lora_seed2", "offset_distilled_mlpallg_lr3e-3",
          "offset_distilled_mlpallg_lr3e-3_seed1", "offset_distilled_mlpallg_lr3e-3_seed2", "offset_anchor_distilled_mlpallg_lr5e-3",
-         "offset_anchor_distilled_mlpallg_lr5e-3_seed1", "offset_anchor_distilled_mlpallg_lr5e-3_seed2"]
+         "offset_anchor_distilled_mlpallg_lr5e-3_seed1", "offset_anchor_distilled_mlpallg_lr5e-3_seed2",
+         "offset_distilled_mlpallg_lr3e-3_calgen", "offset_distilled_mlpallg_lr3e-3_seed1_calgen",
+         "offset_distilled_mlpallg_lr3e-3_seed2_calgen"]
+# rows that recover another row's adapter with `loram recover` flags: row -> (the row whose adapter, flags); {calibrate},
+# {general}: prepare_data's calibration rows (quality_dev.py's; disjoint from every training, dev and test row)
+RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_mlpallg_lr3e-3{sfx}",
+                                                            ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general", "{general}"])
+           for sfx in ("", "_seed1", "_seed2")}
 GLOBAL = [k for k, v in ROWS.items() if v[1] == "stru_mlpallg"]  # the rows on the global all-layer pruning (ROWS order: the tables list them so)
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
@@ -156,6 +168,28 @@ def sh(cmd: list[str], log: Path) -> None:
     print(f"  {time.time() - t0:6.0f} s  {' '.join(cmd[:3])} -> {log.name}", flush=True)
 
 
+def mixture_rows(out: Path, math: slice, code: slice, gsm: slice) -> None:
+    """Write ``out`` (jsonl): those rows of the training mixture's three sources, as instruction/output rows."""
+    rows = json.loads((DATA / "instruct/math_data.json").read_text())[math]
+    rows += json.loads((DATA / "instruct/codegen-instruct.json").read_text())[code]
+    rows += [{"instruction": r["question"], "output": r["answer"]} for r in
+             map(json.loads, (DATA / "gsm8k/train.jsonl").read_text().splitlines()[gsm])]
+    rows = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in rows]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def calibration_rows(d: Path) -> dict:
+    """`loram recover --calibrate` / `--calibrate-general` rows (32 each), written once into ``d``: in-domain from
+    the mixture's sources past its rows (math_data from 3212: row 3209 repeats a training row's instruction),
+    general from Alpaca rows 600:632 (OOD test: :100, dev: 500:600)."""
+    if not (d / "calibrate.jsonl").exists():
+        mixture_rows(d / "calibrate.jsonl", slice(3212, 3223), slice(4200, 4211), slice(3100, 3110))
+    if not (d / "general.jsonl").exists():
+        rows = json.loads((DATA / "instruct/alpaca_en_demo.json").read_text())[600:632]
+        (d / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"calibrate": str(d / "calibrate.jsonl"), "general": str(d / "general.jsonl")}
+
+
 def prepare_data(work: Path) -> dict:
     """The mixture and the held-out files (GSM8K turned into instruction rows), written once."""
     d = work / "data"
@@ -176,7 +210,7 @@ def prepare_data(work: Path) -> dict:
     return {"train": [f"{DATA}/instruct/math_data.json[:3000]", f"{DATA}/instruct/codegen-instruct.json[:4000]",
                       f"{d}/gsm8k_train.jsonl"],
             "ppl": {"in_domain": f"{d}/indomain.jsonl", "alpaca_ood": f"{DATA}/instruct/alpaca_en_demo.json"},
-            "mc": {k: f"{d}/{k}_{MC_ROWS}.jsonl" for k in MC}}
+            "mc": {k: f"{d}/{k}_{MC_ROWS}.jsonl" for k in MC}, **calibration_rows(d)}
 
 
 def evaluate(work: Path, name: str, model: str, adapter: str | None, data: dict, mc: bool = True) -> dict:
@@ -214,10 +248,10 @@ def prune(work: Path, name: str, args: list[str]) -> Path:
     return out
 
 
-def recover(work: Path, adapter: Path) -> Path:
-    out = work / f"{adapter.name}_recovered"
+def recover(work: Path, adapter: Path, out: Path | None = None, extra: tuple = ()) -> Path:
+    out = out or work / f"{adapter.name}_recovered"
     if not (out / "adapter_config.json").exists():
-        sh(["loram", "recover", str(adapter), "--base", "smollm2", "-o", str(out), "--overwrite"], work / f"recover_{adapter.name}.log")
+        sh(["loram", "recover", str(adapter), "--base", "smollm2", "-o", str(out), "--overwrite", *extra], work / f"recover_{out.name}.log")
     return out
 
 
@@ -279,12 +313,17 @@ def run_row(work: Path, name: str, data: dict, res: dict) -> None:
         else:
             pruned, row["align"] = align(work, pruned)
         row["align"]["wikitext2_before_after"] = [before, wikitext_ppl(work, f"wikitext_{pruned.name}", pruned)]
-    row["train"] = train(work, f"adapter_{name}", str(pruned), extra, data)
+    src, flags = RECOVER.get(name, (name, []))  # a RECOVER row trains nothing: it recovers src's adapter its own way
+    row["train"] = train(work, f"adapter_{src}", str(pruned), extra, data)
     # NF4 packs two weights per stored element, so QLoRAM's frozen count is not a parameter count
     row["reduction"] = res["rows"]["stru"]["reduction"] if name == "qloram" and "stru" in res["rows"] else reduction(row["train"], structured)
-    rec = recover(work, work / f"adapter_{name}")
+    rec = recover(work, work / f"adapter_{src}", work / f"adapter_{name}_recovered", tuple(x.format(**data) for x in flags))
     row["recovered"] = evaluate(work, name, "smollm2", str(rec), data)
-    if structured:  # perplexity only (the Fig. 6 ablation; MC on every served model would double the CPU time)
+    cal = json.loads((rec / "loram_adapter.json").read_text()).get("calibration")
+    if cal:  # what --calibrate chose and what it cost
+        row["calibration"] = {k: cal.get(k) for k in ("scale", "loss_at_1", "loss", "loss_at_0", "passes", "seconds")}
+        row["calibration"]["general"] = {k: cal["general"][k] for k in ("loss_at_0", "bound", "loss", "binding")} if cal.get("general") else None
+    if structured and name not in RECOVER:  # perplexity only (the Fig. 6 ablation; MC on every served model would double the CPU time)
         row["served_pruned"] = evaluate(work, f"{name}_served", str(pruned), str(work / f"adapter_{name}"), data, mc=False)
 
 
@@ -340,7 +379,7 @@ def tables(res: dict) -> str:
             continue
         for how in ("recovered", "served_pruned"):
             ev = r.get(how)
-            if how == "served_pruned" and not ROWS[name][3]:
+            if how == "served_pruned" and (not ROWS[name][3] or name in RECOVER):  # a RECOVER row serves src's adapter: src's row
                 continue
             t = r.get("train", {})
             red = r.get("reduction")
@@ -356,7 +395,7 @@ def tables(res: dict) -> str:
     lines += goals(res)
     for name, key in ALIGNED.items():
         al = rows.get(name, {}).get("align")
-        if not al:
+        if not al or name in RECOVER:  # a RECOVER row's alignment is its src row's
             continue
         lines += ["", f"Alignment for *{ROWS[name][0]}* ({' '.join(prune_args(key))}): {al['steps']} steps x {al['tokens'] // max(1, al['steps'])} tokens "
                   f"(wiki + C4, {'`--distill`, KL to the original top-32, lr ' + DISTILL_LR if name in DISTILLED else 'LM loss, lr ' + ALIGN_LR}, "
@@ -408,8 +447,9 @@ def goals(res: dict) -> list[str]:
 
 
 def seed_reference(name: str) -> str:
-    """The full-LoRA row trained with the same --seed as ``name`` (the rows' seed is the suffix _seed1 / _seed2)."""
-    return f"lora_seed{name[-1]}" if name[-6:-1] == "_seed" else "lora"
+    """The full-LoRA row trained with the same --seed as ``name`` (the rows' seed: _seed1 / _seed2 in the name)."""
+    m = re.search(r"_seed(\d)", name)
+    return f"lora_seed{m.group(1)}" if m else "lora"
 
 
 def sweep_png(res: dict, path: Path) -> None:

@@ -3,10 +3,15 @@
     python benchmarks/transfer_dev.py keep ADAPTER OUT q,k,v,o
     python benchmarks/transfer_dev.py transfer ADAPTER PRUNED OUT DATA [--rows 96] [--lam 0.01]
     python benchmarks/transfer_dev.py norms REFERENCE ADAPTER...
+    python benchmarks/transfer_dev.py roles ADAPTER DATA GENERAL OUT.json SA,SM [SA,SM ...]
 
 keep      a copy of a recovered adapter with only the updates of the named roles (the other lora_B zeroed):
           which modules carry the gain, and how well each part transfers.
 norms     per role (q ... down), the sum over layers of ||B A||_F of each recovered ADAPTER over REFERENCE's.
+roles     the loss of `recover --calibrate`'s rows (DATA) and `--calibrate-general`'s (GENERAL), 32 each, cut to 256
+          tokens, on the original with the attention updates (q,k,v,o) x SA and the MLP updates (gate,up,down) x SM:
+          does one scale per role group trade in-domain gain for general-text damage better than one global s?
+          (loram.calibrate's Scorer; results kept in OUT.json, a pair already there is not scored again)
 transfer  input-matched transfer, a prototype (not a loram feature): the pruned model's modules read other
           inputs than the original's (its residual stream lacks the pruned channels' contributions), so each
           recovered lora_A is re-fitted on the ORIGINAL's inputs x_o to give what it gave on the pruned model's
@@ -143,6 +148,26 @@ def transfer(src: Path, pruned_dir: Path, out: Path, data: str, rows: int, lam: 
     return {"rows": rows, "lam": lam, "relative_change_of_A": by_role, "seconds": round(time.time() - t0, 1)}
 
 
+def role_losses(adapter: Path, data: str, general: str, out: Path, pairs: list[tuple[float, float]]) -> dict:
+    from loram.adapter import read_meta
+    from loram.calibrate import CalibrationRequest, Scorer, read_slice, scaled, tokenizer
+    from loram.eval.ppl import perplexity_of
+
+    req = CalibrationRequest(data, 32, None, 256, general)
+    tok = tokenizer("smollm2", read_meta(adapter))
+    sc = Scorer("smollm2", adapter, load_file(adapter / WEIGHTS), {p: read_slice(tok, req, p) for p in ("domain", "general")})
+    res = json.loads(out.read_text()) if out.exists() else {}
+    for sa, sm in pairs:
+        if f"{sa:g},{sm:g}" in res:
+            continue
+        with torch.no_grad():
+            for k, (param, b) in sc.b.items():
+                param.copy_(scaled(b, sa if any(f".{r}_proj." in k for r in ("q", "k", "v", "o")) else sm).to(param.dtype))
+        res[f"{sa:g},{sm:g}"] = {part: perplexity_of(sc.pm, sc.examples[part], sc.pad, 8).nll for part in ("domain", "general")}
+        out.write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -160,8 +185,18 @@ def main() -> None:
     n = sub.add_parser("norms")
     n.add_argument("reference", type=Path)
     n.add_argument("adapters", type=Path, nargs="+")
+    r = sub.add_parser("roles")
+    r.add_argument("adapter", type=Path)
+    r.add_argument("data")
+    r.add_argument("general")
+    r.add_argument("out", type=Path)
+    r.add_argument("pairs", nargs="+")
     a = ap.parse_args()
-    if a.cmd == "keep":
+    if a.cmd == "roles":
+        pairs = [tuple(map(float, x.split(","))) for x in a.pairs]
+        for key, v in role_losses(a.adapter, a.data, a.general, a.out, pairs).items():
+            print(key, json.dumps(v))
+    elif a.cmd == "keep":
         keep_roles(a.adapter, a.out, a.roles.split(","))
     elif a.cmd == "norms":
         ref = update_norms(a.reference)

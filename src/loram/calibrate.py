@@ -14,6 +14,17 @@ update scaled by s, and the best s is kept:
                    keeps the best (the current value among them, so the loss never rises above the global
                    one); lm_head / embed_tokens updates keep the global s. 13 x (1 + layers) passes.
 
+With ``--calibrate-general GENERAL`` the choice is constrained: a candidate is kept only if the loss of the
+first rows of GENERAL (text the user wants the original to keep: general instructions, prose) stays within
+``--calibrate-tolerance`` percent of perplexity of the base's (s = 0, default 0 %):
+
+    minimise  L_domain(s)   subject to   L_general(s) <= L_general(0) + log(1 + tolerance / 100)
+
+The constraint, not the grid's top, then bounds the update, so the grid runs on to 2.0 (0, 0.1, ..., 1.2, 1.4,
+..., 2.0): an update trained small may be scaled up where the general text allows it, and scaled down where it
+hurts. Candidates are tried in order of in-domain loss and the first one that keeps the bound is taken (only
+those need a pass over GENERAL); s = 0 and, per layer, the value a layer already has always keep it.
+
 The loss is the mean negative log-likelihood per scored token (nats) of the rows as training formats
 them (loram.data.encode_all: chat template, loss on the responses), scored by the evaluation's own code
 (loram.eval.ppl / eval.scoring). The chosen scale is folded into the written adapter by multiplying
@@ -28,6 +39,7 @@ refused before anything is loaded.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +51,7 @@ from .errors import LoramError
 from .families import parse_name
 
 GRID = tuple(i / 10 for i in range(13))  # 0, 0.1, ..., 1.2
+GRID_GENERAL = GRID + (1.4, 1.6, 1.8, 2.0)  # with --calibrate-general: the constraint bounds the update
 SCOPES = ("global", "layer")
 DEFAULT_ROWS = 32
 DEFAULT_SEQ_LEN = 512
@@ -53,21 +66,27 @@ class CalibrationRequest:
     rows: int | None = None
     scope: str | None = None
     seq_len: int | None = None
+    general: str | None = None  # --calibrate-general: rows whose loss may not rise above the base's (+ tolerance)
+    tolerance: float | None = None  # --calibrate-tolerance: percent of perplexity on those rows (default 0)
 
     def check(self) -> None:
         from .settings import check_knobs
 
         if self.data is None:
-            given = [f for f, v in (("--calibrate-rows", self.rows), ("--calibrate-scope", self.scope), ("--seq-len", self.seq_len))
+            given = [f for f, v in (("--calibrate-rows", self.rows), ("--calibrate-scope", self.scope), ("--seq-len", self.seq_len),
+                                    ("--calibrate-general", self.general), ("--calibrate-tolerance", self.tolerance))
                      if v is not None]
             if given:
                 verb = "apply" if len(given) > 1 else "applies"
                 raise LoramError(f"{', '.join(given)} only {verb} with --calibrate DATA: add --calibrate with a few in-domain "
                                  f"rows, or drop {given[0]}")
             return
-        check_knobs("recover", calibrate_rows=self.rows, seq_len=self.seq_len)
+        check_knobs("recover", calibrate_rows=self.rows, seq_len=self.seq_len, calibrate_tolerance=self.tolerance)
         if self.scope is not None and self.scope not in SCOPES:
             raise LoramError(f"--calibrate-scope {self.scope!r} is unknown: use {' or '.join(SCOPES)}")
+        if self.tolerance is not None and self.general is None:
+            raise LoramError("--calibrate-tolerance only applies with --calibrate-general GENERAL: add the general-text rows "
+                             "whose perplexity it bounds, or drop --calibrate-tolerance")
 
     @property
     def n_rows(self) -> int:
@@ -80,6 +99,15 @@ class CalibrationRequest:
     @property
     def how(self) -> str:
         return self.scope or "global"
+
+    @property
+    def grid(self) -> tuple:
+        return GRID if self.general is None else GRID_GENERAL
+
+    @property
+    def allowed_rise(self) -> float:
+        """The general-text loss (nats per token) the update may add: log(1 + tolerance %)."""
+        return math.log1p((self.tolerance or 0.0) / 100)
 
 
 @dataclass
@@ -107,15 +135,18 @@ def tokenizer(base: str | Path, meta: dict):
     return tok
 
 
-def read_slice(tok, req: CalibrationRequest) -> Slice:
-    """The first ``req.n_rows`` usable rows of ``req.data`` (loram.data's readers and encoder, as `loram
-    train --data`); fewer usable rows than asked is refused (a loss on a handful of tokens picks noise)."""
+def read_slice(tok, req: CalibrationRequest, part: str = "domain") -> Slice:
+    """The first ``req.n_rows`` usable rows of ``req.data`` (part "domain") or ``req.general`` ("general"), read
+    and encoded by loram.data as `loram train --data` does; fewer usable rows than asked is refused (a loss on a
+    handful of tokens picks noise)."""
     from .data import encode_all, iter_rows
 
-    enc = encode_all(tok, iter_rows(req.data), req.max_len, name=f"--calibrate {req.data}", max_examples=req.n_rows)
+    data, flag = (req.data, "--calibrate") if part == "domain" else (req.general, "--calibrate-general")
+    enc = encode_all(tok, iter_rows(data), req.max_len, name=f"{flag} {data}", max_examples=req.n_rows)
     if len(enc.examples) < req.n_rows:
-        raise LoramError(f"--calibrate {req.data} has {len(enc.examples)} usable rows but --calibrate-rows asks for {req.n_rows}: "
-                         "give more in-domain rows or lower --calibrate-rows")
+        kind = "in-domain" if part == "domain" else "general-text"
+        raise LoramError(f"{flag} {data} has {len(enc.examples)} usable rows but --calibrate-rows asks for {req.n_rows}: "
+                         f"give more {kind} rows or lower --calibrate-rows")
     return Slice(enc.examples, enc.truncated)
 
 
@@ -169,6 +200,7 @@ class Outcome:
     scope: str
     scales: dict  # layer (None: outside the layers) -> s
     losses: dict  # "global": {s: loss}, and per layer {i: {s: loss}} for scope layer
+    loss: float  # the written adapter's in-domain loss
     rows: int
     tokens: int
     scored: int
@@ -178,12 +210,7 @@ class Outcome:
     truncated: int = 0
     streamed: bool = False
     grid: tuple = field(default=GRID)
-
-    @property
-    def loss(self) -> float:
-        """The written adapter's loss: the last coordinate's best (global: the best candidate)."""
-        per_layer = self.losses.get("layers")
-        return min((per_layer[max(per_layer)] if per_layer else self.losses["global"]).values())
+    general: dict | None = None  # --calibrate-general: the bound and every general-text loss scored (see search)
 
     def record(self) -> dict:
         g = self.losses["global"]
@@ -195,42 +222,49 @@ class Outcome:
         if self.scope == "layer":
             out["layer_scales"] = {str(i): s for i, s in self.scales.items() if i is not None}
             out["layer_losses"] = {str(i): {str(s): v for s, v in c.items()} for i, c in self.losses["layers"].items()}
+        if self.general is not None:
+            out["general"] = self.general
         return out
 
 
 def summary(rec: dict) -> str:
-    """One line for the user: loss at s=1 (as trained), at s* (written) and s* itself."""
+    """One line for the user: loss at s=1 (as trained), at s* (written) and s* itself; with a general-text bound,
+    that text's loss as written against the base's."""
     s = f"s*={rec['scale']:g}" if rec["scope"] == "global" else f"per-layer s in [{min(rec['layer_scales'].values()):g}, " \
         f"{max(rec['layer_scales'].values()):g}] (global s*={rec['scale']:g})"
+    g = rec.get("general")
+    kept = "" if g is None else (f"; general text {g['loss']:.4f} vs base {g['loss_at_0']:.4f} (bound {g['bound']:.4f}, "
+                                 f"+{g['tolerance_pct']:g} % ppl{', binding' if g['binding'] else ''})")
     return (f"calibrated on {rec['rows']} rows ({rec['scored_tokens']} scored tokens): loss {rec['loss_at_1']:.4f} at s=1, "
-            f"{rec['loss']:.4f} with {s}, {rec['loss_at_0']:.4f} at s=0 (base); {rec['passes']} passes"
+            f"{rec['loss']:.4f} with {s}, {rec['loss_at_0']:.4f} at s=0 (base){kept}; {rec['passes']} passes"
             f"{' streamed' if rec.get('streamed') else ''}, {rec['seconds']:.0f} s")
 
 
 class Scorer:
-    """The original model with an adapter attached (PEFT, unmerged) whose lora_B can be re-scaled per layer."""
+    """The original model with an adapter attached (PEFT, unmerged) whose lora_B can be re-scaled per layer;
+    ``slices``: part ("domain", "general") -> the rows that part's loss is scored on."""
 
-    def __init__(self, base: str | Path, adapter: str | Path, tensors: dict[str, torch.Tensor], sl: Slice):
+    def __init__(self, base: str | Path, adapter: str | Path, tensors: dict[str, torch.Tensor], slices: dict[str, Slice]):
         from .eval.ppl import pad_id
         from .merge import load_with_adapter
 
         self.pm, tok = load_with_adapter(base, adapter, dtype=torch.float32, check_base=False)  # recover checked the base
         self.pm.eval()
         self.pad = pad_id(tok)
-        self.examples = sl.examples
+        self.examples = {part: sl.examples for part, sl in slices.items()}
         params = {n.replace(".default", ""): p for n, p in self.pm.named_parameters()}
         self.b = {k: (params[k], v) for k, v in tensors.items() if is_lora_b(k)}  # key -> (model tensor, adapter's B)
         self.passes = 0
 
-    def loss(self, scales: dict[int | None, float]) -> tuple[float, int]:
-        """(mean nll per scored token, scored tokens) with each lora_B scaled by its layer's s."""
+    def loss(self, scales: dict[int | None, float], part: str = "domain") -> tuple[float, int]:
+        """(mean nll per scored token, scored tokens) of ``part``'s rows with each lora_B scaled by its layer's s."""
         from .eval.ppl import perplexity_of
 
         with torch.no_grad():
             for k, (p, b) in self.b.items():
                 p.copy_(scaled(b, scales[layer_of(k)]).to(p.dtype))
         self.passes += 1
-        r = perplexity_of(self.pm, self.examples, self.pad, BATCH)
+        r = perplexity_of(self.pm, self.examples[part], self.pad, BATCH)
         return r.nll, r.tokens
 
 
@@ -239,12 +273,13 @@ class StreamedScorer:
     that would be written) is saved to a scratch folder beside ``adapter`` and scored by the streamed
     evaluation (eval.streamed.open_streamed: one decoder layer in memory, the update folded in as it loads)."""
 
-    def __init__(self, base: str | Path, adapter: Path, tensors: dict[str, torch.Tensor], sl: Slice, max_hidden_bytes: int,
-                 device="cpu"):
+    def __init__(self, base: str | Path, adapter: Path, tensors: dict[str, torch.Tensor], slices: dict[str, Slice],
+                 max_hidden_bytes: int, device="cpu"):
         from .io import read_json
         from .prune_plan import PrunePlan
 
-        self.base, self.tensors, self.examples = base, tensors, sl.examples
+        self.base, self.tensors = base, tensors
+        self.examples = {part: sl.examples for part, sl in slices.items()}
         self.cfg, self.meta, self.plan = read_json(adapter / ADAPTER_CONFIG), read_meta(adapter), PrunePlan.load(adapter)
         self.scratch = adapter / ".calibrate"  # inside recover's temporary output folder; removed by ``close``
         self.scratch.mkdir()
@@ -252,14 +287,14 @@ class StreamedScorer:
         self.b = {k: v for k, v in tensors.items() if is_lora_b(k)}
         self.passes = 0
 
-    def loss(self, scales: dict[int | None, float]) -> tuple[float, int]:
+    def loss(self, scales: dict[int | None, float], part: str = "domain") -> tuple[float, int]:
         from .eval.ppl import pad_id, perplexity_of
         from .eval.streamed import open_streamed
 
         write_adapter(self.scratch, scale_adapter(self.tensors, scales), self.cfg, self.meta, self.plan)
         lm, tok = open_streamed(self.base, self.scratch, device=self.device, max_hidden_bytes=self.hidden, check_base=False)
         self.passes += 1
-        r = perplexity_of(lm, self.examples, pad_id(tok), BATCH)
+        r = perplexity_of(lm, self.examples[part], pad_id(tok), BATCH)
         return r.nll, r.tokens
 
     def close(self) -> None:
@@ -268,41 +303,95 @@ class StreamedScorer:
         shutil.rmtree(self.scratch)
 
 
-def search(score, layers: list[int], scope: str) -> tuple[dict, dict, int]:
-    """(scales, losses, scored tokens) by the grid search of the module docstring; ``score(scales)`` -> (loss, tokens)."""
+@dataclass
+class Bound:
+    """The --calibrate-general constraint: the general-text loss a candidate may reach, and what was scored."""
+
+    limit: float
+    at_0: float  # the base's general-text loss (every lora_B x 0)
+    checked: dict = field(default_factory=dict)  # "global" -> {s: loss}; layer i -> {s: loss}
+    binding: bool = False  # some step passed over a better in-domain candidate because of the bound
+    loss: float = 0.0  # the general-text loss of the scales kept so far (the written ones, once search returns)
+
+
+def pick(cand: dict, preference, known: set, fits) -> float:
+    """The candidate to keep: the lowest in-domain loss (``cand``: s -> loss; ties by ``preference(s)``) among those
+    that keep the bound: ``known`` ones keep it already, the others are asked ``fits(s)`` in order."""
+    for s in sorted(cand, key=lambda s: (cand[s], preference(s))):
+        if s in known or fits(s):
+            return s
+    raise AssertionError("unreachable: a known candidate keeps the bound")  # s = 0 / the current value is always known
+
+
+def search(score, layers: list[int], scope: str, grid: tuple = GRID, bound: Bound | None = None) -> tuple[dict, dict, int, float]:
+    """(scales, in-domain losses, scored tokens, the chosen scales' in-domain loss) by the search of the module
+    docstring; ``score(scales, part)`` -> (loss, tokens). With ``bound`` a candidate is kept only if its general-text
+    loss stays <= bound.limit (the losses scored land in bound.checked)."""
     keys = [None, *layers]
+
+    def fits_with(where, make):
+        def fits(s):
+            bound.checked.setdefault(where, {})[s], _ = score(make(s), "general")
+            return bound.checked[where][s] <= bound.limit
+        return fits
+
     glob = {}
-    for s in GRID:
+    for s in grid:
         glob[s], tokens = score(dict.fromkeys(keys, s))
-    best = min(GRID, key=lambda s: (glob[s], abs(s - 1)))  # a tie goes to the scale nearer the trained one
+    if bound is None:
+        best = min(grid, key=lambda s: (glob[s], abs(s - 1)))  # a tie goes to the scale nearer the trained one
+    else:
+        bound.checked["global"] = {0.0: bound.at_0}
+        best = pick(glob, lambda s: abs(s - 1), {0.0}, fits_with("global", lambda s: dict.fromkeys(keys, s)))
+        bound.binding = best != min(grid, key=lambda s: (glob[s], abs(s - 1)))
+        bound.loss = bound.checked["global"][best]
     scales = dict.fromkeys(keys, best)
     losses: dict = {"global": glob}
+    current = glob[best]
     if scope == "layer":
         losses["layers"] = {}
-        current = glob[best]
         for i in layers:
             cand = {scales[i]: current}  # the current value: no pass needed, and a change must beat it
-            for s in GRID:
+            for s in grid:
                 if s != scales[i]:
                     cand[s], _ = score({**scales, i: s})
             losses["layers"][i] = dict(sorted(cand.items()))
-            scales[i] = min(cand, key=lambda s, c=cand: (c[s], s != scales[i]))
+            keep = scales[i]
+            prefer = lambda s, keep=keep: s != keep  # noqa: E731  (a tie keeps the current value)
+            if bound is None:
+                scales[i] = min(cand, key=lambda s, c=cand: (c[s], prefer(s)))
+            else:
+                scales[i] = pick(cand, prefer, {keep}, fits_with(i, lambda s, i=i: {**scales, i: s}))
+                bound.binding |= scales[i] != min(cand, key=lambda s, c=cand: (c[s], prefer(s)))
+                bound.loss = bound.checked[i][scales[i]] if scales[i] != keep else bound.loss
             current = cand[scales[i]]
-    return scales, losses, tokens
+    return scales, losses, tokens, current
 
 
-def calibrate(base: str | Path, adapter: str | Path, tensors: dict[str, torch.Tensor], sl: Slice, req: CalibrationRequest,
-              stream_hidden_bytes: int | None = None) -> Outcome:
+def calibrate(base: str | Path, adapter: str | Path, tensors: dict[str, torch.Tensor], slices: dict[str, Slice],
+              req: CalibrationRequest, stream_hidden_bytes: int | None = None) -> Outcome:
     """The scales of the adapter folder ``adapter`` (full shapes, ``tensors`` its contents) on ``base``, scored in
-    memory, or streamed with that many bytes of hidden states per wave (``check_fits`` says which)."""
+    memory, or streamed with that many bytes of hidden states per wave (``check_fits`` says which); ``slices``:
+    "domain" (the --calibrate rows) and, with --calibrate-general, "general"."""
     t0 = time.time()
-    sc = Scorer(base, adapter, tensors, sl) if stream_hidden_bytes is None else \
-        StreamedScorer(base, Path(adapter), tensors, sl, stream_hidden_bytes)
+    sc = Scorer(base, adapter, tensors, slices) if stream_hidden_bytes is None else \
+        StreamedScorer(base, Path(adapter), tensors, slices, stream_hidden_bytes)
     layers = sorted({i for k in sc.b if (i := layer_of(k)) is not None})
     try:
-        scales, losses, scored = search(sc.loss, layers, req.how)
+        bound = None
+        if req.general is not None:
+            at_0, _ = sc.loss(dict.fromkeys([None, *layers], 0.0), "general")
+            bound = Bound(at_0 + req.allowed_rise, at_0)
+        scales, losses, scored, loss = search(sc.loss, layers, req.how, req.grid, bound)
     finally:
         if isinstance(sc, StreamedScorer):
             sc.close()
-    return Outcome(req.how, scales, losses, len(sl.examples), sl.tokens, scored, time.time() - t0, sc.passes, req.data,
-                   sl.truncated, streamed=stream_hidden_bytes is not None)
+    general = None
+    if bound is not None:
+        g = slices["general"]
+        general = {"data": req.general, "rows": len(g.examples), "tokens": g.tokens, "truncated": g.truncated,
+                   "tolerance_pct": req.tolerance or 0.0, "loss_at_0": bound.at_0, "bound": bound.limit, "binding": bound.binding,
+                   "loss": bound.loss, "checked": {str(k): {str(s): v for s, v in c.items()} for k, c in bound.checked.items()}}
+    return Outcome(req.how, scales, losses, loss, len(slices["domain"].examples), slices["domain"].tokens, scored,
+                   time.time() - t0, sc.passes, req.data, slices["domain"].truncated, streamed=stream_hidden_bytes is not None,
+                   grid=req.grid, general=general)

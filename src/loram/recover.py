@@ -128,13 +128,16 @@ def check_shapes(tensors: dict[str, torch.Tensor], plan: PrunePlan, config, lora
 def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = "zero", seed: int = 0,
             overwrite: bool = False, check_base: bool = True, verify_base: str = "sampled", calibrate: str | None = None,
             calibrate_rows: int | None = None, calibrate_scope: str | None = None, seq_len: int | None = None,
+            calibrate_general: str | None = None, calibrate_tolerance: float | None = None,
             max_memory: float | None = None) -> Path:
     """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
 
     verify_base="full": also compare every byte of ``base`` with the digest the plan recorded.
     calibrate=DATA: lora_B x the scale chosen on DATA's first ``calibrate_rows`` rows (loram.calibrate),
-    recorded under "calibration" in loram_adapter.json; without it the output is the plain recovery."""
-    calib = CalibrationRequest(calibrate, calibrate_rows, calibrate_scope, seq_len)
+    recorded under "calibration" in loram_adapter.json; without it the output is the plain recovery.
+    calibrate_general=GENERAL: only scales that keep GENERAL's perplexity within ``calibrate_tolerance`` percent
+    of the base's."""
+    calib = CalibrationRequest(calibrate, calibrate_rows, calibrate_scope, seq_len, calibrate_general, calibrate_tolerance)
     adapter = Path(adapter)
     check_output(out, overwrite, inputs=(adapter, base))
     check_verify(verify_base)
@@ -167,7 +170,7 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
                              f"pass the original model ({plan.base.get('name')})")
         if verify_base == "full":
             check_base_full(fp, base, "this adapter's plan", "was made from")
-    sl = _calibration_slice(base, meta, config, calib, max_memory) if calibrate is not None else None  # (rows, streamed?)
+    sl = _calibration_slices(base, meta, config, calib, max_memory) if calibrate is not None else None  # (rows, streamed?)
     if plan.kind == "structured":
         full = recover_tensors(tensors, plan, config, fill=fill, seed=seed)
     else:  # sparse plans keep shapes: recovery is the identity on the tensors
@@ -184,8 +187,11 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
     return Path(out)
 
 
-def _calibration_slice(base, meta: dict, config, calib, max_memory: float | None):
-    """(the encoded --calibrate rows, None in memory or the streamed evaluation's hidden-state bytes per wave),
-    read and checked (memory budget, enough rows) before recovery's work."""
+def _calibration_slices(base, meta: dict, config, calib, max_memory: float | None):
+    """(the encoded rows: {"domain": --calibrate's, "general": --calibrate-general's if given}, None in memory or the
+    streamed evaluation's hidden-state bytes per wave), read and checked (memory budget, enough rows) before
+    recovery's work."""
     hidden = check_fits(base, config, calib, max_memory)
-    return read_slice(tokenizer(base, meta), calib), hidden
+    tok = tokenizer(base, meta)
+    parts = ("domain", "general") if calib.general is not None else ("domain",)
+    return {part: read_slice(tok, calib, part) for part in parts}, hidden

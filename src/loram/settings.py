@@ -148,6 +148,13 @@ class RecoverSettings:
     calibrate_scope: str | None = knob(None, choices=("global", "layer"),
                                        help="--calibrate: one s for the whole update (global, default) or one per decoder "
                                             "layer (layer: coordinate descent, 13 passes per layer)")
+    calibrate_general: str | None = knob(None, metavar="GENERAL",
+                                         help="--calibrate: keep only scales under which the perplexity of GENERAL's first "
+                                              "rows (text the original should keep: general instructions, prose) stays at "
+                                              "the base's (+ --calibrate-tolerance); the grid then runs on to s = 2.0")
+    calibrate_tolerance: float | None = knob(None, check=NON_NEGATIVE, metavar="PCT",
+                                             help="--calibrate-general: how many percent above the base's that perplexity "
+                                                  "may rise (default 0)")
     seq_len: int | None = knob(None, check=SEQ_LEN, help="--calibrate: rows are cut to this many tokens (default 512)")
     max_memory: float | None = knob(None, check=POSITIVE, metavar="GB", outcome=False,
                                     help="--calibrate: memory budget in GB (default: what the cgroup's limit leaves, else "
