@@ -12,7 +12,7 @@ separate dev split drawn from rows no test set and no training row uses:
                    disjoint from the dev rows above and quality_smollm2.py's test rows; math_data
                    starts at 3212 because row 3209 repeats a training row's instruction)
     general        alpaca_en_demo[600:632]         (32 rows for `--calibrate-general`: the kind of text OOD
-                   measures, rows neither OOD set uses)
+                   measures, rows neither OOD set uses; 600:728 for the 128-row variant)
 
 Every variant trains like quality_smollm2.py (same mixture, 40 steps x 4 x 256, seed 0) unless its
 row says otherwise, then is served as the ORIGINAL model + recovered adapter. Adapters that
@@ -118,6 +118,13 @@ VARIANTS = {
                                ("mlpallg_distilled_offset_lr5e-3_anchor", "distill:mlpall0.4965g:1e-4",
                                 ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}", "--anchor", "{anchor}"]))
        for sfx, what, gen in (("", "Alpaca rows 600:632", "{general}"), ("_c4", "C4 rows 0:32", "{general_c4}"))},
+    # a tighter bound: 128 general rows (--calibrate-general-rows; the in-domain rows stay 32)
+    "mlpallg_distilled_offset_lr5e-3_anchor_calgen128": ("mlpallg_distilled_offset_lr5e-3_anchor_calgen with 128 general rows "
+                                                         "(Alpaca 600:728, --calibrate-general-rows 128)", "distill:mlpall0.4965g:1e-4",
+                                                         ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
+                                                          "--anchor", "{anchor}"],
+                                                         ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general",
+                                                          "{general128}", "--calibrate-general-rows", "128"]),
     # --anchor (loram.anchor): KL to the adapter-off model on general text (C4 excerpt, the alignment corpus; OOD is Alpaca)
     "mlp_distilled_offset_lr5e-3_anchor": ("mlp_distilled_offset_lr5e-3 with `--anchor` C4 (weight 1, one 256-token block per micro-step)",
                                            "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
@@ -184,7 +191,8 @@ SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_cali
                 "mlp_distilled_offset_lr5e-3_transfer": "mlp_distilled_offset_lr5e-3",
                 "mlp_distilled_offset_lr5e-3_anchor_transfer": "mlp_distilled_offset_lr5e-3_anchor",
                 **{f"{src}_calgen{sfx}": src for src in ("mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr5e-3_anchor")
-                   for sfx in ("", "_c4")}}
+                   for sfx in ("", "_c4")},
+                "mlpallg_distilled_offset_lr5e-3_anchor_calgen128": "mlpallg_distilled_offset_lr5e-3_anchor"}
 DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served adapter from the plainly recovered one (derive)
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
@@ -280,7 +288,7 @@ def run(work: Path, name: str, data: dict, dev: dict, res: dict) -> None:
             derive(work, trained, plain, served, rec_extra, dev)
         elif rec_extra and not (served / "adapter_config.json").exists():  # extras that are `loram recover` flags
             q.sh(["loram", "recover", str(trained), "--base", "smollm2", "-o", str(served), "--overwrite",
-                  *(x.format(calibrate=dev["calibrate"], general=dev["general"], general_c4=dev["general_c4"]) for x in rec_extra)],
+                  *(x.format(**{k: dev[k] for k in ("calibrate", "general", "general128", "general_c4")}) for x in rec_extra)],
                  work / f"recover_{served.name}.log")
         if key is not None and key not in ("semi", "unst"):  # sparse models keep their shapes: no parameter reduction
             reduction = q.reduction(json.loads((trained / "train_report.json").read_text()), True)

@@ -113,6 +113,9 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     **{f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (_mlpallg_row("3e-3", sfx, False)[0] + ", recovered with --calibrate "
                                                        "and --calibrate-general (general text kept at the base's)",
                                                        *_mlpallg_row("3e-3", sfx, False)[1:]) for sfx in ("", "_seed1", "_seed2")},
+    **{f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen128": (_mlpallg_row("3e-3", sfx, False)[0] + ", recovered with --calibrate "
+                                                          "and --calibrate-general, 128 general rows",
+                                                          *_mlpallg_row("3e-3", sfx, False)[1:]) for sfx in ("", "_seed1", "_seed2")},
     "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
     "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
@@ -126,12 +129,17 @@ ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "s
          "offset_distilled_mlpallg_lr3e-3_seed1", "offset_distilled_mlpallg_lr3e-3_seed2", "offset_anchor_distilled_mlpallg_lr5e-3",
          "offset_anchor_distilled_mlpallg_lr5e-3_seed1", "offset_anchor_distilled_mlpallg_lr5e-3_seed2",
          "offset_distilled_mlpallg_lr3e-3_calgen", "offset_distilled_mlpallg_lr3e-3_seed1_calgen",
-         "offset_distilled_mlpallg_lr3e-3_seed2_calgen"]
+         "offset_distilled_mlpallg_lr3e-3_seed2_calgen", "offset_distilled_mlpallg_lr3e-3_calgen128",
+         "offset_distilled_mlpallg_lr3e-3_seed1_calgen128", "offset_distilled_mlpallg_lr3e-3_seed2_calgen128"]
 # rows that recover another row's adapter with `loram recover` flags: row -> (the row whose adapter, flags); {calibrate},
 # {general}: prepare_data's calibration rows (quality_dev.py's; disjoint from every training, dev and test row)
 RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_mlpallg_lr3e-3{sfx}",
                                                             ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general", "{general}"])
-           for sfx in ("", "_seed1", "_seed2")}
+           for sfx in ("", "_seed1", "_seed2")} | {
+    f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen128": (f"offset_distilled_mlpallg_lr3e-3{sfx}",
+                                                       ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general",
+                                                        "{general128}", "--calibrate-general-rows", "128"])
+    for sfx in ("", "_seed1", "_seed2")}  # stop 14, after the dev variant *_calgen128: 128 general rows
 GLOBAL = [k for k, v in ROWS.items() if v[1] == "stru_mlpallg"]  # the rows on the global all-layer pruning (ROWS order: the tables list them so)
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
@@ -181,13 +189,14 @@ def mixture_rows(out: Path, math: slice, code: slice, gsm: slice) -> None:
 def calibration_rows(d: Path) -> dict:
     """`loram recover --calibrate` / `--calibrate-general` rows (32 each), written once into ``d``: in-domain from
     the mixture's sources past its rows (math_data from 3212: row 3209 repeats a training row's instruction),
-    general from Alpaca rows 600:632 (OOD test: :100, dev: 500:600)."""
+    general from Alpaca rows 600:632, or 600:728 (OOD test: :100, dev: 500:600)."""
     if not (d / "calibrate.jsonl").exists():
         mixture_rows(d / "calibrate.jsonl", slice(3212, 3223), slice(4200, 4211), slice(3100, 3110))
-    if not (d / "general.jsonl").exists():
-        rows = json.loads((DATA / "instruct/alpaca_en_demo.json").read_text())[600:632]
-        (d / "general.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"calibrate": str(d / "calibrate.jsonl"), "general": str(d / "general.jsonl")}
+    for name, rows in (("general", slice(600, 632)), ("general128", slice(600, 728))):  # the second: --calibrate-general-rows 128
+        if not (d / f"{name}.jsonl").exists():
+            (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                                     json.loads((DATA / "instruct/alpaca_en_demo.json").read_text())[rows]))
+    return {"calibrate": str(d / "calibrate.jsonl"), "general": str(d / "general.jsonl"), "general128": str(d / "general128.jsonl")}
 
 
 def prepare_data(work: Path) -> dict:

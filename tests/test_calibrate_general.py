@@ -144,6 +144,27 @@ def test_cli_prints_the_general_bound(w, general, tmp_path, capsys):  # noqa: F8
     assert f"general text {rec['general']['loss']:.4f} vs base {rec['general']['loss_at_0']:.4f}" in line and "+0.5 % ppl" in line
 
 
+def test_general_rows_apart_from_the_in_domain_rows(w, general, tmp_path):  # noqa: F811
+    """--calibrate-general-rows: GENERAL's own row count (the in-domain rows keep --calibrate-rows)."""
+    out = recover(w.adapter, w.base, tmp_path / "r", calibrate=str(w.data), calibrate_rows=4, seq_len=SEQ,
+                  calibrate_general=str(general), calibrate_general_rows=16)
+    rec = read_meta(out)["calibration"]
+    assert rec["rows"] == 4 and rec["general"]["rows"] == 16
+    assert written_loss(w.base, out, general, rows=16) == pytest.approx(rec["general"]["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_calibrate_general_rows_without_general(capsys, w):  # noqa: F811
+    fails(capsys, "recover", w.adapter, "--base", w.base, "-o", w.root / "o", "--calibrate", w.data, "--calibrate-general-rows", "8",
+          expect="--calibrate-general-rows only applies with --calibrate-general GENERAL", out=w.root / "o")
+
+
+def test_calibrate_general_rows_too_many(capsys, w, general):  # noqa: F811
+    fails(capsys, "recover", w.adapter, "--base", w.base, "-o", w.root / "o", "--calibrate", w.data, "--calibrate-rows", "4",
+          "--calibrate-general", general, "--calibrate-general-rows", "17",
+          expect="has 16 usable rows but --calibrate-general-rows asks for 17: give more general-text rows or lower "
+                 "--calibrate-general-rows", out=w.root / "o")
+
+
 def test_calibrate_tolerance_without_general(capsys, w):  # noqa: F811
     fails(capsys, "recover", w.adapter, "--base", w.base, "-o", w.root / "o", "--calibrate", w.data, "--calibrate-tolerance", "1",
           expect="--calibrate-tolerance only applies with --calibrate-general GENERAL", out=w.root / "o")

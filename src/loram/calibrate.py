@@ -23,7 +23,9 @@ first rows of GENERAL (text the user wants the original to keep: general instruc
 The constraint, not the grid's top, then bounds the update, so the grid runs on to 2.0 (0, 0.1, ..., 1.2, 1.4,
 ..., 2.0): an update trained small may be scaled up where the general text allows it, and scaled down where it
 hurts. Candidates are tried in order of in-domain loss and the first one that keeps the bound is taken (only
-those need a pass over GENERAL); s = 0 and, per layer, the value a layer already has always keep it.
+those need a pass over GENERAL); s = 0 and, per layer, the value a layer already has always keep it. So GENERAL
+is scored a few times where DATA is scored 17 times: ``--calibrate-general-rows`` can give it more rows (a
+tighter bound) for little extra time.
 
 The loss is the mean negative log-likelihood per scored token (nats) of the rows as training formats
 them (loram.data.encode_all: chat template, loss on the responses), scored by the evaluation's own code
@@ -68,29 +70,37 @@ class CalibrationRequest:
     seq_len: int | None = None
     general: str | None = None  # --calibrate-general: rows whose loss may not rise above the base's (+ tolerance)
     tolerance: float | None = None  # --calibrate-tolerance: percent of perplexity on those rows (default 0)
+    general_rows: int | None = None  # --calibrate-general-rows (default: --calibrate-rows)
 
     def check(self) -> None:
         from .settings import check_knobs
 
         if self.data is None:
             given = [f for f, v in (("--calibrate-rows", self.rows), ("--calibrate-scope", self.scope), ("--seq-len", self.seq_len),
-                                    ("--calibrate-general", self.general), ("--calibrate-tolerance", self.tolerance))
+                                    ("--calibrate-general", self.general), ("--calibrate-tolerance", self.tolerance),
+                                    ("--calibrate-general-rows", self.general_rows))
                      if v is not None]
             if given:
                 verb = "apply" if len(given) > 1 else "applies"
                 raise LoramError(f"{', '.join(given)} only {verb} with --calibrate DATA: add --calibrate with a few in-domain "
                                  f"rows, or drop {given[0]}")
             return
-        check_knobs("recover", calibrate_rows=self.rows, seq_len=self.seq_len, calibrate_tolerance=self.tolerance)
+        check_knobs("recover", calibrate_rows=self.rows, seq_len=self.seq_len, calibrate_tolerance=self.tolerance,
+                    calibrate_general_rows=self.general_rows)
         if self.scope is not None and self.scope not in SCOPES:
             raise LoramError(f"--calibrate-scope {self.scope!r} is unknown: use {' or '.join(SCOPES)}")
-        if self.tolerance is not None and self.general is None:
-            raise LoramError("--calibrate-tolerance only applies with --calibrate-general GENERAL: add the general-text rows "
-                             "whose perplexity it bounds, or drop --calibrate-tolerance")
+        for flag, v in (("--calibrate-tolerance", self.tolerance), ("--calibrate-general-rows", self.general_rows)):
+            if v is not None and self.general is None:
+                raise LoramError(f"{flag} only applies with --calibrate-general GENERAL: add the general-text rows "
+                                 f"whose perplexity it bounds, or drop {flag}")
 
     @property
     def n_rows(self) -> int:
         return self.rows or DEFAULT_ROWS
+
+    @property
+    def n_general_rows(self) -> int:
+        return self.general_rows or self.n_rows
 
     @property
     def max_len(self) -> int:
@@ -136,17 +146,18 @@ def tokenizer(base: str | Path, meta: dict):
 
 
 def read_slice(tok, req: CalibrationRequest, part: str = "domain") -> Slice:
-    """The first ``req.n_rows`` usable rows of ``req.data`` (part "domain") or ``req.general`` ("general"), read
+    """The first ``req.n_rows`` usable rows of ``req.data`` (part "domain") or ``req.n_general_rows`` of ``req.general``, read
     and encoded by loram.data as `loram train --data` does; fewer usable rows than asked is refused (a loss on a
     handful of tokens picks noise)."""
     from .data import encode_all, iter_rows
 
-    data, flag = (req.data, "--calibrate") if part == "domain" else (req.general, "--calibrate-general")
-    enc = encode_all(tok, iter_rows(data), req.max_len, name=f"{flag} {data}", max_examples=req.n_rows)
-    if len(enc.examples) < req.n_rows:
-        kind = "in-domain" if part == "domain" else "general-text"
-        raise LoramError(f"{flag} {data} has {len(enc.examples)} usable rows but --calibrate-rows asks for {req.n_rows}: "
-                         f"give more {kind} rows or lower --calibrate-rows")
+    data, flag, n, rows_flag, kind = (req.data, "--calibrate", req.n_rows, "--calibrate-rows", "in-domain") if part == "domain" \
+        else (req.general, "--calibrate-general", req.n_general_rows,
+              "--calibrate-general-rows" if req.general_rows else "--calibrate-rows", "general-text")
+    enc = encode_all(tok, iter_rows(data), req.max_len, name=f"{flag} {data}", max_examples=n)
+    if len(enc.examples) < n:
+        raise LoramError(f"{flag} {data} has {len(enc.examples)} usable rows but {rows_flag} asks for {n}: "
+                         f"give more {kind} rows or lower {rows_flag}")
     return Slice(enc.examples, enc.truncated)
 
 

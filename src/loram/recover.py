@@ -129,15 +129,16 @@ def recover(adapter: str | Path, base: str | Path, out: str | Path, fill: str = 
             overwrite: bool = False, check_base: bool = True, verify_base: str = "sampled", calibrate: str | None = None,
             calibrate_rows: int | None = None, calibrate_scope: str | None = None, seq_len: int | None = None,
             calibrate_general: str | None = None, calibrate_tolerance: float | None = None,
-            max_memory: float | None = None) -> Path:
+            calibrate_general_rows: int | None = None, max_memory: float | None = None) -> Path:
     """Write a standard PEFT adapter for the original model ``base`` from a pruned adapter folder.
 
     verify_base="full": also compare every byte of ``base`` with the digest the plan recorded.
     calibrate=DATA: lora_B x the scale chosen on DATA's first ``calibrate_rows`` rows (loram.calibrate),
     recorded under "calibration" in loram_adapter.json; without it the output is the plain recovery.
-    calibrate_general=GENERAL: only scales that keep GENERAL's perplexity within ``calibrate_tolerance`` percent
-    of the base's."""
-    calib = CalibrationRequest(calibrate, calibrate_rows, calibrate_scope, seq_len, calibrate_general, calibrate_tolerance)
+    calibrate_general=GENERAL: only scales that keep the perplexity of GENERAL's first ``calibrate_general_rows``
+    rows within ``calibrate_tolerance`` percent of the base's."""
+    calib = CalibrationRequest(calibrate, calibrate_rows, calibrate_scope, seq_len, calibrate_general, calibrate_tolerance,
+                               calibrate_general_rows)
     adapter = Path(adapter)
     check_output(out, overwrite, inputs=(adapter, base))
     check_verify(verify_base)

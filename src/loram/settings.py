@@ -155,6 +155,9 @@ class RecoverSettings:
     calibrate_tolerance: float | None = knob(None, check=NON_NEGATIVE, metavar="PCT",
                                              help="--calibrate-general: how many percent above the base's that perplexity "
                                                   "may rise (default 0)")
+    calibrate_general_rows: int | None = knob(None, check=COUNT, metavar="N",
+                                              help="--calibrate-general: rows used (default: --calibrate-rows); scored a "
+                                                   "few times where DATA is scored 17 times, so more rows cost little")
     seq_len: int | None = knob(None, check=SEQ_LEN, help="--calibrate: rows are cut to this many tokens (default 512)")
     max_memory: float | None = knob(None, check=POSITIVE, metavar="GB", outcome=False,
                                     help="--calibrate: memory budget in GB (default: what the cgroup's limit leaves, else "
