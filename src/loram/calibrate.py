@@ -340,22 +340,29 @@ def search(score, layers: list[int], scope: str, grid: tuple = GRID, bound: Boun
     loss stays <= bound.limit (the losses scored land in bound.checked)."""
     keys = [None, *layers]
 
-    def fits_with(where, make):
+    def choose(cand: dict, preference, known, where, make) -> float:
+        """The best of ``cand`` (ties by ``preference``); under a bound the best that keeps it (``pick``), the
+        general-text losses scored recorded under ``where``, ``known`` candidates keeping it without a pass."""
+        free = min(cand, key=lambda s: (cand[s], preference(s)))
+        if bound is None:
+            return free
+
         def fits(s):
             bound.checked.setdefault(where, {})[s], _ = score(make(s), "general")
             return bound.checked[where][s] <= bound.limit
-        return fits
+
+        got = pick(cand, preference, known, fits)
+        bound.binding |= got != free
+        bound.loss = bound.checked.get(where, {}).get(got, bound.loss)  # a known candidate keeps the loss it had
+        return got
 
     glob = {}
     for s in grid:
         glob[s], tokens = score(dict.fromkeys(keys, s))
-    if bound is None:
-        best = min(grid, key=lambda s: (glob[s], abs(s - 1)))  # a tie goes to the scale nearer the trained one
-    else:
-        bound.checked["global"] = {0.0: bound.at_0}
-        best = pick(glob, lambda s: abs(s - 1), {0.0}, fits_with("global", lambda s: dict.fromkeys(keys, s)))
-        bound.binding = best != min(grid, key=lambda s: (glob[s], abs(s - 1)))
-        bound.loss = bound.checked["global"][best]
+    if bound is not None:
+        bound.checked["global"], bound.loss = {0.0: bound.at_0}, bound.at_0
+    # a tie goes to the scale nearer the trained one
+    best = choose(glob, lambda s: abs(s - 1), {0.0}, "global", lambda s: dict.fromkeys(keys, s))
     scales = dict.fromkeys(keys, best)
     losses: dict = {"global": glob}
     current = glob[best]
@@ -367,14 +374,8 @@ def search(score, layers: list[int], scope: str, grid: tuple = GRID, bound: Boun
                 if s != scales[i]:
                     cand[s], _ = score({**scales, i: s})
             losses["layers"][i] = dict(sorted(cand.items()))
-            keep = scales[i]
-            prefer = lambda s, keep=keep: s != keep  # noqa: E731  (a tie keeps the current value)
-            if bound is None:
-                scales[i] = min(cand, key=lambda s, c=cand: (c[s], prefer(s)))
-            else:
-                scales[i] = pick(cand, prefer, {keep}, fits_with(i, lambda s, i=i: {**scales, i: s}))
-                bound.binding |= scales[i] != min(cand, key=lambda s, c=cand: (c[s], prefer(s)))
-                bound.loss = bound.checked[i][scales[i]] if scales[i] != keep else bound.loss
+            keep = scales[i]  # a tie keeps the current value
+            scales[i] = choose(cand, lambda s, keep=keep: s != keep, {keep}, i, lambda s, i=i: {**scales, i: s})
             current = cand[scales[i]]
     return scales, losses, tokens, current
 
