@@ -125,6 +125,31 @@ VARIANTS = {
                                                           "--anchor", "{anchor}"],
                                                          ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general",
                                                           "{general128}", "--calibrate-general-rows", "128"]),
+    # stop 15, training-side tries on mlpallg_distilled_offset_lr3e-3 (recovery cannot move the share/OOD line):
+    # a more exact offset (the original's top-256 instead of top-32: less of the repair left to learn), a larger
+    # LoRA dropout (an update robust to its input activations, which differ on the original), and a gentler
+    # alignment (lr 3e-5: on the 4:28 pruning it kept OOD at the base's)
+    "mlpallg_distilled_offset_lr3e-3_topk256": ("mlpallg_distilled_offset_lr3e-3 with --offset-top-k 256", "distill:mlpall0.4965g:1e-4",
+                                                ["--original-offset", "--lr", "3e-3", "--offset-top-k", "256", "--offset-cache",
+                                                 "{offset_cache}-k256"], []),
+    "mlpallg_distilled_offset_lr3e-3_drop0.2": ("mlpallg_distilled_offset_lr3e-3 with LoRA --dropout 0.2 (default 0.05)",
+                                                "distill:mlpall0.4965g:1e-4",
+                                                ["--original-offset", "--lr", "3e-3", "--dropout", "0.2", "--offset-cache", "{offset_cache}"], []),
+    "mlpallg_distilled3e-5_offset_lr3e-3": ("mlpallg_distilled_offset_lr3e-3 on the pruned model distill-aligned at lr 3e-5 (not 1e-4)",
+                                            "distill:mlpall0.4965g:3e-5",
+                                            ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], []),
+    # stop 15: the Taylor scores from more text (default: 8 x 128 tokens of the built-in text): 64 x 256 tokens of the
+    # training rows themselves (rendered as the training sees them), or of the C4 excerpt (the ablation: more tokens,
+    # general text)
+    **{f"mlpallg{c}_distilled_offset_lr3e-3": (f"mlpallg_distilled_offset_lr3e-3 pruned with Taylor scores on 64 x 256 tokens of {what}",
+                                               f"distill:mlpall0.4965g{c}:1e-4",
+                                               ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], [])
+       for c, what in (("_task", "the training rows (train162, chat-rendered)"), ("_c4", "the C4 excerpt"))},
+    # both were worse than the built-in 773 tokens: the same sources at the default 8 x 128 tokens (amount or source?)
+    **{f"mlpallg{c}_8x128_distilled_offset_lr3e-3": (f"mlpallg_distilled_offset_lr3e-3 pruned with Taylor scores on 8 x 128 tokens of {what}",
+                                                f"distill:mlpall0.4965g{c}_8x128:1e-4",
+                                                ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], [])
+       for c, what in (("_task", "the training rows"), ("_c4", "the C4 excerpt"))},
     # --anchor (loram.anchor): KL to the adapter-off model on general text (C4 excerpt, the alignment corpus; OOD is Alpaca)
     "mlp_distilled_offset_lr5e-3_anchor": ("mlp_distilled_offset_lr5e-3 with `--anchor` C4 (weight 1, one 256-token block per micro-step)",
                                            "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
@@ -197,7 +222,8 @@ DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
+SUBSET = {"lora_rows162", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
+          "mlpallg_distilled3e-5_offset_lr3e-3", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
           "mlpallg_distilled_offset_lr5e-3_anchor", "allg_distilled_offset_lr2e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
           "mlp_distilled_offset_lr3e-3", "mlp_distilled_offset_lr5e-3", "mlp_distilled_offset_lr3e-3_calibrated",
@@ -210,7 +236,14 @@ PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-rati
                "mlp0.62g": ["--method", "taylor", "--ratio", "0.62", "--attn-ratio", "0", "--layers", q.LAYERS, "--allocate", "global"],
                "mlpall0.4965g": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global"],
                "all0.7335g": ["--method", "taylor", "--ratio", "0.7335", "--attn-ratio", "0.34", "--layers", "0:30", "--allocate", "global"],
-               "mlpall0.4965": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30"]}  # the ablation: uniform
+               "mlpall0.4965": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30"],  # the ablation: uniform
+               # stop 15: Taylor scores on 64 x 256 tokens of the training rows ({dev}: the dev folder) or of C4
+               **{f"mlpall0.4965g{c}": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate",
+                                        "global", "--calib-data", f, "--calib-samples", "64", "--calib-seq-len", "256"]
+                  for c, f in (("_task", "{dev}/calib_task.jsonl"), ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))},
+               **{f"mlpall0.4965g{c}_8x128": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate",
+                                         "global", "--calib-data", f] for c, f in (("_task", "{dev}/calib_task.jsonl"),
+                                                                                   ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))}}
 
 
 mixture_rows = q.mixture_rows
@@ -228,8 +261,20 @@ def dev_data(work: Path) -> dict:
         mixture_rows(d / "train162.jsonl", slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS))
         rows = (d / "train162.jsonl").read_text().splitlines(keepends=True)
         (d / "train_mix.jsonl").write_text("".join(rows[i + SUBSET_ROWS * s] for i in range(SUBSET_ROWS) for s in range(3)))
+    if not (d / "calib_task.jsonl").exists():  # the training rows as `loram train` renders them: --calib-data text (stop 15)
+        task_text(d / "train_mix.jsonl", d / "calib_task.jsonl")
     return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")},
             **cal, "general_c4": f"{q.DATA}/corpus/c4_demo.jsonl[:32]", "train_mix": str(d / "train_mix.jsonl")}
+
+
+def task_text(rows: Path, out: Path) -> None:
+    """``rows`` (instruction rows) as {"text"} rows, each rendered with SmolLM2's chat template as training renders it."""
+    from loram.data.rows import encode
+    from loram.io import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    texts = [tok.decode(encode(tok, json.loads(x))[0]) for x in rows.read_text().splitlines() if x.strip()]
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
 def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, data: dict) -> Path | None:
@@ -250,10 +295,10 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
     if key.startswith(("align:", "distill:")):  # align:PRUNED:LR[:STEPS] - another alignment budget; distill:...: align --distill
         how, src, lr, *steps = key.split(":")
         flags = (("--distill",) if how == "distill" else ()) + (("--steps", steps[0]) if steps else ())
-        pruned, _ = q.align(work, q.prune(work, src, PRUNE_EXTRA.get(src) or q.prune_args(src)), lr,
+        pruned, _ = q.align(work, q.prune(work, src, [a.format(dev=work / 'dev') for a in PRUNE_EXTRA.get(src) or q.prune_args(src)]), lr,
                             work / f"{'aligned' if how == 'align' else 'distilled'}_{src}_lr{lr}{'_steps' + steps[0] if steps else ''}", flags)
     else:
-        pruned = q.prune(work, key, PRUNE_EXTRA.get(key) or q.prune_args(key))
+        pruned = q.prune(work, key, [a.format(dev=work / 'dev') for a in PRUNE_EXTRA.get(key) or q.prune_args(key)])
     name = SAME_ADAPTER.get(name, name)
     # the original's top-k of the subset's rows: the same for every student (its key has no student in it), so shared
     extra = [x.format(offset_cache=work / "offset-cache-rows162", anchor=ANCHOR) for x in extra]

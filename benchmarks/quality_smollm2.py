@@ -49,16 +49,17 @@ ALIGN_LR = "2e-5"
 ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", "--logging-steps", "20"]
 
 
-def _mlpallg_row(lr: str, sfx: str, anchor: bool) -> tuple:
-    """A row on the stru_mlpallg pruning, distill-aligned, trained through the original at ``lr`` (seed from the
-    suffix _seed1 / _seed2), optionally anchored. The original's top-k of the seed's rows is the cache of the
-    offset_distilled_mlp_lr3e-3 row of that seed ({work} is filled in by train)."""
-    label = (f"LoRAM-Stru MLP-only all layers global allocation, distill-aligned, trained through the original, "
+def _mlpallg_row(lr: str, sfx: str, anchor: bool, pruning: str = "stru_mlpallg") -> tuple:
+    """A row on the stru_mlpallg pruning (or ``pruning``, another row of it), distill-aligned, trained through the
+    original at ``lr`` (seed from the suffix _seed1 / _seed2), optionally anchored. The original's top-k of the
+    seed's rows is the cache of the offset_distilled_mlp_lr3e-3 row of that seed ({work} is filled in by train)."""
+    label = (f"LoRAM-Stru MLP-only all layers global allocation{', Taylor scores on the training rows' if pruning.endswith('_task') else ''}, "
+             f"distill-aligned, trained through the original, "
              f"{'anchored, ' if anchor else ''}LoRA lr {lr}{', seed ' + sfx[-1] if sfx else ''}")
     extra = ["--original-offset", "--lr", lr, *(["--seed", sfx[-1]] if sfx else []),
              *(["--anchor", f"{DATA}/corpus/c4_demo.jsonl"] if anchor else []),
              "--offset-cache", f"{{work}}/adapter_offset_distilled_mlp_lr3e-3{sfx}-checkpoints/teacher-topk"]
-    return label, "stru_mlpallg", extra, True
+    return label, pruning, extra, True
 
 
 ROWS = {  # name: (label, prune args or None, train extra, structured?)
@@ -116,6 +117,13 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     **{f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen128": (_mlpallg_row("3e-3", sfx, False)[0] + ", recovered with --calibrate "
                                                           "and --calibrate-general, 128 general rows",
                                                           *_mlpallg_row("3e-3", sfx, False)[1:]) for sfx in ("", "_seed1", "_seed2")},
+    # issue 18, stop 15, chosen on the dev split: the same pruning with its Taylor scores from 64 x 256 tokens of 162
+    # training rows (`prune --calib-data` reads training rows as `loram train` renders them; {work}: prepare_data's
+    # calib_task.jsonl) instead of the built-in text's 773 tokens
+    "stru_mlpallg_task": ("LoRAM-Stru MLP-only, all layers, global allocation, Taylor scores on the training rows",
+                          ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global",
+                           "--calib-data", "{work}/data/calib_task.jsonl", "--calib-samples", "64", "--calib-seq-len", "256"], [], True),
+    **{f"offset_distilled_mlpallg_task_lr3e-3{sfx}": _mlpallg_row("3e-3", sfx, False, "stru_mlpallg_task") for sfx in ("", "_seed1", "_seed2")},
     "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
     "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
@@ -130,7 +138,8 @@ ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "s
          "offset_anchor_distilled_mlpallg_lr5e-3_seed1", "offset_anchor_distilled_mlpallg_lr5e-3_seed2",
          "offset_distilled_mlpallg_lr3e-3_calgen", "offset_distilled_mlpallg_lr3e-3_seed1_calgen",
          "offset_distilled_mlpallg_lr3e-3_seed2_calgen", "offset_distilled_mlpallg_lr3e-3_calgen128",
-         "offset_distilled_mlpallg_lr3e-3_seed1_calgen128", "offset_distilled_mlpallg_lr3e-3_seed2_calgen128"]
+         "offset_distilled_mlpallg_lr3e-3_seed1_calgen128", "offset_distilled_mlpallg_lr3e-3_seed2_calgen128",
+         "offset_distilled_mlpallg_task_lr3e-3", "offset_distilled_mlpallg_task_lr3e-3_seed1", "offset_distilled_mlpallg_task_lr3e-3_seed2"]
 # rows that recover another row's adapter with `loram recover` flags: row -> (the row whose adapter, flags); {calibrate},
 # {general}: prepare_data's calibration rows (quality_dev.py's; disjoint from every training, dev and test row)
 RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_mlpallg_lr3e-3{sfx}",
@@ -140,13 +149,13 @@ RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_m
                                                        ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general",
                                                         "{general128}", "--calibrate-general-rows", "128"])
     for sfx in ("", "_seed1", "_seed2")}  # stop 14, after the dev variant *_calgen128: 128 general rows
-GLOBAL = [k for k, v in ROWS.items() if v[1] == "stru_mlpallg"]  # the rows on the global all-layer pruning (ROWS order: the tables list them so)
+GLOBAL = [k for k, v in ROWS.items() if v[1] in ("stru_mlpallg", "stru_mlpallg_task")]  # the rows on a global all-layer pruning (ROWS order: the tables list them so)
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
            "offset_distilled_mlp_lr2e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3": "stru_mlp",
            "offset_anchor_distilled_mlp_lr5e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed1": "stru_mlp",
            "offset_anchor_distilled_mlp_lr5e-3_seed1": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed2": "stru_mlp",
-           "offset_anchor_distilled_mlp_lr5e-3_seed2": "stru_mlp", **dict.fromkeys(GLOBAL, "stru_mlpallg")}
+           "offset_anchor_distilled_mlp_lr5e-3_seed2": "stru_mlp", **{k: ROWS[k][1] for k in GLOBAL}}
 DISTILLED = {"distilled_mlp", "distilled85", "offset_distilled_mlp", "offset_distilled_mlp_lr2e-3", "offset_distilled_mlp_lr3e-3",
              "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3", "offset_distilled_mlp_lr3e-3_seed1",
              "offset_anchor_distilled_mlp_lr5e-3_seed1", "offset_distilled_mlp_lr3e-3_seed2",
@@ -213,6 +222,10 @@ def prepare_data(work: Path) -> dict:
                  map(json.loads, (DATA / "gsm8k/test.jsonl").read_text().splitlines()[:33])]
         held = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in held]
         (d / "indomain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    if not (d / "calib_task.jsonl").exists():  # stru_mlpallg_task's --calib-data: 54 training rows per source, interleaved
+        mixture_rows(d / "train162.jsonl", slice(0, 54), slice(0, 54), slice(0, 54))
+        rows = (d / "train162.jsonl").read_text().splitlines(keepends=True)
+        (d / "calib_task.jsonl").write_text("".join(rows[i + 54 * s] for i in range(54) for s in range(3)))
     for k, f in MC.items():
         if not (d / f"{k}_{MC_ROWS}.jsonl").exists():  # the first MC_ROWS rows of each (a CPU budget: ~1 min per task per model)
             (d / f"{k}_{MC_ROWS}.jsonl").write_text("".join((DATA / f).read_text().splitlines(keepends=True)[:MC_ROWS]))
@@ -253,7 +266,7 @@ def train(work: Path, name: str, model: str, extra: list[str], data: dict) -> di
 def prune(work: Path, name: str, args: list[str]) -> Path:
     out = work / f"pruned_{name}"
     if not (out / "loram_plan.json").exists():
-        sh(["loram", "prune", "smollm2", "-o", str(out), "--overwrite", *args], work / f"prune_{name}.log")
+        sh(["loram", "prune", "smollm2", "-o", str(out), "--overwrite", *(a.format(work=work) for a in args)], work / f"prune_{name}.log")
     return out
 
 

@@ -118,7 +118,8 @@ class PruneSettings:
                               "in every layer) or global (the same total, the lowest-scored channels of the whole range, so "
                               "layers the scores find less important lose more; at most halfway from --ratio to all)")
     seed: int = knob(0, check=SEED)
-    calib_data: str | None = knob(None, help=CALIB + ".txt or .jsonl {text} file (default: built-in text)")
+    calib_data: str | None = knob(None, help=CALIB + ".txt, or .jsonl/.json of {text} rows or of "
+                                  "training rows (rendered as `loram train` renders them; default: built-in text)")
     calib_samples: int = knob(8, check=COUNT, help=CALIB + "number of calibration sequences")
     calib_seq_len: int = knob(128, check=SEQ_LEN, help=CALIB + "tokens per calibration sequence")
     compensate: bool = knob(False, switch=True,

@@ -46,13 +46,14 @@ def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> 
 
     path = Path(source) if source else BUILTIN_CALIBRATION
     if not path.exists():
-        raise LoramError(f"calibration file {path} does not exist: pass --calib-data FILE (.txt or .jsonl with a 'text' field)")
+        raise LoramError(f"calibration file {path} does not exist: pass --calib-data FILE (.txt, or .jsonl of text or training rows)")
     raw = path.read_text()
     if path.suffix in (".jsonl", ".json"):
         rows = [json.loads(x) for x in raw.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(raw)
-        texts = [r["text"] for r in rows if isinstance(r, dict) and r.get("text")]
+        texts = [t for r in rows if (t := _row_text(tokenizer, r))]
         if not texts:
-            raise LoramError(f"calibration file {path} has no rows with a 'text' field: use plain text or {{\"text\": ...}} rows")
+            raise LoramError(f"calibration file {path} has no usable rows: use plain text, {{\"text\": ...}} rows, or "
+                             "training rows (instruction/output, messages, prompt/completion)")
         raw = "\n\n".join(texts)
     ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < 2:
@@ -62,6 +63,20 @@ def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> 
     desc = {"source": "builtin" if source is None else str(source), "samples": n, "seq_len": seq_len,
             "sha256": hashlib.sha256(raw.encode()).hexdigest()[:16]}
     return [s.unsqueeze(0) for s in seqs], desc
+
+
+def _row_text(tokenizer, row) -> str | None:
+    """A calibration row's text: its ``text``, or a training row (instruction/output, messages,
+    prompt/completion) rendered as `loram train` renders it (chat template, special tokens kept), so the
+    scores see the activations the adapter will be trained on. None for a row in no known format."""
+    from ..data.rows import RowSkipped, encode, row_kind
+
+    try:
+        if row_kind(row) == "text":
+            return row["text"]
+        return tokenizer.decode(encode(tokenizer, row)[0])
+    except RowSkipped:
+        return None
 
 
 def _proj(block, role: str):
