@@ -237,12 +237,13 @@ PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-rati
                "mlpall0.4965g": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global"],
                "all0.7335g": ["--method", "taylor", "--ratio", "0.7335", "--attn-ratio", "0.34", "--layers", "0:30", "--allocate", "global"],
                "mlpall0.4965": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30"],  # the ablation: uniform
-               # stop 15: Taylor scores on 64 x 256 tokens of the training rows ({dev}: the dev folder) or of C4
+               # stop 15: Taylor scores on 64 x 256 tokens of the training rows (`--calib-data` renders them as training does; {dev}:
+               # the dev folder; the runs recorded read the same rows pre-rendered to {"text"}, the same calibration sha256) or of C4
                **{f"mlpall0.4965g{c}": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate",
                                         "global", "--calib-data", f, "--calib-samples", "64", "--calib-seq-len", "256"]
-                  for c, f in (("_task", "{dev}/calib_task.jsonl"), ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))},
+                  for c, f in (("_task", "{dev}/train_mix.jsonl"), ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))},
                **{f"mlpall0.4965g{c}_8x128": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate",
-                                         "global", "--calib-data", f] for c, f in (("_task", "{dev}/calib_task.jsonl"),
+                                         "global", "--calib-data", f] for c, f in (("_task", "{dev}/train_mix.jsonl"),
                                                                                    ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))}}
 
 
@@ -258,23 +259,14 @@ def dev_data(work: Path) -> dict:
         (d / "alpaca_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ood))
     cal = q.calibration_rows(d)  # see the docstring: rows no training, dev or test set uses
     if not (d / "train_mix.jsonl").exists():  # the SUBSET variants' 162 training rows, sources interleaved (transfer_dev.py)
-        mixture_rows(d / "train162.jsonl", slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS), slice(0, SUBSET_ROWS))
-        rows = (d / "train162.jsonl").read_text().splitlines(keepends=True)
-        (d / "train_mix.jsonl").write_text("".join(rows[i + SUBSET_ROWS * s] for i in range(SUBSET_ROWS) for s in range(3)))
-    if not (d / "calib_task.jsonl").exists():  # the training rows as `loram train` renders them: --calib-data text (stop 15)
-        task_text(d / "train_mix.jsonl", d / "calib_task.jsonl")
+        q.interleaved_rows(d / "train_mix.jsonl", SUBSET_ROWS)
     return {"ppl": {"in_domain": str(d / "indomain_dev.jsonl"), "alpaca_ood": str(d / "alpaca_dev.jsonl")},
             **cal, "general_c4": f"{q.DATA}/corpus/c4_demo.jsonl[:32]", "train_mix": str(d / "train_mix.jsonl")}
 
 
-def task_text(rows: Path, out: Path) -> None:
-    """``rows`` (instruction rows) as {"text"} rows, each rendered with SmolLM2's chat template as training renders it."""
-    from loram.data.rows import encode
-    from loram.io import load_tokenizer
-
-    tok = load_tokenizer("smollm2")
-    texts = [tok.decode(encode(tok, json.loads(x))[0]) for x in rows.read_text().splitlines() if x.strip()]
-    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+def prune_args(work: Path, key: str) -> list[str]:
+    """`loram prune` arguments of a pruned-model key ({dev}: the dev folder, where the training-row files are)."""
+    return [a.format(dev=work / "dev") for a in PRUNE_EXTRA.get(key) or q.prune_args(key)]
 
 
 def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, data: dict) -> Path | None:
@@ -295,10 +287,10 @@ def adapter_of(work: Path, name: str, key: str | None, extra: list[str] | None, 
     if key.startswith(("align:", "distill:")):  # align:PRUNED:LR[:STEPS] - another alignment budget; distill:...: align --distill
         how, src, lr, *steps = key.split(":")
         flags = (("--distill",) if how == "distill" else ()) + (("--steps", steps[0]) if steps else ())
-        pruned, _ = q.align(work, q.prune(work, src, [a.format(dev=work / 'dev') for a in PRUNE_EXTRA.get(src) or q.prune_args(src)]), lr,
+        pruned, _ = q.align(work, q.prune(work, src, prune_args(work, src)), lr,
                             work / f"{'aligned' if how == 'align' else 'distilled'}_{src}_lr{lr}{'_steps' + steps[0] if steps else ''}", flags)
     else:
-        pruned = q.prune(work, key, [a.format(dev=work / 'dev') for a in PRUNE_EXTRA.get(key) or q.prune_args(key)])
+        pruned = q.prune(work, key, prune_args(work, key))
     name = SAME_ADAPTER.get(name, name)
     # the original's top-k of the subset's rows: the same for every student (its key has no student in it), so shared
     extra = [x.format(offset_cache=work / "offset-cache-rows162", anchor=ANCHOR) for x in extra]

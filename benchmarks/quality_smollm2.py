@@ -193,6 +193,16 @@ def mixture_rows(out: Path, math: slice, code: slice, gsm: slice) -> None:
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def interleaved_rows(out: Path, n: int) -> None:
+    """``out`` (jsonl): the first ``n`` training rows of each of the mixture's three sources, interleaved (one of each
+    in turn), as quality_dev.py's subset variants train on them (its train_mix.jsonl)."""
+    tmp = out.with_suffix(".sources.jsonl")
+    mixture_rows(tmp, slice(0, n), slice(0, n), slice(0, n))
+    rows = tmp.read_text().splitlines(keepends=True)
+    out.write_text("".join(rows[i + n * s] for i in range(n) for s in range(3)))
+    tmp.unlink()
+
+
 def calibration_rows(d: Path) -> dict:
     """`loram recover --calibrate` / `--calibrate-general` rows (32 each), written once into ``d``: in-domain from
     the mixture's sources past its rows (math_data from 3212: row 3209 repeats a training row's instruction),
@@ -220,10 +230,8 @@ def prepare_data(work: Path) -> dict:
                  map(json.loads, (DATA / "gsm8k/test.jsonl").read_text().splitlines()[:33])]
         held = [{k: v for k, v in r.items() if k in ("instruction", "input", "output", "response")} for r in held]
         (d / "indomain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
-    if not (d / "calib_task.jsonl").exists():  # stru_mlpallg_task's --calib-data: 54 training rows per source, interleaved
-        mixture_rows(d / "train162.jsonl", slice(0, 54), slice(0, 54), slice(0, 54))
-        rows = (d / "train162.jsonl").read_text().splitlines(keepends=True)
-        (d / "calib_task.jsonl").write_text("".join(rows[i + 54 * s] for i in range(54) for s in range(3)))
+    if not (d / "calib_task.jsonl").exists():  # stru_mlpallg_task's --calib-data: quality_dev.py's 162 training rows
+        interleaved_rows(d / "calib_task.jsonl", 54)
     for k, f in MC.items():
         if not (d / f"{k}_{MC_ROWS}.jsonl").exists():  # the first MC_ROWS rows of each (a CPU budget: ~1 min per task per model)
             (d / f"{k}_{MC_ROWS}.jsonl").write_text("".join((DATA / f).read_text().splitlines(keepends=True)[:MC_ROWS]))
