@@ -150,6 +150,12 @@ VARIANTS = {
                                                 f"distill:mlpall0.4965g{c}_8x128:1e-4",
                                                 ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], [])
        for c, what in (("_task", "the training rows"), ("_c4", "the C4 excerpt"))},
+    # stop 16: `--method fisher` (per-sequence squared unit sums: they do not cancel across sequences as taylor's
+    # summed gradient does) on the built-in text and on 8 x 128 tokens of the training rows, the two best of stop 15
+    **{f"mlpallg_fisher{c}_distilled_offset_lr3e-3": (f"mlpallg_distilled_offset_lr3e-3 pruned with `--method fisher` on {what}",
+                                                      f"distill:mlpall0.4965gF{c}:1e-4",
+                                                      ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], [])
+       for c, what in (("", "the built-in text (8 x 128 tokens)"), ("_task_8x128", "8 x 128 tokens of the training rows"))},
     # --anchor (loram.anchor): KL to the adapter-off model on general text (C4 excerpt, the alignment corpus; OOD is Alpaca)
     "mlp_distilled_offset_lr5e-3_anchor": ("mlp_distilled_offset_lr5e-3 with `--anchor` C4 (weight 1, one 256-token block per micro-step)",
                                            "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
@@ -222,7 +228,7 @@ DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
+SUBSET = {"lora_rows162", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
           "mlpallg_distilled3e-5_offset_lr3e-3", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
           "mlpallg_distilled_offset_lr5e-3_anchor", "allg_distilled_offset_lr2e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
@@ -244,7 +250,11 @@ PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-rati
                   for c, f in (("_task", "{dev}/train_mix.jsonl"), ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))},
                **{f"mlpall0.4965g{c}_8x128": ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate",
                                          "global", "--calib-data", f] for c, f in (("_task", "{dev}/train_mix.jsonl"),
-                                                                                   ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))}}
+                                                                                   ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))},
+               # stop 16: the same channel budget ranked by --method fisher
+               "mlpall0.4965gF": ["--method", "fisher", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global"],
+               "mlpall0.4965gF_task_8x128": ["--method", "fisher", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate",
+                                             "global", "--calib-data", "{dev}/train_mix.jsonl"]}
 
 
 mixture_rows = q.mixture_rows

@@ -267,7 +267,7 @@ PLAN_CASES = {
     "index out of range": "mlp_keep is not a sorted set of indices in [0, 80)",
     "kv index out of range": "kv_keep is not a sorted set of indices in [0, 3)",
     "boolean index": "not a non-empty list of integer indices",
-    "unknown method": 'field method is "psychic", not one of random, magnitude, taylor, wanda-sp, sparsegpt, wanda, imported',
+    "unknown method": 'field method is "psychic", not one of random, magnitude, taylor, fisher, wanda-sp, sparsegpt, wanda, imported',
     "unknown kind": 'field kind is "dense", not one of structured, sparse',
     "ratio out of range": "field mlp_ratio is 1.5, not a number in [0, 1)",
     "layers not a range": "field layers is \"1:4\", not [START, END]",

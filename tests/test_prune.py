@@ -102,7 +102,7 @@ def test_taylor_and_magnitude_keep_important_units(tmp_path):
 
     model.save_pretrained(tmp_path / "b")
     tiny_tokenizer().save_pretrained(tmp_path / "b")
-    for method in ("magnitude", "taylor"):
+    for method in ("magnitude", "taylor", "fisher"):
         prune(str(tmp_path / "b"), tmp_path / method, method=method, ratio=0.25, attn_ratio=0.34, calib_samples=2,
               calib_seq_len=32)
         plan = PrunePlan.load(tmp_path / method)

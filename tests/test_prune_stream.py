@@ -30,7 +30,7 @@ def _close(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
-@pytest.mark.parametrize("method", ["magnitude", "taylor", "wanda-sp"])
+@pytest.mark.parametrize("method", ["magnitude", "taylor", "fisher", "wanda-sp"])
 def test_streamed_scores_equal_in_memory(tmp_path, family, method):
     """Same scores (rtol 1e-4) and so the same plan, for MHA, GQA, biases (llama-bias, qwen2) and tied heads."""
     folder = save_tiny(tmp_path / family, family)
@@ -44,7 +44,7 @@ def test_streamed_scores_equal_in_memory(tmp_path, family, method):
     assert all(s.abs().sum() > 0 for sc in got.values() for s in sc)  # real scores, not zeros
 
 
-@pytest.mark.parametrize("method", ["random", "magnitude", "taylor", "wanda-sp"])
+@pytest.mark.parametrize("method", ["random", "magnitude", "taylor", "fisher", "wanda-sp"])
 def test_streamed_prune_writes_the_in_memory_folder(tmp_path, method):
     """Same plan (same id), same parameter counts, the same tensors bit for bit (fp32), and it loads."""
     base = save_tiny(tmp_path / "base", "llama-bias")
@@ -104,7 +104,7 @@ def test_magnitude_and_random_read_no_more_than_they_need(tmp_path, monkeypatch)
     assert read == []
 
 
-@pytest.mark.parametrize("method", ["taylor", "wanda-sp"])
+@pytest.mark.parametrize("method", ["taylor", "fisher", "wanda-sp"])
 def test_one_decoder_layer_resident_at_a_time(tmp_path, monkeypatch, method):
     folder = save_tiny(tmp_path / "b", "llama-gqa")
     loaded, real = [], LayerStream.load
@@ -116,8 +116,8 @@ def test_one_decoder_layer_resident_at_a_time(tmp_path, monkeypatch, method):
 
     monkeypatch.setattr(LayerStream, "load", load)
     streamed_importance(folder, tiny_model("llama-gqa").config, method, LAYERS, _batches(2, 12))
-    # taylor: forward 0..5, backward 5..1; wanda-sp: forward up to the last scored layer only
-    assert loaded == ([0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1] if method == "taylor" else [0, 1, 2, 3, 4])
+    # taylor / fisher: forward 0..5, backward 5..1; wanda-sp: forward up to the last scored layer only
+    assert loaded == ([0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1] if method != "wanda-sp" else [0, 1, 2, 3, 4])
 
 
 def test_progress_per_layer(tmp_path, monkeypatch):
@@ -175,7 +175,8 @@ def test_wanda_sp_from_the_cli_and_recipes(tmp_path, tiny_dir, capsys):
     assert "wanda-sp" in capsys.readouterr().out
     r = tmp_path / "r.yaml"
     r.write_text(f"base: {tiny_dir}\nworkdir: {tmp_path / 'w'}\nprune: {{method: psychic}}\ntrain: {{data: [owner/set]}}\n")
-    with pytest.raises(LoramError, match="prune.method: unknown --method 'psychic': choose one of random, magnitude, taylor, wanda-sp"):
+    with pytest.raises(LoramError,
+                       match="prune.method: unknown --method 'psychic': choose one of random, magnitude, taylor, fisher, wanda-sp"):
         run_recipe(r, dry_run=True)
 
 

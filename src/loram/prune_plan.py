@@ -38,7 +38,7 @@ PLAN_FORMAT = "loram-plan"
 PLAN_VERSION = 1
 KINDS = ("structured", "sparse")
 # every method a plan can record: prune/structured.py, prune/sparse.py, and import-plan's "imported"
-METHODS = ("random", "magnitude", "taylor", "wanda-sp", "sparsegpt", "wanda", "imported")
+METHODS = ("random", "magnitude", "taylor", "fisher", "wanda-sp", "sparsegpt", "wanda", "imported")
 ALLOCATIONS = ("uniform", "global")  # structured MLP widths per layer: prune/structured.mlp_widths
 # safetensors __metadata__ keys binding a pruned folder's (or adapter's) weights to their plan
 META_PLAN_ID, META_PLAN_DIGEST = "loram_plan_id", "loram_plan_digest"

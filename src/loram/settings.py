@@ -65,7 +65,7 @@ def knob(default=None, **kw):
 
 
 # ---- prune, recover, merge, eval: records defined here ------------------------------------------
-CALIB = "taylor/wanda-sp/sparsegpt/wanda: "
+CALIB = "taylor/fisher/wanda-sp/sparsegpt/wanda: "
 MAX_MEMORY_HELP = ("memory budget in GB (default: what the memory cgroup's limit leaves, else MemAvailable): when the "
                    "predicted in-memory peak does not fit, the model is streamed layer by layer (loram.budget)")
 
@@ -103,7 +103,7 @@ def max_memory_knob():
 class PruneSettings:
     """``loram prune`` / a recipe's ``prune:`` (the keyword arguments of ``loram.prune.prune``)."""
 
-    method: str = knob("taylor", help="structured: random | magnitude | taylor (default) | wanda-sp; sparse: sparsegpt | wanda | "
+    method: str = knob("taylor", help="structured: random | magnitude | taylor (default) | fisher | wanda-sp; sparse: sparsegpt | wanda | "
                                       "magnitude with --sparsity")
     sparsity: str | None = knob(None, recipe=False,
                                 help="non-structured pruning: unstructured | N:M (N of every M input weights kept, e.g. 2:4); "

@@ -12,7 +12,7 @@ def add(sub) -> None:
     p = sub.add_parser("plan", help="parameters, storage and training memory of LoRA/QLoRA/LoRAM/QLoRAM from a config alone")
     p.add_argument("model", help="preset name (e.g. Llama-3.1-70B), config.json, model or pruned folder, hub id (config only)")
     p.add_argument("--method", default="structured",
-                   help="structured (= taylor) | random | taylor | magnitude | wanda-sp (structured) | sparsegpt | wanda (sparse)")
+                   help="structured (= taylor) | random | taylor | fisher | magnitude | wanda-sp (structured) | sparsegpt | wanda (sparse)")
     p.add_argument("--ratio", type=ATTN_RATIO, default=None, help="pruning ratio (default 0.5, or the smallest that fits --gpu-gb)")
     p.add_argument("--attn-ratio", type=ATTN_RATIO, default=None, help="KV-group ratio (default: --ratio)")
     p.add_argument("--layers", default=None, help="START:END layers to prune (default as `loram prune`)")

@@ -27,7 +27,7 @@ from ..families import ROLES, Geometry, geometry
 from ..prune_plan import PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
 from ..validate import check_ratio
 
-STRUCTURED = ("structured", "random", "taylor", "magnitude", "wanda-sp")
+STRUCTURED = ("structured", "random", "taylor", "fisher", "magnitude", "wanda-sp")
 SPARSE = ("sparsegpt", "wanda")
 METHODS = STRUCTURED + SPARSE
 

@@ -23,6 +23,7 @@ prune (the original model; the method and layers from the PruneSpec / PrunePlan,
                 streamed  Ws + 4L (one layer's gradients) + 4 D S (n_layers + 1) (the hidden states at
                     every layer boundary, kept for the backward) + 4 D s (the gradient flowing back)
                     + saved s + max(logits(s), transient s) (one layer of one sequence)
+    fisher      taylor's (its per-sequence squared unit sums add 2 floats per channel / group: nothing)
     wanda-sp    both: 2 * 4 D S + transient s + 8 (I_q + I_o + I_g + I_d) (one forward, the input-feature norms
                     of one layer's linears); in memory + 4P, streamed + Ws
     sparsegpt   both: 2 * 4 D S (a layer's inputs and outputs for the calibration set, while one
@@ -67,6 +68,7 @@ from ..families import geometry
 from ..prune_plan import PrunePlan, parse_layers
 from ..settings import EvalSettings, PruneSettings
 from .memory import GB, DEFAULT_TARGETS, TrainSettings, estimate, layer_saved_bytes, layer_transient_bytes, lora_params, logits_loss_bytes
+from ..prune.structured import GRADIENT
 from .params import METHODS, SPARSE, LayerWidths, ParamCounts, PruneSpec, count, layer_widths, linear_shapes, storage
 
 STAGES = ("prune", "build", "train", "recover", "merge", "eval")
@@ -192,11 +194,11 @@ def _prune(config, spec, x: StageInputs) -> StagePeak:
     if method == "magnitude":
         return StagePeak("prune", FP32 * (m.P + m.M), ws + FP32 * m.M, "magnitude")
     one_layer = m.layer_max(layer_saved_bytes) * s + max(logits_loss_bytes(m.g, s), m.layer_max(layer_transient_bytes) * s)
-    if method == "taylor":
+    if method in GRADIENT:  # fisher: taylor's passes, plus two floats per unit
         scored = sum(m.counts.per_layer[i] for i in _layer_range(config, spec))
         in_memory = estimate(config, m.widths, m.counts, _grad_step(s), False, "prune").total + FP32 * scored
         boundaries = FP32 * D * S * (m.g.n_layers + 1) + FP32 * D * s
-        return StagePeak("prune", in_memory, ws + FP32 * m.L + boundaries + one_layer, f"taylor, {calib}")
+        return StagePeak("prune", in_memory, ws + FP32 * m.L + boundaries + one_layer, f"{method}, {calib}")
     widths = m.input_widths()
     if method == "wanda-sp":  # one forward, no gradients: per-input-feature norms (8 B each) of the layer's linears
         work = 2 * FP32 * D * S + m.layer_max(layer_transient_bytes) * s + 8 * sum(widths)

@@ -12,9 +12,11 @@
                one: reload layer i (its weights require grad only inside the range), recompute its
                forward from the saved input, backprop the incoming gradient, so its weights
                accumulate G = sum_s dL_s/dW over the sequences, score |W * G|, drop the layer
+    fisher     taylor's passes; in the backward, layer i's unit sums of W * dL_s/dW are squared after
+               each sequence s's backprop (structured.add_fisher) and its .grad cleared
 
 The per-unit arithmetic is structured.py's (``layer_scores`` with ``magnitude_per`` / ``taylor_per``
-/ ``wanda_sp_per``) on the same stock decoder-layer modules, so the scores equal the in-memory ones
+/ ``wanda_sp_per``, ``add_fisher``) on the same stock decoder-layer modules, so the scores equal the in-memory ones
 up to floating-point summation order, and the plans are the same.
 
 Resident: one decoder layer (in the compute dtype, on ``device``) + embeddings / final norm / lm_head
@@ -57,8 +59,8 @@ from ..weights import Weights
 from .compensate import DAMP, plan_calibration, streamed_refits
 from .decide import STREAMING
 from .report import PruneReport
-from .structured import (CALIBRATED, check_finite, input_norms, layer_scores, magnitude_per, select, taylor_per,
-                         wanda_sp_per)
+from .structured import (CALIBRATED, GRADIENT, add_fisher, check_finite, input_norms, layer_scores, magnitude_per, select,
+                         taylor_per, wanda_sp_per)
 
 class _LayersOnly(LayerStream):
     """A LayerStream without embeddings, final norm and lm_head: magnitude reads decoder layers only."""
@@ -123,11 +125,12 @@ def _backprop(block, c: Captured, grad_out: torch.Tensor, need_input: bool) -> t
     return x.grad if need_input else None
 
 
-def _taylor(ls: LayerStream, g, layers: range, batches: list[torch.Tensor]) -> dict:
+def _gradient(ls: LayerStream, g, layers: range, batches: list[torch.Tensor], method: str) -> dict:
+    """taylor / fisher: a streamed forward keeping the layer inputs, then a streamed backward."""
     for p in ls.model.parameters():  # embeddings, norm, lm_head: frozen, as in the in-memory path
         p.requires_grad_(False)
     xs, saved = ls.inputs(batches), {}
-    for i in track(range(ls.n_layers), "taylor: forward", unit="layer"):
+    for i in track(range(ls.n_layers), f"{method}: forward", unit="layer"):
         if i >= layers.start:
             saved[i] = xs  # the backward pass recomputes layer i from these
         block = _load(ls, i)
@@ -136,10 +139,16 @@ def _taylor(ls: LayerStream, g, layers: range, batches: list[torch.Tensor]) -> d
     grads = [_head_grad(ls, x.hidden, ids) for x, ids in zip(xs, batches)]
     del xs
     scores = {}
-    for i in track(range(ls.n_layers - 1, layers.start - 1, -1), "taylor: backward", unit="layer"):
+    for i in track(range(ls.n_layers - 1, layers.start - 1, -1), f"{method}: backward", unit="layer"):
         block = _load(ls, i, requires_grad=i in layers)  # above the range only the input needs a gradient
-        grads = [_backprop(block, c, gr, need_input=i > layers.start) for c, gr in zip(saved.pop(i), grads)]
-        if i in layers:
+        below = []
+        for c, gr in zip(saved.pop(i), grads):
+            below.append(_backprop(block, c, gr, need_input=i > layers.start))
+            if method == "fisher" and i in layers:  # this sequence's gradient alone is in .grad
+                add_fisher(scores, i, block, g)
+                block.zero_grad(set_to_none=True)
+        grads = below
+        if method == "taylor" and i in layers:
             scores[i] = layer_scores(block, g, taylor_per)
         block.zero_grad(set_to_none=True)
         ls.unload(i)
@@ -148,7 +157,7 @@ def _taylor(ls: LayerStream, g, layers: range, batches: list[torch.Tensor]) -> d
 
 def streamed_importance(weights: Weights | str | Path, config, method: str, layers: range, batches=None,
                         dtype=torch.float32, device="cpu") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (channel scores [F], group scores [K])} for magnitude / taylor / wanda-sp, one decoder
+    """{layer: (channel scores [F], group scores [K])} for magnitude / taylor / fisher / wanda-sp, one decoder
     layer resident at a time (computed in ``dtype`` on ``device``); equal to structured.importance."""
     g = geometry(config)
     if method == "magnitude":
@@ -157,9 +166,9 @@ def streamed_importance(weights: Weights | str | Path, config, method: str, laye
     check_finite(ls.model)  # embeddings, final norm, lm_head (the decoder layers are checked as they load)
     if method == "wanda-sp":
         return _wanda_sp(ls, g, layers, batches)
-    if method == "taylor":
-        return _taylor(ls, g, layers, batches)
-    raise LoramError(f"streamed scores exist for magnitude, taylor and wanda-sp, not {method!r}")
+    if method in GRADIENT:
+        return _gradient(ls, g, layers, batches, method)
+    raise LoramError(f"streamed scores exist for magnitude, taylor, fisher and wanda-sp, not {method!r}")
 
 
 # ---- the whole `loram prune`, streamed -------------------------------------------------------------------

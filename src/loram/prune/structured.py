@@ -5,6 +5,10 @@ Importance of a unit u (an MLP channel c, or a KV group g), summed over its weig
     random     a seeded random permutation (LoRAM-Rand)
     magnitude  sum |W|                                       (no gradients)
     taylor     sum |W * dL/dW|  over N calibration sequences (LoRAM-Stru, LLM-Pruner param_first)
+    fisher     sum_s (sum_unit W * dL_s/dW)^2: per calibration sequence s, the unit's first-order loss
+               change when it is removed, squared, summed over the N sequences (the group Fisher score of
+               Molchanov et al. 2019). taylor adds the gradients of all sequences before the product; on
+               text the model fits well they largely cancel, so its ranking rests on what is left over
     wanda-sp   sum |W_ij| * ||X_j||_2  (X: the linear's input over every calibration token; Wanda-sp
                as in FLAP, An et al. 2024): training-free and activation-aware, one forward pass.
                A bias is a weight on a constant-1 input, so |b_i| * sqrt(tokens)
@@ -15,7 +19,7 @@ Importance of a unit u (an MLP channel c, or a KV group g), summed over its weig
 The per-unit sums (``layer_scores``) take one decoder-layer module and a per-weight score, so the
 in-memory path here and the layer-streamed path (streamed.py) share every line of the arithmetic.
 
-Taylor memory: one fp32 copy of the model plus gradients of the scored layers only (embeddings,
+Taylor / Fisher memory: one fp32 copy of the model plus gradients of the scored layers only (embeddings,
 norms and lm_head frozen), calibration sequences streamed one at a time, graphs freed after each
 backward: peak = weights + scored-layer grads + one sequence's activations.
 """
@@ -35,8 +39,9 @@ from ..progress import track
 from ..prune_plan import ALLOCATIONS, LayerPlan, kept_kv_groups, kept_mlp_channels
 from .wanda import ColumnNorms
 
-METHODS = ("random", "magnitude", "taylor", "wanda-sp")
-CALIBRATED = ("taylor", "wanda-sp")  # the structured methods that read calibration data
+METHODS = ("random", "magnitude", "taylor", "fisher", "wanda-sp")
+CALIBRATED = ("taylor", "fisher", "wanda-sp")  # the structured methods that read calibration data
+GRADIENT = ("taylor", "fisher")  # scored from calibration gradients (a backward pass per sequence)
 BUILTIN_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 
 
@@ -121,6 +126,18 @@ def taylor_per(_lin, p) -> torch.Tensor:
     return (p.detach() * p.grad).abs().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
 
 
+def signed_taylor_per(_lin, p) -> torch.Tensor:
+    """W * G_s with G_s = one sequence's gradient: summed over a unit, the first-order loss change of removing it."""
+    return (p.detach() * p.grad).float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+
+
+def add_fisher(acc: dict, i: int, block, g: Geometry) -> None:
+    """Add one sequence's squared unit sums of ``block`` (decoder layer ``i``, its .grad = that sequence's
+    gradient) to ``acc[i]``: the per-sequence step of the fisher score, in memory and streamed."""
+    ch, grp = (t.square() for t in layer_scores(block, g, signed_taylor_per))
+    acc[i] = (ch, grp) if i not in acc else (acc[i][0] + ch, acc[i][1] + grp)
+
+
 def wanda_sp_per(norms: dict):
     """|W_ij| * ||X_j||_2 from ``norms`` ({linear: ColumnNorms of its input}, see ``input_norms``)."""
     def per(lin, p):
@@ -151,7 +168,9 @@ def input_norms(blocks):
     return input_stats({lin: lin for block in blocks for lin in (_proj(block, role) for role in ROLES)}, ColumnNorms)
 
 
-def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
+def _grads(model, layers: range, batches: list[torch.Tensor], method: str, after_each=None) -> None:
+    """Backpropagate the LM loss of each calibration sequence into the scored layers' weights (.grad accumulates
+    unless ``after_each``, called after every sequence's backward, consumes and clears it)."""
     for p in model.parameters():
         p.requires_grad_(False)
     blocks = decoder_layers(model)
@@ -161,13 +180,32 @@ def _taylor_grads(model, layers: range, batches: list[torch.Tensor]) -> None:
                 p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     dev = next(model.parameters()).device
-    for ids in track(batches, "taylor: calibration sequences", unit="seq"):  # stream: one sequence's graph at a time
+    for ids in track(batches, f"{method}: calibration sequences", unit="seq"):  # stream: one sequence's graph at a time
         ids = ids.to(dev)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         if not torch.isfinite(out.loss):
             raise LoramError("calibration loss is not finite: check the model weights or --calib-data")
         out.loss.backward()
         del out
+        if after_each is not None:
+            after_each()
+
+
+def _gradient_scores(model, g: Geometry, layers: range, batches: list[torch.Tensor], method: str) -> dict:
+    """taylor: |W * G| of the gradient summed over the sequences; fisher: per sequence, squared unit sums."""
+    blocks, fisher = decoder_layers(model), {}
+
+    def per_sequence():
+        for i in layers:
+            add_fisher(fisher, i, blocks[i], g)
+        model.zero_grad(set_to_none=True)
+
+    _grads(model, layers, batches, method, per_sequence if method == "fisher" else None)
+    scores = fisher if method == "fisher" else {i: layer_scores(blocks[i], g, taylor_per) for i in layers}
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return scores
 
 
 def check_finite(model, prefix: str = "") -> None:
@@ -193,23 +231,14 @@ def _wanda_norms(model, layers: range, batches: list[torch.Tensor]) -> dict:
 
 
 def importance(model, method: str, layers: range, batches=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (channel scores [F], group scores [K])} for magnitude / taylor / wanda-sp."""
+    """{layer: (channel scores [F], group scores [K])} for magnitude / taylor / fisher / wanda-sp."""
     check_finite(model)
     g = geometry(model.config)
-    if method == "taylor":
-        _taylor_grads(model, layers, batches)
-        per = taylor_per
-    elif method == "wanda-sp":
-        per = wanda_sp_per(_wanda_norms(model, layers, batches))
-    else:
-        per = magnitude_per
+    if method in GRADIENT:
+        return _gradient_scores(model, g, layers, batches, method)
+    per = wanda_sp_per(_wanda_norms(model, layers, batches)) if method == "wanda-sp" else magnitude_per
     blocks = decoder_layers(model)
-    scores = {i: layer_scores(blocks[i], g, per) for i in layers}
-    if method == "taylor":
-        model.zero_grad(set_to_none=True)
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return scores
+    return {i: layer_scores(blocks[i], g, per) for i in layers}
 
 
 def _top(scores: torch.Tensor, k: int) -> list[int]:
