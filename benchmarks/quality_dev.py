@@ -156,6 +156,13 @@ VARIANTS = {
                                                       f"distill:mlpall0.4965gF{c}:1e-4",
                                                       ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], [])
        for c, what in (("", "the built-in text (8 x 128 tokens)"), ("_task_8x128", "8 x 128 tokens of the training rows"))},
+    # its share left room for the stop-14 bound on general text (32 Alpaca rows), which trades share for OOD
+    "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_calgen": ("mlpallg_fisher_task_8x128_distilled_offset_lr3e-3's adapter recovered "
+                                                                 "with --calibrate and --calibrate-general Alpaca rows 600:632",
+                                                                 "distill:mlpall0.4965gF_task_8x128:1e-4",
+                                                                 ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"],
+                                                                 ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general",
+                                                                  "{general}"]),
     # --anchor (loram.anchor): KL to the adapter-off model on general text (C4 excerpt, the alignment corpus; OOD is Alpaca)
     "mlp_distilled_offset_lr5e-3_anchor": ("mlp_distilled_offset_lr5e-3 with `--anchor` C4 (weight 1, one 256-token block per micro-step)",
                                            "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
@@ -223,7 +230,8 @@ SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_cali
                 "mlp_distilled_offset_lr5e-3_anchor_transfer": "mlp_distilled_offset_lr5e-3_anchor",
                 **{f"{src}_calgen{sfx}": src for src in ("mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr5e-3_anchor")
                    for sfx in ("", "_c4")},
-                "mlpallg_distilled_offset_lr5e-3_anchor_calgen128": "mlpallg_distilled_offset_lr5e-3_anchor"}
+                "mlpallg_distilled_offset_lr5e-3_anchor_calgen128": "mlpallg_distilled_offset_lr5e-3_anchor",
+                "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_calgen": "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3"}
 DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served adapter from the plainly recovered one (derive)
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text

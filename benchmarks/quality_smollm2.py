@@ -49,16 +49,17 @@ ALIGN_LR = "2e-5"
 ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", "--logging-steps", "20"]
 
 
-def _mlpallg_row(lr: str, sfx: str, anchor: bool) -> tuple:
-    """A row on the stru_mlpallg pruning, distill-aligned, trained through the original at ``lr`` (seed from the
+def _mlpallg_row(lr: str, sfx: str, anchor: bool, pruned: str = "stru_mlpallg") -> tuple:
+    """A row on the stru_mlpallg pruning (or ``pruned``, another global all-layer one), distill-aligned, trained through the original at ``lr`` (seed from the
     suffix _seed1 / _seed2), optionally anchored. The original's top-k of the seed's rows is the cache of the
     offset_distilled_mlp_lr3e-3 row of that seed ({work} is filled in by train)."""
-    label = (f"LoRAM-Stru MLP-only all layers global allocation, distill-aligned, trained through the original, "
+    how = {"stru_mlpallg": "", "stru_mlpallg_fisher_task": "Fisher scores on the training rows, "}[pruned]
+    label = (f"LoRAM-Stru MLP-only all layers global allocation, {how}distill-aligned, trained through the original, "
              f"{'anchored, ' if anchor else ''}LoRA lr {lr}{', seed ' + sfx[-1] if sfx else ''}")
     extra = ["--original-offset", "--lr", lr, *(["--seed", sfx[-1]] if sfx else []),
              *(["--anchor", f"{DATA}/corpus/c4_demo.jsonl"] if anchor else []),
              "--offset-cache", f"{{work}}/adapter_offset_distilled_mlp_lr3e-3{sfx}-checkpoints/teacher-topk"]
-    return label, "stru_mlpallg", extra, True
+    return label, pruned, extra, True
 
 
 ROWS = {  # name: (label, prune args or None, train extra, structured?)
@@ -123,6 +124,19 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     "stru_mlpallg_task": ("LoRAM-Stru MLP-only, all layers, global allocation, Taylor scores on the training rows",
                           ["--method", "taylor", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global",
                            "--calib-data", "{work}/data/calib_task.jsonl", "--calib-samples", "64", "--calib-seq-len", "256"], [], True),
+    # issue 18, stop 16, chosen on the dev split (quality_dev.py mlpallg_fisher_task_8x128_*): the same channel count ranked by
+    # `prune --method fisher` on 8 x 128 tokens of those 162 training rows, three seeds, recovered plainly and under the
+    # stop-14 bound on general text. The prune and the alignment are the dev split's commands on the same inputs (the
+    # same calibration sha256 and plan id), so the dev run's aligned model serves here when it is present
+    "stru_mlpallg_fisher_task": ("LoRAM-Stru MLP-only, all layers, global allocation, Fisher scores on the training rows",
+                                 ["--method", "fisher", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global",
+                                  "--calib-data", "{work}/data/calib_task.jsonl"], [], True),
+    **{f"offset_distilled_mlpallg_fisher_task_lr3e-3{sfx}": _mlpallg_row("3e-3", sfx, False, "stru_mlpallg_fisher_task")
+       for sfx in ("", "_seed1", "_seed2")},
+    **{f"offset_distilled_mlpallg_fisher_task_lr3e-3{sfx}_calgen": (
+        _mlpallg_row("3e-3", sfx, False, "stru_mlpallg_fisher_task")[0] + ", recovered with --calibrate and --calibrate-general "
+        "(general text kept at the base's)", *_mlpallg_row("3e-3", sfx, False, "stru_mlpallg_fisher_task")[1:])
+       for sfx in ("", "_seed1", "_seed2")},
     "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
     "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
@@ -137,7 +151,8 @@ ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "s
          "offset_anchor_distilled_mlpallg_lr5e-3_seed1", "offset_anchor_distilled_mlpallg_lr5e-3_seed2",
          "offset_distilled_mlpallg_lr3e-3_calgen", "offset_distilled_mlpallg_lr3e-3_seed1_calgen",
          "offset_distilled_mlpallg_lr3e-3_seed2_calgen", "offset_distilled_mlpallg_lr3e-3_calgen128",
-         "offset_distilled_mlpallg_lr3e-3_seed1_calgen128", "offset_distilled_mlpallg_lr3e-3_seed2_calgen128"]
+         "offset_distilled_mlpallg_lr3e-3_seed1_calgen128", "offset_distilled_mlpallg_lr3e-3_seed2_calgen128",
+         *(f"offset_distilled_mlpallg_fisher_task_lr3e-3{sfx}{c}" for c in ("", "_calgen") for sfx in ("", "_seed1", "_seed2"))]
 # rows that recover another row's adapter with `loram recover` flags: row -> (the row whose adapter, flags); {calibrate},
 # {general}: prepare_data's calibration rows (quality_dev.py's; disjoint from every training, dev and test row)
 RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_mlpallg_lr3e-3{sfx}",
@@ -146,14 +161,19 @@ RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_m
     f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen128": (f"offset_distilled_mlpallg_lr3e-3{sfx}",
                                                        ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general",
                                                         "{general128}", "--calibrate-general-rows", "128"])
-    for sfx in ("", "_seed1", "_seed2")}  # stop 14, after the dev variant *_calgen128: 128 general rows
-GLOBAL = [k for k, v in ROWS.items() if v[1] == "stru_mlpallg"]  # the rows on the global all-layer pruning (ROWS order: the tables list them so)
+    for sfx in ("", "_seed1", "_seed2")} | {  # stop 14, after the dev variant *_calgen128: 128 general rows
+    f"offset_distilled_mlpallg_fisher_task_lr3e-3{sfx}_calgen": (f"offset_distilled_mlpallg_fisher_task_lr3e-3{sfx}",
+                                                                 ["--calibrate", "{calibrate}", "--seq-len", "256", "--calibrate-general",
+                                                                  "{general}"])
+    for sfx in ("", "_seed1", "_seed2")}
+# the rows on the global all-layer prunings (ROWS order: the tables list them so)
+GLOBAL = [k for k, v in ROWS.items() if v[1] in ("stru_mlpallg", "stru_mlpallg_fisher_task")]
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
            "offset_distilled_mlp_lr2e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3": "stru_mlp",
            "offset_anchor_distilled_mlp_lr5e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed1": "stru_mlp",
            "offset_anchor_distilled_mlp_lr5e-3_seed1": "stru_mlp", "offset_distilled_mlp_lr3e-3_seed2": "stru_mlp",
-           "offset_anchor_distilled_mlp_lr5e-3_seed2": "stru_mlp", **dict.fromkeys(GLOBAL, "stru_mlpallg")}
+           "offset_anchor_distilled_mlp_lr5e-3_seed2": "stru_mlp", **{k: ROWS[k][1] for k in GLOBAL}}
 DISTILLED = {"distilled_mlp", "distilled85", "offset_distilled_mlp", "offset_distilled_mlp_lr2e-3", "offset_distilled_mlp_lr3e-3",
              "offset_distilled85_lr2e-3", "offset_anchor_distilled_mlp_lr5e-3", "offset_distilled_mlp_lr3e-3_seed1",
              "offset_anchor_distilled_mlp_lr5e-3_seed1", "offset_distilled_mlp_lr3e-3_seed2",

@@ -86,3 +86,15 @@ def test_cli_fisher_plan_records_the_method(tmp_path):
     assert plan.method == "fisher" and plan.calibration["samples"] == 2 and plan.allocation == "global"
     taylor = prune(str(base), tmp_path / "t", method="taylor", ratio=0.5, calib_samples=2, calib_seq_len=16, allocate="global")
     assert plan.pruned != taylor.plan.pruned  # a different score, a different plan on the same calibration text
+
+
+def test_planner_predicts_taylors_memory_for_fisher():
+    """fisher runs taylor's passes and keeps two floats per unit more, so the streaming decision treats them alike."""
+    from loram.planner import PruneSpec, preset_config
+    from loram.planner.stages import StageInputs, predict_stage
+
+    config = preset_config("Llama-2-7B")
+    for inputs in (StageInputs(), StageInputs(calib_samples=64, calib_seq_len=256)):
+        t, f = (predict_stage("prune", config, PruneSpec(m, 0.5, layers="0:32"), inputs) for m in ("taylor", "fisher"))
+        assert (f.in_memory_bytes, f.streamed_bytes) == (t.in_memory_bytes, t.streamed_bytes)
+        assert f.detail.startswith("fisher, ")
