@@ -156,6 +156,10 @@ VARIANTS = {
                                                       f"distill:mlpall0.4965gF{c}:1e-4",
                                                       ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}"], [])
        for c, what in (("", "the built-in text (8 x 128 tokens)"), ("_task_8x128", "8 x 128 tokens of the training rows"))},
+    # the same scores at 2x (allg_distilled_offset_lr2e-3's pruning and training, ranked by fisher on the training rows)
+    "allg_fisher_task_8x128_distilled_offset_lr2e-3": ("allg_distilled_offset_lr2e-3 pruned with `--method fisher` on 8 x 128 tokens of "
+                                                       "the training rows", "distill:all0.7335gF_task_8x128:1e-4",
+                                                       ["--original-offset", "--lr", "2e-3", "--offset-cache", "{offset_cache}"], []),
     # its share left room for the stop-14 bound on general text (32 Alpaca rows), which trades share for OOD
     "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_calgen": ("mlpallg_fisher_task_8x128_distilled_offset_lr3e-3's adapter recovered "
                                                                  "with --calibrate and --calibrate-general Alpaca rows 600:632",
@@ -236,7 +240,7 @@ DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
+SUBSET = {"lora_rows162", "allg_fisher_task_8x128_distilled_offset_lr2e-3", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
           "mlpallg_distilled3e-5_offset_lr3e-3", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
           "mlpallg_distilled_offset_lr5e-3_anchor", "allg_distilled_offset_lr2e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
@@ -261,6 +265,8 @@ PRUNE_EXTRA = {"mlp0.62": ["--method", "taylor", "--ratio", "0.62", "--attn-rati
                                                                                    ("_c4", f"{q.DATA}/corpus/c4_demo.jsonl"))},
                # stop 16: the same channel budget ranked by --method fisher
                "mlpall0.4965gF": ["--method", "fisher", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate", "global"],
+               "all0.7335gF_task_8x128": ["--method", "fisher", "--ratio", "0.7335", "--attn-ratio", "0.34", "--layers", "0:30", "--allocate",
+                                          "global", "--calib-data", "{dev}/train_mix.jsonl"],
                "mlpall0.4965gF_task_8x128": ["--method", "fisher", "--ratio", "0.4965", "--attn-ratio", "0", "--layers", "0:30", "--allocate",
                                              "global", "--calib-data", "{dev}/train_mix.jsonl"]}
 

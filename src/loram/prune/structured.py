@@ -7,8 +7,9 @@ Importance of a unit u (an MLP channel c, or a KV group g), summed over its weig
     taylor     sum |W * dL/dW|  over N calibration sequences (LoRAM-Stru, LLM-Pruner param_first)
     fisher     sum_s (sum_unit W * dL_s/dW)^2: per calibration sequence s, the unit's first-order loss
                change when it is removed, squared, summed over the N sequences (the group Fisher score of
-               Molchanov et al. 2019). taylor adds the gradients of all sequences before the product; on
-               text the model fits well they largely cancel, so its ranking rests on what is left over
+               Molchanov et al. 2019). taylor adds the gradients of all sequences before the product and
+               takes |.| weight by weight; fisher keeps each sequence's signed unit sum whole. Which ranks
+               better depends on the calibration text (docs/pruning.md, "Calibration data")
     wanda-sp   sum |W_ij| * ||X_j||_2  (X: the linear's input over every calibration token; Wanda-sp
                as in FLAP, An et al. 2024): training-free and activation-aware, one forward pass.
                A bias is a weight on a constant-1 input, so |b_i| * sqrt(tokens)
