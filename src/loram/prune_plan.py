@@ -37,8 +37,13 @@ PLAN_FILE = "loram_plan.json"
 PLAN_FORMAT = "loram-plan"
 PLAN_VERSION = 1
 KINDS = ("structured", "sparse")
-# every method a plan can record: prune/structured.py, prune/sparse.py, and import-plan's "imported"
-METHODS = ("random", "magnitude", "taylor", "fisher", "wanda-sp", "sparsegpt", "wanda", "imported")
+# The pruning methods: the one list that `loram prune` (prune/structured.py, prune/sparse.py), the planner and a
+# plan's validation read, so a new method is added here once. magnitude is in both: structured unless --sparsity.
+STRUCTURED_METHODS = ("random", "magnitude", "taylor", "fisher", "wanda-sp")
+SPARSE_METHODS = ("sparsegpt", "wanda", "magnitude")
+SPARSE_ONLY = tuple(m for m in SPARSE_METHODS if m not in STRUCTURED_METHODS)  # sparse whether or not --sparsity is given
+# every method a plan can record: the two above, and import-plan's "imported"
+METHODS = (*STRUCTURED_METHODS, *SPARSE_ONLY, "imported")
 ALLOCATIONS = ("uniform", "global")  # structured MLP widths per layer: prune/structured.mlp_widths
 # safetensors __metadata__ keys binding a pruned folder's (or adapter's) weights to their plan
 META_PLAN_ID, META_PLAN_DIGEST = "loram_plan_id", "loram_plan_digest"

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 from ..errors import LoramError
 from ..families import ROLES, Geometry, geometry
-from ..prune_plan import PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
+from ..prune_plan import SPARSE_ONLY, STRUCTURED_METHODS, PrunePlan, kept_kv_groups, kept_mlp_channels, parse_layers
 from ..validate import check_ratio
 
-STRUCTURED = ("structured", "random", "taylor", "fisher", "magnitude", "wanda-sp")
-SPARSE = ("sparsegpt", "wanda")
+STRUCTURED = ("structured", *STRUCTURED_METHODS)  # "structured": the planner's name for any structured method
+SPARSE = SPARSE_ONLY
 METHODS = STRUCTURED + SPARSE
 
 

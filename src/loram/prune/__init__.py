@@ -14,19 +14,16 @@ from ..fingerprint import base_fingerprint, check_verify
 from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases_locks
 from ..loading import can_stream, checkpoint_dtype, load_model
 from ..procmem import PeakRSS
-from ..prune_plan import PrunePlan, kept_mlp_channels, parse_layers
+from ..prune_plan import SPARSE_METHODS, SPARSE_ONLY, STRUCTURED_METHODS, PrunePlan, kept_mlp_channels, parse_layers
 from ..pruned_model import apply_plan, count_params, save_pruned
 from ..settings import check_knobs
 from ..validate import check_ratio
 from .report import PruneReport
-from .sparse import METHODS as SPARSE_METHODS
 from .decide import stream_decision
 from .sparse import prune_sparse, sparse_masks  # noqa: F401  (public API)
-from .structured import METHODS as STRUCTURED_METHODS
 from .structured import CALIBRATED, check_allocation, importance, select
 from .compensate import DAMP, apply_compensation, compensation, plan_calibration
 
-SPARSE_ONLY = ("sparsegpt", "wanda")  # magnitude is structured unless --sparsity is given
 
 
 def _check_against_config(model_name: str, ratio: float, layers: str | None) -> None:

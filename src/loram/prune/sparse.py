@@ -58,7 +58,7 @@ from ..io import atomic_dir, check_output, load_config, load_tokenizer, releases
 from ..loading import PLAN_ATTR, can_stream, check_checkpoint, checkpoint_dtype, load_model, source_folder, streamable_source
 from ..procmem import PeakRSS
 from ..progress import track
-from ..prune_plan import META_PLAN_DIGEST, META_PLAN_ID, PrunePlan, parse_layers
+from ..prune_plan import META_PLAN_DIGEST, META_PLAN_ID, SPARSE_METHODS, PrunePlan, parse_layers
 from ..pruned_model import bind_plan, count_params, save_pruned
 from .decide import STREAMING, stream_decision
 from .pattern import Pattern, parse_pattern
@@ -69,7 +69,7 @@ from ..weights import IGNORED, ShardWriter, Weights, safetensors_files
 from .structured import calibration_batches, check_finite
 from .wanda import ColumnNorms, magnitude_mask, wanda_mask
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
+METHODS = SPARSE_METHODS
 # linears that read the same input share one statistics collector (keyed by the first)
 INPUT_GROUPS = {"q": ("q", "k", "v"), "o": ("o",), "gate": ("gate", "up"), "down": ("down",)}
 # weak references to every live LayerStats: tests check that only one layer's are alive at once

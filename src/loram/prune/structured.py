@@ -37,10 +37,10 @@ import torch
 from ..errors import LoramError
 from ..families import ATTN_ROLES, MLP_ROLES, MODULE_OF_ROLE, ROLES, Geometry, decoder_layers, geometry
 from ..progress import track
-from ..prune_plan import ALLOCATIONS, LayerPlan, kept_kv_groups, kept_mlp_channels
+from ..prune_plan import ALLOCATIONS, STRUCTURED_METHODS, LayerPlan, kept_kv_groups, kept_mlp_channels
 from .wanda import ColumnNorms
 
-METHODS = ("random", "magnitude", "taylor", "fisher", "wanda-sp")
+METHODS = STRUCTURED_METHODS
 CALIBRATED = ("taylor", "fisher", "wanda-sp")  # the structured methods that read calibration data
 GRADIENT = ("taylor", "fisher")  # scored from calibration gradients (a backward pass per sequence)
 BUILTIN_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
