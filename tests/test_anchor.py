@@ -85,6 +85,23 @@ def test_anchor_keeps_general_predictions_and_is_recorded(tiny_dir, pruned_dir, 
     assert main(["recover", str(tmp_path / "anch"), "--base", str(tiny_dir), "-o", str(tmp_path / "rec")]) == 0
 
 
+def test_training_rows_as_anchor_are_rendered_as_train_renders_them(pruned_dir, tmp_path):
+    """--anchor on instruction rows reads the blocks it would read from those rows rendered by the chat template
+    (what `loram train` feeds the model), as prune --calib-data does: one renderer, loram.data.rows.row_text."""
+    from loram.data import encode
+    from loram.io import load_tokenizer
+
+    tok = load_tokenizer(pruned_dir)
+    rows = rows_file(tmp_path, n=40)
+    rendered = tmp_path / "rendered.jsonl"
+    rendered.write_text("".join(json.dumps({"text": tok.decode(encode(tok, json.loads(x))[0])}) + "\n"
+                                for x in rows.read_text().splitlines()))
+    a = anchors.load(tok, acfg(rows, anchor=str(rows), steps=4))
+    b = anchors.load(tok, acfg(rows, anchor=str(rendered), steps=4))
+    assert len(a.blocks) == 4 and torch.equal(a.blocks, b.blocks)
+    assert tok.apply_chat_template([{"role": "user", "content": "add 0 and 0"}], tokenize=False)[:12] in tok.decode(a.blocks[0])
+
+
 def test_anchor_with_original_offset_and_accumulation(pruned_dir, tmp_path):
     r = train(pruned_dir, tmp_path / "ad", acfg(rows_file(tmp_path), steps=2, grad_accum=2, anchor=str(general_file(tmp_path)),
                                                original_offset=True, offset_top_k=8, loss_chunk=8))
@@ -98,13 +115,15 @@ def test_anchor_with_original_offset_and_accumulation(pruned_dir, tmp_path):
     (["--anchor-batch", "3"], "--anchor-batch only applies with --anchor"),
     (["--anchor", "MISSING.txt"], "does not exist"),
     (["--anchor", "SHORT.txt"], "fewer than one block of --seq-len"),
+    (["--anchor", "NOFORMAT.jsonl"], "row 0 is neither a {\"text\": ...} row nor a training row"),
     (["--anchor", "GENERAL", "--anchor-weight", "-1"], "--anchor-weight -1 is out of range"),
     (["--anchor", "GENERAL", "--targets", "q,lm_head"], "--anchor needs lm_head without an adapter"),
 ])
 def test_wrong_requests_fail_in_one_line(pruned_dir, tmp_path, capsys, flags, msg):
     (tmp_path / "SHORT.txt").write_text("too short\n")
     subst = {"MISSING.txt": str(tmp_path / "missing.txt"), "SHORT.txt": str(tmp_path / "SHORT.txt"),
-             "GENERAL": str(general_file(tmp_path))}
+             "GENERAL": str(general_file(tmp_path)), "NOFORMAT.jsonl": str(tmp_path / "NOFORMAT.jsonl")}
+    (tmp_path / "NOFORMAT.jsonl").write_text(json.dumps({"body": "a row in no known format"}) + "\n")
     flags = [subst.get(f, f) for f in flags]
     capsys.readouterr()
     rc = main(["train", str(pruned_dir), "--data", str(rows_file(tmp_path)), "-o", str(tmp_path / "ad"), "--seq-len", "64", *flags])

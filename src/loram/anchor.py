@@ -4,7 +4,8 @@ Why: the original's general ability is what LoRAM serves on top of (the recovere
 original model), and issue 18's dev split showed that a larger update buys in-domain gain at the price of
 out-of-domain perplexity. The anchor makes that price part of the loss: beside each training batch the
 model reads ``--anchor-batch`` blocks of general text (``--seq-len`` tokens each, from any raw corpus, as
-`loram align --data` reads it) twice, with the adapter on and off, and the loss adds
+`loram align --data` reads it, or from training rows such as general instructions, each rendered as `loram train`
+renders it) twice, with the adapter on and off, and the loss adds
 
     --anchor-weight x KL(p_adapter_off || p_adapter_on)        (mean over the block's positions, full vocabulary)
 
@@ -76,5 +77,5 @@ def load(tok, cfg) -> Anchor | None:
     need = None if cfg.epochs is not None else cfg.steps * cfg.grad_accum * cfg.anchor_batch * world
     if need is None and streamed(cfg.anchor):
         need = STREAMED_CAP
-    blocks = chunk_tokens(tok, read_texts(cfg.anchor), cfg.seq_len, name=f"--anchor {cfg.anchor}", max_blocks=need)
+    blocks = chunk_tokens(tok, read_texts(cfg.anchor, tok), cfg.seq_len, name=f"--anchor {cfg.anchor}", max_blocks=need)
     return Anchor(torch.tensor([b[0] for b in blocks[:need]]), cfg.anchor_weight, cfg.anchor_batch, cfg.anchor)

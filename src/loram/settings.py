@@ -287,7 +287,8 @@ TRAIN_KNOBS = {
                        help="--original-offset: memory budget of the original's pass (default: what the cgroup's limit "
                             "leaves, else MemAvailable); an original whose in-memory pass does not fit is read layer by layer"),
     "anchor": Knob(None, metavar="TEXT",
-                   help="raw corpus (as `loram align --data`: .txt lines or `text` rows, folder or hub id) on which the update "
+                   help="general text (as `loram align --data`: .txt lines or `text` rows, folder or hub id; or training rows such "
+                        "as general instructions, rendered as `loram train` renders them) on which the update "
                         "should change nothing: the loss adds --anchor-weight x KL(adapter off || adapter on) on its "
                         "--seq-len blocks, keeping the model's general-text behaviour (loram.anchor)"),
     "anchor_weight": Knob(1.0, check=NON_NEGATIVE, metavar="W", help="--anchor: weight of the KL term (default 1)"),

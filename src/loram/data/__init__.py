@@ -54,7 +54,7 @@ from .sources import (
 )
 from .rows import (
     IGNORE, SHAREGPT_ROLES, KNOWN_ROLES, FALLBACK_PROMPT, FALLBACK_PROMPT_INPUT, RowSkipped, check_messages,
-    row_kind, to_messages, chat_template_ids, read_chat_template, prompt_response_ids, encode, SKIP_REASONS,
+    row_kind, row_text, to_messages, chat_template_ids, read_chat_template, prompt_response_ids, encode, SKIP_REASONS,
     Encoded, skip_counts, skip_summary, encode_all,
 )
 from .corpus import (
@@ -68,7 +68,7 @@ __all__ = [
     'SLICE', 'split_slice', 'source_digest', 'FILE_SUFFIXES', 'read_rows', 'streamed', 'iter_rows',
     'folder_split', 'missing_local_file', 'stream_rows', 'present', 'read_utf8', 'read_table', 'read_csv', 'IGNORE',
     'SHAREGPT_ROLES', 'KNOWN_ROLES', 'FALLBACK_PROMPT', 'FALLBACK_PROMPT_INPUT', 'RowSkipped',
-    'check_messages', 'row_kind', 'to_messages', 'chat_template_ids', 'read_chat_template',
+    'check_messages', 'row_kind', 'row_text', 'to_messages', 'chat_template_ids', 'read_chat_template',
     'prompt_response_ids', 'encode', 'SKIP_REASONS', 'Encoded', 'skip_counts', 'skip_summary', 'encode_all',
     'read_texts', 'is_text_row', 'no_text', 'chunk_tokens', 'pack', 'ListDataset', 'collate',
     'packed_padding', 'mix', 'with_total', 'examples_needed', 'build_dataset', 'eval_sets',

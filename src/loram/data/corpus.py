@@ -7,13 +7,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import LoramError
-from .rows import _ids
+from .rows import _ids, row_text
 from .sources import iter_rows, read_rows, read_utf8, split_slice, streamed
 
 
-def read_texts(source: str) -> Iterable[str]:
+def read_texts(source: str, tok=None) -> Iterable[str]:
     """Documents of a raw corpus: a .txt file (one per non-empty line) or rows with a "text" field. A list for
-    a local file; for a streamed source (hub id, folder) a generator, read as far as it is consumed."""
+    a local file; for a streamed source (hub id, folder) a generator, read as far as it is consumed. With a
+    tokenizer ``tok``, training rows (instruction/output, messages, prompt/completion) count too, each rendered as
+    `loram train` renders it (rows.row_text): `train --anchor` takes the general instructions a user has."""
     path, part = split_slice(source)
     p = Path(path)
     if p.suffix == ".txt":
@@ -25,28 +27,39 @@ def read_texts(source: str) -> Iterable[str]:
             raise LoramError(f"corpus {source} is empty: give it at least one line of text")
         return docs
     if streamed(source):
-        return _stream_texts(iter_rows(source), source)
-    rows = read_rows(source)
-    bad = [i for i, r in enumerate(rows) if not is_text_row(r)]
+        return _stream_texts(iter_rows(source), source, tok)
+    texts = [_text(r, tok) for r in read_rows(source)]
+    bad = [i for i, t in enumerate(texts) if t is None]
     if bad:
-        raise LoramError(no_text(source, bad[0], f" ({len(bad)} such rows)"))
-    return [r["text"] for r in rows if r["text"].strip()]
+        raise LoramError(no_text(source, bad[0], f" ({len(bad)} such rows)", tok is not None))
+    return [t for t in texts if t.strip()]
 
 
 def is_text_row(r) -> bool:
     return isinstance(r, dict) and isinstance(r.get("text"), str)
 
 
-def no_text(source: str, i: int, count: str = "") -> str:
+def _text(r, tok) -> str | None:
+    """A row's document: its "text"; with a tokenizer, a training row rendered (None: neither)."""
+    if is_text_row(r):
+        return r["text"]
+    return row_text(tok, r) if tok is not None else None
+
+
+def no_text(source: str, i: int, count: str = "", rows_too: bool = False) -> str:
+    if rows_too:
+        return (f"corpus {source}: row {i} is neither a {{\"text\": ...}} row nor a training row{count}: give text rows, "
+                "training rows (instruction/output, messages, prompt/completion) or a .txt file")
     return f"corpus {source}: row {i} has no \"text\" string{count}: give {{\"text\": ...}} rows or a .txt file"
 
 
-def _stream_texts(rows: Iterator[dict], source: str) -> Iterator[str]:
+def _stream_texts(rows: Iterator[dict], source: str, tok=None) -> Iterator[str]:
     for i, r in enumerate(rows):
-        if not is_text_row(r):
-            raise LoramError(no_text(source, i))
-        if r["text"].strip():
-            yield r["text"]
+        t = _text(r, tok)
+        if t is None:
+            raise LoramError(no_text(source, i, rows_too=tok is not None))
+        if t.strip():
+            yield t
 
 
 def chunk_tokens(tok, docs: Iterable[str], seq_len: int, name: str = "corpus",

@@ -75,6 +75,18 @@ def row_kind(row) -> str:
                      SKIP_REASONS["missing_fields"][1])
 
 
+
+def row_text(tok, row) -> str | None:
+    """A row as one text: its ``text``, or a training row (instruction/output, messages, prompt/completion) rendered
+    as `loram train` renders it (chat template, special tokens kept), so what reads text (prune --calib-data's
+    scores, train --anchor's KL) sees the activations training sees. None for a row in no known format."""
+    try:
+        if row_kind(row) == "text":
+            return row["text"]
+        return tok.decode(encode(tok, row)[0])
+    except RowSkipped:
+        return None
+
 def to_messages(row) -> list[dict]:
     kind = row_kind(row)
     if kind == "chat":

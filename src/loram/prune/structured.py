@@ -56,7 +56,9 @@ def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> 
     raw = path.read_text()
     if path.suffix in (".jsonl", ".json"):
         rows = [json.loads(x) for x in raw.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(raw)
-        texts = [t for r in rows if (t := _row_text(tokenizer, r))]
+        from ..data.rows import row_text
+
+        texts = [t for r in rows if (t := row_text(tokenizer, r))]
         if not texts:
             raise LoramError(f"calibration file {path} has no usable rows: use plain text, {{\"text\": ...}} rows, or "
                              "training rows (instruction/output, messages, prompt/completion)")
@@ -69,20 +71,6 @@ def calibration_batches(tokenizer, source: str | None, n: int, seq_len: int) -> 
     desc = {"source": "builtin" if source is None else str(source), "samples": n, "seq_len": seq_len,
             "sha256": hashlib.sha256(raw.encode()).hexdigest()[:16]}
     return [s.unsqueeze(0) for s in seqs], desc
-
-
-def _row_text(tokenizer, row) -> str | None:
-    """A calibration row's text: its ``text``, or a training row (instruction/output, messages,
-    prompt/completion) rendered as `loram train` renders it (chat template, special tokens kept), so the
-    scores see the activations the adapter will be trained on. None for a row in no known format."""
-    from ..data.rows import RowSkipped, encode, row_kind
-
-    try:
-        if row_kind(row) == "text":
-            return row["text"]
-        return tokenizer.decode(encode(tokenizer, row)[0])
-    except RowSkipped:
-        return None
 
 
 def _proj(block, role: str):
