@@ -174,6 +174,23 @@ def test_recipe_refuses_a_workdir_it_cannot_own(capsys, tmp_path, monkeypatch, t
         run_recipe(_recipe(tmp_path, tiny_dir, alpaca_file, workdir), dry_run=True, echo=lambda *a: None)
 
 
+def test_recipe_refuses_a_workdir_holding_its_anchor_or_calibration_rows(tmp_path, tiny_dir, alpaca_file):
+    """train --anchor and recover --calibrate read files too: a workdir around them is refused like one around the data."""
+    from loram.recipe import run_recipe
+
+    w = tmp_path / "w"
+    w.mkdir()
+    general = w / "general.txt"
+    general.write_text("general text the user keeps\n")
+    for extra in (f"train: {{data: [\"{alpaca_file}\"], steps: 1, micro_batch: 2, seq_len: 64, anchor: {general}}}\n",
+                  f"train: {{data: [\"{alpaca_file}\"], steps: 1, micro_batch: 2, seq_len: 64}}\nrecover: {{calibrate: {general}}}\n"):
+        p = tmp_path / "r.yaml"
+        p.write_text(f"base: {tiny_dir}\nworkdir: {w}\nprune: {{method: random, ratio: 0.5}}\n{extra}")
+        with pytest.raises(LoramError, match=f"contains the input {general}"):
+            run_recipe(p, dry_run=True, echo=lambda *a: None)
+    assert general.read_text() == "general text the user keeps\n"
+
+
 # ---- one writer per output ------------------------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys, time

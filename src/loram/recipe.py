@@ -287,7 +287,7 @@ def run_recipe(path: str | Path, dry_run: bool = False, echo=print, overrides: l
 
 
 def recipe_inputs(r: Recipe) -> list[str]:
-    """The local files and folders a recipe reads (base model, data, eval and calibration files)."""
+    """The local files and folders a recipe reads (base model, data, eval, calibration and anchor files)."""
     found = [r.base]
     for s, cfg in r.stages.items():
         if cfg.get("data") is not None:
@@ -295,7 +295,8 @@ def recipe_inputs(r: Recipe) -> list[str]:
         for key in ("eval", "ppl", "mc"):
             if isinstance(cfg.get(key), dict):
                 found += [str(f) for f in cfg[key].values()]
-        found += [str(cfg[k]) for k in ("calib_data", "fewshot_file", "chat_template") if cfg.get(k)]
+        found += [str(cfg[k]) for k in ("calib_data", "fewshot_file", "chat_template", "anchor", "calibrate", "calibrate_general")
+                  if cfg.get(k)]
     return found
 
 
