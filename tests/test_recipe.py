@@ -52,6 +52,7 @@ def test_smollm2_recipe_dry_run(name, tmp_path, alpaca_file, capsys):
     if name == "smollm2-loram-quality.yaml":  # the benchmark's best setting reaches the stage commands
         assert "--allocate global" in out and "--distill" in out and "--original-offset" in out
         assert shipped["prune"]["layers"] == "0:30" and shipped["train"]["lr"] == 3.0e-3
+        assert "--method fisher" in out and "--calib-data" in out and "--anchor" in out  # stop 17's setting
 
 
 def write_recipe(tmp_path, tiny_dir, alpaca_file, steps=3):
