@@ -75,7 +75,6 @@ def row_kind(row) -> str:
                      SKIP_REASONS["missing_fields"][1])
 
 
-
 def row_text(tok, row) -> str | None:
     """A row as one text: its ``text``, or a training row (instruction/output, messages, prompt/completion) rendered
     as `loram train` renders it (chat template, special tokens kept), so what reads text (prune --calib-data's
@@ -86,6 +85,7 @@ def row_text(tok, row) -> str | None:
         return tok.decode(encode(tok, row)[0])
     except RowSkipped:
         return None
+
 
 def to_messages(row) -> list[dict]:
     kind = row_kind(row)
