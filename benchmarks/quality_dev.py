@@ -183,6 +183,25 @@ VARIANTS = {
                                                                     "--anchor-weight 2", "distill:mlpall0.4965gF_task_8x128:1e-4",
                                                                     ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}",
                                                                      "--anchor", "{anchor}", "--anchor-weight", "2"], []),
+    # stop 18: the two OOD levers together (the anchor while training, the general-text bound at recovery): seed 2's test OOD
+    # stayed above the base's with either alone
+    "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_calgen": ("mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor's "
+                                                                        "adapter recovered with --calibrate and --calibrate-general "
+                                                                        "Alpaca rows 600:632", "distill:mlpall0.4965gF_task_8x128:1e-4",
+                                                                        ["--original-offset", "--lr", "3e-3", "--offset-cache",
+                                                                         "{offset_cache}", "--anchor", "{anchor}"],
+                                                                        ["--calibrate", "{calibrate}", "--seq-len", "256",
+                                                                         "--calibrate-general", "{general}"]),
+    # stop 18, 2x: the 1.41x setting's lr (3e-3) and the anchor on the fisher 2x pruning (allg_fisher_task_8x128_..._lr2e-3)
+    "allg_fisher_task_8x128_distilled_offset_lr3e-3_anchor": ("allg_fisher_task_8x128_distilled_offset_lr2e-3 at LoRA lr 3e-3 with "
+                                                              "`--anchor` C4 (weight 1)", "distill:all0.7335gF_task_8x128:1e-4",
+                                                              ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}",
+                                                               "--anchor", "{anchor}"], []),
+    # stop 18, a bound on any LoRAM adapter: full LoRA's own update (lora_rows162) cut to what a plan keeps (its pruned rows /
+    # columns zeroed, as recovery fills them): the share at 1.42x (the fisher plan above) and at 2x (its 2x plan)
+    **{f"lora_rows162_restrict_{k}": (f"lora_rows162's adapter cut to the support of {what} (diagnostic: what an adapter "
+                                      "that learned full LoRA's update exactly could carry over)", None, [], ["restrict", f"pruned_{k}"])
+       for k, what in (("mlpall0.4965gF_task_8x128", "the 1.42x fisher plan"), ("all0.7335gF_task_8x128", "the 2x fisher plan"))},
     # --anchor (loram.anchor): KL to the adapter-off model on general text (C4 excerpt, the alignment corpus; OOD is Alpaca)
     "mlp_distilled_offset_lr5e-3_anchor": ("mlp_distilled_offset_lr5e-3 with `--anchor` C4 (weight 1, one 256-token block per micro-step)",
                                            "distill:mlp0.62:1e-4", ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
@@ -251,12 +270,14 @@ SAME_ADAPTER = {"mlp_distilled_calibrated": "mlp_distilled", "mlp_distilled_cali
                 **{f"{src}_calgen{sfx}": src for src in ("mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr5e-3_anchor")
                    for sfx in ("", "_c4")},
                 "mlpallg_distilled_offset_lr5e-3_anchor_calgen128": "mlpallg_distilled_offset_lr5e-3_anchor",
-                "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_calgen": "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3"}
-DERIVED = ("keep", "transfer", "scale")  # recover extras that derive the served adapter from the plainly recovered one (derive)
+                "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_calgen": "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3",
+                "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_calgen": "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor",
+                **{f"lora_rows162_restrict_{k}": "lora_rows162" for k in ("mlpall0.4965gF_task_8x128", "all0.7335gF_task_8x128")}}
+DERIVED = ("keep", "transfer", "scale", "restrict")  # recover extras that derive the served adapter from the plainly recovered one (derive)
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_w2", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_alpaca", "allg_fisher_task_8x128_distilled_offset_lr2e-3", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
+SUBSET = {"lora_rows162", "allg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_w2", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_alpaca", "allg_fisher_task_8x128_distilled_offset_lr2e-3", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
           "mlpallg_distilled3e-5_offset_lr3e-3", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
           "mlpallg_distilled_offset_lr5e-3_anchor", "allg_distilled_offset_lr2e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
@@ -343,6 +364,8 @@ def derive(work: Path, trained: Path, plain: Path, served: Path, rec_extra: list
     how, arg = rec_extra
     if how == "keep":
         transfer_dev.keep_roles(plain, served, arg.split(","))
+    elif how == "restrict":  # arg: the pruned folder (in WORK) whose plan's support the update is cut to
+        transfer_dev.restrict_to_plan(plain, work / arg, served)
     elif how == "scale":
         transfer_dev.write_copy(plain, served, lora_alpha_factor=float(arg))  # the update B A alpha/r x arg
     else:  # transfer: needs the pruned model the adapter was trained on

@@ -3,10 +3,14 @@
     python benchmarks/transfer_dev.py keep ADAPTER OUT q,k,v,o
     python benchmarks/transfer_dev.py transfer ADAPTER PRUNED OUT DATA [--rows 96] [--lam 0.01]
     python benchmarks/transfer_dev.py norms REFERENCE ADAPTER...
+    python benchmarks/transfer_dev.py restrict ADAPTER PRUNED OUT
     python benchmarks/transfer_dev.py roles ADAPTER DATA GENERAL OUT.json SA,SM [SA,SM ...]
 
 keep      a copy of a recovered adapter with only the updates of the named roles (the other lora_B zeroed):
           which modules carry the gain, and how well each part transfers.
+restrict  a copy of a full-shape adapter with the entries PRUNED's plan removes zeroed (the rows / columns a LoRAM
+          adapter for that plan can only recover as zeros): full LoRA restricted so bounds what any LoRAM
+          adapter on that support could carry over, were it to learn full LoRA's update exactly.
 norms     per role (q ... down), the sum over layers of ||B A||_F of each recovered ADAPTER over REFERENCE's.
 roles     the loss of `recover --calibrate`'s rows (DATA) and `--calibrate-general`'s (GENERAL), 32 each, cut to 256
           tokens, on the original with the attention updates (q,k,v,o) x SA and the MLP updates (gate,up,down) x SM:
@@ -62,6 +66,24 @@ def keep_roles(src: Path, out: Path, roles: list[str]) -> None:
         if "lora_B" in k and not any(f".{r}_proj." in k for r in roles):
             tensors[k] = torch.zeros_like(v)
     write_copy(src, out, tensors)
+
+
+def restrict_to_plan(src: Path, pruned_dir: Path, out: Path) -> None:
+    """``out``: full-shape adapter ``src`` with every entry a pruned model of ``pruned_dir``'s plan could not hold set to 0
+    (its pruned rows / columns): the most of ``src``'s update a LoRAM adapter with that support can carry over."""
+    from loram.families import geometry, parse_name
+    from loram.prune_plan import PrunePlan
+    from loram.recover import recover_tensors
+
+    plan = PrunePlan.load(pruned_dir)
+    config, tensors = plan.base_config(), load_file(src / WEIGHTS)
+    g = geometry(config)
+    sliced = {}
+    for k, t in tensors.items():
+        p = parse_name(k)
+        kept = None if p is None or p.lora is None else plan.kept_along(p, g)
+        sliced[k] = t if kept is None else t.index_select(kept[0], kept[1])
+    write_copy(src, out, recover_tensors(sliced, plan, config))
 
 
 def update_norms(folder: Path) -> dict[str, float]:
@@ -182,6 +204,10 @@ def main() -> None:
     t.add_argument("data")
     t.add_argument("--rows", type=int, default=96)
     t.add_argument("--lam", type=float, default=0.01)
+    x = sub.add_parser("restrict")
+    x.add_argument("adapter", type=Path)
+    x.add_argument("pruned", type=Path)
+    x.add_argument("out", type=Path)
     n = sub.add_parser("norms")
     n.add_argument("reference", type=Path)
     n.add_argument("adapters", type=Path, nargs="+")
@@ -198,6 +224,8 @@ def main() -> None:
             print(key, json.dumps(v))
     elif a.cmd == "keep":
         keep_roles(a.adapter, a.out, a.roles.split(","))
+    elif a.cmd == "restrict":
+        restrict_to_plan(a.adapter, a.pruned, a.out)
     elif a.cmd == "norms":
         ref = update_norms(a.reference)
         for folder in a.adapters:
