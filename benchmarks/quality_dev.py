@@ -197,6 +197,17 @@ VARIANTS = {
                                                               "`--anchor` C4 (weight 1)", "distill:all0.7335gF_task_8x128:1e-4",
                                                               ["--original-offset", "--lr", "3e-3", "--offset-cache", "{offset_cache}",
                                                                "--anchor", "{anchor}"], []),
+    # stop 18, after the bound below (the 2x support holds 84 % of full LoRA's gain: the learning is what falls short): a
+    # larger lr with the anchor, and the original's top-256 for the offset (at 2x the pruned model is far from the
+    # original, so the part of the offset top-32 leaves out is larger than at 1.42x, where top-256 changed nothing)
+    "allg_fisher_task_8x128_distilled_offset_lr5e-3_anchor": ("allg_fisher_task_8x128_distilled_offset_lr3e-3_anchor at LoRA lr 5e-3",
+                                                              "distill:all0.7335gF_task_8x128:1e-4",
+                                                              ["--original-offset", "--lr", "5e-3", "--offset-cache", "{offset_cache}",
+                                                               "--anchor", "{anchor}"], []),
+    "allg_fisher_task_8x128_distilled_offset_lr2e-3_topk256": ("allg_fisher_task_8x128_distilled_offset_lr2e-3 with --offset-top-k 256",
+                                                               "distill:all0.7335gF_task_8x128:1e-4",
+                                                               ["--original-offset", "--lr", "2e-3", "--offset-top-k", "256",
+                                                                "--offset-cache", "{offset_cache}-k256"], []),
     # stop 18, a bound on any LoRAM adapter: full LoRA's own update (lora_rows162) cut to what a plan keeps (its pruned rows /
     # columns zeroed, as recovery fills them): the share at 1.42x (the fisher plan above) and at 2x (its 2x plan)
     **{f"lora_rows162_restrict_{k}": (f"lora_rows162's adapter cut to the support of {what} (diagnostic: what an adapter "
@@ -277,7 +288,7 @@ DERIVED = ("keep", "transfer", "scale", "restrict")  # recover extras that deriv
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "allg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_w2", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_alpaca", "allg_fisher_task_8x128_distilled_offset_lr2e-3", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
+SUBSET = {"lora_rows162", "allg_fisher_task_8x128_distilled_offset_lr5e-3_anchor", "allg_fisher_task_8x128_distilled_offset_lr2e-3_topk256", "allg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_w2", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_alpaca", "allg_fisher_task_8x128_distilled_offset_lr2e-3", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
           "mlpallg_distilled3e-5_offset_lr3e-3", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
           "mlpallg_distilled_offset_lr5e-3_anchor", "allg_distilled_offset_lr2e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",
