@@ -12,7 +12,9 @@ replacement (a paired bootstrap: the same resampled rows for both models, 10 000
     ratio - 1 = exp((sum loglik_base - sum loglik_model) / sum tokens) - 1  over the resampled rows
 
 Reported per row of quality_smollm2.py: the point value, its 95 % interval, and the share of draws above 0 (the
-model worse than the base). Scores are cached in WORK/rowscores_*.json. Writes benchmarks/results/ood_noise.{json,md}.
+model worse than the base). With --more, also on Alpaca rows 100:500, which no test, dev, --calibrate-general or
+--anchor set reads (not a test set of the goals: a check of whether a test-set difference holds on other rows of the
+same kind). Scores are cached in WORK/rowscores_*.json. Writes benchmarks/results/ood_noise.{json,md}.
 """
 
 from __future__ import annotations
@@ -34,19 +36,20 @@ DRAWS, SEQ_LEN, LIMIT = 10_000, 256, 100
 
 
 def row_scores(work: Path, name: str, adapter: str | None, sets: dict[str, str]) -> dict:
-    """{set: [[loglik, tokens], ...]} of one model, one pair per scored row (cached)."""
+    """{set: [[loglik, tokens], ...]} of one model, one pair per scored row (cached; a set added later is scored alone)."""
     out = work / f"rowscores_{name}.json"
-    if out.exists():
-        return json.loads(out.read_text())
+    res = json.loads(out.read_text()) if out.exists() else {}
+    todo = {k: v for k, v in sets.items() if k not in res}
+    if not todo:
+        return res
     from loram.data.sources import read_rows
     from loram.eval import load_for_eval
     from loram.eval.ppl import instruction_sequences, pad_id
     from loram.eval.scoring import score_sequences
 
     model, tok = load_for_eval("smollm2", adapter)
-    res = {}
-    for key, path in sets.items():
-        seqs, _ = instruction_sequences(tok, read_rows(path, LIMIT), SEQ_LEN)
+    for key, path in todo.items():
+        seqs, _ = instruction_sequences(tok, read_rows(path, None if key == "alpaca_more" else LIMIT), SEQ_LEN)
         res[key] = [[s.loglik, s.tokens] for s in score_sequences(model, seqs, 8, pad_id(tok))]
     out.write_text(json.dumps(res))
     return res
@@ -85,10 +88,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, help="quality_smollm2.py's --work (the rows' recovered adapters)")
     ap.add_argument("--rows", required=True, help="quality_smollm2.py rows, comma-separated")
+    ap.add_argument("--more", action="store_true", help="also Alpaca rows 100:500 (alpaca_more): general instructions no other "
+                    "set of the quality benchmarks reads, to see whether a difference on the 100 test rows holds on 400 others")
     a = ap.parse_args()
     work, t0 = Path(a.work).resolve(), time.time()
     data = q.prepare_data(work)
     sets = {"alpaca_ood": data["ppl"]["alpaca_ood"], "in_domain": data["ppl"]["in_domain"]}
+    if a.more:  # Alpaca rows no test, dev, --calibrate-general or --anchor set reads: 4x the OOD test set's rows
+        more = work / "data" / "alpaca_100_500.jsonl"
+        if not more.exists():
+            more.write_text("".join(json.dumps(r) + "\n" for r in json.loads((q.DATA / "instruct/alpaca_en_demo.json").read_text())[100:500]))
+        sets["alpaca_more"] = str(more)
     base = row_scores(work, "base", None, sets)
     res = {"rows": {}}
     for row in a.rows.split(","):
