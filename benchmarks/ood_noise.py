@@ -35,8 +35,9 @@ import quality_smollm2 as q  # noqa: E402
 DRAWS, SEQ_LEN, LIMIT = 10_000, 256, 100
 
 
-def row_scores(work: Path, name: str, adapter: str | None, sets: dict[str, str]) -> dict:
-    """{set: [[loglik, tokens], ...]} of one model, one pair per scored row (cached; a set added later is scored alone)."""
+def row_scores(work: Path, name: str, adapter: str | None, sets: dict[str, tuple[str, int | None]]) -> dict:
+    """{set: [[loglik, tokens], ...]} of one model, one pair per scored row of each set's (file, row limit) (cached; a
+    set added later is scored alone)."""
     out = work / f"rowscores_{name}.json"
     res = json.loads(out.read_text()) if out.exists() else {}
     todo = {k: v for k, v in sets.items() if k not in res}
@@ -48,8 +49,8 @@ def row_scores(work: Path, name: str, adapter: str | None, sets: dict[str, str])
     from loram.eval.scoring import score_sequences
 
     model, tok = load_for_eval("smollm2", adapter)
-    for key, path in todo.items():
-        seqs, _ = instruction_sequences(tok, read_rows(path, None if key == "alpaca_more" else LIMIT), SEQ_LEN)
+    for key, (path, limit) in todo.items():
+        seqs, _ = instruction_sequences(tok, read_rows(path, limit), SEQ_LEN)
         res[key] = [[s.loglik, s.tokens] for s in score_sequences(model, seqs, 8, pad_id(tok))]
     out.write_text(json.dumps(res))
     return res
@@ -72,9 +73,9 @@ def paired(base: list, model: list, draws: int = DRAWS, seed: int = 0) -> dict:
     return {"point": point, "ci95": [lo, hi], "p_worse": float((r > 0).double().mean()), "rows": len(diff)}
 
 
-def table(res: dict, command: str) -> str:
+def table(res: dict) -> str:
     lines = ["# Is an OOD difference of a few tenths of a percent real? (paired bootstrap over the test rows)", "",
-             f"Command: `{command}` ({res['hardware']}; torch {res['versions']['torch']}, transformers "
+             f"Command: `{res['command']}` ({res['hardware']}; torch {res['versions']['torch']}, transformers "
              f"{res['versions']['transformers']}; {res['seconds']:.0f} s){'; ' + res['notes'] if res.get('notes') else ''}. {DRAWS} resamples of the rows (seed 0); the same "
              "rows for the model and the base in each draw.", "",
              "| row | set | vs base (point) | 95 % interval | share of draws worse than the base |", "|---|---|---|---|---|"]
@@ -93,12 +94,13 @@ def main() -> int:
     a = ap.parse_args()
     work, t0 = Path(a.work).resolve(), time.time()
     data = q.prepare_data(work)
-    sets = {"alpaca_ood": data["ppl"]["alpaca_ood"], "in_domain": data["ppl"]["in_domain"]}
+    # the test sets as quality_smollm2.py evaluates them (`loram eval --limit 100`)
+    sets = {"alpaca_ood": (data["ppl"]["alpaca_ood"], LIMIT), "in_domain": (data["ppl"]["in_domain"], LIMIT)}
     if a.more:  # Alpaca rows no test, dev, --calibrate-general or --anchor set reads: 4x the OOD test set's rows
         more = work / "data" / "alpaca_100_500.jsonl"
         if not more.exists():
             more.write_text("".join(json.dumps(r) + "\n" for r in json.loads((q.DATA / "instruct/alpaca_en_demo.json").read_text())[100:500]))
-        sets["alpaca_more"] = str(more)
+        sets["alpaca_more"] = (str(more), None)
     base = row_scores(work, "base", None, sets)
     res = {"rows": {}}
     for row in a.rows.split(","):
@@ -116,7 +118,7 @@ def main() -> int:
             "hardware": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     (q.RESULTS / "ood_noise.json").write_text(json.dumps(res, indent=2) + "\n")
-    (q.RESULTS / "ood_noise.md").write_text(table(res, res["command"]))
+    (q.RESULTS / "ood_noise.md").write_text(table(res))
     return 0
 
 

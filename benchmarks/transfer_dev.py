@@ -71,19 +71,14 @@ def keep_roles(src: Path, out: Path, roles: list[str]) -> None:
 def restrict_to_plan(src: Path, pruned_dir: Path, out: Path) -> None:
     """``out``: full-shape adapter ``src`` with every entry a pruned model of ``pruned_dir``'s plan could not hold set to 0
     (its pruned rows / columns): the most of ``src``'s update a LoRAM adapter with that support can carry over."""
-    from loram.families import geometry, parse_name
     from loram.prune_plan import PrunePlan
     from loram.recover import recover_tensors
+    from loram.testing import prune_tensors
 
     plan = PrunePlan.load(pruned_dir)
-    config, tensors = plan.base_config(), load_file(src / WEIGHTS)
-    g = geometry(config)
-    sliced = {}
-    for k, t in tensors.items():
-        p = parse_name(k)
-        kept = None if p is None or p.lora is None else plan.kept_along(p, g)
-        sliced[k] = t if kept is None else t.index_select(kept[0], kept[1])
-    write_copy(src, out, recover_tensors(sliced, plan, config))
+    config = plan.base_config()
+    # prune then recover: the kept coordinates as they are, zeros elsewhere (recovery's own scatter)
+    write_copy(src, out, recover_tensors(prune_tensors(load_file(src / WEIGHTS), plan, config), plan, config))
 
 
 def update_norms(folder: Path) -> dict[str, float]:
