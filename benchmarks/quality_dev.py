@@ -208,6 +208,24 @@ VARIANTS = {
                                                                "distill:all0.7335gF_task_8x128:1e-4",
                                                                ["--original-offset", "--lr", "2e-3", "--offset-top-k", "256",
                                                                 "--offset-cache", "{offset_cache}-k256"], []),
+    # stop 19, 2x: the offset after every decoder layer (`--offset-at layers`, loram.layer_offset) on the fisher 2x pruning, NOT
+    # aligned (with the corrections the pruned model computes the original's activations at step 0: nothing to align)
+    **{f"allg_fisher_task_8x128_layeroffset_lr{lr}": (f"the 2x fisher plan, not aligned, `--original-offset --offset-at layers`, "
+                                                      f"LoRA lr {lr}", "all0.7335gF_task_8x128",
+                                                      ["--original-offset", "--offset-at", "layers", "--lr", lr], [])
+       for lr in ("1e-3", "2e-3")},
+    # ... and on the 1.42x fisher plan (mlpallg_fisher_task_8x128_*: stop 17's setting is distill-aligned + the logit offset)
+    **{f"mlpallg_fisher_task_8x128_layeroffset_lr{lr}{a}": (f"the 1.42x fisher plan, not aligned, `--original-offset --offset-at "
+                                                            f"layers`, LoRA lr {lr}{' with `--anchor` C4' if a else ''}",
+                                                            "mlpall0.4965gF_task_8x128",
+                                                            ["--original-offset", "--offset-at", "layers", "--lr", lr,
+                                                             *(["--anchor", "{anchor}"] if a else [])], [])
+       for lr in ("1e-3", "2e-3") for a in ("", "_anchor")},
+    **{f"allg_fisher_task_8x128_layeroffset_lr{lr}_anchor": (f"allg_fisher_task_8x128_layeroffset_lr{lr} with `--anchor` C4 (weight 1)",
+                                                             "all0.7335gF_task_8x128",
+                                                             ["--original-offset", "--offset-at", "layers", "--lr", lr, "--anchor",
+                                                              "{anchor}"], [])
+       for lr in ("1e-3", "2e-3")},
     # stop 18, a bound on any LoRAM adapter: full LoRA's own update (lora_rows162) cut to what a plan keeps (its pruned rows /
     # columns zeroed, as recovery fills them): the share at 1.42x (the fisher plan above) and at 2x (its 2x plan)
     **{f"lora_rows162_restrict_{k}": (f"lora_rows162's adapter cut to the support of {what} (diagnostic: what an adapter "
@@ -288,7 +306,7 @@ DERIVED = ("keep", "transfer", "scale", "restrict")  # recover extras that deriv
 SAME_ADAPTER_SUBSET = [k for k, v in SAME_ADAPTER.items() if v.startswith(("lora_rows162", "mlp_distilled_offset", "mlpallg_"))]
 ANCHOR = f"{q.DATA}/corpus/c4_demo.jsonl"  # --anchor's general text
 SUBSET_ROWS = 54  # per source, for the variants below (162 rows: the run's 40 x 4 = 160 draws nearly all of them)
-SUBSET = {"lora_rows162", "allg_fisher_task_8x128_distilled_offset_lr5e-3_anchor", "allg_fisher_task_8x128_distilled_offset_lr2e-3_topk256", "allg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_w2", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_alpaca", "allg_fisher_task_8x128_distilled_offset_lr2e-3", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
+SUBSET = {"lora_rows162", *(f"mlpallg_fisher_task_8x128_layeroffset_lr{lr}{a}" for lr in ("1e-3", "2e-3") for a in ("", "_anchor")), "allg_fisher_task_8x128_layeroffset_lr1e-3_anchor", "allg_fisher_task_8x128_layeroffset_lr2e-3_anchor", "allg_fisher_task_8x128_layeroffset_lr1e-3", "allg_fisher_task_8x128_layeroffset_lr2e-3", "allg_fisher_task_8x128_distilled_offset_lr5e-3_anchor", "allg_fisher_task_8x128_distilled_offset_lr2e-3_topk256", "allg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_w2", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3_anchor_alpaca", "allg_fisher_task_8x128_distilled_offset_lr2e-3", "mlpallg_fisher_distilled_offset_lr3e-3", "mlpallg_fisher_task_8x128_distilled_offset_lr3e-3", "mlpallg_task_8x128_distilled_offset_lr3e-3", "mlpallg_c4_8x128_distilled_offset_lr3e-3", "mlpallg_task_distilled_offset_lr3e-3", "mlpallg_c4_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_topk256", "mlpallg_distilled_offset_lr3e-3_drop0.2",
           "mlpallg_distilled3e-5_offset_lr3e-3", "mlpg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3", "mlpallg_distilled_offset_lr3e-3_anchor",
           "mlpallg_distilled_offset_lr5e-3_anchor", "allg_distilled_offset_lr2e-3", "mlpall_distilled_offset_lr3e-3", "lora_rows162_lr2e-3", "mlp_only_rows162", "mlp_only_offset", "mlp_only_offset_lr2e-3",
           "mlp_only_offset_calibrated", "mlp_distilled_rows162", "mlp_distilled_offset", "mlp_distilled_offset_lr2e-3",

@@ -50,6 +50,7 @@ ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", 
 # `train --anchor` on general instructions (issue 18, stop 17): Alpaca rows 728:999, which no OOD dev / test row and no
 # --calibrate-general row reads; --anchor renders them as `loram train` renders rows
 ANCHOR_ALPACA = f"{DATA}/instruct/alpaca_en_demo.json[728:]"
+LAYER_OFFSET_LR_142 = "2e-3"  # the 1.42x layer-offset rows' LoRA lr (quality_dev.py mlpallg_fisher_task_8x128_layeroffset_*)
 
 
 def _mlpallg_row(lr: str, sfx: str, anchor: bool | str, pruned: str = "stru_mlpallg", anchor_weight: str | None = None) -> tuple:
@@ -153,6 +154,20 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
     # the dev split (quality_dev.py *_anchor_w2: 75.2 % at -0.35 % against weight 1's 75.7 % at -0.15 %)
     **{f"offset_anchor_w2_distilled_mlpallg_fisher_task_lr3e-3{sfx}": _mlpallg_row("3e-3", sfx, True, "stru_mlpallg_fisher_task", "2")
        for sfx in ("", "_seed1", "_seed2")},
+    # stop 19, chosen on the dev split (quality_dev.py *_layeroffset_*): `train --original-offset --offset-at layers` (every decoder
+    # layer corrected to the original's output on the original's input), NOT aligned, `--anchor` C4, on the fisher prunings at 2x
+    # (1 of 3 KV groups and MLP channels over all layers; the dev prune's command on the same rows) and at 1.42x (MLP only)
+    "stru_allg_fisher_task": ("LoRAM-Stru 2x, all layers, global allocation, Fisher scores on the training rows",
+                              ["--method", "fisher", "--ratio", "0.7335", "--attn-ratio", "0.34", "--layers", "0:30", "--allocate", "global",
+                               "--calib-data", "{work}/data/calib_task.jsonl"], [], True),
+    **{f"layeroffset_anchor_{p}_fisher_task_lr{lr}{sfx}": (
+        f"LoRAM-Stru {what}, Fisher scores on the training rows, not aligned, trained through the original after every layer "
+        f"(--offset-at layers), anchored, LoRA lr {lr}{', seed ' + sfx[-1] if sfx else ''}", f"stru_{p}_fisher_task",
+        ["--original-offset", "--offset-at", "layers", "--lr", lr, "--anchor", f"{DATA}/corpus/c4_demo.jsonl",
+         *(["--seed", sfx[-1]] if sfx else [])], True)
+       for p, what, lr in (("allg", "2x, all layers, global allocation", "1e-3"),
+                           ("mlpallg", "MLP-only, all layers, global allocation", LAYER_OFFSET_LR_142))
+       for sfx in ("", "_seed1", "_seed2")},
     "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
     "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
     "semi": ("LoRAM-Semi (SparseGPT 2:4)", ["--method", "sparsegpt", "--sparsity", "2:4"], [], False),
@@ -169,7 +184,8 @@ ORDER = ["base", "lora", "rand", "stru", "aligned", "qloram", "semi", "unst", "s
          "offset_distilled_mlpallg_lr3e-3_seed2_calgen", "offset_distilled_mlpallg_lr3e-3_calgen128",
          "offset_distilled_mlpallg_lr3e-3_seed1_calgen128", "offset_distilled_mlpallg_lr3e-3_seed2_calgen128",
          *(f"offset_distilled_mlpallg_fisher_task_lr3e-3{sfx}{c}" for c in ("", "_calgen") for sfx in ("", "_seed1", "_seed2")),
-         *(f"offset_anchor{w}_distilled_mlpallg_fisher_task_lr3e-3{sfx}" for w in ("", "_w2") for sfx in ("", "_seed1", "_seed2"))]
+         *(f"offset_anchor{w}_distilled_mlpallg_fisher_task_lr3e-3{sfx}" for w in ("", "_w2") for sfx in ("", "_seed1", "_seed2")),
+         *(k for k in ROWS if k.startswith("layeroffset_"))]
 # rows that recover another row's adapter with `loram recover` flags: row -> (the row whose adapter, flags); {calibrate},
 # {general}: prepare_data's calibration rows (quality_dev.py's; disjoint from every training, dev and test row)
 RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_mlpallg_lr3e-3{sfx}",
@@ -184,7 +200,8 @@ RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_m
                                                                   "{general}"])
     for sfx in ("", "_seed1", "_seed2")}
 # the rows on the global all-layer prunings (ROWS order: the tables list them so)
-GLOBAL = [k for k, v in ROWS.items() if v[1] in ("stru_mlpallg", "stru_mlpallg_fisher_task")]
+GLOBAL = [k for k, v in ROWS.items() if v[1] in ("stru_mlpallg", "stru_mlpallg_fisher_task") and not k.startswith("layeroffset_")]
+# ^ the distill-aligned rows on those prunings; the layer-offset rows train on the pruned model as pruned
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
            "offset_distilled_mlp_lr2e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3": "stru_mlp",

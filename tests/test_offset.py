@@ -3,7 +3,6 @@ exact with k = vocab, at the start of training the combined distribution is the 
 the original's own loss on the run's rows), the original is gone before training starts, its cache is reused,
 and wrong requests fail before anything loads."""
 
-import gc
 import json
 
 import pytest
@@ -15,6 +14,7 @@ from loram.configs import TrainConfig
 from loram.errors import LoramError
 from loram.loss import TEACHER_KEYS, chunked_causal_lm_loss, chunked_offset_loss, offset_log_probs
 from loram.prune_plan import PrunePlan
+from loram.testing import teacher_watch
 from loram.train import train
 from test_align import make_sparse, pruned_dir  # noqa: F401  (fixtures shared with the align tests)
 
@@ -110,17 +110,9 @@ def test_first_loss_is_the_originals_own_loss(tiny_dir, pruned_dir, tmp_path):
 
 
 def test_train_end_to_end_without_the_original_in_memory(tiny_dir, pruned_dir, tmp_path, monkeypatch):
-    from transformers import TrainerCallback
-
-    seen = []
-
-    class NoOriginal(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            gc.collect()
-            seen.append(len(distill.LIVE))
-
+    watch, seen = teacher_watch()
     data = rows_file(tmp_path)
-    r = train(pruned_dir, tmp_path / "ad", ocfg(data, steps=4, offset_cache=str(tmp_path / "c")), callbacks=[NoOriginal()])
+    r = train(pruned_dir, tmp_path / "ad", ocfg(data, steps=4, offset_cache=str(tmp_path / "c")), callbacks=[watch])
     assert r.steps == 4 and seen == [0] * 4 and all(torch.isfinite(torch.tensor(x["loss"])) for x in r.losses)
     meta = json.loads((tmp_path / "ad" / "loram_adapter.json").read_text())
     rec = meta["original_offset"]

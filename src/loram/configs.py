@@ -74,6 +74,7 @@ class TrainConfig(RunConfig):
     teacher: str | None = None  # default: the plan's base model
     offset_top_k: int = 32
     offset_cache: str | None = None  # default: CHECKPOINT_DIR/teacher-topk
+    offset_at: str = "logits"  # logits (loram.offset) or layers (loram.layer_offset: after every decoder layer)
     max_memory: float | None = None  # the original's pass's memory budget (streams it when it does not fit)
     # --anchor: KL to the adapter-off model on general text blocks (loram.anchor)
     anchor: str | None = None

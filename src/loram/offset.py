@@ -74,7 +74,7 @@ class OffsetLoss:
 def check_request(cfg, plan, model) -> distill.Teacher | None:
     """Refuse a wrong --original-offset request from configs and headers alone, before anything is loaded."""
     if not cfg.original_offset:
-        refuse_without(cfg, ("teacher", "offset_top_k", "offset_cache"), "--original-offset", "--original-offset")
+        refuse_without(cfg, ("teacher", "offset_top_k", "offset_cache", "offset_at"), "--original-offset", "--original-offset")
         return None
     if plan is None or plan.kind == "sparse":
         raise LoramError(f"--original-offset needs a structurally pruned model folder (from `loram prune`); {model} is "
@@ -84,6 +84,8 @@ def check_request(cfg, plan, model) -> distill.Teacher | None:
         raise LoramError("--original-offset runs the original's pass in one process: run it without torchrun / accelerate launch")
     if cfg.packing:
         raise LoramError("--original-offset scores rows one by one, not packed: drop --packing")
+    if cfg.offset_at == "layers" and cfg.offset_top_k != 32:
+        raise LoramError("--offset-top-k sets the logit offset's top-k; --offset-at layers needs none: drop --offset-top-k")
     if "lm_head" in cfg.targets:
         raise LoramError("--original-offset needs lm_head without an adapter (the pruned base's logits): drop lm_head "
                          "from --targets")

@@ -283,6 +283,10 @@ TRAIN_KNOBS = {
     "offset_cache": Knob(None, metavar="DIR", outcome=False,
                          help="--original-offset: folder of the original's cached top-k (default CHECKPOINT_DIR/teacher-topk); "
                               "reused when it holds the same original, examples and K"),
+    "offset_at": Knob("logits", choices=("logits", "layers"),
+                      help="--original-offset: where the pruned model is moved to the original: at its output (logits: "
+                           "the original's top-k, default) or after every decoder layer (layers: the update then reads the "
+                           "original's activations; the original's per-layer corrections computed once, L x d per token)"),
     "max_memory": Knob(None, check=POSITIVE, metavar="GB", outcome=False,
                        help="--original-offset: memory budget of the original's pass (default: what the cgroup's limit "
                             "leaves, else MemAvailable); an original whose in-memory pass does not fit is read layer by layer"),

@@ -211,3 +211,22 @@ def hub_cache(cache: str | Path, repo_id: str, folder: str | Path, commit: str =
     snapshot = repo / "snapshots" / commit
     shutil.copytree(folder, snapshot, ignore=shutil.ignore_patterns(".*"))  # loram's markers and locks start with a dot
     return snapshot
+
+
+def teacher_watch():
+    """(callback, counts): a TrainerCallback that records, at the start of every step, how many teacher / original
+    models are still alive (loram.distill.LIVE, after a gc): the tests' check that the original is gone before training."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    from .distill import LIVE
+
+    counts: list[int] = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            gc.collect()
+            counts.append(len(LIVE))
+
+    return Watch(), counts

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import anchor as anchors
-from . import distill, offset
+from . import distill, layer_offset, offset
 from .adapter import ADAPTER_META, STAGE_PRUNED, warn_lm_head_serving, write_adapter
 from .configs import DEFAULT_TARGETS, TARGET_MODULES, TrainConfig  # noqa: F401  (the LoRA stage's names)
 from .data import build_dataset, eval_sets, read_chat_template, skip_summary
@@ -106,7 +106,11 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
             if skipped["total"] or skipped.get("truncated"):
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
     soft = offset_record = None
-    if teacher is not None:  # the original's pass (or its cache) before the student loads: never both in memory
+    by_layer = teacher is not None and cfg.offset_at == "layers"
+    if by_layer:  # loram.layer_offset: the corrections need the student's layers, computed once it is loaded
+        examples = offset.run_examples(dataset.examples, cfg)
+        collator = layer_offset.collate(tok.pad_token_id)
+    elif teacher is not None:  # the original's pass (or its cache) before the student loads: never both in memory
         cache_dir = distill.cache_folder(cfg.offset_cache, ckpt, resume, overwrite)
         examples = offset.run_examples(dataset.examples, cfg)
         dataset, collator, soft, offset_record = offset.prepare(teacher, examples, cfg, tok.pad_token_id, cache_dir, device)
@@ -119,7 +123,13 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    if by_layer:  # the original's pass (or its cache) against the student's layers, the original released after it
+        cache_dir = distill.cache_folder(cfg.offset_cache, ckpt, resume, overwrite)
+        dataset, offset_record = layer_offset.prepare(teacher, model, layer_offset.student_id(source, cfg.quantize), examples,
+                                                      cache_dir, device, dtype, cfg.max_memory)
     pm = get_peft_model(model, lora_config(cfg))
+    if by_layer:
+        layer_offset.attach(pm)
     trainable, frozen = param_counts(pm)
     r = fit(pm, dataset, collator, cfg, ckpt, resume, overwrite, evals, tok.pad_token_id, callbacks, settings, soft, anchor)
     report = TrainReport(str(out), r.steps, r.wall_s, r.tokens, r.tokens / max(r.wall_s, 1e-9), r.peak_rss_gb, r.peak_cuda_gb,
