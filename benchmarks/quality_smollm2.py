@@ -50,7 +50,6 @@ ALIGN = ["--steps", str(ALIGN_STEPS), "--seq-len", "128", "--micro-batch", "1", 
 # `train --anchor` on general instructions (issue 18, stop 17): Alpaca rows 728:999, which no OOD dev / test row and no
 # --calibrate-general row reads; --anchor renders them as `loram train` renders rows
 ANCHOR_ALPACA = f"{DATA}/instruct/alpaca_en_demo.json[728:]"
-LAYER_OFFSET_LR_142 = "2e-3"  # the 1.42x layer-offset rows' LoRA lr (quality_dev.py mlpallg_fisher_task_8x128_layeroffset_*)
 
 
 def _mlpallg_row(lr: str, sfx: str, anchor: bool | str, pruned: str = "stru_mlpallg", anchor_weight: str | None = None) -> tuple:
@@ -166,7 +165,7 @@ ROWS = {  # name: (label, prune args or None, train extra, structured?)
         ["--original-offset", "--offset-at", "layers", "--lr", lr, "--anchor", f"{DATA}/corpus/c4_demo.jsonl",
          *(["--seed", sfx[-1]] if sfx else [])], True)
        for p, what, lr in (("allg", "2x, all layers, global allocation", "1e-3"),
-                           ("mlpallg", "MLP-only, all layers, global allocation", LAYER_OFFSET_LR_142))
+                           ("mlpallg", "MLP-only, all layers, global allocation", "2e-3"))
        for sfx in ("", "_seed1", "_seed2")},
     "lora_seed1": ("full LoRA, seed 1", None, ["--seed", "1"], False),
     "lora_seed2": ("full LoRA, seed 2", None, ["--seed", "2"], False),
@@ -200,8 +199,8 @@ RECOVER = {f"offset_distilled_mlpallg_lr3e-3{sfx}_calgen": (f"offset_distilled_m
                                                                   "{general}"])
     for sfx in ("", "_seed1", "_seed2")}
 # the rows on the global all-layer prunings (ROWS order: the tables list them so)
-GLOBAL = [k for k, v in ROWS.items() if v[1] in ("stru_mlpallg", "stru_mlpallg_fisher_task") and not k.startswith("layeroffset_")]
-# ^ the distill-aligned rows on those prunings; the layer-offset rows train on the pruned model as pruned
+# (the distill-aligned ones, named so: the layer-offset rows on the same pruning train on it as pruned)
+GLOBAL = [k for k, v in ROWS.items() if v[1] in ("stru_mlpallg", "stru_mlpallg_fisher_task") and "_distilled_" in k]
 ALIGNED = {"aligned": "stru", "aligned85": "stru0.85", "aligned_mlp": "stru_mlp",  # row: the pruned model it aligns
            "distilled_mlp": "stru_mlp", "distilled85": "stru0.85", "offset_distilled_mlp": "stru_mlp", "offset_distilled85_lr2e-3": "stru0.85",
            "offset_distilled_mlp_lr2e-3": "stru_mlp", "offset_distilled_mlp_lr3e-3": "stru_mlp",

@@ -170,17 +170,18 @@ def teacher_blocks(blocks: list, cfg) -> list:
     return blocks if need is None else blocks[:need]
 
 
+def hash_rows(h, rows: list) -> None:
+    """Add the token ids of (ids, labels) rows to hash ``h``: what a teacher cache's key says about its inputs."""
+    for ids, _ in rows:
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+
+
 def cache_key(teacher: Teacher, blocks: list, cfg, evals: dict | None = None) -> str:
     h = hashlib.sha256(f"{FORMAT}|{teacher.fingerprint['id']}|k={cfg.distill_top_k}|T={cfg.distill_temperature!r}".encode())
-
-    def add(part):
-        for ids, _ in part:
-            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-
-    add(blocks)
+    hash_rows(h, blocks)
     for name, part in (evals or {}).items():  # nothing added without --eval: older caches keep their key
         h.update(f"|eval {name}={len(part)}|".encode())
-        add(part)
+        hash_rows(h, part)
     return h.hexdigest()[:32]
 
 
@@ -232,14 +233,20 @@ class Cache:
 
 def open_cache(folder: Path, key: str) -> Cache | None:
     """The cache in ``folder`` when it holds ``key`` (and reads back), else None (absent, stale or damaged: recomputed)."""
+    return open_keyed(folder, MANIFEST, FORMAT, key, Cache)
+
+
+def open_keyed(folder: Path, manifest: str, fmt: str, key: str, cls):
+    """``cls(folder, manifest)`` of a cache folder whose manifest file has format ``fmt`` and ``key``, else None: absent,
+    stale or damaged (a cache that does not read back is recomputed, never an error). Shared by every teacher cache."""
     from .io import read_json
 
     try:
-        m = read_json(folder / MANIFEST)
-        if m.get("format") != FORMAT or m.get("key") != key:
+        m = read_json(folder / manifest)
+        if m.get("format") != fmt or m.get("key") != key:
             return None
-        return Cache(folder, m)
-    except (LoramError, OSError, KeyError, TypeError, AttributeError):
+        return cls(folder, m)
+    except (LoramError, OSError, KeyError, TypeError, AttributeError, ValueError):
         return None
 
 
@@ -255,15 +262,23 @@ def _topk_rows(head, hidden: torch.Tensor, k: int, temperature: float, vocab: in
     return tuple(torch.cat([o[j] for o in out]) for j in range(3))
 
 
-def _in_memory(name: str, teacher: Teacher, blocks: list, batch: int, device):
-    """(block index, hidden states after the final norm, lm_head) per block, the teacher loaded whole."""
+def load_teacher(teacher: Teacher, dtype, device, name: str | None = None):
+    """The teacher (``name``, default its own) loaded whole in eval mode, tracked in LIVE, and checked against the plan's
+    fingerprint once loaded when its headers could not be (GGUF, hub)."""
     from .fingerprint import fingerprint_model
     from .loading import load_model
 
-    model = load_model(name, dtype=torch.float32).to(device).eval()
+    name = name or teacher.name
+    model = load_model(name, dtype=dtype).to(device).eval()
     LIVE.add(model)
     if not teacher.checked:
         check_teacher(name, teacher.fingerprint, fingerprint_model(model))
+    return model
+
+
+def _in_memory(name: str, teacher: Teacher, blocks: list, batch: int, device):
+    """(block index, hidden states after the final norm, lm_head) per block, the teacher loaded whole."""
+    model = load_teacher(teacher, torch.float32, device, name)
     with torch.no_grad(), hidden_states_as_logits(model) as head:
         for s in range(0, len(blocks), batch):
             ids = torch.tensor([b[0] for b in blocks[s:s + batch]], device=device)

@@ -51,8 +51,7 @@ MANIFEST = "layer_offset_cache.json"
 
 def cache_key(teacher, student_id: str, examples: list, dtype) -> str:
     h = hashlib.sha256(f"{FORMAT}|{teacher.fingerprint['id']}|{student_id}|{dtype}".encode())
-    for ids, _ in examples:
-        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    distill.hash_rows(h, examples)
     return h.hexdigest()[:32]
 
 
@@ -80,14 +79,7 @@ def _original(teacher, examples: list, device, dtype, max_memory):
         ls = LayerStream(weights, config, dtype=dtype, device=device, head=False)
         distill.LIVE.add(ls.model)
         return ls.inputs(batches), ls.layers(), True
-    from .distill import check_teacher
-    from .fingerprint import fingerprint_model
-    from .loading import load_model
-
-    model = load_model(teacher.name, dtype=dtype).to(device).eval()
-    distill.LIVE.add(model)
-    if not teacher.checked:
-        check_teacher(teacher.name, teacher.fingerprint, fingerprint_model(model))
+    model = distill.load_teacher(teacher, dtype, device)
     return capture_inputs(model, 0, batches), enumerate(decoder_layers(model)), False
 
 
@@ -143,13 +135,7 @@ class Cache:
 
 
 def open_cache(folder: Path, key: str) -> Cache | None:
-    from .io import read_json
-
-    try:
-        m = read_json(folder / MANIFEST)
-        return Cache(folder, m) if m.get("format") == FORMAT and m.get("key") == key else None
-    except (LoramError, OSError, KeyError, TypeError, AttributeError, ValueError):  # absent, stale or damaged: recomputed
-        return None
+    return distill.open_keyed(folder, MANIFEST, FORMAT, key, Cache)  # absent, stale or damaged: None (recomputed)
 
 
 def ensure_cache(teacher, student, sid: str, examples: list, folder: Path, device="cpu", dtype=torch.float32,

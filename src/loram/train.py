@@ -107,12 +107,12 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
                 print(f"{what}: {skip_summary(skipped)}", flush=True)
     soft = offset_record = None
     by_layer = teacher is not None and cfg.offset_at == "layers"
-    if by_layer:  # loram.layer_offset: the corrections need the student's layers, computed once it is loaded
-        examples = offset.run_examples(dataset.examples, cfg)
-        collator = layer_offset.collate(tok.pad_token_id)
-    elif teacher is not None:  # the original's pass (or its cache) before the student loads: never both in memory
+    if teacher is not None:  # the rows the run trains on, and where the original's pass is cached
         cache_dir = distill.cache_folder(cfg.offset_cache, ckpt, resume, overwrite)
         examples = offset.run_examples(dataset.examples, cfg)
+    if by_layer:  # loram.layer_offset: the corrections need the student's layers, computed once it is loaded
+        collator = layer_offset.collate(tok.pad_token_id)
+    elif teacher is not None:  # the original's pass (or its cache) before the student loads: never both in memory
         dataset, collator, soft, offset_record = offset.prepare(teacher, examples, cfg, tok.pad_token_id, cache_dir, device)
     else:
         collator = collate(tok.pad_token_id)
@@ -124,7 +124,6 @@ def train(model_name: str | Path, out: str | Path, cfg: TrainConfig, resume: boo
         model.enable_input_require_grads()
     model.config.use_cache = False
     if by_layer:  # the original's pass (or its cache) against the student's layers, the original released after it
-        cache_dir = distill.cache_folder(cfg.offset_cache, ckpt, resume, overwrite)
         dataset, offset_record = layer_offset.prepare(teacher, model, layer_offset.student_id(source, cfg.quantize), examples,
                                                       cache_dir, device, dtype, cfg.max_memory)
     pm = get_peft_model(model, lora_config(cfg))
